@@ -1,0 +1,99 @@
+//! Answers to control requests (list, metadata, stats, health, ready). They are
+//! cheap and answered on the I/O thread that read them.
+
+use serde_json::json;
+
+use super::wire::{Dtype, Kind, RequestHeader, Status};
+use super::ServeContext;
+
+/// A control answer: status and payload bytes (JSON, or Prometheus text for stats).
+pub struct ControlAnswer {
+    pub status: Status,
+    pub dtype: Dtype,
+    pub body: Vec<u8>,
+}
+
+fn json_answer(status: Status, v: serde_json::Value) -> ControlAnswer {
+    ControlAnswer {
+        status,
+        dtype: Dtype::Bytes,
+        body: serde_json::to_vec(&v).unwrap_or_default(),
+    }
+}
+
+/// Answers a control request of `kind`.
+pub fn answer(
+    ctx: &ServeContext,
+    kind: Kind,
+    header: &RequestHeader,
+    payload: &[u8],
+) -> ControlAnswer {
+    match kind {
+        Kind::ListModels => {
+            let set = ctx.registry.snapshot();
+            let mut models: Vec<_> = set.values().map(|m| &m.meta).collect();
+            models.sort_by(|a, b| a.name.cmp(&b.name));
+            json_answer(Status::Ok, json!({ "models": models }))
+        }
+        Kind::ModelInfo => {
+            let found = match header.target_id.get() {
+                0 => std::str::from_utf8(payload)
+                    .ok()
+                    .and_then(|n| ctx.registry.by_name(n.trim())),
+                id => ctx.registry.get(id),
+            };
+            match found {
+                Some(m) => {
+                    let queued = m.queued_rows();
+                    json_answer(
+                        Status::Ok,
+                        json!({ "model": m.meta, "queued_rows": queued, "estimate_us_batch1": m.estimate(1).as_micros() as u64 }),
+                    )
+                }
+                None => json_answer(Status::UnknownModel, json!({ "error": "no such model" })),
+            }
+        }
+        Kind::Stats => match &ctx.metrics {
+            Some(h) => ControlAnswer {
+                status: Status::Ok,
+                dtype: Dtype::Bytes,
+                body: h.render().into_bytes(),
+            },
+            None => ControlAnswer {
+                status: Status::Ok,
+                dtype: Dtype::Bytes,
+                body: b"# metrics recorder not installed\n".to_vec(),
+            },
+        },
+        Kind::Health => json_answer(
+            Status::Ok,
+            json!({
+                "status": if ctx.state.is_draining() { "draining" } else { "ok" },
+                "ready": ctx.state.is_ready(),
+                "uptime_s": ctx.state.started.elapsed().as_secs_f64(),
+                "models": ctx.registry.snapshot().len(),
+                "connections": ctx.state.connections.load(std::sync::atomic::Ordering::Relaxed),
+                "ort_library": crate::infer::runtime::loaded_library().map(|p| p.display().to_string()),
+                "pid": std::process::id(),
+            }),
+        ),
+        Kind::Ready => json_answer(Status::Ok, json!({ "ready": ctx.state.is_ready() })),
+        Kind::Infer | Kind::Ping => json_answer(
+            Status::UnknownKind,
+            json!({ "error": "not a control request" }),
+        ),
+    }
+}
+
+/// Stable label of a kind for metrics.
+pub fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Infer => "infer",
+        Kind::Ping => "ping",
+        Kind::ListModels => "list_models",
+        Kind::ModelInfo => "model_info",
+        Kind::Stats => "stats",
+        Kind::Health => "health",
+        Kind::Ready => "ready",
+    }
+}

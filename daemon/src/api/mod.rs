@@ -1,0 +1,88 @@
+//! The client-facing API: wire format, the Unix socket, and the io_uring
+//! data-plane threads that parse frames, answer control requests and hand
+//! inference jobs to the models' batchers.
+//!
+//! Promises: a malformed frame only ever affects its own connection; every
+//! accepted request gets exactly one response while its connection lives.
+
+pub mod control;
+pub mod listener;
+pub mod request;
+pub mod server;
+pub mod wire;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::infer::Registry;
+use listener::Allowlist;
+
+/// Per-connection and per-frame limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frame_bytes: u32,
+    pub max_inflight_per_conn: u32,
+    pub max_connections: u32,
+    pub allow: Allowlist,
+}
+
+impl Limits {
+    /// From the `[server]` section.
+    pub fn from_config(s: &crate::config::ServerConfig) -> Self {
+        Self {
+            max_frame_bytes: s.max_frame_bytes,
+            max_inflight_per_conn: s.max_inflight_per_conn,
+            max_connections: s.max_connections,
+            allow: Allowlist {
+                uids: s.allow_uids.clone(),
+                gids: s.allow_gids.clone(),
+            },
+        }
+    }
+}
+
+/// Daemon lifecycle facts the API reports and obeys.
+#[derive(Debug)]
+pub struct NodeState {
+    ready: AtomicBool,
+    draining: AtomicBool,
+    pub started: Instant,
+    pub connections: AtomicU32,
+}
+
+impl Default for NodeState {
+    fn default() -> Self {
+        Self {
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+            connections: AtomicU32::new(0),
+        }
+    }
+}
+
+impl NodeState {
+    pub fn set_ready(&self, v: bool) {
+        self.ready.store(v, Ordering::SeqCst);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && !self.is_draining()
+    }
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// Everything an I/O thread needs, shared by all of them.
+pub struct ServeContext {
+    pub registry: Arc<Registry>,
+    pub limits: Limits,
+    pub metrics: Option<PrometheusHandle>,
+    pub state: Arc<NodeState>,
+}

@@ -1,0 +1,793 @@
+//! The data plane: I/O threads, each with its own io_uring ring.
+//!
+//! Every thread arms an accept on the shared listening socket, reads frames
+//! from its connections, answers pings and control requests inline, and hands
+//! inference jobs to the model batchers. Batchers answer through the thread's
+//! mailbox and wake it with an eventfd that the ring is always reading.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use zerocopy::IntoBytes;
+
+use super::control;
+use super::listener::peer_cred;
+use super::request::decode_infer;
+use super::wire::{Dtype, Kind, RequestHeader, ResponseHeader, Status, HEADER_LEN};
+use super::ServeContext;
+use crate::infer::{Job, JobResult, Reply};
+use crate::telemetry;
+
+/// Header flag: skip admission control; queue even if the deadline looks unmeetable
+/// (the request is answered `DeadlineExpired` if it passes in the queue).
+pub const FLAG_BEST_EFFORT: u16 = 1;
+
+const RECV_BUF: usize = 64 * 1024;
+const RING_ENTRIES: u32 = 1024;
+
+const OP_ACCEPT: u64 = 1;
+const OP_RECV: u64 = 2;
+const OP_SEND: u64 = 3;
+const OP_WAKE: u64 = 4;
+const OP_CANCEL: u64 = 5;
+
+fn user_data(op: u64, slot: u32, gen: u32) -> u64 {
+    (op << 56) | (u64::from(slot & 0x00ff_ffff) << 32) | u64::from(gen)
+}
+
+fn split(ud: u64) -> (u64, u32, u32) {
+    (ud >> 56, ((ud >> 32) & 0x00ff_ffff) as u32, ud as u32)
+}
+
+/// An answer from a batcher, waiting for its I/O thread.
+struct Completion {
+    slot: u32,
+    gen: u32,
+    request_id: u64,
+    model: Arc<str>,
+    received: Instant,
+    result: JobResult,
+}
+
+/// Where batchers leave answers for one I/O thread.
+struct Mailbox {
+    done: Mutex<Vec<Completion>>,
+    wake: OwnedFd,
+}
+
+impl Mailbox {
+    fn post(&self, c: Completion) {
+        let was_empty = {
+            let mut q = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            q.push(c);
+            q.len() == 1
+        };
+        if was_empty {
+            self.ring();
+        }
+    }
+
+    fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&raw const one).cast(), 8) };
+    }
+}
+
+/// A running I/O thread.
+struct WorkerHandle {
+    mailbox: Arc<Mailbox>,
+    thread: JoinHandle<()>,
+}
+
+/// All I/O threads of the daemon.
+pub struct Server {
+    workers: Vec<WorkerHandle>,
+}
+
+impl Server {
+    /// Starts `threads` I/O threads accepting on `listen_fd` (which must outlive them).
+    pub fn start(listen_fd: RawFd, threads: usize, ctx: Arc<ServeContext>) -> io::Result<Self> {
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
+            // SAFETY: plain eventfd(2); checked below.
+            let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            if efd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: fresh fd owned by nobody else.
+            let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+            let mailbox = Arc::new(Mailbox {
+                done: Mutex::new(Vec::new()),
+                wake,
+            });
+            let ring = IoUring::new(RING_ENTRIES)?;
+            let mut worker = Worker::new(ring, listen_fd, Arc::clone(&mailbox), Arc::clone(&ctx));
+            let thread = std::thread::Builder::new()
+                .name(format!("io-{i}"))
+                .spawn(move || {
+                    if let Err(e) = worker.run() {
+                        tracing::error!(error = %e, "I/O thread failed");
+                    }
+                })?;
+            workers.push(WorkerHandle { mailbox, thread });
+        }
+        Ok(Self { workers })
+    }
+
+    /// Wakes every thread so it notices a state change (draining).
+    pub fn wake_all(&self) {
+        for w in &self.workers {
+            w.mailbox.ring();
+        }
+    }
+
+    /// Waits for every thread to finish, up to `timeout`; true if all did.
+    pub fn join(self, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        for w in self.workers {
+            while !w.thread.is_finished() {
+                if Instant::now() >= until {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = w.thread.join();
+        }
+        true
+    }
+}
+
+/// One client connection on an I/O thread.
+struct Conn {
+    fd: OwnedFd,
+    gen: u32,
+    rbuf: Box<[u8]>,
+    /// Received bytes not yet parsed, from `in_pos`.
+    inbuf: Vec<u8>,
+    in_pos: usize,
+    /// Bytes being sent (untouched while a send is in flight) and queued behind them.
+    sending: Vec<u8>,
+    sent: usize,
+    pending: Vec<u8>,
+    recv_armed: bool,
+    send_armed: bool,
+    inflight: u32,
+    /// No more reading: close once answers are flushed.
+    closing: bool,
+    /// Gone: free as soon as no ring operation refers to it.
+    dead: bool,
+}
+
+struct Worker {
+    ring: IoUring,
+    listen_fd: RawFd,
+    mailbox: Arc<Mailbox>,
+    ctx: Arc<ServeContext>,
+    conns: Vec<Option<Box<Conn>>>,
+    free: Vec<u32>,
+    next_gen: u32,
+    wake_buf: Box<u64>,
+    accept_armed: bool,
+    accept_cancelled: bool,
+    dirty: Vec<u32>,
+    models: HashMap<u32, Arc<str>>,
+}
+
+impl Worker {
+    fn new(ring: IoUring, listen_fd: RawFd, mailbox: Arc<Mailbox>, ctx: Arc<ServeContext>) -> Self {
+        Self {
+            ring,
+            listen_fd,
+            mailbox,
+            ctx,
+            conns: Vec::new(),
+            free: Vec::new(),
+            next_gen: 1,
+            wake_buf: Box::new(0),
+            accept_armed: false,
+            accept_cancelled: false,
+            dirty: Vec::new(),
+            models: HashMap::new(),
+        }
+    }
+
+    fn push(&mut self, sqe: squeue::Entry) -> io::Result<()> {
+        // SAFETY: every buffer an entry points to is owned by a boxed Conn or by
+        // the worker and outlives the operation: conns are freed only when no
+        // operation is armed on them, and the worker outlives its ring.
+        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            self.ring.submit()?;
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        self.arm_wake()?;
+        self.arm_accept()?;
+        loop {
+            self.ring.submit_and_wait(1)?;
+            let cqes: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (ud, res) in cqes {
+                let (op, slot, gen) = split(ud);
+                match op {
+                    OP_ACCEPT => self.on_accept(res)?,
+                    OP_RECV => self.on_recv(slot, gen, res),
+                    OP_SEND => self.on_send(slot, gen, res),
+                    OP_WAKE => self.on_wake()?,
+                    _ => {}
+                }
+            }
+            self.flush()?;
+            if self.ctx.state.is_draining() {
+                if self.accept_armed && !self.accept_cancelled {
+                    self.push(
+                        opcode::AsyncCancel::new(user_data(OP_ACCEPT, 0, 0))
+                            .build()
+                            .user_data(user_data(OP_CANCEL, 0, 0)),
+                    )?;
+                    self.accept_cancelled = true;
+                }
+                if self.drained() {
+                    self.close_all();
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Draining and nothing left to answer or send.
+    fn drained(&self) -> bool {
+        self.conns
+            .iter()
+            .flatten()
+            .all(|c| c.inflight == 0 && !c.send_armed && c.pending.is_empty())
+    }
+
+    fn close_all(&mut self) {
+        for slot in 0..self.conns.len() {
+            if let Some(c) = self.conns[slot].take() {
+                // SAFETY: shutdown on a socket we own; pending ops (recv) complete with 0,
+                // but the ring is dropped right after, so nothing reads the buffers again.
+                unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+                telemetry::connections(-1.0);
+                self.ctx
+                    .state
+                    .connections
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                // Keep the buffers alive until the ring is gone.
+                std::mem::forget(c);
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let sqe = opcode::Read::new(
+            types::Fd(self.mailbox.wake.as_raw_fd()),
+            (&raw mut *self.wake_buf).cast(),
+            8,
+        )
+        .build()
+        .user_data(user_data(OP_WAKE, 0, 0));
+        self.push(sqe)
+    }
+
+    fn arm_accept(&mut self) -> io::Result<()> {
+        if self.accept_armed || self.ctx.state.is_draining() {
+            return Ok(());
+        }
+        let sqe = opcode::Accept::new(
+            types::Fd(self.listen_fd),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .flags(libc::SOCK_CLOEXEC)
+        .build()
+        .user_data(user_data(OP_ACCEPT, 0, 0));
+        self.accept_armed = true;
+        self.push(sqe)
+    }
+
+    fn on_accept(&mut self, res: i32) -> io::Result<()> {
+        self.accept_armed = false;
+        if res < 0 {
+            let err = io::Error::from_raw_os_error(-res);
+            if res != -libc::ECANCELED && !self.ctx.state.is_draining() {
+                tracing::warn!(error = %err, "accept failed");
+                if matches!(
+                    -res,
+                    libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+                ) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            return self.arm_accept();
+        }
+        // SAFETY: the kernel just gave us this fd.
+        let fd = unsafe { OwnedFd::from_raw_fd(res) };
+        self.arm_accept()?;
+        let state = &self.ctx.state;
+        let open = state.connections.load(std::sync::atomic::Ordering::Relaxed);
+        if open >= self.ctx.limits.max_connections {
+            telemetry::refused("too_many_connections");
+            refuse(&fd, Status::TooManyConnections);
+            return Ok(());
+        }
+        match peer_cred(fd.as_raw_fd()) {
+            Ok(cred) if self.ctx.limits.allow.permits(&cred) => {}
+            Ok(cred) => {
+                telemetry::refused("unauthorized");
+                tracing::debug!(
+                    uid = cred.uid,
+                    gid = cred.gid,
+                    pid = cred.pid,
+                    "peer not in allowlist"
+                );
+                refuse(&fd, Status::Unauthorized);
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "SO_PEERCRED failed");
+                return Ok(());
+            }
+        }
+        state
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        telemetry::connections(1.0);
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        let conn = Box::new(Conn {
+            fd,
+            gen,
+            rbuf: vec![0u8; RECV_BUF].into_boxed_slice(),
+            inbuf: Vec::new(),
+            in_pos: 0,
+            sending: Vec::new(),
+            sent: 0,
+            pending: Vec::new(),
+            recv_armed: false,
+            send_armed: false,
+            inflight: 0,
+            closing: false,
+            dead: false,
+        });
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.conns[s as usize] = Some(conn);
+                s
+            }
+            None => {
+                self.conns.push(Some(conn));
+                (self.conns.len() - 1) as u32
+            }
+        };
+        self.arm_recv(slot)
+    }
+
+    fn conn(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(slot as usize)?
+            .as_deref_mut()
+            .filter(|c| c.gen == gen)
+    }
+
+    fn arm_recv(&mut self, slot: u32) -> io::Result<()> {
+        let Some(c) = self.conns[slot as usize].as_deref_mut() else {
+            return Ok(());
+        };
+        if c.recv_armed || c.closing || c.dead {
+            return Ok(());
+        }
+        c.recv_armed = true;
+        let sqe = opcode::Recv::new(
+            types::Fd(c.fd.as_raw_fd()),
+            c.rbuf.as_mut_ptr(),
+            c.rbuf.len() as u32,
+        )
+        .build()
+        .user_data(user_data(OP_RECV, slot, c.gen));
+        self.push(sqe)
+    }
+
+    fn on_recv(&mut self, slot: u32, gen: u32, res: i32) {
+        let Some(c) = self.conn(slot, gen) else {
+            return;
+        };
+        c.recv_armed = false;
+        if res <= 0 {
+            c.dead = true;
+            self.dirty.push(slot);
+            return;
+        }
+        let n = res as usize;
+        c.inbuf.extend_from_slice(&c.rbuf[..n]);
+        self.parse_frames(slot);
+        self.dirty.push(slot);
+    }
+
+    /// Handles every complete frame in the connection's input.
+    fn parse_frames(&mut self, slot: u32) {
+        let max_frame = self.ctx.limits.max_frame_bytes as usize;
+        loop {
+            let Some(c) = self.conns[slot as usize].as_deref_mut() else {
+                return;
+            };
+            if c.closing || c.dead {
+                return;
+            }
+            let avail = c.inbuf.len() - c.in_pos;
+            if avail < HEADER_LEN {
+                break;
+            }
+            let mut hbytes = [0u8; HEADER_LEN];
+            hbytes.copy_from_slice(&c.inbuf[c.in_pos..c.in_pos + HEADER_LEN]);
+            let header = match RequestHeader::parse(&hbytes) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::debug!(error = %e, "unparseable frame; closing connection");
+                    c.dead = true;
+                    return;
+                }
+            };
+            let len = header.payload_len.get() as usize;
+            if len > max_frame {
+                respond(
+                    c,
+                    header.kind.get(),
+                    header.request_id.get(),
+                    Status::TooLarge,
+                    Dtype::Bytes,
+                    &[],
+                    &[],
+                    0,
+                    0,
+                );
+                c.closing = true;
+                return;
+            }
+            if avail < HEADER_LEN + len {
+                c.inbuf.reserve(HEADER_LEN + len - avail);
+                break;
+            }
+            let start = c.in_pos + HEADER_LEN;
+            c.in_pos = start + len;
+            // Move the payload out so the handler can borrow the worker mutably.
+            let payload = c.inbuf[start..start + len].to_vec();
+            self.handle_frame(slot, &header, &payload);
+        }
+        if let Some(c) = self.conns[slot as usize].as_deref_mut() {
+            if c.in_pos == c.inbuf.len() {
+                c.inbuf.clear();
+                c.in_pos = 0;
+            } else if c.in_pos > c.inbuf.len() / 2 {
+                c.inbuf.drain(..c.in_pos);
+                c.in_pos = 0;
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, slot: u32, header: &RequestHeader, payload: &[u8]) {
+        let received = Instant::now();
+        let rid = header.request_id.get();
+        let raw_kind = header.kind.get();
+        if raw_kind == Kind::Infer as u16 {
+            return self.handle_infer(slot, header, payload, received);
+        }
+        let ctx = Arc::clone(&self.ctx);
+        let c = self.conns[slot as usize]
+            .as_deref_mut()
+            .expect("slot is live while parsing");
+        match Kind::from_u16(raw_kind) {
+            None => respond(
+                c,
+                raw_kind,
+                rid,
+                Status::UnknownKind,
+                Dtype::Bytes,
+                &[],
+                &[],
+                0,
+                0,
+            ),
+            Some(Kind::Ping) => respond(
+                c,
+                raw_kind,
+                rid,
+                Status::Ok,
+                Dtype::Bytes,
+                &[],
+                &[],
+                0,
+                elapsed_us(received),
+            ),
+            Some(kind) => {
+                let a = control::answer(&ctx, kind, header, payload);
+                telemetry::control_done(control::kind_name(kind));
+                respond(
+                    c,
+                    raw_kind,
+                    rid,
+                    a.status,
+                    a.dtype,
+                    &[],
+                    &a.body,
+                    0,
+                    elapsed_us(received),
+                );
+            }
+        }
+    }
+
+    fn handle_infer(
+        &mut self,
+        slot: u32,
+        header: &RequestHeader,
+        payload: &[u8],
+        received: Instant,
+    ) {
+        let rid = header.request_id.get();
+        let kind = Kind::Infer as u16;
+        let ctx = Arc::clone(&self.ctx);
+        let model = ctx.registry.get(header.target_id.get());
+        let name: Arc<str> = match &model {
+            Some(m) => Arc::clone(
+                self.models
+                    .entry(m.meta.id)
+                    .or_insert_with(|| Arc::from(m.meta.name.as_str())),
+            ),
+            None => Arc::from("<unknown>"),
+        };
+        let c = self.conns[slot as usize]
+            .as_deref_mut()
+            .expect("slot is live while parsing");
+        let reject = |c: &mut Conn, status: Status| {
+            telemetry::request_done(&name, status.name(), received.elapsed());
+            respond(
+                c,
+                kind,
+                rid,
+                status,
+                Dtype::Bytes,
+                &[],
+                &[],
+                0,
+                elapsed_us(received),
+            );
+        };
+        if ctx.state.is_draining() {
+            return reject(c, Status::ShuttingDown);
+        }
+        if c.inflight >= ctx.limits.max_inflight_per_conn {
+            return reject(c, Status::Busy);
+        }
+        let Some(model) = model else {
+            return reject(c, Status::UnknownModel);
+        };
+        let (rows, data) = match decode_infer(&model, header, payload) {
+            Ok(v) => v,
+            Err(status) => return reject(c, status),
+        };
+        let deadline = match header.deadline_us.get() {
+            0 => None,
+            us => Some(received + Duration::from_micros(u64::from(us))),
+        };
+        let mailbox = Arc::clone(&self.mailbox);
+        let gen = c.gen;
+        let reply_name = Arc::clone(&name);
+        let reply = Reply::new(move |result| {
+            mailbox.post(Completion {
+                slot,
+                gen,
+                request_id: rid,
+                model: reply_name,
+                received,
+                result,
+            });
+        });
+        let admission = header.flags.get() & FLAG_BEST_EFFORT == 0;
+        match model.submit(
+            Job {
+                rows,
+                data,
+                deadline,
+                reply,
+            },
+            admission,
+        ) {
+            Ok(()) => {
+                c.inflight += 1;
+                telemetry::inflight(1.0);
+            }
+            Err((why, job)) => {
+                // Answer here, not through the mailbox.
+                std::mem::forget(job.reply);
+                let status = match why {
+                    crate::infer::batcher::Rejected::Unmeetable { .. } => {
+                        Status::DeadlineUnmeetable
+                    }
+                    crate::infer::batcher::Rejected::Closed => Status::ShuttingDown,
+                };
+                reject(c, status);
+            }
+        }
+    }
+
+    fn on_wake(&mut self) -> io::Result<()> {
+        let done =
+            std::mem::take(&mut *self.mailbox.done.lock().unwrap_or_else(|p| p.into_inner()));
+        for d in done {
+            telemetry::inflight(-1.0);
+            let (status, body, shape, stage) = match d.result {
+                JobResult::Answer {
+                    data,
+                    shape,
+                    exit_stage,
+                } => (Status::Ok, data.as_bytes().to_vec(), shape, exit_stage),
+                JobResult::Expired => (Status::DeadlineExpired, Vec::new(), Vec::new(), 0),
+                JobResult::Failed(msg) => (Status::Internal, msg.into_bytes(), Vec::new(), 0),
+            };
+            telemetry::request_done(&d.model, status.name(), d.received.elapsed());
+            let Some(c) = self.conn(d.slot, d.gen) else {
+                continue;
+            };
+            c.inflight = c.inflight.saturating_sub(1);
+            let shape32: Vec<u32> = shape.iter().map(|&s| s as u32).collect();
+            let dtype = if status == Status::Ok {
+                Dtype::F32
+            } else {
+                Dtype::Bytes
+            };
+            respond(
+                c,
+                Kind::Infer as u16,
+                d.request_id,
+                status,
+                dtype,
+                &shape32,
+                &body,
+                stage,
+                elapsed_us(d.received),
+            );
+            self.dirty.push(d.slot);
+        }
+        self.arm_wake()
+    }
+
+    fn on_send(&mut self, slot: u32, gen: u32, res: i32) {
+        let Some(c) = self.conn(slot, gen) else {
+            return;
+        };
+        c.send_armed = false;
+        if res < 0 {
+            c.dead = true;
+        } else {
+            c.sent += res as usize;
+            if c.sent >= c.sending.len() {
+                c.sending.clear();
+                c.sent = 0;
+            }
+        }
+        self.dirty.push(slot);
+    }
+
+    /// Arms sends and receives, and frees finished connections.
+    fn flush(&mut self) -> io::Result<()> {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for slot in dirty.iter().copied() {
+            let Some(c) = self.conns[slot as usize].as_deref_mut() else {
+                continue;
+            };
+            if c.dead {
+                if c.recv_armed || c.send_armed {
+                    // SAFETY: shutdown on our own socket makes armed ops complete.
+                    unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+                    continue;
+                }
+                self.release(slot);
+                continue;
+            }
+            if !c.send_armed {
+                if c.sending.is_empty() && !c.pending.is_empty() {
+                    std::mem::swap(&mut c.sending, &mut c.pending);
+                    c.sent = 0;
+                }
+                if c.sent < c.sending.len() {
+                    c.send_armed = true;
+                    let buf = &c.sending[c.sent..];
+                    let sqe = opcode::Send::new(
+                        types::Fd(c.fd.as_raw_fd()),
+                        buf.as_ptr(),
+                        buf.len() as u32,
+                    )
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(user_data(OP_SEND, slot, c.gen));
+                    self.push(sqe)?;
+                    continue;
+                }
+            }
+            let Some(c) = self.conns[slot as usize].as_deref_mut() else {
+                continue;
+            };
+            if c.closing
+                && !c.send_armed
+                && c.sending.is_empty()
+                && c.pending.is_empty()
+                && c.inflight == 0
+            {
+                c.dead = true;
+                self.dirty.push(slot);
+                continue;
+            }
+            self.arm_recv(slot)?;
+        }
+        if !self.dirty.is_empty() {
+            return self.flush();
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, slot: u32) {
+        if self.conns[slot as usize].take().is_some() {
+            self.free.push(slot);
+            telemetry::connections(-1.0);
+            self.ctx
+                .state
+                .connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+fn elapsed_us(t: Instant) -> u32 {
+    u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX)
+}
+
+/// Appends a response frame to the connection's send queue.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "mirrors the response header's fields one to one"
+)]
+fn respond(
+    c: &mut Conn,
+    kind: u16,
+    rid: u64,
+    status: Status,
+    dtype: Dtype,
+    shape: &[u32],
+    body: &[u8],
+    stage: u16,
+    server_us: u32,
+) {
+    let mut h = ResponseHeader::new(kind, rid, status, dtype, shape, body.len() as u32);
+    h.exit_stage.set(stage);
+    h.server_us.set(server_us);
+    c.pending.extend_from_slice(h.as_bytes());
+    c.pending.extend_from_slice(body);
+}
+
+/// Best-effort refusal on a connection that will not be served.
+fn refuse(fd: &OwnedFd, status: Status) {
+    let h = ResponseHeader::new(0, 0, status, Dtype::Bytes, &[], 0);
+    // SAFETY: non-blocking send of a live 64-byte buffer on our socket.
+    unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            h.as_bytes().as_ptr().cast(),
+            HEADER_LEN,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+}

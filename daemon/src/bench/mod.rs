@@ -1,0 +1,5 @@
+//! Benchmarks: commands that measure the daemon against a baseline in the same
+//! run, print a table and write JSON under `bench/results/`.
+
+pub mod harness;
+pub mod serving;

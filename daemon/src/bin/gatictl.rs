@@ -1,0 +1,287 @@
+//! `gatictl`: the gati client — classify images, list models, show stats and health.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use gatid::api::wire::{Dtype, Kind};
+use gatid::client::Client;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "gatictl", version, about = "client for the gati daemon")]
+struct Cli {
+    /// The daemon's socket.
+    #[arg(
+        long,
+        short,
+        env = "GATI_SOCKET",
+        default_value = "/run/gati/gatid.sock"
+    )]
+    socket: PathBuf,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Classify an image (PNG/JPEG) or a raw tensor (.npy, float32, model input layout).
+    Infer {
+        /// Model name.
+        #[arg(long, short)]
+        model: String,
+        /// Image or tensor file.
+        file: PathBuf,
+        /// How many classes to show.
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        /// Deadline in milliseconds (0 = none).
+        #[arg(long, default_value_t = 0.0)]
+        deadline_ms: f64,
+    },
+    /// List served models.
+    Models,
+    /// Metadata of one model.
+    Info { model: String },
+    /// Request counts, latencies, batches, queues.
+    Stats {
+        /// Print the raw Prometheus text.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Liveness report.
+    Health,
+    /// Exit 0 if the daemon is ready to serve, 1 if not.
+    Ready,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gatictl: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut client = Client::connect(&cli.socket)?;
+    match cli.command {
+        Command::Infer {
+            model,
+            file,
+            top,
+            deadline_ms,
+        } => infer(&mut client, &model, &file, top, deadline_ms, cli.json)?,
+        Command::Models => {
+            let v = client.control_json(Kind::ListModels, 0, &[])?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<16} {:>10} {:<14} {:>7} {:>6}  cuts",
+                    "model", "id", "input", "classes", "stages"
+                );
+                for m in v["models"].as_array().into_iter().flatten() {
+                    let cuts: Vec<&str> = m["stages"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|s| s["output"].as_str())
+                        .collect();
+                    println!(
+                        "{:<16} {:>10} {:<14} {:>7} {:>6}  {}",
+                        m["name"].as_str().unwrap_or("?"),
+                        m["id"],
+                        format!(
+                            "{}x{}x{} {}",
+                            m["height"],
+                            m["width"],
+                            m["channels"],
+                            m["layout"].as_str().unwrap_or("")
+                        ),
+                        m["classes"],
+                        cuts.len(),
+                        cuts[..cuts.len().saturating_sub(1)].join(", ")
+                    );
+                }
+            }
+        }
+        Command::Info { model } => println!(
+            "{}",
+            serde_json::to_string_pretty(&client.model_info(&model)?)?
+        ),
+        Command::Stats { raw } => {
+            let text = client.stats_text()?;
+            if raw {
+                print!("{text}");
+            } else {
+                let summary = gatid::telemetry::summary::summarize(&text);
+                if cli.json {
+                    println!("{}", serde_json::to_string_pretty(&summary)?);
+                } else {
+                    print!("{}", gatid::telemetry::summary::render(&summary));
+                }
+            }
+        }
+        Command::Health => {
+            let v = client.control_json(Kind::Health, 0, &[])?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "status: {}  ready: {}  uptime: {:.0} s  models: {}  connections: {}  pid: {}",
+                    v["status"].as_str().unwrap_or("?"),
+                    v["ready"],
+                    v["uptime_s"].as_f64().unwrap_or(0.0),
+                    v["models"],
+                    v["connections"],
+                    v["pid"]
+                );
+            }
+        }
+        Command::Ready => {
+            let v = client.control_json(Kind::Ready, 0, &[])?;
+            let ready = v["ready"].as_bool() == Some(true);
+            if cli.json {
+                println!("{v}");
+            } else {
+                println!("{}", if ready { "ready" } else { "not ready" });
+            }
+            return Ok(if ready {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the file as the wire expects it: images as u8 HWC, .npy as f32.
+fn load_input(path: &Path) -> anyhow::Result<(Dtype, Vec<u32>, Vec<u8>)> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if ext == "npy" {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let (shape, data) = gatid::client::npy::parse_f32(&bytes)
+            .with_context(|| format!("{} is not a float32 .npy", path.display()))?;
+        return Ok((Dtype::F32, shape, data.to_vec()));
+    }
+    let img = image::open(path).with_context(|| format!("decoding image {}", path.display()))?;
+    if img.color().channel_count() == 1 {
+        let g = img.to_luma8();
+        Ok((Dtype::U8, vec![g.height(), g.width(), 1], g.into_raw()))
+    } else {
+        let rgb = img.to_rgb8();
+        Ok((
+            Dtype::U8,
+            vec![rgb.height(), rgb.width(), 3],
+            rgb.into_raw(),
+        ))
+    }
+}
+
+fn infer(
+    client: &mut Client,
+    model: &str,
+    file: &Path,
+    top: usize,
+    deadline_ms: f64,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let info = client.model_info(model)?;
+    let meta = &info["model"];
+    let (dtype, shape, payload) = load_input(file)?;
+    let t = Instant::now();
+    let r = client
+        .infer(
+            model,
+            dtype,
+            &shape,
+            &payload,
+            (deadline_ms * 1000.0) as u32,
+        )?
+        .ok()?;
+    let client_ms = t.elapsed().as_secs_f64() * 1e3;
+    let logits = r.floats();
+    let classes = r.shape.get(1).copied().unwrap_or(logits.len()).max(1);
+    if logits.len() < classes {
+        bail!(
+            "daemon answered {} values for {} classes",
+            logits.len(),
+            classes
+        );
+    }
+    let labels: Vec<String> = meta["labels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.as_str().map(String::from))
+        .collect();
+    let mut rows = Vec::new();
+    for row in logits.chunks(classes) {
+        let probs = if meta["output"] == "probabilities" {
+            row.to_vec()
+        } else {
+            softmax(row)
+        };
+        let mut order: Vec<usize> = (0..classes).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        let label = |i: usize| labels.get(i).cloned().unwrap_or_else(|| i.to_string());
+        rows.push(json!({
+            "class": order[0],
+            "label": label(order[0]),
+            "probability": probs[order[0]],
+            "top": order.iter().take(top).map(|&i| json!({"class": i, "label": label(i), "probability": probs[i]})).collect::<Vec<Value>>(),
+            "probabilities": probs,
+        }));
+    }
+    let out = json!({
+        "model": model, "file": file.display().to_string(), "results": rows,
+        "exit_stage": r.exit_stage, "stages": meta["stages"].as_array().map_or(0, Vec::len),
+        "server_us": r.server_us, "client_ms": client_ms,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    for row in &rows {
+        println!(
+            "{}: {} (class {}, p = {:.3})",
+            file.display(),
+            row["label"].as_str().unwrap_or("?"),
+            row["class"],
+            row["probability"].as_f64().unwrap_or(0.0)
+        );
+        for t in row["top"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<14} {:.4}",
+                t["label"].as_str().unwrap_or("?"),
+                t["probability"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    println!(
+        "answered by stage {}/{} in {} us (server), {:.2} ms (client)",
+        r.exit_stage, out["stages"], r.server_us, client_ms
+    );
+    Ok(())
+}
+
+fn softmax(v: &[f32]) -> Vec<f32> {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = v.iter().map(|x| (x - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.iter().map(|x| x / s).collect()
+}

@@ -1,0 +1,76 @@
+//! `gatid`: the gati node daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gatid::node::{self, NodeError};
+
+#[derive(Parser)]
+#[command(name = "gatid", version, about = "gati per-node DNN serving daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the models of a config file until SIGTERM.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and report every problem; exit 78 if invalid.
+    CheckConfig { config: PathBuf },
+    /// Run a benchmark (prints a table, writes JSON under bench/results/).
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Socket floor vs gatid ping vs model through gatid vs ORT in-process.
+    Serving(gatid::bench::serving::Args),
+}
+
+fn main() -> ExitCode {
+    gatid::telemetry::init_logging();
+    let cli = Cli::parse();
+    match main_exec(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(MainError::Node(e)) => {
+            eprintln!("gatid: {e}");
+            ExitCode::from(match e {
+                NodeError::Config(_) => gatid::EXIT_CONFIG,
+                NodeError::Models(_) => gatid::EXIT_MODEL,
+                NodeError::Runtime(_) => gatid::EXIT_RUNTIME,
+                _ => 1,
+            })
+        }
+        Err(MainError::Other(e)) => {
+            eprintln!("gatid: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum MainError {
+    Node(NodeError),
+    Other(anyhow::Error),
+}
+
+fn main_exec(cli: Cli) -> Result<(), MainError> {
+    match cli.command {
+        Command::Serve { config } => node::serve(&config).map_err(MainError::Node),
+        Command::CheckConfig { config } => {
+            let c = gatid::config::load(&config).map_err(|e| MainError::Node(e.into()))?;
+            println!("{}: OK ({} model(s))", config.display(), c.models.len());
+            Ok(())
+        }
+        Command::Bench {
+            which: BenchCommand::Serving(args),
+        } => gatid::bench::serving::run(args).map_err(MainError::Other),
+    }
+}

@@ -1,0 +1,182 @@
+//! Node configuration: parsing, validation, and every error reported at once.
+//!
+//! Owns the TOML schema ([`Config`]). [`load`] is the only way in: the daemon's
+//! start, `check-config` and SIGHUP reload all go through it, so a file the
+//! daemon accepts once it accepts always. Relative paths are resolved against
+//! the directory of the config file.
+
+mod model;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use model::{
+    Config, Cuts, InputConfig, Layout, MetricsConfig, ModelConfig, OutputKind, Resize,
+    RuntimeConfig, ServerConfig,
+};
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Key path, e.g. `models[1].input.std`.
+    pub key: String,
+    /// 1-based line in the file, where known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "line {l}: {}: {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} error(s) in {}:\n{}", .issues.len(), .path.display(), list(.issues))]
+    Invalid {
+        path: PathBuf,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+fn list(issues: &[ConfigIssue]) -> String {
+    issues
+        .iter()
+        .map(|i| format!("  - {i}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    /// The individual problems (empty for read errors).
+    pub fn issues(&self) -> &[ConfigIssue] {
+        match self {
+            Self::Read { .. } => &[],
+            Self::Invalid { issues, .. } => issues,
+        }
+    }
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, &base).map_err(|issues| ConfigError::Invalid {
+        path: path.to_owned(),
+        issues,
+    })
+}
+
+/// Parses and validates config text; relative paths are joined to `base`.
+pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
+    let (mut config, mut issues) = validate::deserialize_all(text)?;
+    for m in &mut config.models {
+        if m.path.is_relative() {
+            m.path = base.join(&m.path);
+        }
+    }
+    if let Some(lib) = &mut config.runtime.ort_library {
+        if lib.is_relative() {
+            *lib = base.join(&*lib);
+        }
+    }
+    if config.server.socket.is_relative() {
+        config.server.socket = base.join(&config.server.socket);
+    }
+    issues.extend(validate::check(&config, text));
+    if issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(issues)
+    }
+}
+
+impl ServerConfig {
+    /// The socket mode as a number (validated by [`load`]).
+    pub fn socket_mode_bits(&self) -> u32 {
+        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8).unwrap_or(0o660)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+socket = "/tmp/x.sock"
+
+[[models]]
+name = "m"
+path = "/dev/null"
+input = { layout = "NHWC", height = 32, width = 32, channels = 3 }
+"#;
+
+    #[test]
+    fn good_config_parses() {
+        let c = parse(GOOD, Path::new("/")).unwrap();
+        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.server.socket_mode_bits(), 0o660);
+    }
+
+    #[test]
+    fn all_errors_reported_with_lines() {
+        let text = r#"
+[server]
+socket = "/tmp/x.sock"
+io_threads = 0
+bogus = 1
+
+[[models]]
+name = "a"
+path = "/nonexistent/a.onnx"
+max_batch = 0
+input = { layout = "NHWC", height = 32, width = 32, channels = 3, mean = [1.0] }
+
+[[models]]
+name = "a"
+path = "/dev/null"
+colour = "red"
+input = { layout = "NCHW", height = 28, width = 28, channels = 1 }
+"#;
+        let issues = parse(text, Path::new("/")).unwrap_err();
+        let all = issues
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(all.contains("bogus"), "{all}");
+        assert!(all.contains("colour"), "{all}");
+        // Semantic errors in other sections are still reported although serde failed.
+        assert!(
+            issues.iter().any(|i| i.key.starts_with("models[0]")),
+            "{all}"
+        );
+        assert!(
+            issues.iter().any(|i| i.line == Some(5)),
+            "unknown key `bogus` is on line 5: {all}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let issues = parse("[server\nsocket=1", Path::new("/")).unwrap_err();
+        assert_eq!(issues.len(), 1);
+        assert_eq!(issues[0].line, Some(1));
+    }
+}

@@ -1,0 +1,179 @@
+//! Typed configuration: what the operator writes in the TOML file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The whole node configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+/// The Unix socket listener and its limits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Path of the Unix stream socket (ignored when systemd passes a socket).
+    pub socket: PathBuf,
+    /// File mode of the socket, octal string.
+    pub socket_mode: String,
+    /// Peer uids allowed to connect (SO_PEERCRED). Empty with `allow_gids` empty: any peer
+    /// that can open the socket file.
+    pub allow_uids: Vec<u32>,
+    /// Peer gids allowed to connect.
+    pub allow_gids: Vec<u32>,
+    /// Data-plane threads, each with its own io_uring ring.
+    pub io_threads: usize,
+    /// Largest accepted frame payload, bytes.
+    pub max_frame_bytes: u32,
+    /// Requests a connection may have in flight before `Busy` answers.
+    pub max_inflight_per_conn: u32,
+    /// Open connections before new ones are refused.
+    pub max_connections: u32,
+    /// How long SIGTERM waits for in-flight work before exiting.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/gati/gatid.sock"),
+            socket_mode: "0660".into(),
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
+            io_threads: 1,
+            max_frame_bytes: 16 << 20,
+            max_inflight_per_conn: 256,
+            max_connections: 1024,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Where ONNX Runtime comes from.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Path of `libonnxruntime.so.*`; falls back to `ORT_DYLIB_PATH`.
+    pub ort_library: Option<PathBuf>,
+}
+
+/// Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Loopback address for the Prometheus text endpoint; none = not served over HTTP
+    /// (still available through `gatictl stats`).
+    pub listen: Option<SocketAddr>,
+}
+
+/// Where a model is cut into stages.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Cuts {
+    /// `"auto"` (after each detected top-level block) or `"none"` (one stage).
+    Mode(String),
+    /// Named tensors, in graph order.
+    Tensors(Vec<String>),
+}
+
+impl Default for Cuts {
+    fn default() -> Self {
+        Self::Mode("auto".into())
+    }
+}
+
+/// What the model's output tensor holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputKind {
+    #[default]
+    Logits,
+    Probabilities,
+}
+
+/// Memory layout of the model's image input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum Layout {
+    #[default]
+    NCHW,
+    NHWC,
+}
+
+/// Resampling used when an image does not have the model's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resize {
+    #[default]
+    Bilinear,
+    Nearest,
+    /// Images of another size are refused with `BadShape`.
+    None,
+}
+
+/// How raw u8 HWC images become the model's input tensor.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    pub layout: Layout,
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+    /// Multiplies each pixel (e.g. 1/255) before mean/std.
+    #[serde(default = "one")]
+    pub scale: f32,
+    /// Per-channel mean subtracted after scaling (empty = 0).
+    #[serde(default)]
+    pub mean: Vec<f32>,
+    /// Per-channel std dividing after the mean (empty = 1).
+    #[serde(default)]
+    pub std: Vec<f32>,
+    #[serde(default)]
+    pub resize: Resize,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// One served model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub cuts: Cuts,
+    pub input: InputConfig,
+    #[serde(default)]
+    pub output: OutputKind,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Largest batch the batcher forms, in rows.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How long the batcher waits for more rows after the first, microseconds.
+    #[serde(default)]
+    pub max_queue_delay_us: u64,
+    /// ONNX Runtime intra-op threads per stage session.
+    #[serde(default = "default_threads")]
+    pub intra_threads: usize,
+}
+
+fn default_max_batch() -> usize {
+    32
+}
+
+fn default_threads() -> usize {
+    1
+}

@@ -1,0 +1,316 @@
+//! Dynamic batching and deadlines, one thread per model.
+//!
+//! The I/O threads call [`ModelHandle::submit`]; admission control rejects a
+//! job at once when its deadline cannot be met given the queue and the
+//! measured stage costs. The batcher thread gathers jobs up to `max_batch`
+//! rows, waiting at most `max_queue_delay` for more and never past the latest
+//! start time of a queued job; jobs whose deadline passed in the queue are
+//! answered [`JobResult::Expired`] instead of run. Dropping every handle of a
+//! model drains its queue and ends the thread.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::cost::ModelCost;
+use super::model::{LoadedModel, ModelMeta};
+use super::pipeline::Pipeline;
+use super::InferError;
+use crate::config::{InputConfig, ModelConfig};
+use crate::telemetry;
+
+/// What happened to a job.
+#[derive(Debug)]
+pub enum JobResult {
+    /// The model's output rows for this job.
+    Answer {
+        data: Vec<f32>,
+        shape: Vec<usize>,
+        exit_stage: u16,
+    },
+    /// The deadline passed before the job could run.
+    Expired,
+    /// The model failed, or the job was dropped unanswered.
+    Failed(String),
+}
+
+/// Where a job's answer goes. Answered exactly once: if it is dropped
+/// unanswered (a batcher died), it answers `Failed`.
+pub struct Reply(Option<Box<dyn FnOnce(JobResult) + Send>>);
+
+impl Reply {
+    pub fn new(f: impl FnOnce(JobResult) + Send + 'static) -> Self {
+        Self(Some(Box::new(f)))
+    }
+
+    pub fn send(mut self, r: JobResult) {
+        if let Some(f) = self.0.take() {
+            f(r);
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(JobResult::Failed("request dropped before it ran".into()));
+        }
+    }
+}
+
+/// One request's rows, already in the model's input layout.
+pub struct Job {
+    pub rows: usize,
+    pub data: Vec<f32>,
+    pub deadline: Option<Instant>,
+    pub reply: Reply,
+}
+
+/// Why a job was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// The deadline cannot be met; the estimate is attached.
+    Unmeetable { estimate: Duration },
+    /// The batcher is gone.
+    Closed,
+}
+
+/// The serving side of a loaded model, shared by the I/O threads.
+pub struct ModelHandle {
+    pub meta: ModelMeta,
+    /// How client images become input rows.
+    pub input: InputConfig,
+    /// The config the model was loaded from (reload compares it).
+    pub config: ModelConfig,
+    pub cost: Arc<ModelCost>,
+    tx: Sender<Job>,
+    state: Arc<QueueState>,
+    max_batch: usize,
+}
+
+/// Queue facts the batcher publishes for admission control.
+struct QueueState {
+    base: Instant,
+    queued_rows: AtomicUsize,
+    /// Predicted end of the running batch, ns since `base`; 0 when idle.
+    busy_until_ns: AtomicU64,
+}
+
+impl ModelHandle {
+    /// Starts the batcher thread of a loaded model.
+    pub fn start(model: LoadedModel) -> Result<Self, InferError> {
+        let (tx, rx) = mpsc::channel();
+        let cost = Arc::new(model.cost);
+        let state = Arc::new(QueueState {
+            base: Instant::now(),
+            queued_rows: AtomicUsize::new(0),
+            busy_until_ns: AtomicU64::new(0),
+        });
+        let batcher = Batcher {
+            name: model.meta.name.clone(),
+            rx,
+            pipeline: model.pipeline,
+            cost: Arc::clone(&cost),
+            state: Arc::clone(&state),
+            max_batch: model.config.max_batch,
+            max_delay: Duration::from_micros(model.config.max_queue_delay_us),
+            row_len: model.meta.row_shape.iter().product(),
+            row_shape: model.meta.row_shape.clone(),
+            carry: VecDeque::new(),
+        };
+        std::thread::Builder::new()
+            .name(format!("batch-{}", model.meta.name))
+            .spawn(move || batcher.run())
+            .map_err(InferError::Thread)?;
+        Ok(Self {
+            meta: model.meta,
+            input: model.config.input.clone(),
+            max_batch: model.config.max_batch,
+            config: model.config,
+            cost,
+            tx,
+            state,
+        })
+    }
+
+    /// Predicted time until a job of `rows` submitted now would be answered.
+    pub fn estimate(&self, rows: usize) -> Duration {
+        let now_ns = self.state.base.elapsed().as_nanos() as u64;
+        let busy = self.state.busy_until_ns.load(Ordering::Relaxed);
+        let running = Duration::from_nanos(busy.saturating_sub(now_ns));
+        let queued = self.state.queued_rows.load(Ordering::Relaxed);
+        let full = (queued / self.max_batch) as u32;
+        running
+            + self.cost.predict(self.max_batch) * full
+            + self.cost.predict(queued % self.max_batch + rows)
+    }
+
+    /// Queues a job. With `admission`, a job whose deadline cannot be met is
+    /// refused at once; without it, it is queued and may expire there.
+    pub fn submit(&self, job: Job, admission: bool) -> Result<(), (Rejected, Job)> {
+        if let (true, Some(deadline)) = (admission, job.deadline) {
+            let estimate = self.estimate(job.rows);
+            if Instant::now() + estimate > deadline {
+                return Err((Rejected::Unmeetable { estimate }, job));
+            }
+        }
+        let rows = job.rows;
+        self.state.queued_rows.fetch_add(rows, Ordering::Relaxed);
+        telemetry::queue_depth(
+            &self.meta.name,
+            self.state.queued_rows.load(Ordering::Relaxed),
+        );
+        self.tx.send(job).map_err(|e| {
+            self.state.queued_rows.fetch_sub(rows, Ordering::Relaxed);
+            (Rejected::Closed, e.0)
+        })
+    }
+
+    /// Rows waiting in the queue.
+    pub fn queued_rows(&self) -> usize {
+        self.state.queued_rows.load(Ordering::Relaxed)
+    }
+}
+
+struct Batcher {
+    name: String,
+    rx: Receiver<Job>,
+    pipeline: Pipeline,
+    cost: Arc<ModelCost>,
+    state: Arc<QueueState>,
+    max_batch: usize,
+    max_delay: Duration,
+    row_len: usize,
+    row_shape: Vec<usize>,
+    /// A job that did not fit the previous batch.
+    carry: VecDeque<Job>,
+}
+
+impl Batcher {
+    fn run(mut self) {
+        tracing::debug!(model = %self.name, "batcher started");
+        while let Some(batch) = self.gather() {
+            self.execute(batch);
+        }
+        tracing::debug!(model = %self.name, "batcher drained and stopped");
+    }
+
+    /// Next batch, or `None` once every sender is gone and the queue is empty.
+    fn gather(&mut self) -> Option<Vec<Job>> {
+        let first = match self.carry.pop_front() {
+            Some(j) => j,
+            None => self.rx.recv().ok()?,
+        };
+        let mut rows = first.rows;
+        let mut latest_start = self.latest_start(&first);
+        let gather_until = Instant::now() + self.max_delay;
+        let mut batch = vec![first];
+        while rows < self.max_batch {
+            let next = match self.carry.pop_front() {
+                Some(j) => Some(j),
+                None => match self.rx.try_recv() {
+                    Ok(j) => Some(j),
+                    Err(TryRecvError::Disconnected) => None,
+                    Err(TryRecvError::Empty) => {
+                        let until = latest_start.map_or(gather_until, |l| l.min(gather_until));
+                        let now = Instant::now();
+                        if until <= now {
+                            None
+                        } else {
+                            match self.rx.recv_timeout(until - now) {
+                                Ok(j) => Some(j),
+                                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                                    None
+                                }
+                            }
+                        }
+                    }
+                },
+            };
+            let Some(job) = next else { break };
+            if rows + job.rows > self.max_batch {
+                self.carry.push_back(job);
+                break;
+            }
+            rows += job.rows;
+            if let Some(l) = self.latest_start(&job) {
+                latest_start = Some(latest_start.map_or(l, |x| x.min(l)));
+            }
+            batch.push(job);
+        }
+        Some(batch)
+    }
+
+    /// Latest moment the job can start and still meet its deadline.
+    fn latest_start(&self, job: &Job) -> Option<Instant> {
+        job.deadline
+            .map(|d| d.checked_sub(self.cost.predict(job.rows)).unwrap_or(d))
+    }
+
+    fn execute(&mut self, batch: Vec<Job>) {
+        let now = Instant::now();
+        let total: usize = batch.iter().map(|j| j.rows).sum();
+        self.state.queued_rows.fetch_sub(total, Ordering::Relaxed);
+        let (live, expired): (Vec<Job>, Vec<Job>) = batch
+            .into_iter()
+            .partition(|j| j.deadline.is_none_or(|d| d > now));
+        for job in expired {
+            job.reply.send(JobResult::Expired);
+        }
+        if live.is_empty() {
+            return;
+        }
+        let rows: usize = live.iter().map(|j| j.rows).sum();
+        let predicted = self.cost.predict(rows);
+        let end = self.state.base.elapsed() + predicted;
+        self.state
+            .busy_until_ns
+            .store(end.as_nanos() as u64, Ordering::Relaxed);
+        telemetry::batch_size(&self.name, rows);
+
+        let mut shape = vec![rows];
+        shape.extend(&self.row_shape);
+        let result = if live.len() == 1 {
+            self.pipeline.run(&shape, &live[0].data)
+        } else {
+            let mut data = Vec::with_capacity(rows * self.row_len);
+            for j in &live {
+                data.extend_from_slice(&j.data);
+            }
+            self.pipeline.run(&shape, &data)
+        };
+        self.state.busy_until_ns.store(0, Ordering::Relaxed);
+        telemetry::queue_depth(&self.name, self.state.queued_rows.load(Ordering::Relaxed));
+        match result {
+            Ok(out) => {
+                for (i, (c, t)) in self.cost.stages.iter().zip(&out.stage_times).enumerate() {
+                    c.observe(rows, *t);
+                    telemetry::stage_time(&self.name, i + 1, *t);
+                }
+                let row_out = out.data.len() / rows.max(1);
+                let exit_stage = u16::try_from(out.stage_times.len()).unwrap_or(u16::MAX);
+                let mut offset = 0;
+                for job in live {
+                    let n = job.rows * row_out;
+                    let mut shape = out.shape.clone();
+                    shape[0] = job.rows;
+                    let data = out.data[offset..offset + n].to_vec();
+                    offset += n;
+                    job.reply.send(JobResult::Answer {
+                        data,
+                        shape,
+                        exit_stage,
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::error!(model = %self.name, error = %e, rows, "model run failed");
+                for job in live {
+                    job.reply.send(JobResult::Failed(e.to_string()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Where a model is cut into stages, and which nodes each stage runs.
+//!
+//! A cut is a tensor that alone carries everything later nodes need (a
+//! separator of the graph). `auto` picks the ends of top-level blocks: a
+//! separator that closes a region with a branch (a residual block) or a pooling
+//! node, moved past trailing activations so the cut is the block's output.
+
+use std::collections::{HashMap, HashSet};
+
+use super::onnx_graph::OnnxModel;
+
+/// A stage: nodes to run, the tensor it reads and the tensors it writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagePlan {
+    pub input: String,
+    pub outputs: Vec<String>,
+    pub nodes: Vec<usize>,
+}
+
+/// Why a model cannot be cut as asked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CutError {
+    #[error("model must have exactly one input, has {0:?}")]
+    Inputs(Vec<String>),
+    #[error("no tensor named `{0}` is produced by the graph")]
+    UnknownTensor(String),
+    #[error("cut `{0}` is listed out of graph order")]
+    Order(String),
+    #[error(
+        "cut `{cut}` does not separate the graph: node `{node}` needs `{tensor}` from before it"
+    )]
+    NotSeparator {
+        cut: String,
+        node: String,
+        tensor: String,
+    },
+    #[error("cut `{0}` is a graph output; nothing would run after it")]
+    IsOutput(String),
+}
+
+const POOLS: &[&str] = &["MaxPool", "AveragePool"];
+const ABSORBED: &[&str] = &[
+    "Relu",
+    "LeakyRelu",
+    "Clip",
+    "Sigmoid",
+    "Tanh",
+    "BatchNormalization",
+    "Identity",
+    "HardSwish",
+    "Dropout",
+];
+
+/// Tensor bookkeeping shared by auto detection and stage planning.
+struct Flow<'m> {
+    model: &'m OnnxModel,
+    input: &'m str,
+    producer: HashMap<&'m str, usize>,
+    constant: HashSet<&'m str>,
+}
+
+impl<'m> Flow<'m> {
+    fn new(model: &'m OnnxModel) -> Result<Self, CutError> {
+        let real = model.real_inputs();
+        let [input] = real.as_slice() else {
+            return Err(CutError::Inputs(
+                real.iter().map(|s| s.to_string()).collect(),
+            ));
+        };
+        let mut producer = HashMap::new();
+        let mut constant: HashSet<&str> =
+            model.initializers.iter().map(|i| i.name.as_str()).collect();
+        constant.insert("");
+        for (i, n) in model.nodes.iter().enumerate() {
+            for o in &n.outputs {
+                producer.insert(o.as_str(), i);
+            }
+            if n.inputs.iter().all(|t| constant.contains(t.as_str())) {
+                constant.extend(n.outputs.iter().map(String::as_str));
+            }
+        }
+        Ok(Self {
+            model,
+            input,
+            producer,
+            constant,
+        })
+    }
+
+    /// Node positions after which exactly one non-constant tensor is live and it
+    /// is that node's output: (position, tensor).
+    fn separators(&self) -> Vec<(usize, &'m str)> {
+        let nodes = &self.model.nodes;
+        let outputs: HashSet<&str> = self.model.outputs.iter().map(|o| o.name.as_str()).collect();
+        let mut last_use: HashMap<&str, usize> = HashMap::new();
+        for (i, n) in nodes.iter().enumerate() {
+            for t in &n.inputs {
+                last_use.insert(t.as_str(), i);
+            }
+        }
+        for o in &outputs {
+            last_use.insert(o, usize::MAX);
+        }
+        let mut live: HashSet<&str> = HashSet::from([self.input]);
+        let mut out = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            for t in &n.outputs {
+                if !self.constant.contains(t.as_str())
+                    && last_use.get(t.as_str()).is_some_and(|&u| u > i)
+                {
+                    live.insert(t.as_str());
+                }
+            }
+            live.retain(|t| last_use.get(t).is_some_and(|&u| u > i));
+            if live.len() == 1 {
+                let t = *live.iter().next().expect("len 1");
+                if n.outputs.iter().any(|o| o == t) && !outputs.contains(t) {
+                    out.push((i, t));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether the nodes in `(from, to]` branch: some tensor feeds two of them.
+    fn has_branch(&self, from: Option<usize>, to: usize) -> bool {
+        let start = from.map_or(0, |f| f + 1);
+        let mut uses: HashMap<&str, usize> = HashMap::new();
+        for n in &self.model.nodes[start..=to] {
+            for t in n
+                .inputs
+                .iter()
+                .filter(|t| !self.constant.contains(t.as_str()))
+            {
+                *uses.entry(t.as_str()).or_default() += 1;
+            }
+        }
+        uses.values().any(|&c| c > 1)
+    }
+}
+
+/// Block ends found by `cuts = "auto"`.
+pub fn auto_cuts(model: &OnnxModel) -> Result<Vec<String>, CutError> {
+    let flow = Flow::new(model)?;
+    let seps = flow.separators();
+    let mut cuts: Vec<(usize, &str)> = Vec::new();
+    let mut prev: Option<usize> = None;
+    let mut k = 0;
+    while k < seps.len() {
+        let (pos, t) = seps[k];
+        let op = model.nodes[pos].op_type.as_str();
+        if flow.has_branch(prev, pos) || POOLS.contains(&op) {
+            let mut end = (pos, t);
+            while let Some(&(p2, t2)) = seps.get(k + 1) {
+                if p2 == end.0 + 1 && ABSORBED.contains(&model.nodes[p2].op_type.as_str()) {
+                    end = (p2, t2);
+                    k += 1;
+                } else {
+                    break;
+                }
+            }
+            cuts.push(end);
+            prev = Some(end.0);
+        }
+        k += 1;
+    }
+    Ok(cuts.into_iter().map(|(_, t)| t.to_string()).collect())
+}
+
+/// Splits the model at `cuts` (tensor names in graph order) into stage plans.
+pub fn plan_stages(model: &OnnxModel, cuts: &[String]) -> Result<Vec<StagePlan>, CutError> {
+    let flow = Flow::new(model)?;
+    let graph_outputs: Vec<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
+    let mut last_pos = None;
+    for c in cuts {
+        let &pos = flow
+            .producer
+            .get(c.as_str())
+            .ok_or_else(|| CutError::UnknownTensor(c.clone()))?;
+        if graph_outputs.contains(c) {
+            return Err(CutError::IsOutput(c.clone()));
+        }
+        if last_pos.is_some_and(|p| pos <= p) {
+            return Err(CutError::Order(c.clone()));
+        }
+        last_pos = Some(pos);
+    }
+    let mut stages = Vec::new();
+    let mut input = flow.input.to_string();
+    let ends = cuts
+        .iter()
+        .map(|c| vec![c.clone()])
+        .chain(std::iter::once(graph_outputs));
+    for outputs in ends {
+        let nodes = reach_back(&flow, &input, &outputs)?;
+        stages.push(StagePlan {
+            input: input.clone(),
+            outputs: outputs.clone(),
+            nodes,
+        });
+        input = outputs[0].clone();
+    }
+    Ok(stages)
+}
+
+/// Nodes needed to compute `outputs` from `input` (plus constants), in graph order.
+fn reach_back(flow: &Flow<'_>, input: &str, outputs: &[String]) -> Result<Vec<usize>, CutError> {
+    let mut need: Vec<&str> = outputs.iter().map(String::as_str).collect();
+    let mut seen: HashSet<usize> = HashSet::new();
+    while let Some(t) = need.pop() {
+        if t == input || t.is_empty() || flow.model.initializers.iter().any(|i| i.name == t) {
+            continue;
+        }
+        let Some(&p) = flow.producer.get(t) else {
+            // A graph input other than the stage input: the cut does not separate.
+            return Err(CutError::NotSeparator {
+                cut: input.to_string(),
+                node: String::new(),
+                tensor: t.to_string(),
+            });
+        };
+        if seen.insert(p) {
+            let node = &flow.model.nodes[p];
+            for i in &node.inputs {
+                if i != input
+                    && !flow.constant.contains(i.as_str())
+                    && flow.producer.get(i.as_str()).is_none()
+                {
+                    return Err(CutError::NotSeparator {
+                        cut: input.to_string(),
+                        node: node.name.clone(),
+                        tensor: i.clone(),
+                    });
+                }
+                need.push(i);
+            }
+        }
+    }
+    let mut nodes: Vec<usize> = seen.into_iter().collect();
+    nodes.sort_unstable();
+    // A non-constant node of an earlier stage reached here means the cut leaks.
+    if input != flow.input {
+        let cut_pos = flow.producer[input];
+        if let Some(&p) = nodes.iter().find(|&&p| {
+            p <= cut_pos
+                && !flow.model.nodes[p]
+                    .outputs
+                    .iter()
+                    .all(|o| flow.constant.contains(o.as_str()))
+        }) {
+            let node = &flow.model.nodes[p];
+            let tensor = node.outputs.first().cloned().unwrap_or_default();
+            return Err(CutError::NotSeparator {
+                cut: input.to_string(),
+                node: node.name.clone(),
+                tensor,
+            });
+        }
+    }
+    Ok(nodes)
+}

@@ -1,0 +1,22 @@
+//! gati: a per-node DNN serving daemon (`gatid`) and its client (`gatictl`).
+//!
+//! Request path: `api` (socket, frames) → `infer` (batcher, staged models) →
+//! `api` (response). `node` composes the parts and owns the lifecycle;
+//! `config` is the only way configuration gets in; `telemetry` names every
+//! metric. See `docs/architecture.md`.
+
+pub mod api;
+pub mod bench;
+pub mod client;
+pub mod config;
+pub mod infer;
+pub mod node;
+pub mod telemetry;
+
+/// Exit code for a bad configuration (sysexits EX_CONFIG); systemd's
+/// `RestartPreventExitStatus=78` stops a restart loop on it.
+pub const EXIT_CONFIG: u8 = 78;
+/// Exit code when a configured model cannot be loaded (EX_DATAERR).
+pub const EXIT_MODEL: u8 = 65;
+/// Exit code when ONNX Runtime cannot be loaded (EX_UNAVAILABLE).
+pub const EXIT_RUNTIME: u8 = 69;

@@ -1,0 +1,200 @@
+//! The node: composes config, models, the API and systemd into the running
+//! daemon, and owns its lifecycle (start, reload on SIGHUP, drain on SIGTERM).
+
+pub mod models;
+pub mod systemd;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::api::listener::{ListenError, Listener};
+use crate::api::server::Server;
+use crate::api::{Limits, NodeState, ServeContext};
+use crate::config::{self, Config, ConfigError};
+use crate::infer::{self, InferError, Registry};
+use crate::telemetry;
+use models::ModelLoadError;
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Runtime(InferError),
+    #[error("{} model(s) failed to load:\n{}", .0.len(), .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Models(Vec<ModelLoadError>),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the daemon until SIGTERM/SIGINT, then drains and returns.
+pub fn serve(config_path: &Path) -> Result<(), NodeError> {
+    let config = config::load(config_path)?;
+    infer::runtime::environment(config.runtime.ort_library.as_deref())
+        .map_err(NodeError::Runtime)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| NodeError::Io {
+            what: "starting the control runtime",
+            source,
+        })?;
+    rt.block_on(run(config_path.to_owned(), config))
+}
+
+async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
+    let (metrics, exporter) = telemetry::install(config.metrics.listen)?;
+    if let Some(exporter) = exporter {
+        tokio::spawn(async move {
+            if let Err(e) = exporter.await {
+                tracing::error!(error = ?e, "metrics endpoint stopped");
+            }
+        });
+    }
+    systemd::status("loading models");
+    let registry = Arc::new(Registry::default());
+    let mut stamps = HashMap::new();
+    let (set, _) = models::build(&config.models, &Default::default(), &mut stamps)
+        .map_err(NodeError::Models)?;
+    let count = set.len();
+    registry.replace(set);
+
+    let listener = Listener::open(&config.server.socket, config.server.socket_mode_bits())?;
+    let state = Arc::new(NodeState::default());
+    let ctx = Arc::new(ServeContext {
+        registry: Arc::clone(&registry),
+        limits: Limits::from_config(&config.server),
+        metrics: Some(metrics),
+        state: Arc::clone(&state),
+    });
+    let server = Server::start(
+        std::os::fd::AsRawFd::as_raw_fd(&listener.fd),
+        config.server.io_threads,
+        ctx,
+    )
+    .map_err(|source| NodeError::Io {
+        what: "starting I/O threads",
+        source,
+    })?;
+    state.set_ready(true);
+    let where_ = match &listener.origin {
+        crate::api::listener::Origin::Systemd => "socket from systemd".to_string(),
+        crate::api::listener::Origin::Bound(p) => p.display().to_string(),
+    };
+    tracing::info!(socket = %where_, models = count, io_threads = config.server.io_threads, "gatid ready");
+    systemd::ready(&format!("serving {count} model(s) on {where_}"));
+
+    let mut hup = signal(SignalKind::hangup()).map_err(|source| NodeError::Io {
+        what: "SIGHUP handler",
+        source,
+    })?;
+    let mut term = signal(SignalKind::terminate()).map_err(|source| NodeError::Io {
+        what: "SIGTERM handler",
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| NodeError::Io {
+        what: "SIGINT handler",
+        source,
+    })?;
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    let mut current = config;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                current = reload(&config_path, current, &registry, &mut stamps).await;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => systemd::watchdog(),
+        }
+    }
+
+    tracing::info!("stopping: draining in-flight requests");
+    systemd::stopping();
+    state.start_draining();
+    server.wake_all();
+    let timeout = Duration::from_millis(current.server.drain_timeout_ms);
+    let drained = tokio::task::spawn_blocking(move || server.join(timeout))
+        .await
+        .unwrap_or(false);
+    if drained {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!(
+            timeout_ms = timeout.as_millis() as u64,
+            "drain timed out; exiting with work in flight"
+        );
+    }
+    drop(listener);
+    Ok(())
+}
+
+/// Re-reads the config and swaps in the new model set; keeps the old on any error.
+async fn reload(
+    path: &Path,
+    current: Config,
+    registry: &Arc<Registry>,
+    stamps: &mut HashMap<String, Option<(u64, std::time::SystemTime)>>,
+) -> Config {
+    systemd::reloading();
+    tracing::info!(config = %path.display(), "SIGHUP: reloading configuration");
+    let new = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: config invalid; still serving the previous one");
+            systemd::ready("reload failed: config invalid; serving previous config");
+            return current;
+        }
+    };
+    if new.server != current.server
+        || new.metrics != current.metrics
+        || new.runtime != current.runtime
+    {
+        tracing::warn!("changes to [server], [metrics] or [runtime] take effect on restart only");
+    }
+    let old = registry.snapshot();
+    let configs = new.models.clone();
+    let mut st = std::mem::take(stamps);
+    let built = tokio::task::spawn_blocking(move || {
+        let r = models::build(&configs, &old, &mut st);
+        (r, st)
+    })
+    .await;
+    let Ok((result, st)) = built else {
+        tracing::error!("reload task panicked; still serving the previous config");
+        return current;
+    };
+    *stamps = st;
+    match result {
+        Ok((set, changes)) => {
+            let count = set.len();
+            registry.replace(set);
+            tracing::info!(added = ?changes.added, replaced = ?changes.replaced, removed = ?changes.removed, kept = ?changes.kept, "reload applied");
+            systemd::ready(&format!("serving {count} model(s)"));
+            Config {
+                models: new.models,
+                ..current
+            }
+        }
+        Err(errors) => {
+            for e in &errors {
+                tracing::error!(error = %e, "reload refused: model failed to load");
+            }
+            systemd::ready("reload failed: a model did not load; serving previous config");
+            current
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Metrics and logs: names, the Prometheus recorder, and the tracing subscriber.
+//!
+//! Every metric the daemon exports is recorded through a function here, so the
+//! names and labels live in one place. Without an installed recorder (tests,
+//! the benchmark's in-process runs) these calls cost next to nothing.
+
+pub mod summary;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets, seconds: 50 µs … 10 s, roughly ×2 apart.
+const LATENCY_BUCKETS: &[f64] = &[
+    50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 10e-3, 15e-3, 20e-3, 30e-3,
+    50e-3, 100e-3, 200e-3, 500e-3, 1.0, 2.0, 5.0, 10.0,
+];
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+/// Failures setting up metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot build the Prometheus exporter: {0}")]
+    Build(#[from] metrics_exporter_prometheus::BuildError),
+    #[error("a metrics recorder is already installed")]
+    AlreadyInstalled,
+}
+
+/// The exporter's HTTP server, to be spawned on the control runtime.
+pub type ExporterFuture = metrics_exporter_prometheus::ExporterFuture;
+
+/// Installs the global recorder; returns the render handle and, with `listen`,
+/// the HTTP exporter future to spawn.
+pub fn install(
+    listen: Option<SocketAddr>,
+) -> Result<(PrometheusHandle, Option<ExporterFuture>), TelemetryError> {
+    let mut builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("gati_batch_rows".into()), BATCH_BUCKETS)?;
+    if let Some(addr) = listen {
+        builder = builder.with_http_listener(addr);
+        let (recorder, exporter) = builder.build()?;
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).map_err(|_| TelemetryError::AlreadyInstalled)?;
+        Ok((handle, Some(exporter)))
+    } else {
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).map_err(|_| TelemetryError::AlreadyInstalled)?;
+        Ok((handle, None))
+    }
+}
+
+/// Logs to stderr (journald captures it under systemd), filtered by `GATI_LOG`.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GATI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// A request finished with `status` after `took` in the daemon.
+pub fn request_done(model: &str, status: &'static str, took: Duration) {
+    counter!("gati_requests_total", "model" => model.to_string(), "status" => status).increment(1);
+    if status == "ok" {
+        histogram!("gati_request_duration_seconds", "model" => model.to_string())
+            .record(took.as_secs_f64());
+    }
+}
+
+/// A control request of `kind` was answered.
+pub fn control_done(kind: &'static str) {
+    counter!("gati_control_requests_total", "kind" => kind).increment(1);
+}
+
+/// One stage of `model` ran in `took`.
+pub fn stage_time(model: &str, stage: usize, took: Duration) {
+    histogram!("gati_stage_duration_seconds", "model" => model.to_string(), "stage" => stage.to_string()).record(took.as_secs_f64());
+}
+
+/// The batcher of `model` ran a batch of `rows`.
+pub fn batch_size(model: &str, rows: usize) {
+    histogram!("gati_batch_rows", "model" => model.to_string()).record(rows as f64);
+}
+
+/// Rows waiting in `model`'s queue.
+pub fn queue_depth(model: &str, rows: usize) {
+    gauge!("gati_queue_rows", "model" => model.to_string()).set(rows as f64);
+}
+
+/// Requests in flight across all connections.
+pub fn inflight(delta: f64) {
+    gauge!("gati_inflight_requests").increment(delta);
+}
+
+/// Open client connections.
+pub fn connections(delta: f64) {
+    gauge!("gati_connections").increment(delta);
+}
+
+/// Connections refused, by reason.
+pub fn refused(reason: &'static str) {
+    counter!("gati_connections_refused_total", "reason" => reason).increment(1);
+}
