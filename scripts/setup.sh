@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs everything gati needs on a fresh Debian machine and builds it.
+# Idempotent: a second run only checks. `scripts/setup.sh run` then starts the
+# daemon in the foreground on the default CPU config (configs/cpu.toml).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# 1. Debian packages: the Fashion-MNIST data set; systemd tools for the unit tests
+#    (systemd-analyze, systemd-socket-activate).
+apt_pkgs=(dataset-fashion-mnist systemd)
+missing=()
+for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  say "apt: installing ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. Python venv with ONNX Runtime (its shared library is what gatid loads) and
+#    the conversion tools; then the models and data sets.
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  python3 -m venv .venv
+fi
+stamp=.venv/.gati-requirements
+want=$(cat scripts/models/requirements.txt scripts/models/requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "pip: installing scripts/models/requirements*.txt"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/models/requirements.txt
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r scripts/models/requirements-nodeps.txt
+  echo "$want" > "$stamp"
+fi
+ort=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n1)
+ln -sfn "$root/$ort" .venv/libonnxruntime.so
+say "ONNX Runtime: $ort"
+.venv/bin/python scripts/models/prepare.py
+
+# 3. Build.
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install Rust (stable >= 1.95) first" >&2
+  exit 1
+fi
+say "cargo build --release"
+cargo build --release --quiet
+say "done: target/release/gatid, target/release/gatictl"
+
+if [ "${1:-}" = run ]; then
+  config=${GATI_CONFIG:-configs/cpu.toml}
+  say "starting gatid on $config (Ctrl-C stops it; gatictl talks to it from another shell)"
+  exec target/release/gatid serve --config "$config"
+fi

@@ -1,0 +1,184 @@
+//! Hostile and broken clients: each gets a distinct status or a closed
+//! connection, and none of them disturbs a well-behaved client.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use common::*;
+use gatid::api::wire::{Dtype, Kind, RequestHeader, Status, HEADER_LEN};
+use gatid::client::Client;
+use zerocopy::IntoBytes;
+
+/// A well-behaved client that checks its answer is still right.
+fn good_request(c: &mut Client, pixels: &[u8], label: usize) {
+    let r = c.infer("cifar10", Dtype::U8, &[32, 32, 3], pixels, 0).unwrap().ok().unwrap();
+    assert_eq!(argmax(&r.floats()), label);
+}
+
+fn expect_closed(s: &mut UnixStream) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => continue, // a final error frame may precede the close
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("connection not closed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn malformed_requests_get_distinct_errors_and_never_affect_others() {
+    let dir = tempdir("bad");
+    let d = TestDaemon::start(&dir, &config(&dir, "max_frame_bytes = 1048576", &[cifar_model("cifar10", "")]));
+    let (pixels, label) = cifar_images()[0].clone();
+    let mut good = d.client();
+    good_request(&mut good, &pixels, label);
+
+    let mut c = d.client();
+    let cases: Vec<(&str, RequestHeader, Vec<u8>, Status)> = vec![
+        ("unknown model", Client::infer_header("nope", Dtype::U8, &[32, 32, 3], 0), pixels.clone(), Status::UnknownModel),
+        ("unknown kind", { let mut h = RequestHeader::new(Kind::Ping, 0, 0, Dtype::Bytes, &[], 0); h.kind.set(99); h }, vec![], Status::UnknownKind),
+        ("unknown dtype", { let mut h = Client::infer_header("cifar10", Dtype::U8, &[32, 32, 3], 0); h.dtype = 9; h }, pixels.clone(), Status::BadDtype),
+        ("bytes dtype", Client::infer_header("cifar10", Dtype::Bytes, &[3072], 0), pixels.clone(), Status::BadDtype),
+        ("wrong f32 shape", Client::infer_header("cifar10", Dtype::F32, &[1, 3, 32, 32, 1], 0), vec![0; 3072 * 4], Status::BadShape),
+        ("too many dims", { let mut h = Client::infer_header("cifar10", Dtype::U8, &[32, 32, 3], 0); h.ndim = 7; h }, pixels.clone(), Status::BadShape),
+        ("zero dim", Client::infer_header("cifar10", Dtype::U8, &[0, 32, 3], 0), vec![], Status::BadShape),
+        ("image channels", Client::infer_header("cifar10", Dtype::U8, &[32, 32, 2], 0), vec![0; 2048], Status::BadShape),
+        ("payload shorter than shape", Client::infer_header("cifar10", Dtype::U8, &[32, 32, 3], 0), pixels[..3000].to_vec(), Status::PayloadMismatch),
+        ("f32 length", Client::infer_header("cifar10", Dtype::F32, &[1, 32, 32, 3], 0), vec![0; 3072 * 4 - 4], Status::PayloadMismatch),
+        ("NaN input", Client::infer_header("cifar10", Dtype::F32, &[1, 32, 32, 3], 0), f32_bytes(&vec![f32::NAN; 3072]), Status::BadPayload),
+    ];
+    for (what, header, payload, want) in cases {
+        let r = c.call(header, &payload).unwrap();
+        assert_eq!(r.status, want, "{what}");
+        good_request(&mut good, &pixels, label);
+    }
+    // The same connection still works after all those errors.
+    good_request(&mut c, &pixels, label);
+
+    // Oversized frame: TooLarge, then the connection is closed (its payload is never read).
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    let h = RequestHeader::new(Kind::Infer, 1, 1, Dtype::U8, &[1], 2 << 20);
+    s.write_all(h.as_bytes()).unwrap();
+    let mut hb = [0u8; HEADER_LEN];
+    s.read_exact(&mut hb).unwrap();
+    let resp = gatid::api::wire::ResponseHeader::parse(&hb).unwrap();
+    assert_eq!(Status::from_u16(resp.status.get()), Some(Status::TooLarge));
+    expect_closed(&mut s);
+    good_request(&mut good, &pixels, label);
+
+    // Bad magic: unparseable framing closes the connection.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.write_all(&[0xAB; HEADER_LEN]).unwrap();
+    expect_closed(&mut s);
+    // Wrong version.
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    let mut h = RequestHeader::new(Kind::Ping, 1, 0, Dtype::Bytes, &[], 0);
+    h.version.set(77);
+    s.write_all(h.as_bytes()).unwrap();
+    expect_closed(&mut s);
+    good_request(&mut good, &pixels, label);
+
+    // Truncated frames: half a header, and a header with half its payload, then hang up.
+    for cut in [HEADER_LEN / 2, HEADER_LEN + 1000] {
+        let mut s = UnixStream::connect(&d.socket).unwrap();
+        let h = Client::infer_header("cifar10", Dtype::U8, &[32, 32, 3], 0);
+        let mut frame = h.as_bytes().to_vec();
+        frame[24..28].copy_from_slice(&3072u32.to_le_bytes());
+        frame.extend_from_slice(&pixels);
+        s.write_all(&frame[..cut]).unwrap();
+        drop(s);
+        good_request(&mut good, &pixels, label);
+    }
+
+    // Garbage from many clients at once, while the good client keeps working.
+    let garbage: Vec<_> = (0..16)
+        .map(|i| {
+            let socket = d.socket.clone();
+            std::thread::spawn(move || {
+                let mut s = UnixStream::connect(&socket).unwrap();
+                let junk: Vec<u8> = (0..4096u32).map(|k| (k.wrapping_mul(2654435761).wrapping_add(i)) as u8).collect();
+                let _ = s.write_all(&junk);
+            })
+        })
+        .collect();
+    for _ in 0..5 {
+        good_request(&mut good, &pixels, label);
+    }
+    for g in garbage {
+        g.join().unwrap();
+    }
+    let health = d.client().control_json(Kind::Health, 0, &[]).unwrap();
+    assert_eq!(health["status"], "ok");
+}
+
+#[test]
+fn inflight_and_connection_limits() {
+    let dir = tempdir("limits");
+    let d = TestDaemon::start(&dir, &config(&dir, "max_inflight_per_conn = 2\nmax_connections = 4", &[cifar_model("cifar10", "")]));
+    let (pixels, label) = cifar_images()[0].clone();
+    let mut c = d.client();
+    for _ in 0..20 {
+        c.send(Client::infer_header("cifar10", Dtype::U8, &[32, 32, 3], 0), &pixels).unwrap();
+    }
+    let statuses: Vec<Status> = (0..20).map(|_| c.recv().unwrap().status).collect();
+    assert!(statuses.iter().filter(|s| **s == Status::Ok).count() >= 2);
+    assert!(statuses.contains(&Status::Busy), "{statuses:?}");
+    assert!(statuses.iter().all(|s| matches!(s, Status::Ok | Status::Busy)));
+    good_request(&mut c, &pixels, label);
+
+    // Connection limit: 4 open (c + 3 more); the 5th is refused with a status and closed.
+    let others: Vec<Client> = (0..3).map(|_| d.client()).collect();
+    let mut extra = UnixStream::connect(&d.socket).unwrap();
+    let mut hb = [0u8; HEADER_LEN];
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    extra.read_exact(&mut hb).unwrap();
+    let resp = gatid::api::wire::ResponseHeader::parse(&hb).unwrap();
+    assert_eq!(Status::from_u16(resp.status.get()), Some(Status::TooManyConnections));
+    drop(others);
+    good_request(&mut c, &pixels, label);
+}
+
+#[test]
+fn socket_mode_and_peer_allowlist() {
+    let dir = tempdir("peercred");
+    // Mode 0660 by default.
+    let d = TestDaemon::start(&dir, &config(&dir, "", &[cifar_model("cifar10", "")]));
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    drop(d);
+
+    if !is_root() {
+        println!("SKIP peer allowlist: needs root to connect as another uid");
+        return;
+    }
+    let dir = tempdir("peercred2");
+    // World-writable socket so only SO_PEERCRED decides; uid 65534 (nobody) not allowed.
+    let d = TestDaemon::start(&dir, &config(&dir, "socket_mode = \"0666\"\nallow_uids = [4242]", &[cifar_model("cifar10", "")]));
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = d.socket.clone();
+    // gatictl run as another uid reports what the daemon answered.
+    let as_uid = |uid: u32| -> (bool, String) {
+        use std::os::unix::process::CommandExt;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatictl"))
+            .args(["--socket"])
+            .arg(&socket)
+            .arg("health")
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = as_uid(65534);
+    assert!(!ok && err.contains("Unauthorized"), "nobody is not in allow_uids: {err}");
+    let (ok, err) = as_uid(4242);
+    assert!(ok, "4242 is in allow_uids: {err}");
+    assert!(d.client().ping().is_ok(), "root is always allowed");
+}

@@ -1,0 +1,223 @@
+//! Shared pieces of the system tests: real models, real `gatid` processes on
+//! private sockets, and ONNX Runtime called directly as the reference.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use gatid::client::Client;
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn ort_lib() -> PathBuf {
+    let p = root().join(".venv/libonnxruntime.so");
+    assert!(p.exists(), "{} missing: run scripts/setup.sh first", p.display());
+    p
+}
+
+pub fn model_path(file: &str) -> PathBuf {
+    let p = root().join("models").join(file);
+    assert!(p.exists(), "{} missing: run scripts/setup.sh first", p.display());
+    p
+}
+
+/// ONNX Runtime in this test process, from the same library the daemon loads.
+pub fn ort_env() {
+    gatid::infer::runtime::environment(Some(&ort_lib())).expect("load ONNX Runtime");
+}
+
+pub fn tempdir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let d = std::env::temp_dir().join(format!("gati-test-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub const CIFAR_LABELS: &str =
+    r#"["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]"#;
+
+/// A `[[models]]` entry for the CIFAR-10 CNN.
+pub fn cifar_model(name: &str, extra: &str) -> String {
+    format!(
+        "[[models]]\nname = \"{name}\"\npath = \"{}\"\nlabels = {CIFAR_LABELS}\n{extra}\ninput = {{ layout = \"NHWC\", height = 32, width = 32, channels = 3 }}\n",
+        model_path("cifar10_cnn.onnx").display()
+    )
+}
+
+/// A `[[models]]` entry for the Fashion-MNIST ResNet.
+pub fn fmnist_model(name: &str, extra: &str) -> String {
+    format!(
+        "[[models]]\nname = \"{name}\"\npath = \"{}\"\n{extra}\ninput = {{ layout = \"NCHW\", height = 28, width = 28, channels = 1, scale = 0.00392156862745098, mean = [0.2860], std = [0.3530] }}\n",
+        model_path("fmnist_resnet.onnx").display()
+    )
+}
+
+/// A config text with the socket in `dir`.
+pub fn config(dir: &Path, server_extra: &str, models: &[String]) -> String {
+    format!(
+        "[server]\nsocket = \"{}\"\n{server_extra}\n[runtime]\nort_library = \"{}\"\n\n{}",
+        dir.join("gatid.sock").display(),
+        ort_lib().display(),
+        models.join("\n")
+    )
+}
+
+/// A running `gatid serve`.
+pub struct TestDaemon {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+}
+
+impl TestDaemon {
+    /// Writes `config_text` to `dir` and starts the daemon; waits until it answers.
+    pub fn start(dir: &Path, config_text: &str) -> Self {
+        Self::start_with(dir, config_text, |_| {})
+    }
+
+    pub fn start_with(dir: &Path, config_text: &str, tweak: impl FnOnce(&mut Command)) -> Self {
+        let config = dir.join("gatid.toml");
+        std::fs::write(&config, config_text).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gatid"));
+        cmd.args(["serve", "--config"]).arg(&config).env("GATI_LOG", "warn").stdin(Stdio::null());
+        tweak(&mut cmd);
+        let child = cmd.spawn().expect("spawn gatid");
+        let mut d = Self { child, dir: dir.to_owned(), socket: dir.join("gatid.sock"), config };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!("gatid exited during start-up: {st}");
+            }
+            if let Ok(mut c) = Client::connect(&self.socket) {
+                if c.ping().is_ok() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < until, "gatid did not come up in 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket).expect("connect")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// Waits for exit (bounded).
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let until = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < until, "gatid did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A fake `NOTIFY_SOCKET` collecting sd_notify messages.
+pub struct NotifySocket {
+    pub path: PathBuf,
+    sock: UnixDatagram,
+}
+
+impl NotifySocket {
+    pub fn bind(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        Self { path, sock }
+    }
+
+    /// Waits for a message containing `needle`; returns it.
+    pub fn expect(&self, needle: &str, within: Duration) -> String {
+        let until = Instant::now() + within;
+        let mut buf = [0u8; 4096];
+        let mut seen = Vec::new();
+        while Instant::now() < until {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.lines().any(|l| l == needle || l.starts_with(needle)) {
+                    return msg;
+                }
+                seen.push(msg);
+            }
+        }
+        panic!("no `{needle}` notification within {within:?}; saw {seen:?}")
+    }
+}
+
+/// The 20 CIFAR-10 test images: (RGB pixels HWC, label).
+pub fn cifar_images() -> Vec<(Vec<u8>, usize)> {
+    let dir = root().join("data/cifar10");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}: run scripts/setup.sh", dir.display())).flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| {
+            let stem = p.file_stem().unwrap().to_str().unwrap();
+            let label: usize = stem.rsplit('_').next().unwrap().parse().unwrap();
+            let img = image::open(p).unwrap().to_rgb8();
+            assert_eq!(img.dimensions(), (32, 32));
+            (img.into_raw(), label)
+        })
+        .collect()
+}
+
+/// The first `n` Fashion-MNIST test images (28×28 u8) and labels.
+pub fn fmnist_test(n: usize) -> Vec<(Vec<u8>, usize)> {
+    let d = root().join("data/fashion-mnist");
+    let mut images = Vec::new();
+    std::fs::File::open(d.join("t10k-images-idx3-ubyte")).expect("run scripts/setup.sh").read_to_end(&mut images).unwrap();
+    let labels = std::fs::read(d.join("t10k-labels-idx1-ubyte")).unwrap();
+    (0..n).map(|i| (images[16 + i * 784..16 + (i + 1) * 784].to_vec(), usize::from(labels[8 + i]))).collect()
+}
+
+pub fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap()
+}
+
+/// Runs a whole ONNX model in-process on f32 input of `shape`.
+pub fn ort_direct(model: &Path, shape: &[usize], data: &[f32]) -> Vec<f32> {
+    ort_env();
+    let bytes = std::fs::read(model).unwrap();
+    let mut s = gatid::infer::pipeline::session_from_bytes(&bytes, 1, "reference").unwrap();
+    let t = ort::value::TensorRef::from_array_view((shape.to_vec(), data)).unwrap();
+    let out = s.run(ort::inputs![t]).unwrap();
+    out[0].try_extract_tensor::<f32>().unwrap().1.to_vec()
+}
+
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
