@@ -42,17 +42,74 @@ fn malformed_requests_get_distinct_errors_and_never_affect_others() {
 
     let mut c = d.client();
     let cases: Vec<(&str, RequestHeader, Vec<u8>, Status)> = vec![
-        ("unknown model", Client::infer_header("nope", Dtype::U8, &[32, 32, 3], 0), pixels.clone(), Status::UnknownModel),
-        ("unknown kind", { let mut h = RequestHeader::new(Kind::Ping, 0, 0, Dtype::Bytes, &[], 0); h.kind.set(99); h }, vec![], Status::UnknownKind),
-        ("unknown dtype", { let mut h = Client::infer_header("cifar10", Dtype::U8, &[32, 32, 3], 0); h.dtype = 9; h }, pixels.clone(), Status::BadDtype),
+        (
+            "unknown model",
+            Client::infer_header("nope", Dtype::U8, &[32, 32, 3], 0),
+            pixels.clone(),
+            Status::UnknownModel,
+        ),
+        (
+            "unknown kind",
+            {
+                let mut h = RequestHeader::new(Kind::Ping, 0, 0, Dtype::Bytes, &[], 0);
+                h.kind.set(99);
+                h
+            },
+            vec![],
+            Status::UnknownKind,
+        ),
+        (
+            "unknown dtype",
+            {
+                let mut h = Client::infer_header("cifar10", Dtype::U8, &[32, 32, 3], 0);
+                h.dtype = 9;
+                h
+            },
+            pixels.clone(),
+            Status::BadDtype,
+        ),
         ("bytes dtype", Client::infer_header("cifar10", Dtype::Bytes, &[3072], 0), pixels.clone(), Status::BadDtype),
-        ("wrong f32 shape", Client::infer_header("cifar10", Dtype::F32, &[1, 3, 32, 32, 1], 0), vec![0; 3072 * 4], Status::BadShape),
-        ("too many dims", { let mut h = Client::infer_header("cifar10", Dtype::U8, &[32, 32, 3], 0); h.ndim = 7; h }, pixels.clone(), Status::BadShape),
+        (
+            "wrong f32 shape",
+            Client::infer_header("cifar10", Dtype::F32, &[1, 3, 32, 32, 1], 0),
+            vec![0; 3072 * 4],
+            Status::BadShape,
+        ),
+        (
+            "too many dims",
+            {
+                let mut h = Client::infer_header("cifar10", Dtype::U8, &[32, 32, 3], 0);
+                h.ndim = 7;
+                h
+            },
+            pixels.clone(),
+            Status::BadShape,
+        ),
         ("zero dim", Client::infer_header("cifar10", Dtype::U8, &[0, 32, 3], 0), vec![], Status::BadShape),
-        ("image channels", Client::infer_header("cifar10", Dtype::U8, &[32, 32, 2], 0), vec![0; 2048], Status::BadShape),
-        ("payload shorter than shape", Client::infer_header("cifar10", Dtype::U8, &[32, 32, 3], 0), pixels[..3000].to_vec(), Status::PayloadMismatch),
-        ("f32 length", Client::infer_header("cifar10", Dtype::F32, &[1, 32, 32, 3], 0), vec![0; 3072 * 4 - 4], Status::PayloadMismatch),
-        ("NaN input", Client::infer_header("cifar10", Dtype::F32, &[1, 32, 32, 3], 0), f32_bytes(&vec![f32::NAN; 3072]), Status::BadPayload),
+        (
+            "image channels",
+            Client::infer_header("cifar10", Dtype::U8, &[32, 32, 2], 0),
+            vec![0; 2048],
+            Status::BadShape,
+        ),
+        (
+            "payload shorter than shape",
+            Client::infer_header("cifar10", Dtype::U8, &[32, 32, 3], 0),
+            pixels[..3000].to_vec(),
+            Status::PayloadMismatch,
+        ),
+        (
+            "f32 length",
+            Client::infer_header("cifar10", Dtype::F32, &[1, 32, 32, 3], 0),
+            vec![0; 3072 * 4 - 4],
+            Status::PayloadMismatch,
+        ),
+        (
+            "NaN input",
+            Client::infer_header("cifar10", Dtype::F32, &[1, 32, 32, 3], 0),
+            f32_bytes(&vec![f32::NAN; 3072]),
+            Status::BadPayload,
+        ),
     ];
     for (what, header, payload, want) in cases {
         let r = c.call(header, &payload).unwrap();
@@ -121,7 +178,10 @@ fn malformed_requests_get_distinct_errors_and_never_affect_others() {
 #[test]
 fn inflight_and_connection_limits() {
     let dir = tempdir("limits");
-    let d = TestDaemon::start(&dir, &config(&dir, "max_inflight_per_conn = 2\nmax_connections = 4", &[cifar_model("cifar10", "")]));
+    let d = TestDaemon::start(
+        &dir,
+        &config(&dir, "max_inflight_per_conn = 2\nmax_connections = 4", &[cifar_model("cifar10", "")]),
+    );
     let (pixels, label) = cifar_images()[0].clone();
     let mut c = d.client();
     for _ in 0..20 {
@@ -160,7 +220,10 @@ fn socket_mode_and_peer_allowlist() {
     }
     let dir = tempdir("peercred2");
     // World-writable socket so only SO_PEERCRED decides; uid 65534 (nobody) not allowed.
-    let d = TestDaemon::start(&dir, &config(&dir, "socket_mode = \"0666\"\nallow_uids = [4242]", &[cifar_model("cifar10", "")]));
+    let d = TestDaemon::start(
+        &dir,
+        &config(&dir, "socket_mode = \"0666\"\nallow_uids = [4242]", &[cifar_model("cifar10", "")]),
+    );
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let socket = d.socket.clone();
     // gatictl run as another uid reports what the daemon answered.

@@ -17,9 +17,13 @@ use gatid::client::Client;
 fn notify_ready_after_models_then_watchdog_then_stopping() {
     let dir = tempdir("notify");
     let notify = NotifySocket::bind(&dir);
-    let mut d = TestDaemon::start_with(&dir, &config(&dir, "", &[cifar_model("cifar10", ""), fmnist_model("fmnist", "")]), |cmd| {
-        cmd.env("NOTIFY_SOCKET", &notify.path).env("WATCHDOG_USEC", "200000");
-    });
+    let mut d = TestDaemon::start_with(
+        &dir,
+        &config(&dir, "", &[cifar_model("cifar10", ""), fmnist_model("fmnist", "")]),
+        |cmd| {
+            cmd.env("NOTIFY_SOCKET", &notify.path).env("WATCHDOG_USEC", "200000");
+        },
+    );
     let ready = notify.expect("READY=1", Duration::from_secs(30));
     assert!(ready.contains("STATUS=serving 2 model(s)"), "{ready}");
     // READY means the models answer.
@@ -76,7 +80,9 @@ fn socket_activation_uses_the_passed_socket() {
 }
 
 fn which(tool: &str) -> Result<std::path::PathBuf, ()> {
-    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(tool)).find(|p| p.is_file())).ok_or(())
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(tool)).find(|p| p.is_file()))
+        .ok_or(())
 }
 
 #[test]
@@ -108,7 +114,8 @@ fn sighup_reload_adds_replaces_removes_models_without_failing_requests() {
         let until = Instant::now() + Duration::from_secs(60);
         loop {
             let v = d.client().control_json(Kind::ListModels, 0, &[]).unwrap();
-            let names: Vec<String> = v["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect();
+            let names: Vec<String> =
+                v["models"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect();
             if names == want {
                 return v;
             }
@@ -117,7 +124,8 @@ fn sighup_reload_adds_replaces_removes_models_without_failing_requests() {
         }
     };
     // Add fmnist and replace cifar10 (new max_batch) while under load.
-    std::fs::write(&d.config, config(&dir, "", &[cifar_model("cifar10", "max_batch = 4"), fmnist_model("fmnist", "")])).unwrap();
+    std::fs::write(&d.config, config(&dir, "", &[cifar_model("cifar10", "max_batch = 4"), fmnist_model("fmnist", "")]))
+        .unwrap();
     d.signal(libc::SIGHUP);
     let v = wait_models(&["cifar10", "fmnist"]);
     assert_eq!(v["models"][0]["max_batch"], 4, "cifar10 was replaced");
@@ -145,7 +153,8 @@ fn sighup_reload_adds_replaces_removes_models_without_failing_requests() {
 #[test]
 fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let dir = tempdir("drain");
-    let mut d = TestDaemon::start(&dir, &config(&dir, "drain_timeout_ms = 60000", &[cifar_model("cifar10", "max_batch = 16")]));
+    let mut d =
+        TestDaemon::start(&dir, &config(&dir, "drain_timeout_ms = 60000", &[cifar_model("cifar10", "max_batch = 16")]));
     let images = cifar_images();
     let mut batch = Vec::new();
     for (px, _) in images.iter().take(16) {
@@ -163,7 +172,8 @@ fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         let stats = gatid::telemetry::summary::summarize(&d.client().stats_text().unwrap());
-        let received: f64 = stats["inflight"].as_f64().unwrap() + stats["requests"].as_array().unwrap().iter().map(|r| r["count"].as_f64().unwrap()).sum::<f64>();
+        let received: f64 = stats["inflight"].as_f64().unwrap()
+            + stats["requests"].as_array().unwrap().iter().map(|r| r["count"].as_f64().unwrap()).sum::<f64>();
         if received >= 32.0 {
             break;
         }
@@ -206,7 +216,15 @@ fn bad_config_lists_every_error_and_exits_78_binding_nothing() {
         let out = Command::new(env!("CARGO_BIN_EXE_gatid")).args(&args).arg(&path).output().unwrap();
         assert_eq!(out.status.code(), Some(78), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
-        for needle in ["line 4: server.colour", "line 3: server.io_threads", "line 7: metrics.listen", "models[0].name", "models[0].path", "models[0].max_batch", "models[0].input.std"] {
+        for needle in [
+            "line 4: server.colour",
+            "line 3: server.io_threads",
+            "line 7: metrics.listen",
+            "models[0].name",
+            "models[0].path",
+            "models[0].max_batch",
+            "models[0].input.std",
+        ] {
             assert!(err.contains(needle), "{args:?}: `{needle}` missing from:\n{err}");
         }
         assert!(!dir.join("gatid.sock").exists(), "a bad config bound the socket");
@@ -217,7 +235,11 @@ fn bad_config_lists_every_error_and_exits_78_binding_nothing() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 1"));
     // The shipped example config is valid (given the set-up ran).
-    let out = Command::new(env!("CARGO_BIN_EXE_gatid")).args(["check-config"]).arg(root().join("configs/cpu.toml")).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gatid"))
+        .args(["check-config"])
+        .arg(root().join("configs/cpu.toml"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -228,7 +250,11 @@ fn broken_model_file_fails_start_with_a_clear_error() {
     std::fs::write(&bad, b"this is not an onnx model at all").unwrap();
     let cfg = config(&dir, "", &[]) + &format!("[[models]]\nname = \"broken\"\npath = \"{}\"\ninput = {{ layout = \"NCHW\", height = 2, width = 2, channels = 1 }}\n", bad.display());
     std::fs::write(dir.join("gatid.toml"), cfg).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_gatid")).args(["serve", "--config"]).arg(dir.join("gatid.toml")).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gatid"))
+        .args(["serve", "--config"])
+        .arg(dir.join("gatid.toml"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(gatid::EXIT_MODEL.into()));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("model `broken`") && err.contains("malformed ONNX"), "{err}");
@@ -244,10 +270,16 @@ fn systemd_units_verify() {
     let dir = tempdir("units");
     let units = root().join("systemd");
     // ExecStart must point at an existing binary for verify: use the one just built.
-    let service = std::fs::read_to_string(units.join("gatid.service")).unwrap().replace("/usr/local/bin/gatid", env!("CARGO_BIN_EXE_gatid"));
+    let service = std::fs::read_to_string(units.join("gatid.service"))
+        .unwrap()
+        .replace("/usr/local/bin/gatid", env!("CARGO_BIN_EXE_gatid"));
     std::fs::write(dir.join("gatid.service"), service).unwrap();
     std::fs::copy(units.join("gatid.socket"), dir.join("gatid.socket")).unwrap();
-    let out = Command::new("systemd-analyze").args(["verify", "gatid.socket", "gatid.service"]).current_dir(&dir).output().unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "gatid.socket", "gatid.service"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && !text.contains("gatid.service:"), "systemd-analyze verify:\n{text}");
     // A broken unit is caught (the check can fail).

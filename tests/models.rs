@@ -15,7 +15,16 @@ fn fmnist_cfg(cuts: Cuts) -> ModelConfig {
         name: "fmnist".into(),
         path: model_path("fmnist_resnet.onnx"),
         cuts,
-        input: InputConfig { layout: Layout::NCHW, height: 28, width: 28, channels: 1, scale: 1.0, mean: vec![], std: vec![], resize: Resize::Bilinear },
+        input: InputConfig {
+            layout: Layout::NCHW,
+            height: 28,
+            width: 28,
+            channels: 1,
+            scale: 1.0,
+            mean: vec![],
+            std: vec![],
+            resize: Resize::Bilinear,
+        },
         output: OutputKind::Logits,
         labels: vec![],
         max_batch: 8,
@@ -27,7 +36,10 @@ fn fmnist_cfg(cuts: Cuts) -> ModelConfig {
 #[test]
 fn auto_cuts_find_block_ends() {
     let fm = OnnxModel::decode(&std::fs::read(model_path("fmnist_resnet.onnx")).unwrap()).unwrap();
-    assert_eq!(auto_cuts(&fm).unwrap(), ["block1_out", "block2_out", "block3_out", "block4_out", "block5_out", "block6_out"]);
+    assert_eq!(
+        auto_cuts(&fm).unwrap(),
+        ["block1_out", "block2_out", "block3_out", "block4_out", "block5_out", "block6_out"]
+    );
     let cf = OnnxModel::decode(&std::fs::read(model_path("cifar10_cnn.onnx")).unwrap()).unwrap();
     assert_eq!(auto_cuts(&cf).unwrap(), ["pool1_out", "pool2_out", "pool3_out"]);
 }
@@ -39,7 +51,11 @@ fn staged_equals_whole_model_for_every_cut_choice() {
         let x = probe_input(rows, &[1, 28, 28]);
         (x.clone(), ort_direct(&model_path("fmnist_resnet.onnx"), &[rows, 1, 28, 28], &x))
     };
-    for cuts in [Cuts::Mode("none".into()), Cuts::Mode("auto".into()), Cuts::Tensors(vec!["block2_out".into(), "block5_out".into()])] {
+    for cuts in [
+        Cuts::Mode("none".into()),
+        Cuts::Mode("auto".into()),
+        Cuts::Tensors(vec!["block2_out".into(), "block5_out".into()]),
+    ] {
         let mut m = LoadedModel::load(&fmnist_cfg(cuts.clone())).unwrap();
         let (x, want) = whole(3);
         let got = m.pipeline.run(&[3, 1, 28, 28], &x).unwrap();
@@ -60,7 +76,13 @@ fn staged_equals_whole_model_for_every_cut_choice() {
 fn bad_cuts_are_refused_with_a_reason() {
     let fm = OnnxModel::decode(&std::fs::read(model_path("fmnist_resnet.onnx")).unwrap()).unwrap();
     // A tensor inside a residual block: the skip connection crosses it.
-    let inner = fm.nodes.iter().find(|n| n.op_type == "Conv" && n.outputs[0] != "stem_out" && !n.outputs[0].starts_with("block")).unwrap().outputs[0].clone();
+    let inner = fm
+        .nodes
+        .iter()
+        .find(|n| n.op_type == "Conv" && n.outputs[0] != "stem_out" && !n.outputs[0].starts_with("block"))
+        .unwrap()
+        .outputs[0]
+        .clone();
     let cuts = [fm.nodes.iter().position(|n| n.outputs[0] == "block1_out").map(|_| inner.clone()).unwrap()];
     assert!(matches!(plan_stages(&fm, &cuts), Err(CutError::NotSeparator { .. })), "{inner}");
     assert!(matches!(plan_stages(&fm, &["nope".into()]), Err(CutError::UnknownTensor(_))));

@@ -13,7 +13,16 @@ use gatid::config::{InputConfig, Layout, Resize};
 use gatid::infer::preprocess::image_to_input;
 
 fn cifar_input_cfg() -> InputConfig {
-    InputConfig { layout: Layout::NHWC, height: 32, width: 32, channels: 3, scale: 1.0, mean: vec![], std: vec![], resize: Resize::Bilinear }
+    InputConfig {
+        layout: Layout::NHWC,
+        height: 32,
+        width: 32,
+        channels: 3,
+        scale: 1.0,
+        mean: vec![],
+        std: vec![],
+        resize: Resize::Bilinear,
+    }
 }
 
 #[test]
@@ -33,7 +42,10 @@ fn cifar_images_classified_correctly_and_equal_to_ort_direct() {
         let (_, input) = image_to_input(&cifar_input_cfg(), &[32, 32, 3], pixels).unwrap();
         let want = ort_direct(&model_path("cifar10_cnn.onnx"), &[1, 32, 32, 3], &input);
         let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(diff <= 1e-4 * want.iter().fold(1.0f32, |m, v| m.max(v.abs())), "image {i}: daemon {got:?} vs ORT {want:?}");
+        assert!(
+            diff <= 1e-4 * want.iter().fold(1.0f32, |m, v| m.max(v.abs())),
+            "image {i}: daemon {got:?} vs ORT {want:?}"
+        );
     }
     // A client-side batch of all 20 as one f32 request gives the same rows.
     let mut batch = Vec::new();
@@ -72,10 +84,18 @@ fn image_of_another_size_is_resized() {
 #[test]
 fn fmnist_resnet_accuracy_through_daemon_and_concurrent_batching() {
     let dir = tempdir("fmnist");
-    let d = TestDaemon::start(&dir, &config(&dir, "", &[fmnist_model("fmnist", "max_batch = 16\nmax_queue_delay_us = 2000")]));
+    let d = TestDaemon::start(
+        &dir,
+        &config(&dir, "", &[fmnist_model("fmnist", "max_batch = 16\nmax_queue_delay_us = 2000")]),
+    );
     let meta = d.client().model_info("fmnist").unwrap();
-    let stages: Vec<String> = meta["model"]["stages"].as_array().unwrap().iter().map(|s| s["output"].as_str().unwrap().to_string()).collect();
-    assert_eq!(&stages[..6], &["block1_out", "block2_out", "block3_out", "block4_out", "block5_out", "block6_out"], "auto cuts = residual block ends");
+    let stages: Vec<String> =
+        meta["model"]["stages"].as_array().unwrap().iter().map(|s| s["output"].as_str().unwrap().to_string()).collect();
+    assert_eq!(
+        &stages[..6],
+        &["block1_out", "block2_out", "block3_out", "block4_out", "block5_out", "block6_out"],
+        "auto cuts = residual block ends"
+    );
     let test = fmnist_test(1000);
     let threads: Vec<_> = (0..4)
         .map(|t| {

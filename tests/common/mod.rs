@@ -34,7 +34,11 @@ pub fn ort_env() {
 
 pub fn tempdir(tag: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
-    let d = std::env::temp_dir().join(format!("gati-test-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let d = std::env::temp_dir().join(format!(
+        "gati-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -176,7 +180,12 @@ impl NotifySocket {
 /// The 20 CIFAR-10 test images: (RGB pixels HWC, label).
 pub fn cifar_images() -> Vec<(Vec<u8>, usize)> {
     let dir = root().join("data/cifar10");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}: run scripts/setup.sh", dir.display())).flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}: run scripts/setup.sh", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect();
     files.sort();
     files
         .iter()
@@ -194,7 +203,10 @@ pub fn cifar_images() -> Vec<(Vec<u8>, usize)> {
 pub fn fmnist_test(n: usize) -> Vec<(Vec<u8>, usize)> {
     let d = root().join("data/fashion-mnist");
     let mut images = Vec::new();
-    std::fs::File::open(d.join("t10k-images-idx3-ubyte")).expect("run scripts/setup.sh").read_to_end(&mut images).unwrap();
+    std::fs::File::open(d.join("t10k-images-idx3-ubyte"))
+        .expect("run scripts/setup.sh")
+        .read_to_end(&mut images)
+        .unwrap();
     let labels = std::fs::read(d.join("t10k-labels-idx1-ubyte")).unwrap();
     (0..n).map(|i| (images[16 + i * 784..16 + (i + 1) * 784].to_vec(), usize::from(labels[8 + i]))).collect()
 }

@@ -14,20 +14,11 @@ pub struct ControlAnswer {
 }
 
 fn json_answer(status: Status, v: serde_json::Value) -> ControlAnswer {
-    ControlAnswer {
-        status,
-        dtype: Dtype::Bytes,
-        body: serde_json::to_vec(&v).unwrap_or_default(),
-    }
+    ControlAnswer { status, dtype: Dtype::Bytes, body: serde_json::to_vec(&v).unwrap_or_default() }
 }
 
 /// Answers a control request of `kind`.
-pub fn answer(
-    ctx: &ServeContext,
-    kind: Kind,
-    header: &RequestHeader,
-    payload: &[u8],
-) -> ControlAnswer {
+pub fn answer(ctx: &ServeContext, kind: Kind, header: &RequestHeader, payload: &[u8]) -> ControlAnswer {
     match kind {
         Kind::ListModels => {
             let set = ctx.registry.snapshot();
@@ -37,9 +28,7 @@ pub fn answer(
         }
         Kind::ModelInfo => {
             let found = match header.target_id.get() {
-                0 => std::str::from_utf8(payload)
-                    .ok()
-                    .and_then(|n| ctx.registry.by_name(n.trim())),
+                0 => std::str::from_utf8(payload).ok().and_then(|n| ctx.registry.by_name(n.trim())),
                 id => ctx.registry.get(id),
             };
             match found {
@@ -54,11 +43,7 @@ pub fn answer(
             }
         }
         Kind::Stats => match &ctx.metrics {
-            Some(h) => ControlAnswer {
-                status: Status::Ok,
-                dtype: Dtype::Bytes,
-                body: h.render().into_bytes(),
-            },
+            Some(h) => ControlAnswer { status: Status::Ok, dtype: Dtype::Bytes, body: h.render().into_bytes() },
             None => ControlAnswer {
                 status: Status::Ok,
                 dtype: Dtype::Bytes,
@@ -78,10 +63,7 @@ pub fn answer(
             }),
         ),
         Kind::Ready => json_answer(Status::Ok, json!({ "ready": ctx.state.is_ready() })),
-        Kind::Infer | Kind::Ping => json_answer(
-            Status::UnknownKind,
-            json!({ "error": "not a control request" }),
-        ),
+        Kind::Infer | Kind::Ping => json_answer(Status::UnknownKind, json!({ "error": "not a control request" })),
     }
 }
 

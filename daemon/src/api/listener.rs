@@ -42,9 +42,7 @@ pub struct Listener {
 impl Listener {
     /// Uses the socket systemd passed, if any; else binds `path` with `mode`.
     pub fn open(path: &Path, mode: u32) -> Result<Self, ListenError> {
-        let fds: Vec<RawFd> = sd_notify::listen_fds()
-            .map_err(ListenError::Activation)?
-            .collect();
+        let fds: Vec<RawFd> = sd_notify::listen_fds().map_err(ListenError::Activation)?.collect();
         if let Some(&fd) = fds.first() {
             if !is_unix_stream(fd) {
                 return Err(ListenError::NotUnixStream(fd));
@@ -52,20 +50,13 @@ impl Listener {
             set_cloexec(fd);
             // SAFETY: systemd hands this fd to the process exactly once; nothing else owns it.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            return Ok(Self {
-                fd,
-                origin: Origin::Systemd,
-            });
+            return Ok(Self { fd, origin: Origin::Systemd });
         }
         Self::bind(path, mode)
     }
 
     fn bind(path: &Path, mode: u32) -> Result<Self, ListenError> {
-        let sys = |call, source| ListenError::Sys {
-            call,
-            path: path.to_owned(),
-            source,
-        };
+        let sys = |call, source| ListenError::Sys { call, path: path.to_owned(), source };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| sys("mkdir", e))?;
         }
@@ -100,10 +91,7 @@ impl Listener {
         if unsafe { libc::listen(fd.as_raw_fd(), 1024) } < 0 {
             return Err(sys("listen", io::Error::last_os_error()));
         }
-        Ok(Self {
-            fd,
-            origin: Origin::Bound(path.to_owned()),
-        })
+        Ok(Self { fd, origin: Origin::Bound(path.to_owned()) })
     }
 }
 
@@ -121,10 +109,7 @@ fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "socket path too long",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"));
     }
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
@@ -166,23 +151,11 @@ pub fn peer_cred(fd: RawFd) -> io::Result<PeerCred> {
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: `cred` and `len` are valid for writes of a ucred.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &mut len,
-        )
-    };
+    let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &mut len) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(PeerCred {
-        pid: cred.pid,
-        uid: cred.uid,
-        gid: cred.gid,
-    })
+    Ok(PeerCred { pid: cred.pid, uid: cred.uid, gid: cred.gid })
 }
 
 /// Who may connect: root, the daemon's own uid, and the configured uids/gids.
@@ -200,9 +173,6 @@ impl Allowlist {
         }
         // SAFETY: geteuid has no failure mode.
         let me = unsafe { libc::geteuid() };
-        cred.uid == 0
-            || cred.uid == me
-            || self.uids.contains(&cred.uid)
-            || self.gids.contains(&cred.gid)
+        cred.uid == 0 || cred.uid == me || self.uids.contains(&cred.uid) || self.gids.contains(&cred.gid)
     }
 }

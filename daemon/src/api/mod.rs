@@ -36,10 +36,7 @@ impl Limits {
             max_frame_bytes: s.max_frame_bytes,
             max_inflight_per_conn: s.max_inflight_per_conn,
             max_connections: s.max_connections,
-            allow: Allowlist {
-                uids: s.allow_uids.clone(),
-                gids: s.allow_gids.clone(),
-            },
+            allow: Allowlist { uids: s.allow_uids.clone(), gids: s.allow_gids.clone() },
         }
     }
 }

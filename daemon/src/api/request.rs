@@ -6,17 +6,10 @@ use crate::infer::preprocess::image_to_input;
 use crate::infer::ModelHandle;
 
 /// Rows of model input decoded from a request, or the status to answer with.
-pub fn decode_infer(
-    model: &ModelHandle,
-    header: &RequestHeader,
-    payload: &[u8],
-) -> Result<(usize, Vec<f32>), Status> {
+pub fn decode_infer(model: &ModelHandle, header: &RequestHeader, payload: &[u8]) -> Result<(usize, Vec<f32>), Status> {
     let dtype = Dtype::from_u8(header.dtype).ok_or(Status::BadDtype)?;
     let dims = header.dims().ok_or(Status::BadShape)?;
-    let elems = dims
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or(Status::BadShape)?;
+    let elems = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or(Status::BadShape)?;
     if dims.is_empty() || elems == 0 {
         return Err(Status::BadShape);
     }
@@ -35,10 +28,8 @@ pub fn decode_infer(
             } else {
                 return Err(Status::BadShape);
             };
-            let data: Vec<f32> = payload
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let data: Vec<f32> =
+                payload.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             if data.iter().any(|v| !v.is_finite()) {
                 return Err(Status::BadPayload);
             }

@@ -79,6 +79,18 @@ impl Mailbox {
     }
 }
 
+/// A ring for one I/O thread: completions are processed only when the thread
+/// asks for them (DEFER_TASKRUN), which saves interrupts and context switches;
+/// kernels without those flags get a plain ring.
+fn new_ring() -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_coop_taskrun()
+        .build(RING_ENTRIES)
+        .or_else(|_| IoUring::new(RING_ENTRIES))
+}
+
 /// A running I/O thread.
 struct WorkerHandle {
     mailbox: Arc<Mailbox>,
@@ -102,19 +114,25 @@ impl Server {
             }
             // SAFETY: fresh fd owned by nobody else.
             let wake = unsafe { OwnedFd::from_raw_fd(efd) };
-            let mailbox = Arc::new(Mailbox {
-                done: Mutex::new(Vec::new()),
-                wake,
-            });
-            let ring = IoUring::new(RING_ENTRIES)?;
-            let mut worker = Worker::new(ring, listen_fd, Arc::clone(&mailbox), Arc::clone(&ctx));
-            let thread = std::thread::Builder::new()
-                .name(format!("io-{i}"))
-                .spawn(move || {
-                    if let Err(e) = worker.run() {
-                        tracing::error!(error = %e, "I/O thread failed");
+            let mailbox = Arc::new(Mailbox { done: Mutex::new(Vec::new()), wake });
+            let (mb, cx) = (Arc::clone(&mailbox), Arc::clone(&ctx));
+            let (started_tx, started_rx) = std::sync::mpsc::channel();
+            let thread = std::thread::Builder::new().name(format!("io-{i}")).spawn(move || {
+                // The ring is made on the thread that submits to it (SINGLE_ISSUER).
+                let ring = match new_ring() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                        return;
                     }
-                })?;
+                };
+                let _ = started_tx.send(Ok(()));
+                let mut worker = Worker::new(ring, listen_fd, mb, cx);
+                if let Err(e) = worker.run() {
+                    tracing::error!(error = %e, "I/O thread failed");
+                }
+            })?;
+            started_rx.recv().map_err(|_| io::Error::other("I/O thread died during start"))??;
             workers.push(WorkerHandle { mailbox, thread });
         }
         Ok(Self { workers })
@@ -212,11 +230,7 @@ impl Worker {
         self.arm_accept()?;
         loop {
             self.ring.submit_and_wait(1)?;
-            let cqes: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
+            let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
             for (ud, res) in cqes {
                 let (op, slot, gen) = split(ud);
                 match op {
@@ -247,10 +261,7 @@ impl Worker {
 
     /// Draining and nothing left to answer or send.
     fn drained(&self) -> bool {
-        self.conns
-            .iter()
-            .flatten()
-            .all(|c| c.inflight == 0 && !c.send_armed && c.pending.is_empty())
+        self.conns.iter().flatten().all(|c| c.inflight == 0 && !c.send_armed && c.pending.is_empty())
     }
 
     fn close_all(&mut self) {
@@ -260,10 +271,7 @@ impl Worker {
                 // but the ring is dropped right after, so nothing reads the buffers again.
                 unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
                 telemetry::connections(-1.0);
-                self.ctx
-                    .state
-                    .connections
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                self.ctx.state.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 // Keep the buffers alive until the ring is gone.
                 std::mem::forget(c);
             }
@@ -271,13 +279,9 @@ impl Worker {
     }
 
     fn arm_wake(&mut self) -> io::Result<()> {
-        let sqe = opcode::Read::new(
-            types::Fd(self.mailbox.wake.as_raw_fd()),
-            (&raw mut *self.wake_buf).cast(),
-            8,
-        )
-        .build()
-        .user_data(user_data(OP_WAKE, 0, 0));
+        let sqe = opcode::Read::new(types::Fd(self.mailbox.wake.as_raw_fd()), (&raw mut *self.wake_buf).cast(), 8)
+            .build()
+            .user_data(user_data(OP_WAKE, 0, 0));
         self.push(sqe)
     }
 
@@ -285,14 +289,10 @@ impl Worker {
         if self.accept_armed || self.ctx.state.is_draining() {
             return Ok(());
         }
-        let sqe = opcode::Accept::new(
-            types::Fd(self.listen_fd),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        )
-        .flags(libc::SOCK_CLOEXEC)
-        .build()
-        .user_data(user_data(OP_ACCEPT, 0, 0));
+        let sqe = opcode::Accept::new(types::Fd(self.listen_fd), std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data(OP_ACCEPT, 0, 0));
         self.accept_armed = true;
         self.push(sqe)
     }
@@ -303,10 +303,7 @@ impl Worker {
             let err = io::Error::from_raw_os_error(-res);
             if res != -libc::ECANCELED && !self.ctx.state.is_draining() {
                 tracing::warn!(error = %err, "accept failed");
-                if matches!(
-                    -res,
-                    libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
-                ) {
+                if matches!(-res, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
@@ -326,12 +323,7 @@ impl Worker {
             Ok(cred) if self.ctx.limits.allow.permits(&cred) => {}
             Ok(cred) => {
                 telemetry::refused("unauthorized");
-                tracing::debug!(
-                    uid = cred.uid,
-                    gid = cred.gid,
-                    pid = cred.pid,
-                    "peer not in allowlist"
-                );
+                tracing::debug!(uid = cred.uid, gid = cred.gid, pid = cred.pid, "peer not in allowlist");
                 refuse(&fd, Status::Unauthorized);
                 return Ok(());
             }
@@ -340,9 +332,7 @@ impl Worker {
                 return Ok(());
             }
         }
-        state
-            .connections
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         telemetry::connections(1.0);
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
@@ -375,10 +365,7 @@ impl Worker {
     }
 
     fn conn(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(slot as usize)?
-            .as_deref_mut()
-            .filter(|c| c.gen == gen)
+        self.conns.get_mut(slot as usize)?.as_deref_mut().filter(|c| c.gen == gen)
     }
 
     fn arm_recv(&mut self, slot: u32) -> io::Result<()> {
@@ -389,13 +376,9 @@ impl Worker {
             return Ok(());
         }
         c.recv_armed = true;
-        let sqe = opcode::Recv::new(
-            types::Fd(c.fd.as_raw_fd()),
-            c.rbuf.as_mut_ptr(),
-            c.rbuf.len() as u32,
-        )
-        .build()
-        .user_data(user_data(OP_RECV, slot, c.gen));
+        let sqe = opcode::Recv::new(types::Fd(c.fd.as_raw_fd()), c.rbuf.as_mut_ptr(), c.rbuf.len() as u32)
+            .build()
+            .user_data(user_data(OP_RECV, slot, c.gen));
         self.push(sqe)
     }
 
@@ -441,17 +424,7 @@ impl Worker {
             };
             let len = header.payload_len.get() as usize;
             if len > max_frame {
-                respond(
-                    c,
-                    header.kind.get(),
-                    header.request_id.get(),
-                    Status::TooLarge,
-                    Dtype::Bytes,
-                    &[],
-                    &[],
-                    0,
-                    0,
-                );
+                respond(c, header.kind.get(), header.request_id.get(), Status::TooLarge, Dtype::Bytes, &[], &[], 0, 0);
                 c.closing = true;
                 return;
             }
@@ -484,85 +457,31 @@ impl Worker {
             return self.handle_infer(slot, header, payload, received);
         }
         let ctx = Arc::clone(&self.ctx);
-        let c = self.conns[slot as usize]
-            .as_deref_mut()
-            .expect("slot is live while parsing");
+        let c = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
         match Kind::from_u16(raw_kind) {
-            None => respond(
-                c,
-                raw_kind,
-                rid,
-                Status::UnknownKind,
-                Dtype::Bytes,
-                &[],
-                &[],
-                0,
-                0,
-            ),
-            Some(Kind::Ping) => respond(
-                c,
-                raw_kind,
-                rid,
-                Status::Ok,
-                Dtype::Bytes,
-                &[],
-                &[],
-                0,
-                elapsed_us(received),
-            ),
+            None => respond(c, raw_kind, rid, Status::UnknownKind, Dtype::Bytes, &[], &[], 0, 0),
+            Some(Kind::Ping) => respond(c, raw_kind, rid, Status::Ok, Dtype::Bytes, &[], &[], 0, elapsed_us(received)),
             Some(kind) => {
                 let a = control::answer(&ctx, kind, header, payload);
                 telemetry::control_done(control::kind_name(kind));
-                respond(
-                    c,
-                    raw_kind,
-                    rid,
-                    a.status,
-                    a.dtype,
-                    &[],
-                    &a.body,
-                    0,
-                    elapsed_us(received),
-                );
+                respond(c, raw_kind, rid, a.status, a.dtype, &[], &a.body, 0, elapsed_us(received));
             }
         }
     }
 
-    fn handle_infer(
-        &mut self,
-        slot: u32,
-        header: &RequestHeader,
-        payload: &[u8],
-        received: Instant,
-    ) {
+    fn handle_infer(&mut self, slot: u32, header: &RequestHeader, payload: &[u8], received: Instant) {
         let rid = header.request_id.get();
         let kind = Kind::Infer as u16;
         let ctx = Arc::clone(&self.ctx);
         let model = ctx.registry.get(header.target_id.get());
         let name: Arc<str> = match &model {
-            Some(m) => Arc::clone(
-                self.models
-                    .entry(m.meta.id)
-                    .or_insert_with(|| Arc::from(m.meta.name.as_str())),
-            ),
+            Some(m) => Arc::clone(self.models.entry(m.meta.id).or_insert_with(|| Arc::from(m.meta.name.as_str()))),
             None => Arc::from("<unknown>"),
         };
-        let c = self.conns[slot as usize]
-            .as_deref_mut()
-            .expect("slot is live while parsing");
+        let c = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
         let reject = |c: &mut Conn, status: Status| {
             telemetry::request_done(&name, status.name(), received.elapsed());
-            respond(
-                c,
-                kind,
-                rid,
-                status,
-                Dtype::Bytes,
-                &[],
-                &[],
-                0,
-                elapsed_us(received),
-            );
+            respond(c, kind, rid, status, Dtype::Bytes, &[], &[], 0, elapsed_us(received));
         };
         if ctx.state.is_draining() {
             return reject(c, Status::ShuttingDown);
@@ -585,25 +504,10 @@ impl Worker {
         let gen = c.gen;
         let reply_name = Arc::clone(&name);
         let reply = Reply::new(move |result| {
-            mailbox.post(Completion {
-                slot,
-                gen,
-                request_id: rid,
-                model: reply_name,
-                received,
-                result,
-            });
+            mailbox.post(Completion { slot, gen, request_id: rid, model: reply_name, received, result });
         });
         let admission = header.flags.get() & FLAG_BEST_EFFORT == 0;
-        match model.submit(
-            Job {
-                rows,
-                data,
-                deadline,
-                reply,
-            },
-            admission,
-        ) {
+        match model.submit(Job { rows, data, deadline, reply }, admission) {
             Ok(()) => {
                 c.inflight += 1;
                 telemetry::inflight(1.0);
@@ -612,9 +516,7 @@ impl Worker {
                 // Answer here, not through the mailbox.
                 std::mem::forget(job.reply);
                 let status = match why {
-                    crate::infer::batcher::Rejected::Unmeetable { .. } => {
-                        Status::DeadlineUnmeetable
-                    }
+                    crate::infer::batcher::Rejected::Unmeetable { .. } => Status::DeadlineUnmeetable,
                     crate::infer::batcher::Rejected::Closed => Status::ShuttingDown,
                 };
                 reject(c, status);
@@ -623,16 +525,13 @@ impl Worker {
     }
 
     fn on_wake(&mut self) -> io::Result<()> {
-        let done =
-            std::mem::take(&mut *self.mailbox.done.lock().unwrap_or_else(|p| p.into_inner()));
+        let done = std::mem::take(&mut *self.mailbox.done.lock().unwrap_or_else(|p| p.into_inner()));
         for d in done {
             telemetry::inflight(-1.0);
             let (status, body, shape, stage) = match d.result {
-                JobResult::Answer {
-                    data,
-                    shape,
-                    exit_stage,
-                } => (Status::Ok, data.as_bytes().to_vec(), shape, exit_stage),
+                JobResult::Answer { data, shape, exit_stage } => {
+                    (Status::Ok, data.as_bytes().to_vec(), shape, exit_stage)
+                }
                 JobResult::Expired => (Status::DeadlineExpired, Vec::new(), Vec::new(), 0),
                 JobResult::Failed(msg) => (Status::Internal, msg.into_bytes(), Vec::new(), 0),
             };
@@ -642,22 +541,8 @@ impl Worker {
             };
             c.inflight = c.inflight.saturating_sub(1);
             let shape32: Vec<u32> = shape.iter().map(|&s| s as u32).collect();
-            let dtype = if status == Status::Ok {
-                Dtype::F32
-            } else {
-                Dtype::Bytes
-            };
-            respond(
-                c,
-                Kind::Infer as u16,
-                d.request_id,
-                status,
-                dtype,
-                &shape32,
-                &body,
-                stage,
-                elapsed_us(d.received),
-            );
+            let dtype = if status == Status::Ok { Dtype::F32 } else { Dtype::Bytes };
+            respond(c, Kind::Infer as u16, d.request_id, status, dtype, &shape32, &body, stage, elapsed_us(d.received));
             self.dirty.push(d.slot);
         }
         self.arm_wake()
@@ -708,7 +593,14 @@ impl Worker {
                     // saves a ring round trip per response. The ring takes the rest.
                     let buf = &c.sending[c.sent..];
                     // SAFETY: non-blocking send from a live buffer on our own socket.
-                    let n = unsafe { libc::send(c.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+                    let n = unsafe {
+                        libc::send(
+                            c.fd.as_raw_fd(),
+                            buf.as_ptr().cast(),
+                            buf.len(),
+                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                        )
+                    };
                     if n >= 0 {
                         c.sent += n as usize;
                     } else if !matches!(io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) {
@@ -728,14 +620,10 @@ impl Worker {
                 if c.sent < c.sending.len() {
                     c.send_armed = true;
                     let buf = &c.sending[c.sent..];
-                    let sqe = opcode::Send::new(
-                        types::Fd(c.fd.as_raw_fd()),
-                        buf.as_ptr(),
-                        buf.len() as u32,
-                    )
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(user_data(OP_SEND, slot, c.gen));
+                    let sqe = opcode::Send::new(types::Fd(c.fd.as_raw_fd()), buf.as_ptr(), buf.len() as u32)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build()
+                        .user_data(user_data(OP_SEND, slot, c.gen));
                     self.push(sqe)?;
                     continue;
                 }
@@ -743,12 +631,7 @@ impl Worker {
             let Some(c) = self.conns[slot as usize].as_deref_mut() else {
                 continue;
             };
-            if c.closing
-                && !c.send_armed
-                && c.sending.is_empty()
-                && c.pending.is_empty()
-                && c.inflight == 0
-            {
+            if c.closing && !c.send_armed && c.sending.is_empty() && c.pending.is_empty() && c.inflight == 0 {
                 c.dead = true;
                 self.dirty.push(slot);
                 continue;
@@ -765,10 +648,7 @@ impl Worker {
         if self.conns[slot as usize].take().is_some() {
             self.free.push(slot);
             telemetry::connections(-1.0);
-            self.ctx
-                .state
-                .connections
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.ctx.state.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -778,10 +658,7 @@ fn elapsed_us(t: Instant) -> u32 {
 }
 
 /// Appends a response frame to the connection's send queue.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "mirrors the response header's fields one to one"
-)]
+#[expect(clippy::too_many_arguments, reason = "mirrors the response header's fields one to one")]
 fn respond(
     c: &mut Conn,
     kind: u16,
@@ -805,11 +682,6 @@ fn refuse(fd: &OwnedFd, status: Status) {
     let h = ResponseHeader::new(0, 0, status, Dtype::Bytes, &[], 0);
     // SAFETY: non-blocking send of a live 64-byte buffer on our socket.
     unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            h.as_bytes().as_ptr().cast(),
-            HEADER_LEN,
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
+        libc::send(fd.as_raw_fd(), h.as_bytes().as_ptr().cast(), HEADER_LEN, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
     };
 }

@@ -221,14 +221,7 @@ pub enum FrameError {
 
 impl RequestHeader {
     /// Builds a request header with the given fields and a tensor shape.
-    pub fn new(
-        kind: Kind,
-        request_id: u64,
-        target_id: u32,
-        dtype: Dtype,
-        shape: &[u32],
-        payload_len: u32,
-    ) -> Self {
+    pub fn new(kind: Kind, request_id: u64, target_id: u32, dtype: Dtype, shape: &[u32], payload_len: u32) -> Self {
         let mut h = Self::new_zeroed();
         h.magic.set(MAGIC);
         h.version.set(VERSION);
@@ -265,14 +258,7 @@ impl RequestHeader {
 
 impl ResponseHeader {
     /// Builds a response header; `shape` is empty for byte payloads.
-    pub fn new(
-        kind: u16,
-        request_id: u64,
-        status: Status,
-        dtype: Dtype,
-        shape: &[u32],
-        payload_len: u32,
-    ) -> Self {
+    pub fn new(kind: u16, request_id: u64, status: Status, dtype: Dtype, shape: &[u32], payload_len: u32) -> Self {
         let mut h = Self::new_zeroed();
         h.magic.set(MAGIC);
         h.version.set(VERSION);
@@ -331,10 +317,7 @@ mod tests {
         assert_eq!(back.request_id.get(), 7);
         assert_eq!(back.dims().unwrap(), vec![32, 32, 3]);
         bytes[0] = b'X';
-        assert!(matches!(
-            RequestHeader::parse(&bytes),
-            Err(FrameError::BadMagic(_))
-        ));
+        assert!(matches!(RequestHeader::parse(&bytes), Err(FrameError::BadMagic(_))));
     }
 
     #[test]

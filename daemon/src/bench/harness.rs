@@ -21,22 +21,12 @@ impl Daemon {
     pub fn start(config: &Path) -> anyhow::Result<Self> {
         let dir = super::serving::tempdir()?;
         let socket = dir.join("gatid.sock");
-        let text = std::fs::read_to_string(config)
-            .with_context(|| format!("reading {}", config.display()))?;
+        let text = std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
         let mut table: toml::Table = toml::from_str(&text)?;
-        let base = config
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default()
-            .canonicalize()?;
-        let server = table
-            .entry("server")
-            .or_insert_with(|| toml::Value::Table(Default::default()));
+        let base = config.parent().map(Path::to_path_buf).unwrap_or_default().canonicalize()?;
+        let server = table.entry("server").or_insert_with(|| toml::Value::Table(Default::default()));
         if let toml::Value::Table(s) = server {
-            s.insert(
-                "socket".into(),
-                toml::Value::String(socket.display().to_string()),
-            );
+            s.insert("socket".into(), toml::Value::String(socket.display().to_string()));
         }
         table.remove("metrics");
         if let Some(toml::Value::Array(models)) = table.get_mut("models") {
@@ -57,10 +47,7 @@ impl Daemon {
         let child = Command::new(exe)
             .args(["serve", "--config"])
             .arg(&cfg_path)
-            .env(
-                "GATI_LOG",
-                std::env::var("GATI_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("GATI_LOG", std::env::var("GATI_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .spawn()
             .context("starting gatid")?;

@@ -54,17 +54,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     .clone();
     crate::infer::runtime::environment(config.runtime.ort_library.as_deref())?;
-    let (floor_n, ping_n, model_n) = if args.quick {
-        (3000, 3000, 200)
-    } else {
-        (20000, 20000, 1000)
-    };
+    let (floor_n, ping_n, model_n) = if args.quick { (3000, 3000, 200) } else { (20000, 20000, 1000) };
 
-    println!(
-        "gatid bench serving — model `{}`{}",
-        model_cfg.name,
-        if args.quick { " (quick)" } else { "" }
-    );
+    println!("gatid bench serving — model `{}`{}", model_cfg.name, if args.quick { " (quick)" } else { "" });
     let floor = uds_echo_floor(floor_n)?;
 
     let daemon = Daemon::start(&args.config)?;
@@ -103,9 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut run_gatid = |n: usize, out: &mut Vec<Duration>| -> anyhow::Result<()> {
         for _ in 0..n {
             let t = Instant::now();
-            client
-                .infer(&model_cfg.name, Dtype::F32, &shape32, &payload, 0)?
-                .ok()?;
+            client.infer(&model_cfg.name, Dtype::F32, &shape32, &payload, 0)?.ok()?;
             out.push(t.elapsed());
         }
         Ok(())
@@ -118,17 +108,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         run_gatid(model_n / 5, &mut through)?;
     }
 
-    let soak_n = args
-        .soak_requests
-        .unwrap_or(if args.quick { 3000 } else { 100_000 });
-    let soak = soak(
-        &daemon.socket,
-        &model_cfg.name,
-        &shape32,
-        &row,
-        soak_n,
-        args.soak_clients,
-    )?;
+    let soak_n = args.soak_requests.unwrap_or(if args.quick { 3000 } else { 100_000 });
+    let soak = soak(&daemon.socket, &model_cfg.name, &shape32, &row, soak_n, args.soak_clients)?;
     let stats = client.stats_text().unwrap_or_default();
     drop(client);
     daemon.stop()?;
@@ -150,17 +131,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "batch_rows_histogram": stats.lines().filter(|l| l.starts_with("gati_batch_rows")).collect::<Vec<_>>(),
     });
     println!();
-    println!(
-        "{:<34} {:>12} {:>12} {:>8}",
-        "measure (median)", "baseline", "gatid", "ratio"
-    );
-    println!(
-        "{:<34} {:>9.1} us {:>9.1} us {:>8.2}",
-        "round trip: UDS echo vs gatid ping",
-        uds,
-        ping_us,
-        ping_us / uds
-    );
+    println!("{:<34} {:>12} {:>12} {:>8}", "measure (median)", "baseline", "gatid", "ratio");
+    println!("{:<34} {:>9.1} us {:>9.1} us {:>8.2}", "round trip: UDS echo vs gatid ping", uds, ping_us, ping_us / uds);
     println!(
         "{:<34} {:>9.3} ms {:>9.3} ms {:>8.3}",
         "batch-1 model: ORT direct vs gatid",
@@ -170,7 +142,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "soak: {} requests, {} clients: {} ok, {} lost, {} mismatched, {} other status, {:.0} req/s",
-        soak["requests"], soak["clients"], soak["ok"], soak["lost"], soak["mismatched"], soak["other_status"], soak["req_per_s"].as_f64().unwrap_or(0.0)
+        soak["requests"],
+        soak["clients"],
+        soak["ok"],
+        soak["lost"],
+        soak["mismatched"],
+        soak["other_status"],
+        soak["req_per_s"].as_f64().unwrap_or(0.0)
     );
     write_json(&args.out, &result)?;
     println!("wrote {}", args.out.display());
@@ -225,14 +203,7 @@ fn soak(
     let inputs: Vec<Vec<u8>> = {
         let all = probe_input(DISTINCT, row);
         let n = row.iter().product::<usize>();
-        (0..DISTINCT)
-            .map(|i| {
-                all[i * n..(i + 1) * n]
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect()
-            })
-            .collect()
+        (0..DISTINCT).map(|i| all[i * n..(i + 1) * n].iter().flat_map(|v| v.to_le_bytes()).collect()).collect()
     };
     let mut reference = Vec::new();
     let mut c = Client::connect(socket)?;
@@ -245,56 +216,45 @@ fn soak(
     let started = Instant::now();
     let mut threads = Vec::new();
     for _ in 0..clients {
-        let (inputs, reference, next) = (
-            Arc::clone(&inputs),
-            Arc::clone(&reference),
-            Arc::clone(&next),
-        );
+        let (inputs, reference, next) = (Arc::clone(&inputs), Arc::clone(&reference), Arc::clone(&next));
         let socket = socket.to_owned();
         let model = model.to_string();
         let shape = shape.to_vec();
-        threads.push(std::thread::spawn(
-            move || -> anyhow::Result<(u64, u64, u64, u64)> {
-                let mut c = Client::connect(&socket)?;
-                let (mut sent, mut ok, mut mismatched, mut other) = (0u64, 0u64, 0u64, 0u64);
-                let mut outstanding = std::collections::VecDeque::new();
-                loop {
-                    while outstanding.len() < WINDOW {
-                        let k = next.fetch_add(1, Ordering::Relaxed);
-                        if k >= total {
-                            break;
-                        }
-                        let which = (k as usize * 7 + 3) % DISTINCT;
-                        let id = c.send(
-                            Client::infer_header(&model, Dtype::F32, &shape, 0),
-                            &inputs[which],
-                        )?;
-                        outstanding.push_back((id, which));
-                        sent += 1;
-                    }
-                    let Some((id, which)) = outstanding.pop_front() else {
+        threads.push(std::thread::spawn(move || -> anyhow::Result<(u64, u64, u64, u64)> {
+            let mut c = Client::connect(&socket)?;
+            let (mut sent, mut ok, mut mismatched, mut other) = (0u64, 0u64, 0u64, 0u64);
+            let mut outstanding = std::collections::VecDeque::new();
+            loop {
+                while outstanding.len() < WINDOW {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= total {
                         break;
-                    };
-                    let r = c.recv()?;
-                    if r.request_id != id {
-                        mismatched += 1;
-                    } else if r.status != Status::Ok {
-                        other += 1;
-                    } else if r.floats() != reference[which] {
-                        mismatched += 1;
-                    } else {
-                        ok += 1;
                     }
+                    let which = (k as usize * 7 + 3) % DISTINCT;
+                    let id = c.send(Client::infer_header(&model, Dtype::F32, &shape, 0), &inputs[which])?;
+                    outstanding.push_back((id, which));
+                    sent += 1;
                 }
-                Ok((sent, ok, mismatched, other))
-            },
-        ));
+                let Some((id, which)) = outstanding.pop_front() else {
+                    break;
+                };
+                let r = c.recv()?;
+                if r.request_id != id {
+                    mismatched += 1;
+                } else if r.status != Status::Ok {
+                    other += 1;
+                } else if r.floats() != reference[which] {
+                    mismatched += 1;
+                } else {
+                    ok += 1;
+                }
+            }
+            Ok((sent, ok, mismatched, other))
+        }));
     }
     let (mut sent, mut ok, mut mismatched, mut other) = (0, 0, 0, 0);
     for t in threads {
-        let (s, o, m, x) = t
-            .join()
-            .map_err(|_| anyhow::anyhow!("soak client panicked"))??;
+        let (s, o, m, x) = t.join().map_err(|_| anyhow::anyhow!("soak client panicked"))??;
         sent += s;
         ok += o;
         mismatched += m;
@@ -310,11 +270,7 @@ fn soak(
 /// A fresh private directory under the system temp dir.
 pub fn tempdir() -> std::io::Result<PathBuf> {
     static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "gati-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+    let dir = std::env::temp_dir().join(format!("gati-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }

@@ -14,12 +14,7 @@ use serde_json::{json, Value};
 #[command(name = "gatictl", version, about = "client for the gati daemon")]
 struct Cli {
     /// The daemon's socket.
-    #[arg(
-        long,
-        short,
-        env = "GATI_SOCKET",
-        default_value = "/run/gati/gatid.sock"
-    )]
+    #[arg(long, short, env = "GATI_SOCKET", default_value = "/run/gati/gatid.sock")]
     socket: PathBuf,
     /// Machine-readable output.
     #[arg(long, global = true)]
@@ -74,28 +69,18 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut client = Client::connect(&cli.socket)?;
     match cli.command {
-        Command::Infer {
-            model,
-            file,
-            top,
-            deadline_ms,
-        } => infer(&mut client, &model, &file, top, deadline_ms, cli.json)?,
+        Command::Infer { model, file, top, deadline_ms } => {
+            infer(&mut client, &model, &file, top, deadline_ms, cli.json)?
+        }
         Command::Models => {
             let v = client.control_json(Kind::ListModels, 0, &[])?;
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
-                    "{:<16} {:>10} {:<14} {:>7} {:>6}  cuts",
-                    "model", "id", "input", "classes", "stages"
-                );
+                println!("{:<16} {:>10} {:<14} {:>7} {:>6}  cuts", "model", "id", "input", "classes", "stages");
                 for m in v["models"].as_array().into_iter().flatten() {
-                    let cuts: Vec<&str> = m["stages"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|s| s["output"].as_str())
-                        .collect();
+                    let cuts: Vec<&str> =
+                        m["stages"].as_array().into_iter().flatten().filter_map(|s| s["output"].as_str()).collect();
                     println!(
                         "{:<16} {:>10} {:<14} {:>7} {:>6}  {}",
                         m["name"].as_str().unwrap_or("?"),
@@ -114,10 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Info { model } => println!(
-            "{}",
-            serde_json::to_string_pretty(&client.model_info(&model)?)?
-        ),
+        Command::Info { model } => println!("{}", serde_json::to_string_pretty(&client.model_info(&model)?)?),
         Command::Stats { raw } => {
             let text = client.stats_text()?;
             if raw {
@@ -155,11 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!("{}", if ready { "ready" } else { "not ready" });
             }
-            return Ok(if ready {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            });
+            return Ok(if ready { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -167,11 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Reads the file as the wire expects it: images as u8 HWC, .npy as f32.
 fn load_input(path: &Path) -> anyhow::Result<(Dtype, Vec<u32>, Vec<u8>)> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     if ext == "npy" {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let (shape, data) = gatid::client::npy::parse_f32(&bytes)
@@ -184,11 +158,7 @@ fn load_input(path: &Path) -> anyhow::Result<(Dtype, Vec<u32>, Vec<u8>)> {
         Ok((Dtype::U8, vec![g.height(), g.width(), 1], g.into_raw()))
     } else {
         let rgb = img.to_rgb8();
-        Ok((
-            Dtype::U8,
-            vec![rgb.height(), rgb.width(), 3],
-            rgb.into_raw(),
-        ))
+        Ok((Dtype::U8, vec![rgb.height(), rgb.width(), 3], rgb.into_raw()))
     }
 }
 
@@ -204,38 +174,18 @@ fn infer(
     let meta = &info["model"];
     let (dtype, shape, payload) = load_input(file)?;
     let t = Instant::now();
-    let r = client
-        .infer(
-            model,
-            dtype,
-            &shape,
-            &payload,
-            (deadline_ms * 1000.0) as u32,
-        )?
-        .ok()?;
+    let r = client.infer(model, dtype, &shape, &payload, (deadline_ms * 1000.0) as u32)?.ok()?;
     let client_ms = t.elapsed().as_secs_f64() * 1e3;
     let logits = r.floats();
     let classes = r.shape.get(1).copied().unwrap_or(logits.len()).max(1);
     if logits.len() < classes {
-        bail!(
-            "daemon answered {} values for {} classes",
-            logits.len(),
-            classes
-        );
+        bail!("daemon answered {} values for {} classes", logits.len(), classes);
     }
-    let labels: Vec<String> = meta["labels"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l.as_str().map(String::from))
-        .collect();
+    let labels: Vec<String> =
+        meta["labels"].as_array().into_iter().flatten().filter_map(|l| l.as_str().map(String::from)).collect();
     let mut rows = Vec::new();
     for row in logits.chunks(classes) {
-        let probs = if meta["output"] == "probabilities" {
-            row.to_vec()
-        } else {
-            softmax(row)
-        };
+        let probs = if meta["output"] == "probabilities" { row.to_vec() } else { softmax(row) };
         let mut order: Vec<usize> = (0..classes).collect();
         order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
         let label = |i: usize| labels.get(i).cloned().unwrap_or_else(|| i.to_string());
@@ -265,11 +215,7 @@ fn infer(
             row["probability"].as_f64().unwrap_or(0.0)
         );
         for t in row["top"].as_array().into_iter().flatten() {
-            println!(
-                "  {:<14} {:.4}",
-                t["label"].as_str().unwrap_or("?"),
-                t["probability"].as_f64().unwrap_or(0.0)
-            );
+            println!("  {:<14} {:.4}", t["label"].as_str().unwrap_or("?"), t["probability"].as_f64().unwrap_or(0.0));
         }
     }
     println!(

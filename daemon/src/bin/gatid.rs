@@ -69,8 +69,8 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
             println!("{}: OK ({} model(s))", config.display(), c.models.len());
             Ok(())
         }
-        Command::Bench {
-            which: BenchCommand::Serving(args),
-        } => gatid::bench::serving::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Serving(args) } => {
+            gatid::bench::serving::run(args).map_err(MainError::Other)
+        }
     }
 }

@@ -7,9 +7,7 @@ use std::path::Path;
 
 use zerocopy::IntoBytes;
 
-use crate::api::wire::{
-    Dtype, FrameError, Kind, RequestHeader, ResponseHeader, Status, HEADER_LEN,
-};
+use crate::api::wire::{Dtype, FrameError, Kind, RequestHeader, ResponseHeader, Status, HEADER_LEN};
 
 /// Client-side failures.
 #[derive(Debug, thiserror::Error)]
@@ -50,10 +48,7 @@ pub struct Response {
 impl Response {
     /// The payload as f32 values (for `Infer` answers).
     pub fn floats(&self) -> Vec<f32> {
-        self.payload
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+        self.payload.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     }
 
     /// Errors unless the status is `Ok`.
@@ -62,10 +57,7 @@ impl Response {
             Ok(self)
         } else {
             let message = String::from_utf8_lossy(&self.payload).into_owned();
-            Err(ClientError::Status {
-                status: self.status,
-                message,
-            })
+            Err(ClientError::Status { status: self.status, message })
         }
     }
 }
@@ -79,10 +71,8 @@ pub struct Client {
 impl Client {
     /// Connects to the daemon's socket.
     pub fn connect(path: &Path) -> Result<Self, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let stream = UnixStream::connect(path)
+            .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
         Ok(Self { stream, next_id: 1 })
     }
 
@@ -111,8 +101,7 @@ impl Client {
         let h = ResponseHeader::parse(&hb)?;
         let mut payload = vec![0u8; h.payload_len.get() as usize];
         self.stream.read_exact(&mut payload)?;
-        let status =
-            Status::from_u16(h.status.get()).ok_or(ClientError::UnknownStatus(h.status.get()))?;
+        let status = Status::from_u16(h.status.get()).ok_or(ClientError::UnknownStatus(h.status.get()))?;
         Ok(Response {
             kind: h.kind.get(),
             request_id: h.request_id.get(),
@@ -133,66 +122,34 @@ impl Client {
 
     /// Empty round trip.
     pub fn ping(&mut self) -> Result<Response, ClientError> {
-        self.call(
-            RequestHeader::new(Kind::Ping, 0, 0, Dtype::Bytes, &[], 0),
-            &[],
-        )?
-        .ok()
+        self.call(RequestHeader::new(Kind::Ping, 0, 0, Dtype::Bytes, &[], 0), &[])?.ok()
     }
 
     /// A control request answered with JSON.
-    pub fn control_json(
-        &mut self,
-        kind: Kind,
-        target: u32,
-        payload: &[u8],
-    ) -> Result<serde_json::Value, ClientError> {
-        let r = self
-            .call(
-                RequestHeader::new(kind, 0, target, Dtype::Bytes, &[], 0),
-                payload,
-            )?
-            .ok()?;
+    pub fn control_json(&mut self, kind: Kind, target: u32, payload: &[u8]) -> Result<serde_json::Value, ClientError> {
+        let r = self.call(RequestHeader::new(kind, 0, target, Dtype::Bytes, &[], 0), payload)?.ok()?;
         Ok(serde_json::from_slice(&r.payload)?)
     }
 
     /// Prometheus text of the daemon's metrics.
     pub fn stats_text(&mut self) -> Result<String, ClientError> {
-        let r = self
-            .call(
-                RequestHeader::new(Kind::Stats, 0, 0, Dtype::Bytes, &[], 0),
-                &[],
-            )?
-            .ok()?;
+        let r = self.call(RequestHeader::new(Kind::Stats, 0, 0, Dtype::Bytes, &[], 0), &[])?.ok()?;
         Ok(String::from_utf8_lossy(&r.payload).into_owned())
     }
 
     /// Metadata of the model called `name`.
     pub fn model_info(&mut self, name: &str) -> Result<serde_json::Value, ClientError> {
         match self.control_json(Kind::ModelInfo, 0, name.as_bytes()) {
-            Err(ClientError::Status {
-                status: Status::UnknownModel,
-                ..
-            }) => Err(ClientError::UnknownModel(name.into())),
+            Err(ClientError::Status { status: Status::UnknownModel, .. }) => {
+                Err(ClientError::UnknownModel(name.into()))
+            }
             other => other,
         }
     }
 
     /// Builds an inference request header.
-    pub fn infer_header(
-        model: &str,
-        dtype: Dtype,
-        shape: &[u32],
-        deadline_us: u32,
-    ) -> RequestHeader {
-        let mut h = RequestHeader::new(
-            Kind::Infer,
-            0,
-            crate::api::wire::model_id(model),
-            dtype,
-            shape,
-            0,
-        );
+    pub fn infer_header(model: &str, dtype: Dtype, shape: &[u32], deadline_us: u32) -> RequestHeader {
+        let mut h = RequestHeader::new(Kind::Infer, 0, crate::api::wire::model_id(model), dtype, shape, 0);
         h.deadline_us.set(deadline_us);
         h
     }
@@ -206,10 +163,7 @@ impl Client {
         payload: &[u8],
         deadline_us: u32,
     ) -> Result<Response, ClientError> {
-        self.call(
-            Self::infer_header(model, dtype, shape, deadline_us),
-            payload,
-        )
+        self.call(Self::infer_header(model, dtype, shape, deadline_us), payload)
     }
 }
 

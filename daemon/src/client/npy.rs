@@ -7,10 +7,7 @@ pub fn parse_f32(bytes: &[u8]) -> Option<(Vec<u32>, &[u8])> {
     }
     let (hlen, start) = match bytes[6] {
         1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
         _ => return None,
     };
     let header = std::str::from_utf8(bytes.get(start..start + hlen)?).ok()?;
@@ -33,11 +30,7 @@ pub fn parse_f32(bytes: &[u8]) -> Option<(Vec<u32>, &[u8])> {
 /// Serializes a float32 tensor as `.npy`.
 pub fn write_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(ToString::to_string).collect();
-    let tuple = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
+    let tuple = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');

@@ -12,8 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use model::{
-    Config, Cuts, InputConfig, Layout, MetricsConfig, ModelConfig, OutputKind, Resize,
-    RuntimeConfig, ServerConfig,
+    Config, Cuts, InputConfig, Layout, MetricsConfig, ModelConfig, OutputKind, Resize, RuntimeConfig, ServerConfig,
 };
 
 /// One problem found in a config file.
@@ -45,18 +44,11 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{} error(s) in {}:\n{}", .issues.len(), .path.display(), list(.issues))]
-    Invalid {
-        path: PathBuf,
-        issues: Vec<ConfigIssue>,
-    },
+    Invalid { path: PathBuf, issues: Vec<ConfigIssue> },
 }
 
 fn list(issues: &[ConfigIssue]) -> String {
-    issues
-        .iter()
-        .map(|i| format!("  - {i}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    issues.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n")
 }
 
 impl ConfigError {
@@ -71,15 +63,9 @@ impl ConfigError {
 
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse(&text, &base).map_err(|issues| ConfigError::Invalid {
-        path: path.to_owned(),
-        issues,
-    })
+    parse(&text, &base).map_err(|issues| ConfigError::Invalid { path: path.to_owned(), issues })
 }
 
 /// Parses and validates config text; relative paths are joined to `base`.
@@ -155,22 +141,12 @@ colour = "red"
 input = { layout = "NCHW", height = 28, width = 28, channels = 1 }
 "#;
         let issues = parse(text, Path::new("/")).unwrap_err();
-        let all = issues
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n");
+        let all = issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
         assert!(all.contains("bogus"), "{all}");
         assert!(all.contains("colour"), "{all}");
         // Semantic errors in other sections are still reported although serde failed.
-        assert!(
-            issues.iter().any(|i| i.key.starts_with("models[0]")),
-            "{all}"
-        );
-        assert!(
-            issues.iter().any(|i| i.line == Some(5)),
-            "unknown key `bogus` is on line 5: {all}"
-        );
+        assert!(issues.iter().any(|i| i.key.starts_with("models[0]")), "{all}");
+        assert!(issues.iter().any(|i| i.line == Some(5)), "unknown key `bogus` is on line 5: {all}");
     }
 
     #[test]

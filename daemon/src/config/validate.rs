@@ -31,10 +31,8 @@ pub(super) fn deserialize_all(text: &str) -> Result<(Config, Vec<ConfigIssue>), 
         }
     }
     let server = section::<ServerConfig>(&table, "server", &lines, &mut issues).unwrap_or_default();
-    let runtime =
-        section::<RuntimeConfig>(&table, "runtime", &lines, &mut issues).unwrap_or_default();
-    let metrics =
-        section::<MetricsConfig>(&table, "metrics", &lines, &mut issues).unwrap_or_default();
+    let runtime = section::<RuntimeConfig>(&table, "runtime", &lines, &mut issues).unwrap_or_default();
+    let metrics = section::<MetricsConfig>(&table, "metrics", &lines, &mut issues).unwrap_or_default();
     let mut models = Vec::new();
     match table.get("models") {
         None => {}
@@ -46,20 +44,9 @@ pub(super) fn deserialize_all(text: &str) -> Result<(Config, Vec<ConfigIssue>), 
                 }
             }
         }
-        Some(_) => issues.push(lines.issue(
-            &[Seg::Key("models")],
-            "must be an array of tables ([[models]])".into(),
-        )),
+        Some(_) => issues.push(lines.issue(&[Seg::Key("models")], "must be an array of tables ([[models]])".into())),
     }
-    Ok((
-        Config {
-            server,
-            runtime,
-            metrics,
-            models,
-        },
-        issues,
-    ))
+    Ok((Config { server, runtime, metrics, models }, issues))
 }
 
 fn section<T: DeserializeOwned>(
@@ -131,25 +118,13 @@ pub(super) fn check(c: &Config, text: &str) -> Vec<ConfigIssue> {
     let s = &c.server;
     let sk = |k: &'static str| [Seg::Key("server"), Seg::Key(k)];
     if u32::from_str_radix(s.socket_mode.trim_start_matches("0o"), 8).map_or(true, |m| m > 0o777) {
-        bad(
-            &sk("socket_mode"),
-            format!(
-                "`{}` is not an octal file mode like \"0660\"",
-                s.socket_mode
-            ),
-        );
+        bad(&sk("socket_mode"), format!("`{}` is not an octal file mode like \"0660\"", s.socket_mode));
     }
     if !(1..=64).contains(&s.io_threads) {
-        bad(
-            &sk("io_threads"),
-            format!("must be 1..=64, got {}", s.io_threads),
-        );
+        bad(&sk("io_threads"), format!("must be 1..=64, got {}", s.io_threads));
     }
     if !(1024..=(1 << 30)).contains(&s.max_frame_bytes) {
-        bad(
-            &sk("max_frame_bytes"),
-            format!("must be 1 KiB..=1 GiB, got {}", s.max_frame_bytes),
-        );
+        bad(&sk("max_frame_bytes"), format!("must be 1 KiB..=1 GiB, got {}", s.max_frame_bytes));
     }
     if s.max_inflight_per_conn == 0 {
         bad(&sk("max_inflight_per_conn"), "must be at least 1".into());
@@ -158,39 +133,23 @@ pub(super) fn check(c: &Config, text: &str) -> Vec<ConfigIssue> {
         bad(&sk("max_connections"), "must be at least 1".into());
     }
     if s.socket.as_os_str().len() >= 108 {
-        bad(
-            &sk("socket"),
-            "path longer than 107 bytes does not fit a sockaddr_un".into(),
-        );
+        bad(&sk("socket"), "path longer than 107 bytes does not fit a sockaddr_un".into());
     }
     if let Some(addr) = c.metrics.listen {
         if !addr.ip().is_loopback() {
-            bad(
-                &[Seg::Key("metrics"), Seg::Key("listen")],
-                format!("{addr} is not a loopback address"),
-            );
+            bad(&[Seg::Key("metrics"), Seg::Key("listen")], format!("{addr} is not a loopback address"));
         }
     }
     if let Some(lib) = &c.runtime.ort_library {
         if !lib.is_file() {
-            bad(
-                &[Seg::Key("runtime"), Seg::Key("ort_library")],
-                format!("{} does not exist", lib.display()),
-            );
+            bad(&[Seg::Key("runtime"), Seg::Key("ort_library")], format!("{} does not exist", lib.display()));
         }
     }
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut ids: HashMap<u32, &str> = HashMap::new();
     for (i, m) in c.models.iter().enumerate() {
         let at = |k: &'static str| [Seg::Key("models"), Seg::Index(i), Seg::Key(k)];
-        let at_in = |k: &'static str| {
-            [
-                Seg::Key("models"),
-                Seg::Index(i),
-                Seg::Key("input"),
-                Seg::Key(k),
-            ]
-        };
+        let at_in = |k: &'static str| [Seg::Key("models"), Seg::Index(i), Seg::Key("input"), Seg::Key(k)];
         check_model(m, &mut |k, nested, msg| {
             if nested {
                 bad(&at_in(k), msg)
@@ -199,18 +158,9 @@ pub(super) fn check(c: &Config, text: &str) -> Vec<ConfigIssue> {
             }
         });
         if let Some(prev) = names.insert(&m.name, i) {
-            bad(
-                &at("name"),
-                format!("duplicate model name `{}` (also models[{prev}])", m.name),
-            );
+            bad(&at("name"), format!("duplicate model name `{}` (also models[{prev}])", m.name));
         } else if let Some(other) = ids.insert(crate::api::wire::model_id(&m.name), &m.name) {
-            bad(
-                &at("name"),
-                format!(
-                    "model id of `{}` collides with `{other}`; rename one",
-                    m.name
-                ),
-            );
+            bad(&at("name"), format!("model id of `{}` collides with `{other}`; rename one", m.name));
         }
     }
     out
@@ -219,52 +169,26 @@ pub(super) fn check(c: &Config, text: &str) -> Vec<ConfigIssue> {
 fn check_model(m: &ModelConfig, bad: &mut dyn FnMut(&'static str, bool, String)) {
     let valid_name = !m.name.is_empty()
         && m.name.len() <= 64
-        && m.name
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+        && m.name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
     if !valid_name {
-        bad(
-            "name",
-            false,
-            format!("`{}` must be 1-64 chars of [A-Za-z0-9._-]", m.name),
-        );
+        bad("name", false, format!("`{}` must be 1-64 chars of [A-Za-z0-9._-]", m.name));
     }
     if !m.path.is_file() {
-        bad(
-            "path",
-            false,
-            format!("model file {} does not exist", m.path.display()),
-        );
+        bad("path", false, format!("model file {} does not exist", m.path.display()));
     }
     if let Cuts::Mode(mode) = &m.cuts {
         if mode != "auto" && mode != "none" {
-            bad(
-                "cuts",
-                false,
-                format!("`{mode}`: expected \"auto\", \"none\" or a list of tensor names"),
-            );
+            bad("cuts", false, format!("`{mode}`: expected \"auto\", \"none\" or a list of tensor names"));
         }
     }
     if !(1..=4096).contains(&m.max_batch) {
-        bad(
-            "max_batch",
-            false,
-            format!("must be 1..=4096, got {}", m.max_batch),
-        );
+        bad("max_batch", false, format!("must be 1..=4096, got {}", m.max_batch));
     }
     if m.max_queue_delay_us > 1_000_000 {
-        bad(
-            "max_queue_delay_us",
-            false,
-            format!("must be at most 1 s, got {} us", m.max_queue_delay_us),
-        );
+        bad("max_queue_delay_us", false, format!("must be at most 1 s, got {} us", m.max_queue_delay_us));
     }
     if !(1..=64).contains(&m.intra_threads) {
-        bad(
-            "intra_threads",
-            false,
-            format!("must be 1..=64, got {}", m.intra_threads),
-        );
+        bad("intra_threads", false, format!("must be 1..=64, got {}", m.intra_threads));
     }
     let inp = &m.input;
     for (k, v) in [("height", inp.height), ("width", inp.width)] {
@@ -273,26 +197,14 @@ fn check_model(m: &ModelConfig, bad: &mut dyn FnMut(&'static str, bool, String))
         }
     }
     if !(1..=4).contains(&inp.channels) {
-        bad(
-            "channels",
-            true,
-            format!("must be 1..=4, got {}", inp.channels),
-        );
+        bad("channels", true, format!("must be 1..=4, got {}", inp.channels));
     }
     if !inp.scale.is_finite() || inp.scale == 0.0 {
-        bad(
-            "scale",
-            true,
-            format!("must be finite and non-zero, got {}", inp.scale),
-        );
+        bad("scale", true, format!("must be finite and non-zero, got {}", inp.scale));
     }
     for (k, v) in [("mean", &inp.mean), ("std", &inp.std)] {
         if !v.is_empty() && v.len() != inp.channels {
-            bad(
-                k,
-                true,
-                format!("has {} values for {} channels", v.len(), inp.channels),
-            );
+            bad(k, true, format!("has {} values for {} channels", v.len(), inp.channels));
         }
     }
     if inp.std.iter().any(|s| !s.is_finite() || *s == 0.0) {
@@ -316,18 +228,11 @@ struct Lines<'t> {
 
 impl<'t> Lines<'t> {
     fn new(text: &'t str) -> Self {
-        Self {
-            text,
-            doc: ImDocument::parse(text).ok(),
-        }
+        Self { text, doc: ImDocument::parse(text).ok() }
     }
 
     fn issue(&self, path: &[Seg], message: String) -> ConfigIssue {
-        ConfigIssue {
-            key: render(path),
-            line: self.line(path),
-            message,
-        }
+        ConfigIssue { key: render(path), line: self.line(path), message }
     }
 
     /// Line of the deepest key of `path` that exists in the document.
@@ -337,9 +242,7 @@ impl<'t> Lines<'t> {
         let mut span = None;
         for seg in path {
             let next = match (seg, node) {
-                (Seg::Index(i), Node::Item(Item::ArrayOfTables(a))) => {
-                    a.get(*i).map(|t| (t.span(), Node::Table(t)))
-                }
+                (Seg::Index(i), Node::Item(Item::ArrayOfTables(a))) => a.get(*i).map(|t| (t.span(), Node::Table(t))),
                 (Seg::Key(_) | Seg::Owned(_), _) => {
                     let k = match seg {
                         Seg::Key(k) => *k,
@@ -389,9 +292,5 @@ fn push_key(s: &mut String, k: &str) {
 }
 
 fn line_at(text: &str, byte: usize) -> usize {
-    text[..byte.min(text.len())]
-        .bytes()
-        .filter(|&b| b == b'\n')
-        .count()
-        + 1
+    text[..byte.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }

@@ -25,11 +25,7 @@ use crate::telemetry;
 #[derive(Debug)]
 pub enum JobResult {
     /// The model's output rows for this job.
-    Answer {
-        data: Vec<f32>,
-        shape: Vec<usize>,
-        exit_stage: u16,
-    },
+    Answer { data: Vec<f32>, shape: Vec<usize>, exit_stage: u16 },
     /// The deadline passed before the job could run.
     Expired,
     /// The model failed, or the job was dropped unanswered.
@@ -142,9 +138,7 @@ impl ModelHandle {
         let running = Duration::from_nanos(busy.saturating_sub(now_ns));
         let queued = self.state.queued_rows.load(Ordering::Relaxed);
         let full = (queued / self.max_batch) as u32;
-        running
-            + self.cost.predict(self.max_batch) * full
-            + self.cost.predict(queued % self.max_batch + rows)
+        running + self.cost.predict(self.max_batch) * full + self.cost.predict(queued % self.max_batch + rows)
     }
 
     /// Queues a job. With `admission`, a job whose deadline cannot be met is
@@ -158,10 +152,7 @@ impl ModelHandle {
         }
         let rows = job.rows;
         self.state.queued_rows.fetch_add(rows, Ordering::Relaxed);
-        telemetry::queue_depth(
-            &self.meta.name,
-            self.state.queued_rows.load(Ordering::Relaxed),
-        );
+        telemetry::queue_depth(&self.meta.name, self.state.queued_rows.load(Ordering::Relaxed));
         self.tx.send(job).map_err(|e| {
             self.state.queued_rows.fetch_sub(rows, Ordering::Relaxed);
             (Rejected::Closed, e.0)
@@ -221,9 +212,7 @@ impl Batcher {
                         } else {
                             match self.rx.recv_timeout(until - now) {
                                 Ok(j) => Some(j),
-                                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                                    None
-                                }
+                                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
                             }
                         }
                     }
@@ -245,17 +234,14 @@ impl Batcher {
 
     /// Latest moment the job can start and still meet its deadline.
     fn latest_start(&self, job: &Job) -> Option<Instant> {
-        job.deadline
-            .map(|d| d.checked_sub(self.cost.predict(job.rows)).unwrap_or(d))
+        job.deadline.map(|d| d.checked_sub(self.cost.predict(job.rows)).unwrap_or(d))
     }
 
     fn execute(&mut self, batch: Vec<Job>) {
         let now = Instant::now();
         let total: usize = batch.iter().map(|j| j.rows).sum();
         self.state.queued_rows.fetch_sub(total, Ordering::Relaxed);
-        let (live, expired): (Vec<Job>, Vec<Job>) = batch
-            .into_iter()
-            .partition(|j| j.deadline.is_none_or(|d| d > now));
+        let (live, expired): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(|j| j.deadline.is_none_or(|d| d > now));
         for job in expired {
             job.reply.send(JobResult::Expired);
         }
@@ -265,9 +251,7 @@ impl Batcher {
         let rows: usize = live.iter().map(|j| j.rows).sum();
         let predicted = self.cost.predict(rows);
         let end = self.state.base.elapsed() + predicted;
-        self.state
-            .busy_until_ns
-            .store(end.as_nanos() as u64, Ordering::Relaxed);
+        self.state.busy_until_ns.store(end.as_nanos() as u64, Ordering::Relaxed);
         telemetry::batch_size(&self.name, rows);
 
         let mut shape = vec![rows];
@@ -298,11 +282,7 @@ impl Batcher {
                     shape[0] = job.rows;
                     let data = out.data[offset..offset + n].to_vec();
                     offset += n;
-                    job.reply.send(JobResult::Answer {
-                        data,
-                        shape,
-                        exit_stage,
-                    });
+                    job.reply.send(JobResult::Answer { data, shape, exit_stage });
                 }
             }
             Err(e) => {

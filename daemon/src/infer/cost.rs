@@ -20,17 +20,9 @@ impl StageCost {
     /// From measured times of a 1-row and a `rows`-row batch.
     pub fn from_measurements(t1: Duration, rows: usize, tn: Duration) -> Self {
         let (t1, tn) = (t1.as_nanos() as f64, tn.as_nanos() as f64);
-        let per_row = if rows > 1 {
-            ((tn - t1) / (rows - 1) as f64).max(0.0)
-        } else {
-            t1
-        };
+        let per_row = if rows > 1 { ((tn - t1) / (rows - 1) as f64).max(0.0) } else { t1 };
         let fixed = (t1 - per_row).max(0.0);
-        Self {
-            fixed_ns: fixed,
-            per_row_ns: per_row,
-            scale: AtomicU64::new(1f64.to_bits()),
-        }
+        Self { fixed_ns: fixed, per_row_ns: per_row, scale: AtomicU64::new(1f64.to_bits()) }
     }
 
     /// Predicted time for `rows` rows.
@@ -47,8 +39,7 @@ impl StageCost {
         }
         let ratio = (took.as_nanos() as f64 / base).clamp(0.05, 50.0);
         let old = f64::from_bits(self.scale.load(Ordering::Relaxed));
-        self.scale
-            .store((old * 0.875 + ratio * 0.125).to_bits(), Ordering::Relaxed);
+        self.scale.store((old * 0.875 + ratio * 0.125).to_bits(), Ordering::Relaxed);
     }
 }
 
@@ -71,11 +62,7 @@ mod tests {
 
     #[test]
     fn linear_model_and_online_correction() {
-        let c = StageCost::from_measurements(
-            Duration::from_micros(110),
-            11,
-            Duration::from_micros(210),
-        );
+        let c = StageCost::from_measurements(Duration::from_micros(110), 11, Duration::from_micros(210));
         assert_eq!(c.predict(1), Duration::from_micros(110));
         assert_eq!(c.predict(21), Duration::from_micros(310));
         for _ in 0..100 {

@@ -26,30 +26,15 @@ pub enum CutError {
     UnknownTensor(String),
     #[error("cut `{0}` is listed out of graph order")]
     Order(String),
-    #[error(
-        "cut `{cut}` does not separate the graph: node `{node}` needs `{tensor}` from before it"
-    )]
-    NotSeparator {
-        cut: String,
-        node: String,
-        tensor: String,
-    },
+    #[error("cut `{cut}` does not separate the graph: node `{node}` needs `{tensor}` from before it")]
+    NotSeparator { cut: String, node: String, tensor: String },
     #[error("cut `{0}` is a graph output; nothing would run after it")]
     IsOutput(String),
 }
 
 const POOLS: &[&str] = &["MaxPool", "AveragePool"];
-const ABSORBED: &[&str] = &[
-    "Relu",
-    "LeakyRelu",
-    "Clip",
-    "Sigmoid",
-    "Tanh",
-    "BatchNormalization",
-    "Identity",
-    "HardSwish",
-    "Dropout",
-];
+const ABSORBED: &[&str] =
+    &["Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "BatchNormalization", "Identity", "HardSwish", "Dropout"];
 
 /// Tensor bookkeeping shared by auto detection and stage planning.
 struct Flow<'m> {
@@ -63,13 +48,10 @@ impl<'m> Flow<'m> {
     fn new(model: &'m OnnxModel) -> Result<Self, CutError> {
         let real = model.real_inputs();
         let [input] = real.as_slice() else {
-            return Err(CutError::Inputs(
-                real.iter().map(|s| s.to_string()).collect(),
-            ));
+            return Err(CutError::Inputs(real.iter().map(|s| s.to_string()).collect()));
         };
         let mut producer = HashMap::new();
-        let mut constant: HashSet<&str> =
-            model.initializers.iter().map(|i| i.name.as_str()).collect();
+        let mut constant: HashSet<&str> = model.initializers.iter().map(|i| i.name.as_str()).collect();
         constant.insert("");
         for (i, n) in model.nodes.iter().enumerate() {
             for o in &n.outputs {
@@ -79,12 +61,7 @@ impl<'m> Flow<'m> {
                 constant.extend(n.outputs.iter().map(String::as_str));
             }
         }
-        Ok(Self {
-            model,
-            input,
-            producer,
-            constant,
-        })
+        Ok(Self { model, input, producer, constant })
     }
 
     /// Node positions after which exactly one non-constant tensor is live and it
@@ -105,9 +82,7 @@ impl<'m> Flow<'m> {
         let mut out = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
             for t in &n.outputs {
-                if !self.constant.contains(t.as_str())
-                    && last_use.get(t.as_str()).is_some_and(|&u| u > i)
-                {
+                if !self.constant.contains(t.as_str()) && last_use.get(t.as_str()).is_some_and(|&u| u > i) {
                     live.insert(t.as_str());
                 }
             }
@@ -127,11 +102,7 @@ impl<'m> Flow<'m> {
         let start = from.map_or(0, |f| f + 1);
         let mut uses: HashMap<&str, usize> = HashMap::new();
         for n in &self.model.nodes[start..=to] {
-            for t in n
-                .inputs
-                .iter()
-                .filter(|t| !self.constant.contains(t.as_str()))
-            {
+            for t in n.inputs.iter().filter(|t| !self.constant.contains(t.as_str())) {
                 *uses.entry(t.as_str()).or_default() += 1;
             }
         }
@@ -173,10 +144,7 @@ pub fn plan_stages(model: &OnnxModel, cuts: &[String]) -> Result<Vec<StagePlan>,
     let graph_outputs: Vec<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
     let mut last_pos = None;
     for c in cuts {
-        let &pos = flow
-            .producer
-            .get(c.as_str())
-            .ok_or_else(|| CutError::UnknownTensor(c.clone()))?;
+        let &pos = flow.producer.get(c.as_str()).ok_or_else(|| CutError::UnknownTensor(c.clone()))?;
         if graph_outputs.contains(c) {
             return Err(CutError::IsOutput(c.clone()));
         }
@@ -187,17 +155,10 @@ pub fn plan_stages(model: &OnnxModel, cuts: &[String]) -> Result<Vec<StagePlan>,
     }
     let mut stages = Vec::new();
     let mut input = flow.input.to_string();
-    let ends = cuts
-        .iter()
-        .map(|c| vec![c.clone()])
-        .chain(std::iter::once(graph_outputs));
+    let ends = cuts.iter().map(|c| vec![c.clone()]).chain(std::iter::once(graph_outputs));
     for outputs in ends {
         let nodes = reach_back(&flow, &input, &outputs)?;
-        stages.push(StagePlan {
-            input: input.clone(),
-            outputs: outputs.clone(),
-            nodes,
-        });
+        stages.push(StagePlan { input: input.clone(), outputs: outputs.clone(), nodes });
         input = outputs[0].clone();
     }
     Ok(stages)
@@ -213,19 +174,12 @@ fn reach_back(flow: &Flow<'_>, input: &str, outputs: &[String]) -> Result<Vec<us
         }
         let Some(&p) = flow.producer.get(t) else {
             // A graph input other than the stage input: the cut does not separate.
-            return Err(CutError::NotSeparator {
-                cut: input.to_string(),
-                node: String::new(),
-                tensor: t.to_string(),
-            });
+            return Err(CutError::NotSeparator { cut: input.to_string(), node: String::new(), tensor: t.to_string() });
         };
         if seen.insert(p) {
             let node = &flow.model.nodes[p];
             for i in &node.inputs {
-                if i != input
-                    && !flow.constant.contains(i.as_str())
-                    && flow.producer.get(i.as_str()).is_none()
-                {
+                if i != input && !flow.constant.contains(i.as_str()) && flow.producer.get(i.as_str()).is_none() {
                     return Err(CutError::NotSeparator {
                         cut: input.to_string(),
                         node: node.name.clone(),
@@ -241,20 +195,13 @@ fn reach_back(flow: &Flow<'_>, input: &str, outputs: &[String]) -> Result<Vec<us
     // A non-constant node of an earlier stage reached here means the cut leaks.
     if input != flow.input {
         let cut_pos = flow.producer[input];
-        if let Some(&p) = nodes.iter().find(|&&p| {
-            p <= cut_pos
-                && !flow.model.nodes[p]
-                    .outputs
-                    .iter()
-                    .all(|o| flow.constant.contains(o.as_str()))
-        }) {
+        if let Some(&p) = nodes
+            .iter()
+            .find(|&&p| p <= cut_pos && !flow.model.nodes[p].outputs.iter().all(|o| flow.constant.contains(o.as_str())))
+        {
             let node = &flow.model.nodes[p];
             let tensor = node.outputs.first().cloned().unwrap_or_default();
-            return Err(CutError::NotSeparator {
-                cut: input.to_string(),
-                node: node.name.clone(),
-                tensor,
-            });
+            return Err(CutError::NotSeparator { cut: input.to_string(), node: node.name.clone(), tensor });
         }
     }
     Ok(nodes)

@@ -55,10 +55,7 @@ const STAGED_TOLERANCE: f32 = 1e-4;
 impl LoadedModel {
     /// Loads, cuts, verifies and measures the model of `cfg`.
     pub fn load(cfg: &ModelConfig) -> Result<Self, InferError> {
-        let bytes = std::fs::read(&cfg.path).map_err(|source| InferError::Read {
-            path: cfg.path.clone(),
-            source,
-        })?;
+        let bytes = std::fs::read(&cfg.path).map_err(|source| InferError::Read { path: cfg.path.clone(), source })?;
         let onnx = OnnxModel::decode(&bytes)?;
         let cuts = match &cfg.cuts {
             Cuts::Mode(m) if m == "none" => Vec::new(),
@@ -66,8 +63,7 @@ impl LoadedModel {
             Cuts::Tensors(t) => t.clone(),
         };
         let plans = plan_stages(&onnx, &cuts)?;
-        let mut whole =
-            session_from_bytes(&bytes, cfg.intra_threads, &format!("model `{}`", cfg.name))?;
+        let mut whole = session_from_bytes(&bytes, cfg.intra_threads, &format!("model `{}`", cfg.name))?;
         let row_shape = row_shape(&cfg.input);
         check_input(&whole, &cfg.name, &row_shape)?;
         let mut pipeline = Pipeline::build(&onnx, &plans, cfg.intra_threads, &cfg.name)?;
@@ -118,12 +114,7 @@ impl LoadedModel {
             max_batch: cfg.max_batch,
             stages,
         };
-        Ok(Self {
-            meta,
-            pipeline,
-            cost,
-            config: cfg.clone(),
-        })
+        Ok(Self { meta, pipeline, cost, config: cfg.clone() })
     }
 }
 
@@ -135,29 +126,16 @@ pub fn row_shape(input: &InputConfig) -> Vec<usize> {
     }
 }
 
-fn check_input(
-    session: &ort::session::Session,
-    name: &str,
-    row: &[usize],
-) -> Result<(), InferError> {
+fn check_input(session: &ort::session::Session, name: &str, row: &[usize]) -> Result<(), InferError> {
     let [input] = session.inputs() else {
-        return Err(InferError::Shape(format!(
-            "model `{name}` must have one input, has {}",
-            session.inputs().len()
-        )));
+        return Err(InferError::Shape(format!("model `{name}` must have one input, has {}", session.inputs().len())));
     };
     if let ort::value::ValueType::Tensor { ty, shape, .. } = input.dtype() {
         if *ty != ort::value::TensorElementType::Float32 {
-            return Err(InferError::Shape(format!(
-                "model `{name}` input is {ty:?}; gatid serves float32 inputs"
-            )));
+            return Err(InferError::Shape(format!("model `{name}` input is {ty:?}; gatid serves float32 inputs")));
         }
         let dims: &[i64] = shape;
-        let fits = dims.len() == row.len() + 1
-            && dims[1..]
-                .iter()
-                .zip(row)
-                .all(|(&d, &r)| d < 0 || d as usize == r);
+        let fits = dims.len() == row.len() + 1 && dims[1..].iter().zip(row).all(|(&d, &r)| d < 0 || d as usize == r);
         if !fits {
             return Err(InferError::Shape(format!(
                 "model `{name}` takes input {dims:?} but its config declares rows of {row:?} (check input.layout/height/width/channels)"
@@ -167,15 +145,8 @@ fn check_input(
     Ok(())
 }
 
-fn run_whole(
-    session: &mut ort::session::Session,
-    shape: &[usize],
-    data: &[f32],
-) -> Result<Vec<f32>, InferError> {
-    let err = |e| InferError::Ort {
-        what: "running the whole model".into(),
-        source: e,
-    };
+fn run_whole(session: &mut ort::session::Session, shape: &[usize], data: &[f32]) -> Result<Vec<f32>, InferError> {
+    let err = |e| InferError::Ort { what: "running the whole model".into(), source: e };
     let input = ort::value::TensorRef::from_array_view((shape.to_vec(), data)).map_err(err)?;
     let outputs = session.run(ort::inputs![input]).map_err(err)?;
     let (_, out) = outputs[0].try_extract_tensor::<f32>().map_err(err)?;
@@ -198,9 +169,7 @@ pub fn probe_input(rows: usize, row_shape: &[usize]) -> Vec<f32> {
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs() / scale))
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs() / scale))
 }
 
 fn measure(pipeline: &mut Pipeline, row: &[usize], big: usize) -> Result<ModelCost, InferError> {
@@ -226,20 +195,7 @@ fn measure(pipeline: &mut Pipeline, row: &[usize], big: usize) -> Result<ModelCo
     let started = Instant::now();
     per_stage(1, 2)?; // warm-up
     let t1 = per_stage(1, 7)?;
-    let tn = if big > 1 {
-        per_stage(big, 3)?
-    } else {
-        t1.clone()
-    };
-    tracing::debug!(
-        took_ms = started.elapsed().as_millis() as u64,
-        "measured stage costs"
-    );
-    Ok(ModelCost {
-        stages: t1
-            .iter()
-            .zip(&tn)
-            .map(|(&a, &b)| StageCost::from_measurements(a, big, b))
-            .collect(),
-    })
+    let tn = if big > 1 { per_stage(big, 3)? } else { t1.clone() };
+    tracing::debug!(took_ms = started.elapsed().as_millis() as u64, "measured stage costs");
+    Ok(ModelCost { stages: t1.iter().zip(&tn).map(|(&a, &b)| StageCost::from_measurements(a, big, b)).collect() })
 }

@@ -96,8 +96,7 @@ fn fields(buf: &[u8]) -> impl Iterator<Item = Result<Field<'_>, DecodeError>> {
         let res = (|| {
             let tag = read_varint(buf, &mut pos)?;
             let wire = (tag & 7) as u8;
-            let number =
-                u32::try_from(tag >> 3).map_err(|_| DecodeError("field number too large"))?;
+            let number = u32::try_from(tag >> 3).map_err(|_| DecodeError("field number too large"))?;
             let vstart;
             match wire {
                 WT_VARINT => {
@@ -109,8 +108,8 @@ fn fields(buf: &[u8]) -> impl Iterator<Item = Result<Field<'_>, DecodeError>> {
                     pos += if wire == WT_I64 { 8 } else { 4 };
                 }
                 WT_LEN => {
-                    let len = usize::try_from(read_varint(buf, &mut pos)?)
-                        .map_err(|_| DecodeError("length too large"))?;
+                    let len =
+                        usize::try_from(read_varint(buf, &mut pos)?).map_err(|_| DecodeError("length too large"))?;
                     vstart = pos;
                     pos = pos.checked_add(len).ok_or(DecodeError("length overflow"))?;
                 }
@@ -119,12 +118,7 @@ fn fields(buf: &[u8]) -> impl Iterator<Item = Result<Field<'_>, DecodeError>> {
             if pos > buf.len() {
                 return Err(DecodeError("truncated field"));
             }
-            Ok(Field {
-                number,
-                wire,
-                value: &buf[vstart..pos],
-                whole: &buf[start..pos],
-            })
+            Ok(Field { number, wire, value: &buf[vstart..pos], whole: &buf[start..pos] })
         })();
         if res.is_err() {
             pos = buf.len();
@@ -189,10 +183,7 @@ impl OnnxModel {
         for f in fields(graph) {
             let f = f?;
             let named = |field| -> Result<Named, DecodeError> {
-                Ok(Named {
-                    raw: f.value.to_vec(),
-                    name: name_of(f.value, field)?,
-                })
+                Ok(Named { raw: f.value.to_vec(), name: name_of(f.value, field)? })
             };
             match (f.number, f.wire) {
                 (GRAPH_NODE, WT_LEN) => model.nodes.push(decode_node(f.value)?),
@@ -211,24 +202,14 @@ impl OnnxModel {
 
     /// Graph inputs that are not initializers (the model's real inputs).
     pub fn real_inputs(&self) -> Vec<&str> {
-        let inits: std::collections::HashSet<&str> =
-            self.initializers.iter().map(|i| i.name.as_str()).collect();
-        self.inputs
-            .iter()
-            .map(|i| i.name.as_str())
-            .filter(|n| !inits.contains(n))
-            .collect()
+        let inits: std::collections::HashSet<&str> = self.initializers.iter().map(|i| i.name.as_str()).collect();
+        self.inputs.iter().map(|i| i.name.as_str()).filter(|n| !inits.contains(n)).collect()
     }
 
     /// Serializes a model with the given nodes (indices into `self.nodes`), graph
     /// inputs and outputs (tensor names); initializers and value infos are kept
     /// where a selected node uses them.
-    pub fn encode_subgraph(
-        &self,
-        node_ids: &[usize],
-        inputs: &[&str],
-        outputs: &[&str],
-    ) -> Vec<u8> {
+    pub fn encode_subgraph(&self, node_ids: &[usize], inputs: &[&str], outputs: &[&str]) -> Vec<u8> {
         let used: std::collections::HashSet<&str> = node_ids
             .iter()
             .flat_map(|&i| self.nodes[i].inputs.iter().chain(&self.nodes[i].outputs))
@@ -241,11 +222,7 @@ impl OnnxModel {
         for &i in node_ids {
             put_len(&mut g, GRAPH_NODE, &self.nodes[i].raw);
         }
-        for init in self
-            .initializers
-            .iter()
-            .filter(|i| used.contains(i.name.as_str()))
-        {
+        for init in self.initializers.iter().filter(|i| used.contains(i.name.as_str())) {
             put_len(&mut g, GRAPH_INITIALIZER, &init.raw);
         }
         for name in inputs {
@@ -254,11 +231,7 @@ impl OnnxModel {
         for name in outputs {
             put_len(&mut g, GRAPH_OUTPUT, &self.value_info_for(name));
         }
-        for vi in self
-            .value_info
-            .iter()
-            .filter(|v| used.contains(v.name.as_str()))
-        {
+        for vi in self.value_info.iter().filter(|v| used.contains(v.name.as_str())) {
             put_len(&mut g, GRAPH_VALUE_INFO, &vi.raw);
         }
         let mut out = Vec::with_capacity(g.len() + 64);
@@ -271,12 +244,7 @@ impl OnnxModel {
 
     /// The recorded `ValueInfoProto` of a tensor, or a synthesized float tensor of unknown shape.
     fn value_info_for(&self, name: &str) -> Vec<u8> {
-        let known = self
-            .inputs
-            .iter()
-            .chain(&self.outputs)
-            .chain(&self.value_info)
-            .find(|v| v.name == name);
+        let known = self.inputs.iter().chain(&self.outputs).chain(&self.value_info).find(|v| v.name == name);
         if let Some(v) = known {
             return v.raw.clone();
         }
@@ -320,12 +288,7 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for bytes in [
-            &b""[..],
-            b"\xff\xff\xff",
-            b"\x3a\x10abc",
-            b"hello world this is not onnx",
-        ] {
+        for bytes in [&b""[..], b"\xff\xff\xff", b"\x3a\x10abc", b"hello world this is not onnx"] {
             assert!(OnnxModel::decode(bytes).is_err());
         }
     }

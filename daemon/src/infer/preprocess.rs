@@ -11,23 +11,14 @@ pub enum PreprocessError {
     #[error("image has {got} channels; the model takes {want}")]
     Channels { got: usize, want: usize },
     #[error("image is {h}x{w}; the model takes {mh}x{mw} and resizing is off")]
-    Size {
-        h: usize,
-        w: usize,
-        mh: usize,
-        mw: usize,
-    },
+    Size { h: usize, w: usize, mh: usize, mw: usize },
     #[error("image has a zero-sized dimension")]
     Empty,
 }
 
 /// Converts `pixels` of `shape` (HWC or NHWC, u8) into `N` rows of model input.
 /// Returns the batch size and the f32 data in the model's layout.
-pub fn image_to_input(
-    cfg: &InputConfig,
-    shape: &[usize],
-    pixels: &[u8],
-) -> Result<(usize, Vec<f32>), PreprocessError> {
+pub fn image_to_input(cfg: &InputConfig, shape: &[usize], pixels: &[u8]) -> Result<(usize, Vec<f32>), PreprocessError> {
     let (n, h, w, c) = match *shape {
         [h, w, c] => (1, h, w, c),
         [n, h, w, c] => (n, h, w, c),
@@ -37,8 +28,7 @@ pub fn image_to_input(
         return Err(PreprocessError::Empty);
     }
     let (mh, mw, mc) = (cfg.height, cfg.width, cfg.channels);
-    let convertible =
-        c == mc || (mc == 3 && c == 1) || (mc == 1 && (c == 3 || c == 4)) || (mc == 3 && c == 4);
+    let convertible = c == mc || (mc == 3 && c == 1) || (mc == 1 && (c == 3 || c == 4)) || (mc == 3 && c == 4);
     if !convertible {
         return Err(PreprocessError::Channels { got: c, want: mc });
     }
@@ -49,12 +39,7 @@ pub fn image_to_input(
     let plane = mh * mw;
     let mut px = vec![0f32; mc];
     for b in 0..n {
-        let img = Image {
-            data: &pixels[b * h * w * c..(b + 1) * h * w * c],
-            h,
-            w,
-            c,
-        };
+        let img = Image { data: &pixels[b * h * w * c..(b + 1) * h * w * c], h, w, c };
         let dst = &mut out[b * plane * mc..(b + 1) * plane * mc];
         for y in 0..mh {
             // Half-pixel centres, as OpenCV / PIL bilinear do.
@@ -140,10 +125,7 @@ mod tests {
         let pixels: Vec<u8> = (0..2 * 2 * 3).map(|v| v as u8).collect();
         let (n, nhwc) = image_to_input(&cfg(Layout::NHWC, 2, 2, 3), &[2, 2, 3], &pixels).unwrap();
         assert_eq!(n, 1);
-        assert_eq!(
-            nhwc,
-            pixels.iter().map(|&v| f32::from(v)).collect::<Vec<_>>()
-        );
+        assert_eq!(nhwc, pixels.iter().map(|&v| f32::from(v)).collect::<Vec<_>>());
         let (_, nchw) = image_to_input(&cfg(Layout::NCHW, 2, 2, 3), &[2, 2, 3], &pixels).unwrap();
         assert_eq!(&nchw[..4], &[0.0, 3.0, 6.0, 9.0]);
     }
@@ -163,17 +145,8 @@ mod tests {
     #[test]
     fn bad_images_are_refused() {
         let c = cfg(Layout::NCHW, 4, 4, 3);
-        assert!(matches!(
-            image_to_input(&c, &[4, 4], &[0; 16]),
-            Err(PreprocessError::Rank(_))
-        ));
-        assert!(matches!(
-            image_to_input(&c, &[4, 4, 2], &[0; 32]),
-            Err(PreprocessError::Channels { .. })
-        ));
-        assert!(matches!(
-            image_to_input(&c, &[0, 4, 3], &[]),
-            Err(PreprocessError::Empty)
-        ));
+        assert!(matches!(image_to_input(&c, &[4, 4], &[0; 16]), Err(PreprocessError::Rank(_))));
+        assert!(matches!(image_to_input(&c, &[4, 4, 2], &[0; 32]), Err(PreprocessError::Channels { .. })));
+        assert!(matches!(image_to_input(&c, &[0, 4, 3], &[]), Err(PreprocessError::Empty)));
     }
 }

@@ -26,17 +26,12 @@ impl Registry {
 
     /// The model with wire id `id`.
     pub fn get(&self, id: u32) -> Option<Arc<ModelHandle>> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
     }
 
     /// The model named `name`.
     pub fn by_name(&self, name: &str) -> Option<Arc<ModelHandle>> {
-        self.get(crate::api::wire::model_id(name))
-            .filter(|m| m.meta.name == name)
+        self.get(crate::api::wire::model_id(name)).filter(|m| m.meta.name == name)
     }
 
     /// Replaces the whole set.

@@ -21,10 +21,7 @@ pub fn library_path(configured: Option<&Path>) -> Result<PathBuf, InferError> {
                 .into(),
         ))?;
     if !path.is_file() {
-        return Err(InferError::RuntimeMissing(format!(
-            "ONNX Runtime library {} does not exist",
-            path.display()
-        )));
+        return Err(InferError::RuntimeMissing(format!("ONNX Runtime library {} does not exist", path.display())));
     }
     Ok(path)
 }
@@ -37,19 +34,11 @@ pub fn environment(configured: Option<&Path>) -> Result<&'static Environment, In
     }
     let path = library_path(configured)?;
     let env = ort::init_from(&path)
-        .map_err(|e| {
-            InferError::RuntimeMissing(format!(
-                "cannot load ONNX Runtime from {}: {e}",
-                path.display()
-            ))
-        })?
+        .map_err(|e| InferError::RuntimeMissing(format!("cannot load ONNX Runtime from {}: {e}", path.display())))?
         .with_name("gatid")
         .with_telemetry(false)
         .build()
-        .map_err(|e| InferError::Ort {
-            what: "creating the ONNX Runtime environment".into(),
-            source: e,
-        })?;
+        .map_err(|e| InferError::Ort { what: "creating the ONNX Runtime environment".into(), source: e })?;
     let _ = LIB.set(path);
     Ok(ENV.get_or_init(|| env))
 }

@@ -43,15 +43,11 @@ pub enum NodeError {
 /// Runs the daemon until SIGTERM/SIGINT, then drains and returns.
 pub fn serve(config_path: &Path) -> Result<(), NodeError> {
     let config = config::load(config_path)?;
-    infer::runtime::environment(config.runtime.ort_library.as_deref())
-        .map_err(NodeError::Runtime)?;
+    infer::runtime::environment(config.runtime.ort_library.as_deref()).map_err(NodeError::Runtime)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|source| NodeError::Io {
-            what: "starting the control runtime",
-            source,
-        })?;
+        .map_err(|source| NodeError::Io { what: "starting the control runtime", source })?;
     rt.block_on(run(config_path.to_owned(), config))
 }
 
@@ -67,8 +63,7 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     systemd::status("loading models");
     let registry = Arc::new(Registry::default());
     let mut stamps = HashMap::new();
-    let (set, _) = models::build(&config.models, &Default::default(), &mut stamps)
-        .map_err(NodeError::Models)?;
+    let (set, _) = models::build(&config.models, &Default::default(), &mut stamps).map_err(NodeError::Models)?;
     let count = set.len();
     registry.replace(set);
 
@@ -80,15 +75,8 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
         metrics: Some(metrics),
         state: Arc::clone(&state),
     });
-    let server = Server::start(
-        std::os::fd::AsRawFd::as_raw_fd(&listener.fd),
-        config.server.io_threads,
-        ctx,
-    )
-    .map_err(|source| NodeError::Io {
-        what: "starting I/O threads",
-        source,
-    })?;
+    let server = Server::start(std::os::fd::AsRawFd::as_raw_fd(&listener.fd), config.server.io_threads, ctx)
+        .map_err(|source| NodeError::Io { what: "starting I/O threads", source })?;
     state.set_ready(true);
     let where_ = match &listener.origin {
         crate::api::listener::Origin::Systemd => "socket from systemd".to_string(),
@@ -97,18 +85,10 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     tracing::info!(socket = %where_, models = count, io_threads = config.server.io_threads, "gatid ready");
     systemd::ready(&format!("serving {count} model(s) on {where_}"));
 
-    let mut hup = signal(SignalKind::hangup()).map_err(|source| NodeError::Io {
-        what: "SIGHUP handler",
-        source,
-    })?;
-    let mut term = signal(SignalKind::terminate()).map_err(|source| NodeError::Io {
-        what: "SIGTERM handler",
-        source,
-    })?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|source| NodeError::Io {
-        what: "SIGINT handler",
-        source,
-    })?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|source| NodeError::Io { what: "SIGHUP handler", source })?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|source| NodeError::Io { what: "SIGTERM handler", source })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| NodeError::Io { what: "SIGINT handler", source })?;
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
     let mut current = config;
     loop {
@@ -127,16 +107,11 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     state.start_draining();
     server.wake_all();
     let timeout = Duration::from_millis(current.server.drain_timeout_ms);
-    let drained = tokio::task::spawn_blocking(move || server.join(timeout))
-        .await
-        .unwrap_or(false);
+    let drained = tokio::task::spawn_blocking(move || server.join(timeout)).await.unwrap_or(false);
     if drained {
         tracing::info!("drained; exiting");
     } else {
-        tracing::warn!(
-            timeout_ms = timeout.as_millis() as u64,
-            "drain timed out; exiting with work in flight"
-        );
+        tracing::warn!(timeout_ms = timeout.as_millis() as u64, "drain timed out; exiting with work in flight");
     }
     drop(listener);
     Ok(())
@@ -159,10 +134,7 @@ async fn reload(
             return current;
         }
     };
-    if new.server != current.server
-        || new.metrics != current.metrics
-        || new.runtime != current.runtime
-    {
+    if new.server != current.server || new.metrics != current.metrics || new.runtime != current.runtime {
         tracing::warn!("changes to [server], [metrics] or [runtime] take effect on restart only");
     }
     let old = registry.snapshot();
@@ -184,10 +156,7 @@ async fn reload(
             registry.replace(set);
             tracing::info!(added = ?changes.added, replaced = ?changes.replaced, removed = ?changes.removed, kept = ?changes.kept, "reload applied");
             systemd::ready(&format!("serving {count} model(s)"));
-            Config {
-                models: new.models,
-                ..current
-            }
+            Config { models: new.models, ..current }
         }
         Err(errors) => {
             for e in &errors {

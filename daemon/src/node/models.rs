@@ -66,18 +66,10 @@ pub fn build(
                     "model loaded"
                 );
                 set.insert(id, Arc::new(handle));
-                if previous.is_some() {
-                    &mut changes.replaced
-                } else {
-                    &mut changes.added
-                }
-                .push(cfg.name.clone());
+                if previous.is_some() { &mut changes.replaced } else { &mut changes.added }.push(cfg.name.clone());
                 new_stamps.insert(cfg.name.clone(), stamp);
             }
-            Err(source) => errors.push(ModelLoadError {
-                name: cfg.name.clone(),
-                source,
-            }),
+            Err(source) => errors.push(ModelLoadError { name: cfg.name.clone(), source }),
         }
     }
     if !errors.is_empty() {

@@ -16,21 +16,14 @@ pub fn status(status: &str) {
 /// A reload began (READY=1 follows when it ends).
 pub fn reloading() {
     match sd_notify::NotifyState::monotonic_usec_now() {
-        Ok(now) => send(&[
-            NotifyState::Reloading,
-            now,
-            NotifyState::Status("reloading configuration"),
-        ]),
+        Ok(now) => send(&[NotifyState::Reloading, now, NotifyState::Status("reloading configuration")]),
         Err(_) => send(&[NotifyState::Reloading]),
     }
 }
 
 /// Shutdown began.
 pub fn stopping() {
-    send(&[
-        NotifyState::Stopping,
-        NotifyState::Status("draining in-flight requests"),
-    ]);
+    send(&[NotifyState::Stopping, NotifyState::Status("draining in-flight requests")]);
 }
 
 /// Keep-alive ping for `WatchdogSec=`.

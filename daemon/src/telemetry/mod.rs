@@ -14,12 +14,10 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Latency buckets, seconds: 50 µs … 10 s, roughly ×2 apart.
 const LATENCY_BUCKETS: &[f64] = &[
-    50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 10e-3, 15e-3, 20e-3, 30e-3,
-    50e-3, 100e-3, 200e-3, 500e-3, 1.0, 2.0, 5.0, 10.0,
+    50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 10e-3, 15e-3, 20e-3, 30e-3, 50e-3, 100e-3, 200e-3,
+    500e-3, 1.0, 2.0, 5.0, 10.0,
 ];
-const BATCH_BUCKETS: &[f64] = &[
-    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
-];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
 
 /// Failures setting up metrics.
 #[derive(Debug, thiserror::Error)]
@@ -35,9 +33,7 @@ pub type ExporterFuture = metrics_exporter_prometheus::ExporterFuture;
 
 /// Installs the global recorder; returns the render handle and, with `listen`,
 /// the HTTP exporter future to spawn.
-pub fn install(
-    listen: Option<SocketAddr>,
-) -> Result<(PrometheusHandle, Option<ExporterFuture>), TelemetryError> {
+pub fn install(listen: Option<SocketAddr>) -> Result<(PrometheusHandle, Option<ExporterFuture>), TelemetryError> {
     let mut builder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full("gati_batch_rows".into()), BATCH_BUCKETS)?;
@@ -59,19 +55,15 @@ pub fn install(
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATI_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 /// A request finished with `status` after `took` in the daemon.
 pub fn request_done(model: &str, status: &'static str, took: Duration) {
     counter!("gati_requests_total", "model" => model.to_string(), "status" => status).increment(1);
     if status == "ok" {
-        histogram!("gati_request_duration_seconds", "model" => model.to_string())
-            .record(took.as_secs_f64());
+        histogram!("gati_request_duration_seconds", "model" => model.to_string()).record(took.as_secs_f64());
     }
 }
 
@@ -82,7 +74,8 @@ pub fn control_done(kind: &'static str) {
 
 /// One stage of `model` ran in `took`.
 pub fn stage_time(model: &str, stage: usize, took: Duration) {
-    histogram!("gati_stage_duration_seconds", "model" => model.to_string(), "stage" => stage.to_string()).record(took.as_secs_f64());
+    histogram!("gati_stage_duration_seconds", "model" => model.to_string(), "stage" => stage.to_string())
+        .record(took.as_secs_f64());
 }
 
 /// The batcher of `model` ran a batch of `rows`.

@@ -14,11 +14,7 @@ struct Sample {
 
 fn parse(text: &str) -> Vec<Sample> {
     let mut out = Vec::new();
-    for line in text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let (head, value) = match line.rsplit_once(' ') {
             Some(x) => x,
             None => continue,
@@ -36,11 +32,7 @@ fn parse(text: &str) -> Vec<Sample> {
                 map.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
             }
         }
-        out.push(Sample {
-            name: name.to_string(),
-            labels: map,
-            value,
-        });
+        out.push(Sample { name: name.to_string(), labels: map, value });
     }
     out
 }
@@ -78,11 +70,7 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
             if le.is_infinite() {
                 return Some(prev_le);
             }
-            let frac = if c > prev_c {
-                (rank - prev_c) / (c - prev_c)
-            } else {
-                1.0
-            };
+            let frac = if c > prev_c { (rank - prev_c) / (c - prev_c) } else { 1.0 };
             return Some(prev_le + (le - prev_le) * frac);
         }
         (prev_le, prev_c) = (le, c);
@@ -94,10 +82,7 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 fn histograms(samples: &[Sample], name: &str, keys: &[&str], scale: f64) -> Vec<Value> {
     let mut groups: BTreeMap<Vec<String>, (Vec<(f64, f64)>, f64, f64)> = BTreeMap::new();
     for s in samples {
-        let key: Vec<String> = keys
-            .iter()
-            .map(|k| s.labels.get(*k).cloned().unwrap_or_default())
-            .collect();
+        let key: Vec<String> = keys.iter().map(|k| s.labels.get(*k).cloned().unwrap_or_default()).collect();
         if s.name == format!("{name}_bucket") {
             let le = s.labels.get("le").map_or(f64::INFINITY, |v| {
                 if v == "+Inf" {
@@ -147,13 +132,7 @@ pub fn summarize(text: &str) -> Value {
             })
             .collect()
     };
-    let gauge = |name: &str| {
-        samples
-            .iter()
-            .filter(|s| s.name == name)
-            .map(|s| s.value)
-            .sum::<f64>()
-    };
+    let gauge = |name: &str| samples.iter().filter(|s| s.name == name).map(|s| s.value).sum::<f64>();
     json!({
         "requests": counters("gati_requests_total", &["model", "status"]),
         "latency_ms": histograms(&samples, "gati_request_duration_seconds", &["model"], 1e3),
@@ -170,14 +149,8 @@ pub fn summarize(text: &str) -> Value {
 pub fn render(s: &Value) -> String {
     let mut out = String::new();
     let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
-    out.push_str(&format!(
-        "connections: {}  in flight: {}\n\n",
-        s["connections"], s["inflight"]
-    ));
-    out.push_str(&format!(
-        "{:<16} {:<22} {:>10}\n",
-        "model", "status", "requests"
-    ));
+    out.push_str(&format!("connections: {}  in flight: {}\n\n", s["connections"], s["inflight"]));
+    out.push_str(&format!("{:<16} {:<22} {:>10}\n", "model", "status", "requests"));
     for r in s["requests"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{:<16} {:<22} {:>10}\n",
@@ -212,10 +185,7 @@ pub fn render(s: &Value) -> String {
             f(&r["p99"])
         ));
     }
-    out.push_str(&format!(
-        "\n{:<16} {:>10} {:>10} {:>10}\n",
-        "batches", "count", "mean rows", "queued"
-    ));
+    out.push_str(&format!("\n{:<16} {:>10} {:>10} {:>10}\n", "batches", "count", "mean rows", "queued"));
     for r in s["batch_rows"].as_array().into_iter().flatten() {
         let model = r["model"].as_str().unwrap_or("");
         let queued = s["queue_rows"]
@@ -224,13 +194,7 @@ pub fn render(s: &Value) -> String {
             .flatten()
             .find(|q| q["model"] == model)
             .map_or(json!(0), |q| q["count"].clone());
-        out.push_str(&format!(
-            "{:<16} {:>10} {:>10} {:>10}\n",
-            model,
-            r["count"],
-            f(&r["mean"]),
-            queued
-        ));
+        out.push_str(&format!("{:<16} {:>10} {:>10} {:>10}\n", model, r["count"], f(&r["mean"]), queued));
     }
     out
 }
