@@ -57,19 +57,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (floor_n, ping_n, model_n) = if args.quick { (3000, 3000, 200) } else { (20000, 20000, 1000) };
 
     println!("gatid bench serving — model `{}`{}", model_cfg.name, if args.quick { " (quick)" } else { "" });
-    let floor = uds_echo_floor(floor_n)?;
-
     let daemon = Daemon::start(&args.config)?;
     let mut client = daemon.client()?;
+    // Echo floor and gatid ping in alternating blocks, so CPU frequency and idle
+    // states affect both alike.
+    let mut echo = EchoServer::start()?;
+    let (mut floor, mut ping) = (Vec::with_capacity(floor_n), Vec::with_capacity(ping_n));
     for _ in 0..200 {
+        echo.round_trip()?;
         client.ping()?;
     }
-    let mut ping = Vec::with_capacity(ping_n);
-    for _ in 0..ping_n {
-        let t = Instant::now();
-        client.ping()?;
-        ping.push(t.elapsed());
+    for _ in 0..10 {
+        for _ in 0..floor_n / 10 {
+            floor.push(echo.round_trip()?);
+        }
+        for _ in 0..ping_n / 10 {
+            let t = Instant::now();
+            client.ping()?;
+            ping.push(t.elapsed());
+        }
     }
+    drop(echo);
 
     // The same batch-1 input both ways: a real image when the data set is there.
     let row = row_shape(&model_cfg.input);
@@ -92,6 +100,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Ok(())
     };
+    let mut staged_model = crate::infer::LoadedModel::load(&model_cfg)?;
+    let staged_model_stages = staged_model.meta.stages.len();
+    let mut staged = Vec::with_capacity(model_n);
+    let mut run_staged = |n: usize, out: &mut Vec<Duration>| -> anyhow::Result<()> {
+        for _ in 0..n {
+            let t = Instant::now();
+            staged_model.pipeline.run(&shape, &input)?;
+            out.push(t.elapsed());
+        }
+        Ok(())
+    };
     let mut run_gatid = |n: usize, out: &mut Vec<Duration>| -> anyhow::Result<()> {
         for _ in 0..n {
             let t = Instant::now();
@@ -102,9 +121,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     // Warm both, then alternate blocks so drift hits both sides alike.
     run_direct(20, &mut Vec::new())?;
+    run_staged(20, &mut Vec::new())?;
     run_gatid(20, &mut Vec::new())?;
     for _ in 0..5 {
         run_direct(model_n / 5, &mut direct)?;
+        run_staged(model_n / 5, &mut staged)?;
         run_gatid(model_n / 5, &mut through)?;
     }
 
@@ -118,6 +139,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let ping_us = median_us(&ping);
     let ort_ms = median_us(&direct) / 1000.0;
     let gatid_ms = median_us(&through) / 1000.0;
+    let staged_ms = median_us(&staged) / 1000.0;
     let result = json!({
         "model": model_cfg.name,
         "quick": args.quick,
@@ -127,6 +149,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "ort_direct_ms_p50": ort_ms,
         "gatid_model_ms_p50": gatid_ms,
         "model_ratio": gatid_ms / ort_ms,
+        "ort_staged_ms_p50": staged_ms,
+        "stages": staged_model_stages,
         "soak": soak,
         "batch_rows_histogram": stats.lines().filter(|l| l.starts_with("gati_batch_rows")).collect::<Vec<_>>(),
     });
@@ -139,6 +163,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ort_ms,
         gatid_ms,
         gatid_ms / ort_ms
+    );
+    println!(
+        "{:<34} {:>9.3} ms {:>9.3} ms {:>8.3}",
+        format!("  staged in-process ({staged_model_stages} stages)"),
+        ort_ms,
+        staged_ms,
+        staged_ms / ort_ms
     );
     println!(
         "soak: {} requests, {} clients: {} ok, {} lost, {} mismatched, {} other status, {:.0} req/s",
@@ -158,34 +189,45 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Median-able round trips of a 64-byte frame over a plain Unix socket echo.
-fn uds_echo_floor(n: usize) -> anyhow::Result<Vec<Duration>> {
-    let dir = tempdir()?;
-    let path = dir.join("echo.sock");
-    let listener = UnixListener::bind(&path)?;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = listener.accept()?;
-        let mut buf = [0u8; 64];
-        while s.read_exact(&mut buf).is_ok() {
-            s.write_all(&buf)?;
-        }
-        Ok(())
-    });
-    let mut c = UnixStream::connect(&path)?;
-    let mut buf = [7u8; 64];
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n + 200 {
-        let t = Instant::now();
-        c.write_all(&buf)?;
-        c.read_exact(&mut buf)?;
-        if i >= 200 {
-            out.push(t.elapsed());
-        }
+/// The socket floor: a thread echoing 64-byte frames over a plain Unix socket.
+struct EchoServer {
+    conn: UnixStream,
+    dir: PathBuf,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    fn start() -> anyhow::Result<Self> {
+        let dir = tempdir()?;
+        let path = dir.join("echo.sock");
+        let listener = UnixListener::bind(&path)?;
+        let thread = std::thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                let mut buf = [0u8; 64];
+                while s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {}
+            }
+        });
+        let conn = UnixStream::connect(&path)?;
+        Ok(Self { conn, dir, thread: Some(thread) })
     }
-    drop(c);
-    let _ = server.join();
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(out)
+
+    fn round_trip(&mut self) -> anyhow::Result<Duration> {
+        let mut buf = [7u8; 64];
+        let t = Instant::now();
+        self.conn.write_all(&buf)?;
+        self.conn.read_exact(&mut buf)?;
+        Ok(t.elapsed())
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.conn.shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// `clients` threads pipelining distinct inputs; every answer is checked

@@ -165,44 +165,40 @@ pub fn plan_stages(model: &OnnxModel, cuts: &[String]) -> Result<Vec<StagePlan>,
 }
 
 /// Nodes needed to compute `outputs` from `input` (plus constants), in graph order.
+/// Any non-constant edge from before the cut other than `input` itself means the
+/// cut does not separate the graph; the first such edge is reported.
 fn reach_back(flow: &Flow<'_>, input: &str, outputs: &[String]) -> Result<Vec<usize>, CutError> {
+    let cut_pos = flow.producer.get(input).copied();
+    let leak = |node: &str, tensor: &str| CutError::NotSeparator {
+        cut: input.to_string(),
+        node: node.to_string(),
+        tensor: tensor.to_string(),
+    };
     let mut need: Vec<&str> = outputs.iter().map(String::as_str).collect();
     let mut seen: HashSet<usize> = HashSet::new();
     while let Some(t) = need.pop() {
-        if t == input || t.is_empty() || flow.model.initializers.iter().any(|i| i.name == t) {
+        if t == input || flow.constant.contains(t) {
             continue;
         }
-        let Some(&p) = flow.producer.get(t) else {
-            // A graph input other than the stage input: the cut does not separate.
-            return Err(CutError::NotSeparator { cut: input.to_string(), node: String::new(), tensor: t.to_string() });
-        };
-        if seen.insert(p) {
-            let node = &flow.model.nodes[p];
-            for i in &node.inputs {
-                if i != input && !flow.constant.contains(i.as_str()) && flow.producer.get(i.as_str()).is_none() {
-                    return Err(CutError::NotSeparator {
-                        cut: input.to_string(),
-                        node: node.name.clone(),
-                        tensor: i.clone(),
-                    });
-                }
-                need.push(i);
+        let Some(&p) = flow.producer.get(t) else { return Err(leak("", t)) };
+        if !seen.insert(p) {
+            continue;
+        }
+        let node = &flow.model.nodes[p];
+        for i in node.inputs.iter().map(String::as_str) {
+            if i == input || flow.constant.contains(i) {
+                continue;
+            }
+            match flow.producer.get(i) {
+                // Produced before (or by) the node that makes the cut: crosses the cut.
+                Some(&q) if cut_pos.is_some_and(|c| q <= c) => return Err(leak(&node.name, i)),
+                Some(_) => need.push(i),
+                // A graph input other than this stage's input.
+                None => return Err(leak(&node.name, i)),
             }
         }
     }
     let mut nodes: Vec<usize> = seen.into_iter().collect();
     nodes.sort_unstable();
-    // A non-constant node of an earlier stage reached here means the cut leaks.
-    if input != flow.input {
-        let cut_pos = flow.producer[input];
-        if let Some(&p) = nodes
-            .iter()
-            .find(|&&p| p <= cut_pos && !flow.model.nodes[p].outputs.iter().all(|o| flow.constant.contains(o.as_str())))
-        {
-            let node = &flow.model.nodes[p];
-            let tensor = node.outputs.first().cloned().unwrap_or_default();
-            return Err(CutError::NotSeparator { cut: input.to_string(), node: node.name.clone(), tensor });
-        }
-    }
     Ok(nodes)
 }
