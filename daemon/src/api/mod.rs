@@ -27,6 +27,8 @@ pub struct Limits {
     pub max_inflight_per_conn: u32,
     pub max_connections: u32,
     pub allow: Allowlist,
+    /// How long an I/O thread polls before sleeping (0 = never polls).
+    pub busy_poll: std::time::Duration,
 }
 
 impl Limits {
@@ -37,6 +39,7 @@ impl Limits {
             max_inflight_per_conn: s.max_inflight_per_conn,
             max_connections: s.max_connections,
             allow: Allowlist { uids: s.allow_uids.clone(), gids: s.allow_gids.clone() },
+            busy_poll: std::time::Duration::from_micros(s.busy_poll_us),
         }
     }
 }

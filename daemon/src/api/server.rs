@@ -108,7 +108,7 @@ impl Server {
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
             // SAFETY: plain eventfd(2); checked below.
-            let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
             if efd < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -229,6 +229,7 @@ impl Worker {
         self.arm_wake()?;
         self.arm_accept()?;
         loop {
+            self.poll_briefly()?;
             self.ring.submit_and_wait(1)?;
             let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
             for (ud, res) in cqes {
@@ -259,6 +260,25 @@ impl Worker {
         }
     }
 
+    /// With `busy_poll` set, reaps completions without sleeping for up to that
+    /// long, so a client's next request finds the thread awake.
+    fn poll_briefly(&mut self) -> io::Result<()> {
+        let budget = self.ctx.limits.busy_poll;
+        if budget.is_zero() {
+            return Ok(());
+        }
+        const IORING_ENTER_GETEVENTS: u32 = 1;
+        let until = Instant::now() + budget;
+        while self.ring.completion().is_empty() && Instant::now() < until {
+            let pending = self.ring.submission().len() as u32;
+            // SAFETY: a plain io_uring_enter on our own ring with no extra argument;
+            // the submission entries it may submit point to live buffers (see `push`).
+            unsafe { self.ring.submitter().enter::<libc::sigset_t>(pending, 0, IORING_ENTER_GETEVENTS, None)? };
+            std::hint::spin_loop();
+        }
+        Ok(())
+    }
+
     /// Draining and nothing left to answer or send.
     fn drained(&self) -> bool {
         self.conns.iter().flatten().all(|c| c.inflight == 0 && !c.send_armed && c.pending.is_empty())
@@ -279,7 +299,9 @@ impl Worker {
     }
 
     fn arm_wake(&mut self) -> io::Result<()> {
-        let sqe = opcode::Read::new(types::Fd(self.mailbox.wake.as_raw_fd()), (&raw mut *self.wake_buf).cast(), 8)
+        // Poll, then read without blocking: a plain read of an eventfd would be
+        // handed to an io-wq worker, one more thread to wake per answer.
+        let sqe = opcode::PollAdd::new(types::Fd(self.mailbox.wake.as_raw_fd()), libc::POLLIN as u32)
             .build()
             .user_data(user_data(OP_WAKE, 0, 0));
         self.push(sqe)
@@ -525,6 +547,8 @@ impl Worker {
     }
 
     fn on_wake(&mut self) -> io::Result<()> {
+        // SAFETY: non-blocking 8-byte read from our eventfd into a live u64.
+        unsafe { libc::read(self.mailbox.wake.as_raw_fd(), (&raw mut *self.wake_buf).cast(), 8) };
         let done = std::mem::take(&mut *self.mailbox.done.lock().unwrap_or_else(|p| p.into_inner()));
         for d in done {
             telemetry::inflight(-1.0);

@@ -189,26 +189,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The socket floor: a thread echoing 64-byte frames over a plain Unix socket.
+/// The socket floor: a separate process (like gatid) echoing 64-byte frames
+/// over a plain Unix socket with blocking reads and writes.
 struct EchoServer {
     conn: UnixStream,
     dir: PathBuf,
-    thread: Option<std::thread::JoinHandle<()>>,
+    child: std::process::Child,
 }
 
 impl EchoServer {
     fn start() -> anyhow::Result<Self> {
         let dir = tempdir()?;
         let path = dir.join("echo.sock");
-        let listener = UnixListener::bind(&path)?;
-        let thread = std::thread::spawn(move || {
-            if let Ok((mut s, _)) = listener.accept() {
-                let mut buf = [0u8; 64];
-                while s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {}
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args(["bench", "echo-server", "--socket"])
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .spawn()?;
+        let until = Instant::now() + Duration::from_secs(10);
+        let conn = loop {
+            match UnixStream::connect(&path) {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => return Err(e).context("echo server did not start"),
             }
-        });
-        let conn = UnixStream::connect(&path)?;
-        Ok(Self { conn, dir, thread: Some(thread) })
+        };
+        Ok(Self { conn, dir, child })
     }
 
     fn round_trip(&mut self) -> anyhow::Result<Duration> {
@@ -223,11 +229,18 @@ impl EchoServer {
 impl Drop for EchoServer {
     fn drop(&mut self) {
         let _ = self.conn.shutdown(std::net::Shutdown::Both);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `gatid bench echo-server`: echoes 64-byte frames on one connection, then exits.
+pub fn echo_server(socket: &Path) -> anyhow::Result<()> {
+    let listener = UnixListener::bind(socket)?;
+    let (mut s, _) = listener.accept()?;
+    let mut buf = [0u8; 64];
+    while s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {}
+    Ok(())
 }
 
 /// `clients` threads pipelining distinct inputs; every answer is checked

@@ -33,6 +33,12 @@ enum Command {
 enum BenchCommand {
     /// Socket floor vs gatid ping vs model through gatid vs ORT in-process.
     Serving(gatid::bench::serving::Args),
+    /// The socket-floor echo server the serving benchmark starts (internal).
+    #[command(hide = true)]
+    EchoServer {
+        #[arg(long)]
+        socket: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -71,6 +77,9 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
         }
         Command::Bench { which: BenchCommand::Serving(args) } => {
             gatid::bench::serving::run(args).map_err(MainError::Other)
+        }
+        Command::Bench { which: BenchCommand::EchoServer { socket } } => {
+            gatid::bench::serving::echo_server(&socket).map_err(MainError::Other)
         }
     }
 }

@@ -129,6 +129,9 @@ pub(super) fn check(c: &Config, text: &str) -> Vec<ConfigIssue> {
     if s.max_inflight_per_conn == 0 {
         bad(&sk("max_inflight_per_conn"), "must be at least 1".into());
     }
+    if s.busy_poll_us > 1000 {
+        bad(&sk("busy_poll_us"), format!("must be at most 1000 us, got {}", s.busy_poll_us));
+    }
     if s.max_connections == 0 {
         bad(&sk("max_connections"), "must be at least 1".into());
     }
