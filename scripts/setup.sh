@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-# 1. Debian packages: the Fashion-MNIST data set; systemd tools for the unit tests
+# 1. Debian packages: the Fashion-MNIST data set; the real video of the cache
+#    workloads (opencv-doc ships vtest.avi); systemd tools for the unit tests
 #    (systemd-analyze, systemd-socket-activate).
-apt_pkgs=(dataset-fashion-mnist systemd)
+apt_pkgs=(dataset-fashion-mnist opencv-doc systemd)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -26,17 +27,19 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 stamp=.venv/.gati-requirements
-want=$(cat scripts/models/requirements.txt scripts/models/requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
+want=$(cat scripts/models/requirements.txt scripts/models/requirements-nodeps.txt scripts/workloads/requirements.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "pip: installing scripts/models/requirements*.txt"
   .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/models/requirements.txt
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r scripts/models/requirements-nodeps.txt
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/workloads/requirements.txt
   echo "$want" > "$stamp"
 fi
 ort=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n1)
 ln -sfn "$root/$ort" .venv/libonnxruntime.so
 say "ONNX Runtime: $ort"
 .venv/bin/python scripts/models/prepare.py
+.venv/bin/python scripts/workloads/prepare.py
 
 # 3. Build.
 if ! command -v cargo >/dev/null; then

@@ -164,7 +164,8 @@ fn gatictl_classifies_png_and_npy_and_reports_stats() {
     let dir = tempdir("gatictl");
     // Metrics over HTTP on a free loopback port.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let cfg = config(&dir, "", &[cifar_model("cifar10", "output = \"logits\"")]) + &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let cfg = config(&dir, "", &[cifar_model("cifar10", "output = \"logits\"")])
+        + &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
     // [metrics] must precede [[models]] in TOML; rebuild in the right order.
     let cfg = {
         let (head, models) = cfg.split_once("[[models]]").unwrap();
@@ -173,14 +174,20 @@ fn gatictl_classifies_png_and_npy_and_reports_stats() {
     };
     let d = TestDaemon::start(&dir, &cfg);
     let ctl = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatictl")).arg("--socket").arg(&d.socket).args(args).output().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatictl"))
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(args)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "gatictl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
     let png = root().join("data/cifar10/cifar10_00_3.png");
     let text = ctl(&["infer", "--model", "cifar10", png.to_str().unwrap()]);
     assert!(text.contains(": cat (class 3"), "{text}");
-    let v: serde_json::Value = serde_json::from_str(&ctl(&["--json", "infer", "--model", "cifar10", png.to_str().unwrap()])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&ctl(&["--json", "infer", "--model", "cifar10", png.to_str().unwrap()])).unwrap();
     assert_eq!(v["results"][0]["class"], 3);
     let p: f64 = v["results"][0]["probabilities"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).sum();
     assert!((p - 1.0).abs() < 1e-4, "softmax of logits sums to 1");
@@ -189,13 +196,20 @@ fn gatictl_classifies_png_and_npy_and_reports_stats() {
     let floats: Vec<f32> = pixels.iter().map(|&b| f32::from(b)).collect();
     let npy = dir.join("x.npy");
     std::fs::write(&npy, gatid::client::npy::write_f32(&[1, 32, 32, 3], &floats)).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&ctl(&["--json", "infer", "--model", "cifar10", npy.to_str().unwrap()])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&ctl(&["--json", "infer", "--model", "cifar10", npy.to_str().unwrap()])).unwrap();
     assert_eq!(v["results"][0]["class"].as_u64().unwrap() as usize, *label);
     assert!(ctl(&["models"]).contains("cifar10"));
     assert!(ctl(&["health"]).contains("status: ok"));
     assert!(ctl(&["ready"]).contains("ready"));
     let stats: serde_json::Value = serde_json::from_str(&ctl(&["--json", "stats"])).unwrap();
-    let ok: f64 = stats["requests"].as_array().unwrap().iter().filter(|r| r["status"] == "ok").map(|r| r["count"].as_f64().unwrap()).sum();
+    let ok: f64 = stats["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "ok")
+        .map(|r| r["count"].as_f64().unwrap())
+        .sum();
     assert!(ok >= 3.0, "{stats}");
     assert!(stats["stage_ms"].as_array().unwrap().len() == 4, "per-stage latency histograms");
     // The same numbers over Prometheus HTTP.
@@ -204,10 +218,23 @@ fn gatictl_classifies_png_and_npy_and_reports_stats() {
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
-    for metric in ["gati_requests_total", "gati_request_duration_seconds_bucket", "gati_stage_duration_seconds_bucket", "gati_batch_rows_bucket", "gati_queue_rows", "gati_inflight_requests", "gati_connections"] {
+    for metric in [
+        "gati_requests_total",
+        "gati_request_duration_seconds_bucket",
+        "gati_stage_duration_seconds_bucket",
+        "gati_batch_rows_bucket",
+        "gati_queue_rows",
+        "gati_inflight_requests",
+        "gati_connections",
+    ] {
         assert!(body.contains(metric), "{metric} missing from /metrics");
     }
     // An unknown model is a clear client error.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatictl")).arg("--socket").arg(&d.socket).args(["infer", "--model", "nope", png.to_str().unwrap()]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatictl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["infer", "--model", "nope", png.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no model named `nope`"));
 }

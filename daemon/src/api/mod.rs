@@ -5,6 +5,7 @@
 //! Promises: a malformed frame only ever affects its own connection; every
 //! accepted request gets exactly one response while its connection lives.
 
+pub mod conn;
 pub mod control;
 pub mod listener;
 pub mod request;

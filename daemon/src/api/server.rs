@@ -2,8 +2,9 @@
 //!
 //! Every thread arms an accept on the shared listening socket, reads frames
 //! from its connections, answers pings and control requests inline, and hands
-//! inference jobs to the model batchers. Batchers answer through the thread's
-//! mailbox and wake it with an eventfd that the ring is always reading.
+//! inference jobs to the model batchers. Batchers write answers straight to
+//! the socket (see `conn.rs`); only when bytes are left over do they ask the
+//! thread to flush them, through its mailbox and an eventfd the ring polls.
 
 use std::collections::HashMap;
 use std::io;
@@ -15,10 +16,12 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 use zerocopy::IntoBytes;
 
+use super::conn::{ConnOut, Frame};
 use super::control;
 use super::listener::peer_cred;
 use super::request::decode_infer;
 use super::wire::{Dtype, Kind, RequestHeader, ResponseHeader, Status, HEADER_LEN};
+use super::NodeState;
 use super::ServeContext;
 use crate::infer::{Job, JobResult, Reply};
 use crate::telemetry;
@@ -44,27 +47,17 @@ fn split(ud: u64) -> (u64, u32, u32) {
     (ud >> 56, ((ud >> 32) & 0x00ff_ffff) as u32, ud as u32)
 }
 
-/// An answer from a batcher, waiting for its I/O thread.
-struct Completion {
-    slot: u32,
-    gen: u32,
-    request_id: u64,
-    model: Arc<str>,
-    received: Instant,
-    result: JobResult,
-}
-
-/// Where batchers leave answers for one I/O thread.
+/// Connections (slot, generation) whose queued bytes an I/O thread must flush.
 struct Mailbox {
-    done: Mutex<Vec<Completion>>,
+    flush: Mutex<Vec<(u32, u32)>>,
     wake: OwnedFd,
 }
 
 impl Mailbox {
-    fn post(&self, c: Completion) {
+    fn post(&self, slot: u32, gen: u32) {
         let was_empty = {
-            let mut q = self.done.lock().unwrap_or_else(|p| p.into_inner());
-            q.push(c);
+            let mut q = self.flush.lock().unwrap_or_else(|p| p.into_inner());
+            q.push((slot, gen));
             q.len() == 1
         };
         if was_empty {
@@ -114,7 +107,7 @@ impl Server {
             }
             // SAFETY: fresh fd owned by nobody else.
             let wake = unsafe { OwnedFd::from_raw_fd(efd) };
-            let mailbox = Arc::new(Mailbox { done: Mutex::new(Vec::new()), wake });
+            let mailbox = Arc::new(Mailbox { flush: Mutex::new(Vec::new()), wake });
             let (mb, cx) = (Arc::clone(&mailbox), Arc::clone(&ctx));
             let (started_tx, started_rx) = std::sync::mpsc::channel();
             let thread = std::thread::Builder::new().name(format!("io-{i}")).spawn(move || {
@@ -163,23 +156,30 @@ impl Server {
 
 /// One client connection on an I/O thread.
 struct Conn {
-    fd: OwnedFd,
+    /// The sending side, shared with in-flight answers.
+    out: Arc<ConnOut>,
     gen: u32,
     rbuf: Box<[u8]>,
     /// Received bytes not yet parsed, from `in_pos`.
     inbuf: Vec<u8>,
     in_pos: usize,
-    /// Bytes being sent (untouched while a send is in flight) and queued behind them.
+    /// Bytes the ring is sending (untouched while a send is in flight).
     sending: Vec<u8>,
     sent: usize,
-    pending: Vec<u8>,
     recv_armed: bool,
     send_armed: bool,
-    inflight: u32,
     /// No more reading: close once answers are flushed.
     closing: bool,
     /// Gone: free as soon as no ring operation refers to it.
     dead: bool,
+}
+
+impl Conn {
+    /// Sends or queues a frame; the caller's slot is marked dirty, so the I/O
+    /// thread flushes whatever could not be sent at once.
+    fn respond(&self, frame: Frame<'_>, body: &[u8]) {
+        self.out.write(&frame.encode(body));
+    }
 }
 
 struct Worker {
@@ -274,22 +274,22 @@ impl Worker {
             // SAFETY: a plain io_uring_enter on our own ring with no extra argument;
             // the submission entries it may submit point to live buffers (see `push`).
             unsafe { self.ring.submitter().enter::<libc::sigset_t>(pending, 0, IORING_ENTER_GETEVENTS, None)? };
-            std::hint::spin_loop();
+            std::thread::yield_now();
         }
         Ok(())
     }
 
     /// Draining and nothing left to answer or send.
     fn drained(&self) -> bool {
-        self.conns.iter().flatten().all(|c| c.inflight == 0 && !c.send_armed && c.pending.is_empty())
+        self.conns.iter().flatten().all(|c| !c.send_armed && c.sending.is_empty() && c.out.idle())
     }
 
     fn close_all(&mut self) {
         for slot in 0..self.conns.len() {
             if let Some(c) = self.conns[slot].take() {
-                // SAFETY: shutdown on a socket we own; pending ops (recv) complete with 0,
-                // but the ring is dropped right after, so nothing reads the buffers again.
-                unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+                // Armed ops (recv) complete with 0, but the ring is dropped right
+                // after, so nothing reads the buffers again.
+                c.out.close();
                 telemetry::connections(-1.0);
                 self.ctx.state.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 // Keep the buffers alive until the ring is gone.
@@ -359,17 +359,15 @@ impl Worker {
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let conn = Box::new(Conn {
-            fd,
+            out: Arc::new(ConnOut::new(fd)),
             gen,
             rbuf: vec![0u8; RECV_BUF].into_boxed_slice(),
             inbuf: Vec::new(),
             in_pos: 0,
             sending: Vec::new(),
             sent: 0,
-            pending: Vec::new(),
             recv_armed: false,
             send_armed: false,
-            inflight: 0,
             closing: false,
             dead: false,
         });
@@ -398,7 +396,7 @@ impl Worker {
             return Ok(());
         }
         c.recv_armed = true;
-        let sqe = opcode::Recv::new(types::Fd(c.fd.as_raw_fd()), c.rbuf.as_mut_ptr(), c.rbuf.len() as u32)
+        let sqe = opcode::Recv::new(types::Fd(c.out.raw_fd()), c.rbuf.as_mut_ptr(), c.rbuf.len() as u32)
             .build()
             .user_data(user_data(OP_RECV, slot, c.gen));
         self.push(sqe)
@@ -446,8 +444,9 @@ impl Worker {
             };
             let len = header.payload_len.get() as usize;
             if len > max_frame {
-                respond(c, header.kind.get(), header.request_id.get(), Status::TooLarge, Dtype::Bytes, &[], &[], 0, 0);
+                c.respond(Frame::plain(header.kind.get(), header.request_id.get(), Status::TooLarge, 0), &[]);
                 c.closing = true;
+                c.out.wake_when_idle.store(true, std::sync::atomic::Ordering::Release);
                 return;
             }
             if avail < HEADER_LEN + len {
@@ -481,12 +480,13 @@ impl Worker {
         let ctx = Arc::clone(&self.ctx);
         let c = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
         match Kind::from_u16(raw_kind) {
-            None => respond(c, raw_kind, rid, Status::UnknownKind, Dtype::Bytes, &[], &[], 0, 0),
-            Some(Kind::Ping) => respond(c, raw_kind, rid, Status::Ok, Dtype::Bytes, &[], &[], 0, elapsed_us(received)),
+            None => c.respond(Frame::plain(raw_kind, rid, Status::UnknownKind, 0), &[]),
+            Some(Kind::Ping) => c.respond(Frame::plain(raw_kind, rid, Status::Ok, elapsed_us(received)), &[]),
             Some(kind) => {
                 let a = control::answer(&ctx, kind, header, payload);
                 telemetry::control_done(control::kind_name(kind));
-                respond(c, raw_kind, rid, a.status, a.dtype, &[], &a.body, 0, elapsed_us(received));
+                let frame = Frame { dtype: a.dtype, ..Frame::plain(raw_kind, rid, a.status, elapsed_us(received)) };
+                c.respond(frame, &a.body);
             }
         }
     }
@@ -503,12 +503,12 @@ impl Worker {
         let c = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
         let reject = |c: &mut Conn, status: Status| {
             telemetry::request_done(&name, status.name(), received.elapsed());
-            respond(c, kind, rid, status, Dtype::Bytes, &[], &[], 0, elapsed_us(received));
+            c.respond(Frame::plain(kind, rid, status, elapsed_us(received)), &[]);
         };
         if ctx.state.is_draining() {
             return reject(c, Status::ShuttingDown);
         }
-        if c.inflight >= ctx.limits.max_inflight_per_conn {
+        if c.out.inflight.load(std::sync::atomic::Ordering::Acquire) >= ctx.limits.max_inflight_per_conn {
             return reject(c, Status::Busy);
         }
         let Some(model) = model else {
@@ -522,21 +522,26 @@ impl Worker {
             0 => None,
             us => Some(received + Duration::from_micros(u64::from(us))),
         };
-        let mailbox = Arc::clone(&self.mailbox);
-        let gen = c.gen;
-        let reply_name = Arc::clone(&name);
-        let reply = Reply::new(move |result| {
-            mailbox.post(Completion { slot, gen, request_id: rid, model: reply_name, received, result });
-        });
+        let answer = Answer {
+            out: Arc::clone(&c.out),
+            mailbox: Arc::clone(&self.mailbox),
+            state: Arc::clone(&ctx.state),
+            slot,
+            gen: c.gen,
+            request_id: rid,
+            model: Arc::clone(&name),
+            received,
+        };
+        // Count it in flight before the batcher can possibly answer it.
+        c.out.inflight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let reply = Reply::new(move |result| answer.send(result));
         let admission = header.flags.get() & FLAG_BEST_EFFORT == 0;
         match model.submit(Job { rows, data, deadline, reply }, admission) {
-            Ok(()) => {
-                c.inflight += 1;
-                telemetry::inflight(1.0);
-            }
+            Ok(()) => telemetry::inflight(1.0),
             Err((why, job)) => {
-                // Answer here, not through the mailbox.
+                // Answer here, not through the reply.
                 std::mem::forget(job.reply);
+                c.out.inflight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 let status = match why {
                     crate::infer::batcher::Rejected::Unmeetable { .. } => Status::DeadlineUnmeetable,
                     crate::infer::batcher::Rejected::Closed => Status::ShuttingDown,
@@ -549,25 +554,11 @@ impl Worker {
     fn on_wake(&mut self) -> io::Result<()> {
         // SAFETY: non-blocking 8-byte read from our eventfd into a live u64.
         unsafe { libc::read(self.mailbox.wake.as_raw_fd(), (&raw mut *self.wake_buf).cast(), 8) };
-        let done = std::mem::take(&mut *self.mailbox.done.lock().unwrap_or_else(|p| p.into_inner()));
-        for d in done {
-            telemetry::inflight(-1.0);
-            let (status, body, shape, stage) = match d.result {
-                JobResult::Answer { data, shape, exit_stage } => {
-                    (Status::Ok, data.as_bytes().to_vec(), shape, exit_stage)
-                }
-                JobResult::Expired => (Status::DeadlineExpired, Vec::new(), Vec::new(), 0),
-                JobResult::Failed(msg) => (Status::Internal, msg.into_bytes(), Vec::new(), 0),
-            };
-            telemetry::request_done(&d.model, status.name(), d.received.elapsed());
-            let Some(c) = self.conn(d.slot, d.gen) else {
-                continue;
-            };
-            c.inflight = c.inflight.saturating_sub(1);
-            let shape32: Vec<u32> = shape.iter().map(|&s| s as u32).collect();
-            let dtype = if status == Status::Ok { Dtype::F32 } else { Dtype::Bytes };
-            respond(c, Kind::Infer as u16, d.request_id, status, dtype, &shape32, &body, stage, elapsed_us(d.received));
-            self.dirty.push(d.slot);
+        let flush = std::mem::take(&mut *self.mailbox.flush.lock().unwrap_or_else(|p| p.into_inner()));
+        for (slot, gen) in flush {
+            if self.conn(slot, gen).is_some() {
+                self.dirty.push(slot);
+            }
         }
         self.arm_wake()
     }
@@ -600,51 +591,46 @@ impl Worker {
             };
             if c.dead {
                 if c.recv_armed || c.send_armed {
-                    // SAFETY: shutdown on our own socket makes armed ops complete.
-                    unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+                    // Shutting the socket down makes armed ops complete.
+                    c.out.close();
                     continue;
                 }
                 self.release(slot);
                 continue;
             }
             if !c.send_armed {
-                if c.sending.is_empty() && !c.pending.is_empty() {
-                    std::mem::swap(&mut c.sending, &mut c.pending);
-                    c.sent = 0;
+                if c.sending.is_empty() {
+                    // Take what writers queued; the ring owns the stream's tail until
+                    // it is sent, so nobody writes around it.
+                    let mut q = c.out.lock();
+                    if q.pending.is_empty() {
+                        q.ring_owned = false;
+                    } else {
+                        std::mem::swap(&mut c.sending, &mut q.pending);
+                        q.ring_owned = true;
+                        c.sent = 0;
+                    }
                 }
                 if c.sent < c.sending.len() {
-                    // Try the socket first: small answers usually fit its buffer, which
-                    // saves a ring round trip per response. The ring takes the rest.
-                    let buf = &c.sending[c.sent..];
-                    // SAFETY: non-blocking send from a live buffer on our own socket.
-                    let n = unsafe {
-                        libc::send(
-                            c.fd.as_raw_fd(),
-                            buf.as_ptr().cast(),
-                            buf.len(),
-                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                        )
-                    };
-                    if n >= 0 {
-                        c.sent += n as usize;
-                    } else if !matches!(io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) {
-                        c.dead = true;
-                        self.dirty.push(slot);
-                        continue;
-                    }
-                    if c.sent >= c.sending.len() {
-                        c.sending.clear();
-                        c.sent = 0;
-                        if !c.pending.is_empty() {
+                    // Try the socket first; the ring takes what does not fit.
+                    match c.out.send_now(&c.sending[c.sent..]) {
+                        Ok(n) => c.sent += n,
+                        Err(_) => {
+                            c.dead = true;
                             self.dirty.push(slot);
                             continue;
                         }
                     }
-                }
-                if c.sent < c.sending.len() {
+                    if c.sent >= c.sending.len() {
+                        c.sending.clear();
+                        c.sent = 0;
+                        // Look again: more may have been queued meanwhile.
+                        self.dirty.push(slot);
+                        continue;
+                    }
                     c.send_armed = true;
                     let buf = &c.sending[c.sent..];
-                    let sqe = opcode::Send::new(types::Fd(c.fd.as_raw_fd()), buf.as_ptr(), buf.len() as u32)
+                    let sqe = opcode::Send::new(types::Fd(c.out.raw_fd()), buf.as_ptr(), buf.len() as u32)
                         .flags(libc::MSG_NOSIGNAL)
                         .build()
                         .user_data(user_data(OP_SEND, slot, c.gen));
@@ -655,7 +641,7 @@ impl Worker {
             let Some(c) = self.conns[slot as usize].as_deref_mut() else {
                 continue;
             };
-            if c.closing && !c.send_armed && c.sending.is_empty() && c.pending.is_empty() && c.inflight == 0 {
+            if c.closing && !c.send_armed && c.sending.is_empty() && c.out.idle() {
                 c.dead = true;
                 self.dirty.push(slot);
                 continue;
@@ -669,7 +655,8 @@ impl Worker {
     }
 
     fn release(&mut self, slot: u32) {
-        if self.conns[slot as usize].take().is_some() {
+        if let Some(c) = self.conns[slot as usize].take() {
+            c.out.close();
             self.free.push(slot);
             telemetry::connections(-1.0);
             self.ctx.state.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -681,24 +668,47 @@ fn elapsed_us(t: Instant) -> u32 {
     u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX)
 }
 
-/// Appends a response frame to the connection's send queue.
-#[expect(clippy::too_many_arguments, reason = "mirrors the response header's fields one to one")]
-fn respond(
-    c: &mut Conn,
-    kind: u16,
-    rid: u64,
-    status: Status,
-    dtype: Dtype,
-    shape: &[u32],
-    body: &[u8],
-    stage: u16,
-    server_us: u32,
-) {
-    let mut h = ResponseHeader::new(kind, rid, status, dtype, shape, body.len() as u32);
-    h.exit_stage.set(stage);
-    h.server_us.set(server_us);
-    c.pending.extend_from_slice(h.as_bytes());
-    c.pending.extend_from_slice(body);
+/// Where one inference request's answer goes.
+struct Answer {
+    out: Arc<ConnOut>,
+    mailbox: Arc<Mailbox>,
+    state: Arc<NodeState>,
+    slot: u32,
+    gen: u32,
+    request_id: u64,
+    model: Arc<str>,
+    received: Instant,
+}
+
+impl Answer {
+    /// Runs on the batcher thread: writes the answer to the socket (or queues it)
+    /// and wakes the I/O thread only if it has something to do.
+    fn send(self, result: JobResult) {
+        let (status, body, shape, exit_stage) = match result {
+            JobResult::Answer { data, shape, exit_stage } => (Status::Ok, data.as_bytes().to_vec(), shape, exit_stage),
+            JobResult::Expired => (Status::DeadlineExpired, Vec::new(), Vec::new(), 0),
+            JobResult::Failed(msg) => (Status::Internal, msg.into_bytes(), Vec::new(), 0),
+        };
+        telemetry::request_done(&self.model, status.name(), self.received.elapsed());
+        telemetry::inflight(-1.0);
+        let shape: Vec<u32> = shape.iter().map(|&s| s as u32).collect();
+        let frame = Frame {
+            kind: Kind::Infer as u16,
+            request_id: self.request_id,
+            status,
+            dtype: if status == Status::Ok { Dtype::F32 } else { Dtype::Bytes },
+            shape: &shape,
+            exit_stage,
+            server_us: elapsed_us(self.received),
+        };
+        let needs_flush = self.out.write(&frame.encode(&body));
+        let left = self.out.inflight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) - 1;
+        let watched = left == 0
+            && (self.state.is_draining() || self.out.wake_when_idle.load(std::sync::atomic::Ordering::Acquire));
+        if needs_flush || watched {
+            self.mailbox.post(self.slot, self.gen);
+        }
+    }
 }
 
 /// Best-effort refusal on a connection that will not be served.

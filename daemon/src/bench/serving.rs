@@ -111,11 +111,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Ok(())
     };
+    let mut server_side = Vec::with_capacity(model_n);
     let mut run_gatid = |n: usize, out: &mut Vec<Duration>| -> anyhow::Result<()> {
         for _ in 0..n {
             let t = Instant::now();
-            client.infer(&model_cfg.name, Dtype::F32, &shape32, &payload, 0)?.ok()?;
+            let r = client.infer(&model_cfg.name, Dtype::F32, &shape32, &payload, 0)?.ok()?;
             out.push(t.elapsed());
+            server_side.push(Duration::from_micros(u64::from(r.server_us)));
         }
         Ok(())
     };
@@ -140,6 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let ort_ms = median_us(&direct) / 1000.0;
     let gatid_ms = median_us(&through) / 1000.0;
     let staged_ms = median_us(&staged) / 1000.0;
+    let server_ms = median_us(&server_side) / 1000.0;
     let result = json!({
         "model": model_cfg.name,
         "quick": args.quick,
@@ -150,6 +153,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "gatid_model_ms_p50": gatid_ms,
         "model_ratio": gatid_ms / ort_ms,
         "ort_staged_ms_p50": staged_ms,
+        "gatid_server_ms_p50": server_ms,
         "stages": staged_model_stages,
         "soak": soak,
         "batch_rows_histogram": stats.lines().filter(|l| l.starts_with("gati_batch_rows")).collect::<Vec<_>>(),
@@ -171,6 +175,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         staged_ms,
         staged_ms / ort_ms
     );
+    println!("{:<34} {:>9.3} ms {:>9.3} ms {:>8.3}", "  gatid server-side time", ort_ms, server_ms, server_ms / ort_ms);
     println!(
         "soak: {} requests, {} clients: {} ok, {} lost, {} mismatched, {} other status, {:.0} req/s",
         soak["requests"],

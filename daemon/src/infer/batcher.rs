@@ -96,7 +96,9 @@ struct QueueState {
 
 impl ModelHandle {
     /// Starts the batcher thread of a loaded model.
-    pub fn start(model: LoadedModel) -> Result<Self, InferError> {
+    /// Starts the batcher thread of a loaded model. With `busy_poll` > 0 the
+    /// thread polls its queue that long after a batch before sleeping.
+    pub fn start(model: LoadedModel, busy_poll: Duration) -> Result<Self, InferError> {
         let (tx, rx) = mpsc::channel();
         let cost = Arc::new(model.cost);
         let state = Arc::new(QueueState {
@@ -115,6 +117,7 @@ impl ModelHandle {
             row_len: model.meta.row_shape.iter().product(),
             row_shape: model.meta.row_shape.clone(),
             carry: VecDeque::new(),
+            busy_poll,
         };
         std::thread::Builder::new()
             .name(format!("batch-{}", model.meta.name))
@@ -177,6 +180,7 @@ struct Batcher {
     row_shape: Vec<usize>,
     /// A job that did not fit the previous batch.
     carry: VecDeque<Job>,
+    busy_poll: Duration,
 }
 
 impl Batcher {
@@ -192,7 +196,7 @@ impl Batcher {
     fn gather(&mut self) -> Option<Vec<Job>> {
         let first = match self.carry.pop_front() {
             Some(j) => j,
-            None => self.rx.recv().ok()?,
+            None => self.next_job()?,
         };
         let mut rows = first.rows;
         let mut latest_start = self.latest_start(&first);
@@ -230,6 +234,22 @@ impl Batcher {
             batch.push(job);
         }
         Some(batch)
+    }
+
+    /// The next job: polled for `busy_poll` (yielding the core to anyone runnable),
+    /// then waited for; `None` once every sender is gone.
+    fn next_job(&mut self) -> Option<Job> {
+        if !self.busy_poll.is_zero() {
+            let until = Instant::now() + self.busy_poll;
+            while Instant::now() < until {
+                match self.rx.try_recv() {
+                    Ok(j) => return Some(j),
+                    Err(TryRecvError::Disconnected) => return None,
+                    Err(TryRecvError::Empty) => std::thread::yield_now(),
+                }
+            }
+        }
+        self.rx.recv().ok()
     }
 
     /// Latest moment the job can start and still meet its deadline.

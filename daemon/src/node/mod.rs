@@ -63,7 +63,8 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     systemd::status("loading models");
     let registry = Arc::new(Registry::default());
     let mut stamps = HashMap::new();
-    let (set, _) = models::build(&config.models, &Default::default(), &mut stamps).map_err(NodeError::Models)?;
+    let (set, _) = models::build(&config.models, &Default::default(), &mut stamps, busy_poll(&config))
+        .map_err(NodeError::Models)?;
     let count = set.len();
     registry.replace(set);
 
@@ -117,6 +118,10 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     Ok(())
 }
 
+fn busy_poll(c: &Config) -> Duration {
+    Duration::from_micros(c.server.busy_poll_us)
+}
+
 /// Re-reads the config and swaps in the new model set; keeps the old on any error.
 async fn reload(
     path: &Path,
@@ -139,9 +144,10 @@ async fn reload(
     }
     let old = registry.snapshot();
     let configs = new.models.clone();
+    let poll = busy_poll(&current);
     let mut st = std::mem::take(stamps);
     let built = tokio::task::spawn_blocking(move || {
-        let r = models::build(&configs, &old, &mut st);
+        let r = models::build(&configs, &old, &mut st, poll);
         (r, st)
     })
     .await;

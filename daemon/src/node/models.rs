@@ -37,6 +37,7 @@ pub fn build(
     configs: &[ModelConfig],
     old: &ModelSet,
     stamps: &mut std::collections::HashMap<String, Option<(u64, SystemTime)>>,
+    busy_poll: std::time::Duration,
 ) -> Result<(ModelSet, Changes), Vec<ModelLoadError>> {
     let mut set = ModelSet::new();
     let mut changes = Changes::default();
@@ -55,7 +56,7 @@ pub fn build(
             }
         }
         let started = std::time::Instant::now();
-        match LoadedModel::load(cfg).and_then(ModelHandle::start) {
+        match LoadedModel::load(cfg).and_then(|m| ModelHandle::start(m, busy_poll)) {
             Ok(handle) => {
                 tracing::info!(
                     model = %cfg.name,
