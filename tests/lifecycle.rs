@@ -89,7 +89,7 @@ fn which(tool: &str) -> Result<std::path::PathBuf, ()> {
 fn sighup_reload_adds_replaces_removes_models_without_failing_requests() {
     let dir = tempdir("reload");
     let cifar = cifar_model("cifar10", "");
-    let d = TestDaemon::start(&dir, &config(&dir, "", &[cifar.clone()]));
+    let d = TestDaemon::start(&dir, &config(&dir, "", std::slice::from_ref(&cifar)));
     let (pixels, label) = cifar_images()[1].clone();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));

@@ -84,9 +84,10 @@ fn image_of_another_size_is_resized() {
 #[test]
 fn fmnist_resnet_accuracy_through_daemon_and_concurrent_batching() {
     let dir = tempdir("fmnist");
+    // Two I/O threads (two rings) share the listener.
     let d = TestDaemon::start(
         &dir,
-        &config(&dir, "", &[fmnist_model("fmnist", "max_batch = 16\nmax_queue_delay_us = 2000")]),
+        &config(&dir, "io_threads = 2", &[fmnist_model("fmnist", "max_batch = 16\nmax_queue_delay_us = 2000")]),
     );
     let meta = d.client().model_info("fmnist").unwrap();
     let stages: Vec<String> =

@@ -78,9 +78,12 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     None
 }
 
+/// Cumulative buckets (le, count), sum, count.
+type Histogram = (Vec<(f64, f64)>, f64, f64);
+
 /// Histograms of `name` grouped by the given label keys: (labels, mean, p50, p99, count).
 fn histograms(samples: &[Sample], name: &str, keys: &[&str], scale: f64) -> Vec<Value> {
-    let mut groups: BTreeMap<Vec<String>, (Vec<(f64, f64)>, f64, f64)> = BTreeMap::new();
+    let mut groups: BTreeMap<Vec<String>, Histogram> = BTreeMap::new();
     for s in samples {
         let key: Vec<String> = keys.iter().map(|k| s.labels.get(*k).cloned().unwrap_or_default()).collect();
         if s.name == format!("{name}_bucket") {
