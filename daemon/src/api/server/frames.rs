@@ -1,0 +1,194 @@
+//! Frames in, answers out: parsing a connection's input, answering control
+//! requests, submitting inference jobs, and the answer a batcher sends back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use zerocopy::IntoBytes;
+
+use super::{elapsed_us, Conn, Mailbox, Worker, FLAG_BEST_EFFORT};
+use crate::api::conn::{ConnOut, Frame};
+use crate::api::control;
+use crate::api::request::decode_infer;
+use crate::api::wire::{Dtype, Kind, RequestHeader, Status, HEADER_LEN};
+use crate::api::NodeState;
+use crate::infer::{Job, JobResult, Reply};
+use crate::telemetry;
+
+impl Worker {
+    /// Handles every complete frame in the connection's input.
+    pub(super) fn parse_frames(&mut self, slot: u32) {
+        let max_frame = self.ctx.limits.max_frame_bytes as usize;
+        loop {
+            let Some(c) = self.conns[slot as usize].as_deref_mut() else {
+                return;
+            };
+            if c.closing || c.dead {
+                return;
+            }
+            let avail = c.inbuf.len() - c.in_pos;
+            if avail < HEADER_LEN {
+                break;
+            }
+            let mut hbytes = [0u8; HEADER_LEN];
+            hbytes.copy_from_slice(&c.inbuf[c.in_pos..c.in_pos + HEADER_LEN]);
+            let header = match RequestHeader::parse(&hbytes) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::debug!(error = %e, "unparseable frame; closing connection");
+                    c.dead = true;
+                    return;
+                }
+            };
+            let len = header.payload_len.get() as usize;
+            if len > max_frame {
+                c.respond(Frame::plain(header.kind.get(), header.request_id.get(), Status::TooLarge, 0), &[]);
+                c.closing = true;
+                c.out.wake_when_idle.store(true, std::sync::atomic::Ordering::Release);
+                return;
+            }
+            if avail < HEADER_LEN + len {
+                c.inbuf.reserve(HEADER_LEN + len - avail);
+                break;
+            }
+            let start = c.in_pos + HEADER_LEN;
+            c.in_pos = start + len;
+            // Move the payload out so the handler can borrow the worker mutably.
+            let payload = c.inbuf[start..start + len].to_vec();
+            self.handle_frame(slot, &header, &payload);
+        }
+        if let Some(c) = self.conns[slot as usize].as_deref_mut() {
+            if c.in_pos == c.inbuf.len() {
+                c.inbuf.clear();
+                c.in_pos = 0;
+            } else if c.in_pos > c.inbuf.len() / 2 {
+                c.inbuf.drain(..c.in_pos);
+                c.in_pos = 0;
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, slot: u32, header: &RequestHeader, payload: &[u8]) {
+        let received = Instant::now();
+        let rid = header.request_id.get();
+        let raw_kind = header.kind.get();
+        if raw_kind == Kind::Infer as u16 {
+            return self.handle_infer(slot, header, payload, received);
+        }
+        let ctx = Arc::clone(&self.ctx);
+        let c = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
+        match Kind::from_u16(raw_kind) {
+            None => c.respond(Frame::plain(raw_kind, rid, Status::UnknownKind, 0), &[]),
+            Some(Kind::Ping) => c.respond(Frame::plain(raw_kind, rid, Status::Ok, elapsed_us(received)), &[]),
+            Some(kind) => {
+                let a = control::answer(&ctx, kind, header, payload);
+                telemetry::control_done(control::kind_name(kind));
+                let frame = Frame { dtype: a.dtype, ..Frame::plain(raw_kind, rid, a.status, elapsed_us(received)) };
+                c.respond(frame, &a.body);
+            }
+        }
+    }
+
+    fn handle_infer(&mut self, slot: u32, header: &RequestHeader, payload: &[u8], received: Instant) {
+        let rid = header.request_id.get();
+        let kind = Kind::Infer as u16;
+        let ctx = Arc::clone(&self.ctx);
+        let model = ctx.registry.get(header.target_id.get());
+        let name: Arc<str> = match &model {
+            Some(m) => Arc::clone(self.models.entry(m.meta.id).or_insert_with(|| Arc::from(m.meta.name.as_str()))),
+            None => Arc::from("<unknown>"),
+        };
+        let c = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
+        let reject = |c: &mut Conn, status: Status| {
+            telemetry::request_done(&name, status.name(), received.elapsed());
+            c.respond(Frame::plain(kind, rid, status, elapsed_us(received)), &[]);
+        };
+        if ctx.state.is_draining() {
+            return reject(c, Status::ShuttingDown);
+        }
+        if c.out.inflight.load(std::sync::atomic::Ordering::Acquire) >= ctx.limits.max_inflight_per_conn {
+            return reject(c, Status::Busy);
+        }
+        let Some(model) = model else {
+            return reject(c, Status::UnknownModel);
+        };
+        let (rows, data) = match decode_infer(&model, header, payload) {
+            Ok(v) => v,
+            Err(status) => return reject(c, status),
+        };
+        let deadline = match header.deadline_us.get() {
+            0 => None,
+            us => Some(received + Duration::from_micros(u64::from(us))),
+        };
+        let answer = Answer {
+            out: Arc::clone(&c.out),
+            mailbox: Arc::clone(&self.mailbox),
+            state: Arc::clone(&ctx.state),
+            slot,
+            gen: c.gen,
+            request_id: rid,
+            model: Arc::clone(&name),
+            received,
+        };
+        // Count it in flight before the batcher can possibly answer it.
+        c.out.inflight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let reply = Reply::new(move |result| answer.send(result));
+        let admission = header.flags.get() & FLAG_BEST_EFFORT == 0;
+        match model.submit(Job { rows, data, deadline, reply }, admission) {
+            Ok(()) => telemetry::inflight(1.0),
+            Err((why, job)) => {
+                // Answer here, not through the reply.
+                std::mem::forget(job.reply);
+                c.out.inflight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                let status = match why {
+                    crate::infer::batcher::Rejected::Unmeetable { .. } => Status::DeadlineUnmeetable,
+                    crate::infer::batcher::Rejected::Closed => Status::ShuttingDown,
+                };
+                reject(c, status);
+            }
+        }
+    }
+}
+
+/// Where one inference request's answer goes.
+struct Answer {
+    out: Arc<ConnOut>,
+    mailbox: Arc<Mailbox>,
+    state: Arc<NodeState>,
+    slot: u32,
+    gen: u32,
+    request_id: u64,
+    model: Arc<str>,
+    received: Instant,
+}
+
+impl Answer {
+    /// Runs on the batcher thread: writes the answer to the socket (or queues it)
+    /// and wakes the I/O thread only if it has something to do.
+    fn send(self, result: JobResult) {
+        let (status, body, shape, exit_stage) = match result {
+            JobResult::Answer { data, shape, exit_stage } => (Status::Ok, data.as_bytes().to_vec(), shape, exit_stage),
+            JobResult::Expired => (Status::DeadlineExpired, Vec::new(), Vec::new(), 0),
+            JobResult::Failed(msg) => (Status::Internal, msg.into_bytes(), Vec::new(), 0),
+        };
+        telemetry::request_done(&self.model, status.name(), self.received.elapsed());
+        telemetry::inflight(-1.0);
+        let shape: Vec<u32> = shape.iter().map(|&s| s as u32).collect();
+        let frame = Frame {
+            kind: Kind::Infer as u16,
+            request_id: self.request_id,
+            status,
+            dtype: if status == Status::Ok { Dtype::F32 } else { Dtype::Bytes },
+            shape: &shape,
+            exit_stage,
+            server_us: elapsed_us(self.received),
+        };
+        let needs_flush = self.out.write(&frame.encode(&body));
+        let left = self.out.inflight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) - 1;
+        let watched = left == 0
+            && (self.state.is_draining() || self.out.wake_when_idle.load(std::sync::atomic::Ordering::Acquire));
+        if needs_flush || watched {
+            self.mailbox.post(self.slot, self.gen);
+        }
+    }
+}
