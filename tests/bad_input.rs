@@ -245,3 +245,46 @@ fn socket_mode_and_peer_allowlist() {
     assert!(ok, "4242 is in allow_uids: {err}");
     assert!(d.client().ping().is_ok(), "root is always allowed");
 }
+
+#[test]
+fn a_client_that_never_reads_is_throttled_not_buffered() {
+    let dir = tempdir("noread");
+    let d = TestDaemon::start(&dir, &config(&dir, "", &[cifar_model("cifar10", "")]));
+    let (pixels, label) = cifar_images()[0].clone();
+    let rss = |pid: u32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let before = rss(d.child.id());
+    // ListModels answers are ~1 KB each and cheap to make: 40 000 unread would be ~40 MB.
+    let socket = d.socket.clone();
+    let writer = std::thread::spawn(move || {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+        let h = RequestHeader::new(Kind::ListModels, 1, 0, Dtype::Bytes, &[], 0);
+        let mut written = 0;
+        for _ in 0..40_000 {
+            if s.write_all(h.as_bytes()).is_err() {
+                break; // the daemon stopped reading: our socket buffer is full
+            }
+            written += 1;
+        }
+        (s, written)
+    });
+    let (mut s, written) = writer.join().unwrap();
+    assert!(written < 40_000, "the daemon kept reading a client that never reads");
+    let grown_kb = rss(d.child.id()).saturating_sub(before);
+    assert!(grown_kb < 16 * 1024, "daemon grew by {grown_kb} KiB buffering unread answers");
+    // Others are served meanwhile.
+    good_request(&mut d.client(), &pixels, label);
+    // Reading drains it: every request sent is answered, in order.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    for _ in 0..written {
+        let mut hb = [0u8; HEADER_LEN];
+        s.read_exact(&mut hb).unwrap();
+        let h = gatid::api::wire::ResponseHeader::parse(&hb).unwrap();
+        let mut body = vec![0u8; h.payload_len.get() as usize];
+        s.read_exact(&mut body).unwrap();
+        assert_eq!(Status::from_u16(h.status.get()), Some(Status::Ok));
+    }
+}

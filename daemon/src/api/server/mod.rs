@@ -29,6 +29,8 @@ use crate::telemetry;
 pub const FLAG_BEST_EFFORT: u16 = 1;
 
 const RECV_BUF: usize = 64 * 1024;
+/// Unsent answer bytes above which a connection is no longer read.
+const OUT_HIGH_WATER: usize = 4 << 20;
 const RING_ENTRIES: u32 = 1024;
 
 const OP_ACCEPT: u64 = 1;
@@ -500,7 +502,7 @@ impl Worker {
                         .build()
                         .user_data(user_data(OP_SEND, slot, c.gen));
                     self.push(sqe)?;
-                    continue;
+                    // Keep reading while the ring sends, up to the high-water mark below.
                 }
             }
             let Some(c) = self.conns[slot as usize].as_deref_mut() else {
@@ -509,6 +511,12 @@ impl Worker {
             if c.closing && !c.send_armed && c.sending.is_empty() && c.out.idle() {
                 c.dead = true;
                 self.dirty.push(slot);
+                continue;
+            }
+            // Backpressure: a client that does not read its answers stops being
+            // read until they drain (each completed send marks the slot dirty).
+            let unsent = c.sending.len() - c.sent + c.out.lock().pending.len();
+            if unsent > OUT_HIGH_WATER {
                 continue;
             }
             self.arm_recv(slot)?;
