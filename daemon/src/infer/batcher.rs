@@ -41,6 +41,11 @@ impl Reply {
         Self(Some(Box::new(f)))
     }
 
+    /// Drops the reply without answering (the caller answers another way).
+    pub fn disarm(mut self) {
+        self.0.take();
+    }
+
     pub fn send(mut self, r: JobResult) {
         if let Some(f) = self.0.take() {
             f(r);
@@ -310,5 +315,39 @@ impl Batcher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::{JobResult, Reply};
+
+    #[test]
+    fn reply_answers_once_fails_when_dropped_and_frees_on_disarm() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let make = || {
+            let (c, f) = (Arc::clone(&calls), Arc::clone(&failed));
+            Reply::new(move |r| {
+                c.fetch_add(1, Ordering::SeqCst);
+                if matches!(r, JobResult::Failed(_)) {
+                    f.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        make().send(JobResult::Expired);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        drop(make());
+        assert_eq!(
+            (calls.load(Ordering::SeqCst), failed.load(Ordering::SeqCst)),
+            (2, 1),
+            "dropped reply answers Failed"
+        );
+        make().disarm();
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "disarmed reply is not called");
+        assert_eq!(Arc::strong_count(&calls), 1, "disarm frees what the reply held");
     }
 }

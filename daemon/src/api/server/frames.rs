@@ -138,7 +138,7 @@ impl Worker {
             Ok(()) => telemetry::inflight(1.0),
             Err((why, job)) => {
                 // Answer here, not through the reply.
-                std::mem::forget(job.reply);
+                job.reply.disarm();
                 c.out.inflight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 let status = match why {
                     crate::infer::batcher::Rejected::Unmeetable { .. } => Status::DeadlineUnmeetable,
