@@ -30,6 +30,7 @@ fn fmnist_cfg(cuts: Cuts) -> ModelConfig {
         max_batch: 8,
         max_queue_delay_us: 0,
         intra_threads: 1,
+        cache: None,
     }
 }
 

@@ -12,7 +12,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use model::{
-    Config, Cuts, InputConfig, Layout, MetricsConfig, ModelConfig, OutputKind, Resize, RuntimeConfig, ServerConfig,
+    CacheConfig, CacheKind, Config, Cuts, InputConfig, Layout, MetricsConfig, ModelConfig, OutputKind, Resize,
+    RuntimeConfig, ServerConfig,
 };
 
 /// One problem found in a config file.

@@ -172,6 +172,67 @@ pub struct ModelConfig {
     /// ONNX Runtime intra-op threads per stage session.
     #[serde(default = "default_threads")]
     pub intra_threads: usize,
+    /// Caches after hidden layers; none by default.
+    #[serde(default)]
+    pub cache: Option<CacheConfig>,
+}
+
+/// Which cache answers at the cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheKind {
+    /// A small trained predictor per cut (GATI).
+    Learned,
+    /// k nearest neighbours over reduced activations (Freeze Inference).
+    Knn,
+    /// Nearest k-means centroid (Freeze Inference).
+    Kmeans,
+}
+
+/// Cache settings of one model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    pub kind: CacheKind,
+    /// Largest allowed disagreement with the full model (fraction of requests).
+    #[serde(default = "default_budget")]
+    pub budget: f32,
+    /// Recent full-model answers kept for training (rows).
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// Rows needed before the first training.
+    #[serde(default = "default_min_samples")]
+    pub min_samples: usize,
+    /// New rows between retrainings.
+    #[serde(default = "default_min_samples")]
+    pub retrain_every: usize,
+    /// Fraction of cache hits also run through the full model to measure live
+    /// disagreement (off the request path: the hit is answered first).
+    #[serde(default = "default_shadow")]
+    pub shadow_fraction: f32,
+    /// Largest share of one core the background trainer may use.
+    #[serde(default = "default_trainer_share")]
+    pub trainer_cpu_share: f32,
+}
+
+fn default_trainer_share() -> f32 {
+    0.25
+}
+
+fn default_budget() -> f32 {
+    0.01
+}
+
+fn default_window() -> usize {
+    4096
+}
+
+fn default_min_samples() -> usize {
+    256
+}
+
+fn default_shadow() -> f32 {
+    0.05
 }
 
 fn default_max_batch() -> usize {

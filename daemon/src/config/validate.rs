@@ -193,6 +193,20 @@ fn check_model(m: &ModelConfig, bad: &mut dyn FnMut(&'static str, bool, String))
     if !(1..=64).contains(&m.intra_threads) {
         bad("intra_threads", false, format!("must be 1..=64, got {}", m.intra_threads));
     }
+    if let Some(c) = &m.cache {
+        if !(0.0..=0.5).contains(&c.budget) {
+            bad("cache", false, format!("budget must be in 0..=0.5, got {}", c.budget));
+        }
+        if !(0.01..=1.0).contains(&c.trainer_cpu_share) {
+            bad("cache", false, format!("trainer_cpu_share must be in 0.01..=1, got {}", c.trainer_cpu_share));
+        }
+        if !(0.0..=1.0).contains(&c.shadow_fraction) {
+            bad("cache", false, format!("shadow_fraction must be in 0..=1, got {}", c.shadow_fraction));
+        }
+        if c.window < 16 || c.min_samples < 8 || c.retrain_every == 0 || c.min_samples > c.window {
+            bad("cache", false, "need window >= 16, 8 <= min_samples <= window, retrain_every >= 1".into());
+        }
+    }
     let inp = &m.input;
     for (k, v) in [("height", inp.height), ("width", inp.width)] {
         if !(1..=8192).contains(&v) {

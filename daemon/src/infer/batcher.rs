@@ -18,6 +18,7 @@ use super::cost::ModelCost;
 use super::model::{LoadedModel, ModelMeta};
 use super::pipeline::Pipeline;
 use super::InferError;
+use crate::cache::model_caches::ModelCaches;
 use crate::config::{InputConfig, ModelConfig};
 use crate::telemetry;
 
@@ -85,6 +86,8 @@ pub struct ModelHandle {
     pub input: InputConfig,
     /// The config the model was loaded from (reload compares it).
     pub config: ModelConfig,
+    /// The model's caches, if it has any.
+    pub caches: Option<Arc<ModelCaches>>,
     pub cost: Arc<ModelCost>,
     tx: Sender<Job>,
     state: Arc<QueueState>,
@@ -105,6 +108,13 @@ impl ModelHandle {
     /// thread polls its queue that long after a batch before sleeping.
     pub fn start(model: LoadedModel, busy_poll: Duration) -> Result<Self, InferError> {
         let (tx, rx) = mpsc::channel();
+        let caches = match &model.config.cache {
+            Some(c) => Some(
+                ModelCaches::start(c.clone(), model.pipeline.len() - 1, model.meta.classes, &model.meta.name)
+                    .map_err(InferError::Thread)?,
+            ),
+            None => None,
+        };
         let cost = Arc::new(model.cost);
         let state = Arc::new(QueueState {
             base: Instant::now(),
@@ -123,6 +133,9 @@ impl ModelHandle {
             row_shape: model.meta.row_shape.clone(),
             carry: VecDeque::new(),
             busy_poll,
+            caches: caches.clone(),
+            logits: model.config.output == crate::config::OutputKind::Logits,
+            rng: 0x9e37_79b9_7f4a_7c15,
         };
         std::thread::Builder::new()
             .name(format!("batch-{}", model.meta.name))
@@ -136,6 +149,7 @@ impl ModelHandle {
             cost,
             tx,
             state,
+            caches,
         })
     }
 
@@ -186,6 +200,9 @@ struct Batcher {
     /// A job that did not fit the previous batch.
     carry: VecDeque<Job>,
     busy_poll: Duration,
+    caches: Option<Arc<ModelCaches>>,
+    logits: bool,
+    rng: u64,
 }
 
 impl Batcher {
@@ -276,6 +293,29 @@ impl Batcher {
         let end = self.state.base.elapsed() + predicted;
         self.state.busy_until_ns.store(end.as_nanos() as u64, Ordering::Relaxed);
         telemetry::batch_size(&self.name, rows);
+        if let Some(caches) = self.caches.clone() {
+            let result = super::exits::run(
+                &mut self.pipeline,
+                &caches,
+                live,
+                &self.row_shape,
+                self.logits,
+                &self.name,
+                &mut self.rng,
+            );
+            self.state.busy_until_ns.store(0, Ordering::Relaxed);
+            telemetry::queue_depth(&self.name, self.state.queued_rows.load(Ordering::Relaxed));
+            match result {
+                Ok(stages) => {
+                    for (i, (c, (n, t))) in self.cost.stages.iter().zip(stages).enumerate() {
+                        c.observe(n, t);
+                        telemetry::stage_time(&self.name, i + 1, t);
+                    }
+                }
+                Err(e) => tracing::error!(model = %self.name, error = %e, rows, "model run failed"),
+            }
+            return;
+        }
 
         let mut shape = vec![rows];
         shape.extend(&self.row_shape);

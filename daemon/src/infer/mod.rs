@@ -8,6 +8,7 @@
 pub mod batcher;
 pub mod cost;
 pub mod cuts;
+mod exits;
 pub mod model;
 pub mod onnx_graph;
 pub mod pipeline;

@@ -1,5 +1,7 @@
 //! A model cut into stages: one ONNX Runtime session per stage, run in order,
-//! each stage's output tensor fed to the next without a copy.
+//! each stage's output tensor fed to the next without a copy. Every stage but
+//! the last also outputs the global-average-pooled cut tensor (`rows × C`),
+//! which caches read; after a stage, rows that exited are compacted away.
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +10,7 @@ use ort::session::Session;
 use ort::value::{DynValue, TensorRef};
 
 use super::cuts::StagePlan;
-use super::onnx_graph::OnnxModel;
+use super::onnx_graph::{node_bytes, OnnxModel};
 use super::InferError;
 
 /// One stage's session and the tensors it reads and writes.
@@ -16,6 +18,33 @@ pub struct Stage {
     session: Session,
     input: String,
     output: String,
+    /// The pooled features output, when the stage has one.
+    features: Option<String>,
+}
+
+/// What an exit decision sees after a stage.
+pub struct StageView<'a> {
+    /// 0-based stage index.
+    pub stage: usize,
+    /// Pooled features of the live rows, `live.len() × dim`.
+    pub features: &'a [f32],
+    pub dim: usize,
+    /// Original row indices of the live rows.
+    pub live: &'a [usize],
+}
+
+/// A run with exits: the rows that reached the end and their outputs.
+#[derive(Debug, Clone, Default)]
+pub struct ExitRun {
+    /// Original indices of the rows the last stage answered.
+    pub finished: Vec<usize>,
+    /// Their outputs, row-major, `finished.len() × row_len`.
+    pub data: Vec<f32>,
+    /// Output values per row.
+    pub row_len: usize,
+    pub stage_times: Vec<Duration>,
+    /// Rows each stage ran on.
+    pub stage_rows: Vec<usize>,
 }
 
 /// The stages of one model, owned by that model's batcher thread.
@@ -47,16 +76,49 @@ pub fn session_from_bytes(bytes: &[u8], threads: usize, what: &str) -> Result<Se
 }
 
 impl Pipeline {
-    /// Builds one session per stage plan.
+    /// Builds one session per stage plan. Non-final stages get a pooled-feature
+    /// output when the cut tensor allows it (4-D: GlobalAveragePool + Flatten;
+    /// else Flatten); a stage where neither builds has no features.
     pub fn build(model: &OnnxModel, plans: &[StagePlan], threads: usize, name: &str) -> Result<Self, InferError> {
         let mut stages = Vec::with_capacity(plans.len());
         for (i, plan) in plans.iter().enumerate() {
+            let what = format!("model `{name}` stage {}", i + 1);
             let outputs: Vec<&str> = plan.outputs.iter().map(String::as_str).collect();
-            let bytes = model.encode_subgraph(&plan.nodes, &[plan.input.as_str()], &outputs);
-            let session = session_from_bytes(&bytes, threads, &format!("model `{name}` stage {}", i + 1))?;
-            stages.push(Stage { session, input: plan.input.clone(), output: plan.outputs[0].clone() });
+            let last = i + 1 == plans.len();
+            let mut built = None;
+            if !last {
+                let cut = plan.outputs[0].as_str();
+                let feat = format!("{cut}__features");
+                let pooled = format!("{cut}__pooled");
+                let with_gap = vec![
+                    node_bytes("GlobalAveragePool", &format!("{cut}__gap"), &[cut], &[&pooled]),
+                    node_bytes("Flatten", &format!("{cut}__flatten"), &[&pooled], &[&feat]),
+                ];
+                let flat_only = vec![node_bytes("Flatten", &format!("{cut}__flatten"), &[cut], &[&feat])];
+                for extra in [with_gap, flat_only] {
+                    let outs = [cut, feat.as_str()];
+                    let bytes = model.encode_subgraph_with(&plan.nodes, &extra, &[plan.input.as_str()], &outs);
+                    if let Ok(session) = session_from_bytes(&bytes, threads, &what) {
+                        built = Some((session, Some(feat.clone())));
+                        break;
+                    }
+                }
+            }
+            let (session, features) = match built {
+                Some(b) => b,
+                None => {
+                    let bytes = model.encode_subgraph(&plan.nodes, &[plan.input.as_str()], &outputs);
+                    (session_from_bytes(&bytes, threads, &what)?, None)
+                }
+            };
+            stages.push(Stage { session, input: plan.input.clone(), output: plan.outputs[0].clone(), features });
         }
         Ok(Self { stages })
+    }
+
+    /// Whether stage `i` outputs pooled features.
+    pub fn has_features(&self, i: usize) -> bool {
+        self.stages.get(i).is_some_and(|s| s.features.is_some())
     }
 
     /// Number of stages.
@@ -94,6 +156,80 @@ impl Pipeline {
             shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
             stage_times: times,
         })
+    }
+}
+
+impl Pipeline {
+    /// Runs the stages; after each non-final stage with features, `decide` says
+    /// which live rows continue (`true`) — the others exited there and are
+    /// compacted out of the next stage's input. Stops early if no row is left.
+    pub fn run_with_exits(
+        &mut self,
+        shape: &[usize],
+        input: &[f32],
+        decide: &mut dyn FnMut(StageView<'_>) -> Vec<bool>,
+    ) -> Result<ExitRun, InferError> {
+        let n = self.stages.len();
+        let mut run = ExitRun::default();
+        let mut live: Vec<usize> = (0..shape[0]).collect();
+        let first = TensorRef::from_array_view((shape.to_vec(), input)).map_err(|e| ort_run(0, e))?;
+        let mut carry: Option<DynValue> = None;
+        for (i, stage) in self.stages.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            let mut out = match carry.take() {
+                None => stage.session.run(ort::inputs![stage.input.as_str() => first.view()]),
+                Some(v) => stage.session.run(ort::inputs![stage.input.as_str() => v]),
+            }
+            .map_err(|e| ort_run(i, e))?;
+            let value = out
+                .remove(&stage.output)
+                .ok_or_else(|| InferError::Shape(format!("stage {} produced no `{}`", i + 1, stage.output)))?;
+            run.stage_times.push(t0.elapsed());
+            run.stage_rows.push(live.len());
+            if i + 1 == n {
+                let (oshape, data) = value.try_extract_tensor::<f32>().map_err(|e| ort_run(i, e))?;
+                run.row_len = oshape.iter().skip(1).map(|&d| d.max(0) as usize).product();
+                run.data = data.to_vec();
+                run.finished = live;
+                return Ok(run);
+            }
+            let keep = match &stage.features {
+                Some(name) => {
+                    let feats = out
+                        .remove(name)
+                        .ok_or_else(|| InferError::Shape(format!("stage {} produced no `{name}`", i + 1)))?;
+                    let (fshape, fdata) = feats.try_extract_tensor::<f32>().map_err(|e| ort_run(i, e))?;
+                    let dim = fshape.iter().skip(1).map(|&d| d.max(0) as usize).product();
+                    decide(StageView { stage: i, features: fdata, dim, live: &live })
+                }
+                None => vec![true; live.len()],
+            };
+            if keep.iter().all(|&k| k) {
+                carry = Some(value);
+                continue;
+            }
+            if !keep.iter().any(|&k| k) {
+                run.finished = Vec::new();
+                return Ok(run);
+            }
+            // Compact: copy the kept rows of the cut tensor into a new input.
+            let (vshape, vdata) = value.try_extract_tensor::<f32>().map_err(|e| ort_run(i, e))?;
+            let mut dims: Vec<usize> = vshape.iter().map(|&d| d.max(0) as usize).collect();
+            let row: usize = dims[1..].iter().product();
+            let mut data = Vec::with_capacity(row * keep.iter().filter(|&&k| k).count());
+            let mut next_live = Vec::with_capacity(data.capacity() / row.max(1));
+            for (j, (&k, &orig)) in keep.iter().zip(&live).enumerate() {
+                if k {
+                    data.extend_from_slice(&vdata[j * row..(j + 1) * row]);
+                    next_live.push(orig);
+                }
+            }
+            dims[0] = next_live.len();
+            live = next_live;
+            let t = ort::value::Tensor::from_array((dims, data)).map_err(|e| ort_run(i, e))?;
+            carry = Some(t.into_dyn());
+        }
+        Ok(run)
     }
 }
 

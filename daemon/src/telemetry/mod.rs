@@ -102,3 +102,14 @@ pub fn connections(delta: f64) {
 pub fn refused(reason: &'static str) {
     counter!("gati_connections_refused_total", "reason" => reason).increment(1);
 }
+
+/// A row of `model` was answered at `stage` (1-based; the last stage = full model).
+pub fn cache_exit(model: &str, stage: usize) {
+    counter!("gati_exits_total", "model" => model.to_string(), "stage" => stage.to_string()).increment(1);
+}
+
+/// Live disagreement estimate (shadow checks) and cache memory of `model`.
+pub fn cache_state(model: &str, live_disagreement: f32, mem_bytes: usize) {
+    gauge!("gati_cache_live_disagreement", "model" => model.to_string()).set(f64::from(live_disagreement));
+    gauge!("gati_cache_memory_bytes", "model" => model.to_string()).set(mem_bytes as f64);
+}

@@ -1,0 +1,277 @@
+//! The caches of one model at run time: the active cache per cut, the window
+//! of recent full-model answers, the background trainer, and the live
+//! disagreement measured by shadow checks.
+//!
+//! Serving reads [`ModelCaches::active`] (an `Arc` swapped whole by the
+//! trainer) and reports what happened; the trainer never blocks serving: it
+//! copies the window, fits, tunes thresholds on a held-out part, and swaps.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Instant;
+
+use super::knn::{KmeansCache, KmeansParams, KnnCache, KnnParams};
+use super::learned::{LearnedCache, LearnedParams};
+use super::policy::{tune, OFF};
+use super::{CutCache, Samples};
+use crate::config::{CacheConfig, CacheKind};
+
+/// One cut's cache and threshold.
+#[derive(Clone)]
+pub struct CutEntry {
+    pub cache: Arc<dyn CutCache>,
+    pub threshold: f32,
+}
+
+/// The caches serving uses now, one slot per stage (the last never has one).
+#[derive(Clone, Default)]
+pub struct Active {
+    pub cuts: Vec<Option<CutEntry>>,
+    /// Trainings so far (0 = nothing trained yet).
+    pub generation: u64,
+}
+
+/// One full-model answer with the features it had at every cut.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Pooled features per cut (empty for a cut without features).
+    pub features: Vec<Vec<f32>>,
+    pub label: u32,
+}
+
+/// Counters per cut.
+#[derive(Debug, Default)]
+pub struct CutStats {
+    pub hits: AtomicU64,
+    pub shadow_checks: AtomicU64,
+    pub shadow_mismatches: AtomicU64,
+}
+
+/// A model's caches.
+pub struct ModelCaches {
+    pub config: CacheConfig,
+    pub classes: usize,
+    active: RwLock<Arc<Active>>,
+    window: Mutex<Window>,
+    wake: Condvar,
+    stop: AtomicBool,
+    /// Rows answered (hits and full runs) since the last decay.
+    pub rows: AtomicU64,
+    pub stats: Vec<CutStats>,
+    /// Fraction of the budget the next tuning may spend (f32 bits): lowered when
+    /// live disagreement runs over budget, raised back slowly when under it.
+    budget_scale: std::sync::atomic::AtomicU32,
+}
+
+struct Window {
+    samples: VecDeque<Sample>,
+    fresh: usize,
+}
+
+impl ModelCaches {
+    /// Caches for a model with `cuts` cut slots (stages − 1) and `classes` outputs;
+    /// starts the trainer thread (it holds only a weak reference).
+    pub fn start(config: CacheConfig, cuts: usize, classes: usize, name: &str) -> std::io::Result<Arc<Self>> {
+        let me = Arc::new(Self {
+            config,
+            classes,
+            active: RwLock::new(Arc::new(Active { cuts: vec![None; cuts], generation: 0 })),
+            window: Mutex::new(Window { samples: VecDeque::new(), fresh: 0 }),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            rows: AtomicU64::new(0),
+            stats: (0..cuts).map(|_| CutStats::default()).collect(),
+            budget_scale: std::sync::atomic::AtomicU32::new(0.8f32.to_bits()),
+        });
+        let weak = Arc::downgrade(&me);
+        std::thread::Builder::new().name(format!("train-{name}")).spawn(move || trainer(weak))?;
+        Ok(me)
+    }
+
+    /// The caches to consult now.
+    pub fn active(&self) -> Arc<Active> {
+        Arc::clone(&self.active.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Adds full-model answers to the window; wakes the trainer when enough are new.
+    pub fn record(&self, samples: impl IntoIterator<Item = Sample>) {
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        for s in samples {
+            if w.samples.len() == self.config.window {
+                w.samples.pop_front();
+            }
+            w.samples.push_back(s);
+            w.fresh += 1;
+        }
+        if w.fresh >= self.config.retrain_every && w.samples.len() >= self.config.min_samples {
+            self.wake.notify_one();
+        }
+    }
+
+    /// A shadow-checked hit at `cut` said `cached`; the full model said `full`.
+    /// A mismatch that puts the live disagreement over budget tightens that cut at once.
+    pub fn shadow(&self, cut: usize, cached: u32, full: u32) {
+        let s = &self.stats[cut];
+        s.shadow_checks.fetch_add(1, Ordering::Relaxed);
+        if cached == full {
+            return;
+        }
+        s.shadow_mismatches.fetch_add(1, Ordering::Relaxed);
+        if self.live_disagreement() > self.config.budget {
+            let mut guard = self.active.write().unwrap_or_else(|p| p.into_inner());
+            let mut next = (**guard).clone();
+            if let Some(Some(e)) = next.cuts.get_mut(cut) {
+                // Halve the distance to certainty (confidences are in [0, 1]).
+                e.threshold = if e.threshold >= 1.0 { OFF } else { e.threshold + (1.0 - e.threshold) / 2.0 };
+                tracing::info!(cut, threshold = e.threshold, "live disagreement over budget: threshold tightened");
+            }
+            *guard = Arc::new(next);
+        }
+    }
+
+    /// Estimated fraction of rows answered differently from the full model:
+    /// Σ over cuts of hit rate × shadow mismatch rate.
+    pub fn live_disagreement(&self) -> f32 {
+        let rows = self.rows.load(Ordering::Relaxed).max(1) as f32;
+        self.stats
+            .iter()
+            .map(|s| {
+                let checks = s.shadow_checks.load(Ordering::Relaxed);
+                if checks == 0 {
+                    return 0.0;
+                }
+                let rate = s.shadow_mismatches.load(Ordering::Relaxed) as f32 / checks as f32;
+                s.hits.load(Ordering::Relaxed) as f32 / rows * rate
+            })
+            .sum()
+    }
+
+    /// Bytes held by the active caches.
+    pub fn mem_bytes(&self) -> usize {
+        self.active().cuts.iter().flatten().map(|e| e.cache.mem_bytes()).sum()
+    }
+
+    /// Fits caches on the older samples and tunes thresholds on the newest; returns the new set.
+    pub fn train(&self, samples: &[Sample]) -> Active {
+        let cuts = self.stats.len();
+        // Tune on the newest quarter, fit on the rest: thresholds are judged on
+        // traffic the predictors have not seen, as they will be in service.
+        let split = samples.len() - samples.len() / 4;
+        let fit: Vec<&Sample> = samples[..split].iter().collect();
+        let hold: Vec<&Sample> = samples[split..].iter().collect();
+        let labels: Vec<u32> = hold.iter().map(|s| s.label).collect();
+        let mut caches: Vec<Option<Arc<dyn CutCache>>> = Vec::with_capacity(cuts);
+        let mut preds = Vec::with_capacity(cuts);
+        for c in 0..cuts {
+            let dim = fit.first().map_or(0, |s| s.features.get(c).map_or(0, Vec::len));
+            if dim == 0 || fit.iter().chain(&hold).any(|s| s.features.get(c).map_or(0, Vec::len) != dim) {
+                caches.push(None);
+                preds.push(vec![(0, 0.0); hold.len()]);
+                continue;
+            }
+            let x: Vec<f32> = fit.iter().flat_map(|s| s.features[c].iter().copied()).collect();
+            let y: Vec<u32> = fit.iter().map(|s| s.label).collect();
+            let samples = Samples { features: &x, dim, labels: &y, classes: self.classes };
+            let cache: Arc<dyn CutCache> = match self.config.kind {
+                CacheKind::Learned => Arc::new(LearnedCache::fit(&samples, &LearnedParams::default())),
+                CacheKind::Knn => Arc::new(KnnCache::fit(&samples, &KnnParams::default())),
+                CacheKind::Kmeans => Arc::new(KmeansCache::fit(&samples, &KmeansParams::default())),
+            };
+            let hx: Vec<f32> = hold.iter().flat_map(|s| s.features[c].iter().copied()).collect();
+            preds.push(cache.predict(&hx, dim));
+            caches.push(Some(cache));
+        }
+        // Tune with a safety margin: the held-out estimate is noisy; shadow checks correct the rest.
+        let min_hits = (hold.len() / 50).max(1);
+        let scale = self.adapt_budget_scale();
+        let thresholds = tune(&preds, &labels, self.config.budget * scale, min_hits);
+        let generation = self.active().generation + 1;
+        Active {
+            cuts: caches
+                .into_iter()
+                .zip(thresholds)
+                .map(|(c, t)| c.filter(|_| t.is_finite()).map(|cache| CutEntry { cache, threshold: t }))
+                .collect(),
+            generation,
+        }
+    }
+
+    /// Sets the share of the budget the next tuning may spend from the live
+    /// disagreement since the last training, then halves the counters so the
+    /// estimate follows the stream (older traffic weighs less).
+    fn adapt_budget_scale(&self) -> f32 {
+        let live = self.live_disagreement();
+        let old = f32::from_bits(self.budget_scale.load(Ordering::Relaxed));
+        let checks: u64 = self.stats.iter().map(|s| s.shadow_checks.load(Ordering::Relaxed)).sum();
+        let scale = if checks < 20 {
+            old
+        } else if live > self.config.budget {
+            (old * 0.6).max(0.05)
+        } else if live < self.config.budget * 0.5 {
+            (old * 1.15).min(0.8)
+        } else {
+            old
+        };
+        self.budget_scale.store(scale.to_bits(), Ordering::Relaxed);
+        let halve = |a: &AtomicU64| a.store(a.load(Ordering::Relaxed) / 2, Ordering::Relaxed);
+        halve(&self.rows);
+        for s in &self.stats {
+            halve(&s.hits);
+            halve(&s.shadow_checks);
+            halve(&s.shadow_mismatches);
+        }
+        scale
+    }
+
+    /// Swaps in a new set of caches.
+    pub fn install(&self, active: Active) {
+        *self.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(active);
+    }
+}
+
+impl Drop for ModelCaches {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wake.notify_all();
+    }
+}
+
+/// The background trainer: waits for fresh samples, trains off the serving
+/// path at low priority, swaps the result in. Ends when the model is dropped.
+fn trainer(me: std::sync::Weak<ModelCaches>) {
+    // SAFETY: setpriority on this thread only (who = 0 means the calling thread on Linux).
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    loop {
+        let Some(caches) = me.upgrade() else { return };
+        let samples: Vec<Sample> = {
+            let w = caches.window.lock().unwrap_or_else(|p| p.into_inner());
+            let ready =
+                |w: &Window| w.fresh >= caches.config.retrain_every && w.samples.len() >= caches.config.min_samples;
+            let (mut w, _) = caches
+                .wake
+                .wait_timeout_while(w, std::time::Duration::from_millis(500), |w| {
+                    !ready(w) && !caches.stop.load(Ordering::Relaxed)
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            if caches.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            if !ready(&w) {
+                continue;
+            }
+            w.fresh = 0;
+            w.samples.iter().cloned().collect()
+        };
+        let t0 = Instant::now();
+        let active = caches.train(&samples);
+        // Bound the trainer's CPU share: rest (1/share − 1) times as long as it worked.
+        let rest = t0.elapsed().mul_f32(1.0 / caches.config.trainer_cpu_share - 1.0);
+        let summary: Vec<String> =
+            active.cuts.iter().map(|c| c.as_ref().map_or("off".into(), |e| format!("{:.3}", e.threshold))).collect();
+        tracing::debug!(samples = samples.len(), took_ms = t0.elapsed().as_millis() as u64, thresholds = ?summary, "caches retrained");
+        caches.install(active);
+        drop(caches);
+        std::thread::sleep(rest);
+    }
+}

@@ -1,0 +1,119 @@
+//! Learned caches through the real daemon: a hit answers with the cache's
+//! guess at an earlier stage, a miss answers exactly what the full model says,
+//! and compaction keeps every row paired with its own answer.
+
+mod common;
+
+use common::*;
+use gatid::api::wire::{Dtype, Status};
+use gatid::config::{InputConfig, Layout, Resize};
+use gatid::infer::preprocess::image_to_input;
+
+fn fmnist_input() -> InputConfig {
+    InputConfig {
+        layout: Layout::NCHW,
+        height: 28,
+        width: 28,
+        channels: 1,
+        scale: 1.0 / 255.0,
+        mean: vec![0.2860],
+        std: vec![0.3530],
+        resize: Resize::Bilinear,
+    }
+}
+
+/// The class-run Fashion-MNIST stream (temporal locality), as test-set indices.
+fn local_stream(n: usize) -> Vec<usize> {
+    let bytes = std::fs::read(root().join("data/workloads/fmnist_local_p0.9_seed1.idx")).expect("run scripts/setup.sh");
+    bytes.chunks_exact(4).take(n).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize).collect()
+}
+
+/// Is `row` what a cache hit answers (log of one class at p, the rest even)?
+fn is_hit_row(row: &[f32]) -> bool {
+    let max = row.iter().copied().fold(f32::MIN, f32::max);
+    let others: Vec<f32> = row.iter().copied().filter(|&v| v != max).collect();
+    others.len() == row.len() - 1 && others.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-6)
+}
+
+#[test]
+fn hits_answer_early_misses_equal_the_full_model_and_rows_stay_paired() {
+    let dir = tempdir("caches");
+    let cache = "cache = { kind = \"learned\", budget = 0.01, min_samples = 256, retrain_every = 256, shadow_fraction = 0.1, trainer_cpu_share = 0.5 }";
+    let d = TestDaemon::start(&dir, &config(&dir, "", &[fmnist_model("fmnist", &format!("max_batch = 16\n{cache}"))]));
+    let test = fmnist_test(10_000);
+    let stream = local_stream(1500);
+    let model = model_path("fmnist_resnet.onnx");
+    let last = 7u16;
+    let mut c = d.client();
+    let (mut hits, mut full) = (0, 0);
+    let mut agree = 0;
+    for (i, &k) in stream.iter().enumerate() {
+        let (px, _) = &test[k];
+        let r = c.infer("fmnist", Dtype::U8, &[28, 28, 1], px, 0).unwrap().ok().unwrap();
+        let got = r.floats();
+        let (_, x) = image_to_input(&fmnist_input(), &[28, 28, 1], px).unwrap();
+        let want = ort_direct_cached(&model, &x);
+        if r.exit_stage == last {
+            full += 1;
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(diff < 1e-3, "request {i}: a miss must be the full model's answer (diff {diff})");
+        } else {
+            hits += 1;
+            assert!(r.exit_stage >= 1 && r.exit_stage < last);
+            assert!(is_hit_row(&got), "request {i}: hit row {got:?}");
+            let p: f32 = got.iter().map(|v| v.exp()).sum();
+            assert!((p - 1.0).abs() < 1e-3, "hit answers a distribution (sum {p})");
+        }
+        agree += usize::from(argmax(&got) == argmax(&want));
+    }
+    assert!(hits > 100, "caches answered only {hits} of 1500 (full {full})");
+    let disagreement = 1.0 - agree as f64 / stream.len() as f64;
+    println!("caches: {hits} hits, {full} full runs of 1500; disagreement with the full model {disagreement:.4}");
+    assert!(disagreement < 0.06, "disagreement {disagreement}");
+
+    // Compaction: 8-row jobs mixing images; every row that ran the whole model
+    // must carry the full model's answer for that very row.
+    let mut mixed_jobs = 0;
+    for j in 0..40 {
+        let ks: Vec<usize> = (0..8).map(|r| stream[(j * 8 + r * 37) % stream.len()]).collect();
+        let mut px = Vec::new();
+        for &k in &ks {
+            px.extend_from_slice(&test[k].0);
+        }
+        let r = c.infer("fmnist", Dtype::U8, &[8, 28, 28, 1], &px, 0).unwrap();
+        assert_eq!(r.status, Status::Ok);
+        assert_eq!(r.shape, vec![8, 10]);
+        let got = r.floats();
+        let mut kinds = (0, 0);
+        for (row, &k) in ks.iter().enumerate() {
+            let g = &got[row * 10..(row + 1) * 10];
+            let (_, x) = image_to_input(&fmnist_input(), &[28, 28, 1], &test[k].0).unwrap();
+            let want = ort_direct_cached(&model, &x);
+            if is_hit_row(g) {
+                kinds.0 += 1;
+            } else {
+                kinds.1 += 1;
+                let diff = g.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(diff < 1e-3, "job {j} row {row}: answer belongs to another row (diff {diff})");
+            }
+        }
+        mixed_jobs += usize::from(kinds.0 > 0 && kinds.1 > 0);
+    }
+    assert!(mixed_jobs > 0, "no job mixed hits and misses; compaction was not exercised");
+    let stats = gatid::telemetry::summary::summarize(&d.client().stats_text().unwrap());
+    assert!(stats.to_string().contains("ok"));
+}
+
+/// ORT direct with one session reused across calls (in this test process).
+fn ort_direct_cached(model: &std::path::Path, x: &[f32]) -> Vec<f32> {
+    use std::sync::Mutex;
+    static SESSION: Mutex<Option<ort::session::Session>> = Mutex::new(None);
+    ort_env();
+    let mut guard = SESSION.lock().unwrap();
+    let s = guard.get_or_insert_with(|| {
+        gatid::infer::pipeline::session_from_bytes(&std::fs::read(model).unwrap(), 1, "reference").unwrap()
+    });
+    let t = ort::value::TensorRef::from_array_view((vec![1usize, 1, 28, 28], x)).unwrap();
+    let out = s.run(ort::inputs![t]).unwrap();
+    out[0].try_extract_tensor::<f32>().unwrap().1.to_vec()
+}
