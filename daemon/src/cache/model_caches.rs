@@ -24,7 +24,8 @@ pub struct CutEntry {
     pub threshold: f32,
 }
 
-/// The caches serving uses now, one slot per stage (the last never has one).
+/// The caches serving uses now, one slot per cut: 0 = the model input, i = the end
+/// of stage i (the last stage's end is the model's answer, so it has none).
 #[derive(Clone, Default)]
 pub struct Active {
     pub cuts: Vec<Option<CutEntry>>,
@@ -70,7 +71,8 @@ struct Window {
 }
 
 impl ModelCaches {
-    /// Caches for a model with `cuts` cut slots (stages − 1) and `classes` outputs;
+    /// Caches for a model with `cuts` cut slots (one per stage: the input and every
+    /// stage end but the last) and `classes` outputs;
     /// starts the trainer thread (it holds only a weak reference).
     pub fn start(config: CacheConfig, cuts: usize, classes: usize, name: &str) -> std::io::Result<Arc<Self>> {
         let me = Arc::new(Self {

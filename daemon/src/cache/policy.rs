@@ -34,7 +34,9 @@ pub fn tune(preds: &[Vec<(u32, f32)>], labels: &[u32], budget: f32, min_hits: us
             if cut[r].0 != labels[r] {
                 errors += 1;
             }
-            if errors > allowed {
+            // One-sided 95 % upper bound on the errors (the held-out set is small):
+            // a prefix is taken only if even that bound fits the budget left.
+            if errors as f32 + 1.645 * (errors as f32 + 1.0).sqrt() > allowed as f32 + 1.645 {
                 break;
             }
             let boundary = order.get(i + 1).is_none_or(|&next| cut[next].1 < cut[r].1);

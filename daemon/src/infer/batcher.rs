@@ -110,7 +110,7 @@ impl ModelHandle {
         let (tx, rx) = mpsc::channel();
         let caches = match &model.config.cache {
             Some(c) => Some(
-                ModelCaches::start(c.clone(), model.pipeline.len() - 1, model.meta.classes, &model.meta.name)
+                ModelCaches::start(c.clone(), model.pipeline.len(), model.meta.classes, &model.meta.name)
                     .map_err(InferError::Thread)?,
             ),
             None => None,

@@ -2,13 +2,21 @@
 //! confident enough, a job is answered the moment its last row is done, the
 //! batch is compacted so later stages compute only on the rest, and the rows
 //! that ran the whole model feed the caches' training window.
+//!
+//! Cut 0 is the model input (a 4×4 average-pooled thumbnail per channel, so an
+//! answer there skips every stage); cut i ≥ 1 is the end of stage i. A row that
+//! exits at cut c is answered with `exit_stage = c`.
+
+use std::sync::atomic::Ordering;
 
 use super::batcher::{Job, JobResult, Reply};
 use super::pipeline::{Pipeline, StageView};
 use super::InferError;
-use crate::cache::model_caches::{ModelCaches, Sample};
+use crate::cache::model_caches::{Active, ModelCaches, Sample};
 use crate::telemetry;
-use std::sync::atomic::Ordering;
+
+/// Side of the input thumbnail cut 0 reads.
+const THUMB: usize = 4;
 
 /// One job's answer being assembled.
 struct Pending {
@@ -16,7 +24,7 @@ struct Pending {
     rows: usize,
     remaining: usize,
     out: Vec<f32>,
-    /// Latest stage (1-based) that answered one of its rows.
+    /// Latest cut that answered one of its rows.
     stage: u16,
 }
 
@@ -42,6 +50,105 @@ fn hit_row(class: u32, conf: f32, classes: usize, logits: bool) -> Vec<f32> {
         .collect()
 }
 
+/// Average-pools one input row to THUMB×THUMB per channel. The two largest
+/// dimensions of `row_shape` are taken as height and width, the other as channels.
+pub fn thumbnail(row: &[f32], row_shape: &[usize]) -> Vec<f32> {
+    let [a, b, c] = *row_shape else { return Vec::new() };
+    // Channel axis: the smallest dimension.
+    let ch_axis = if a <= b && a <= c {
+        0
+    } else if c <= a && c <= b {
+        2
+    } else {
+        1
+    };
+    let dims = [a, b, c];
+    let spatial: Vec<usize> = (0..3).filter(|&d| d != ch_axis).collect();
+    let (h, w, chans) = (dims[spatial[0]], dims[spatial[1]], dims[ch_axis]);
+    let mut out = vec![0f32; chans * THUMB * THUMB];
+    let mut counts = vec![0f32; THUMB * THUMB];
+    for y in 0..h {
+        for x in 0..w {
+            let cell = (y * THUMB / h) * THUMB + x * THUMB / w;
+            counts[cell] += 1.0;
+            for ch in 0..chans {
+                let mut idx = [0usize; 3];
+                idx[spatial[0]] = y;
+                idx[spatial[1]] = x;
+                idx[ch_axis] = ch;
+                let v = row[(idx[0] * b + idx[1]) * c + idx[2]];
+                out[ch * THUMB * THUMB + cell] += if v.is_finite() { v } else { 0.0 };
+            }
+        }
+    }
+    for ch in 0..chans {
+        for (o, n) in out[ch * THUMB * THUMB..(ch + 1) * THUMB * THUMB].iter_mut().zip(&counts) {
+            *o /= n.max(1.0);
+        }
+    }
+    out
+}
+
+/// Per-batch bookkeeping shared by every cut.
+struct Exits<'a> {
+    caches: &'a ModelCaches,
+    active: &'a Active,
+    model: &'a str,
+    classes: usize,
+    logits: bool,
+    owner: Vec<(usize, usize)>,
+    pending: Vec<Pending>,
+    features: Vec<Vec<Vec<f32>>>,
+    hit: Vec<Option<(usize, u32)>>,
+    rng: &'a mut u64,
+}
+
+impl Exits<'_> {
+    /// Consults cut `cut` for the `live` rows; returns which continue.
+    fn consult(&mut self, cut: usize, features: &[f32], dim: usize, live: &[usize]) -> Vec<bool> {
+        for (j, &r) in live.iter().enumerate() {
+            self.features[r][cut] = features[j * dim..(j + 1) * dim].to_vec();
+        }
+        let Some(Some(entry)) = self.active.cuts.get(cut) else { return vec![true; live.len()] };
+        let preds = entry.cache.predict(features, dim);
+        let mut keep = vec![true; live.len()];
+        for (j, (&r, &(class, conf))) in live.iter().zip(&preds).enumerate() {
+            if self.hit[r].is_some() || conf < entry.threshold {
+                continue;
+            }
+            self.hit[r] = Some((cut, class));
+            self.caches.stats[cut].hits.fetch_add(1, Ordering::Relaxed);
+            let (k, row) = self.owner[r];
+            let p = &mut self.pending[k];
+            p.out[row * self.classes..(row + 1) * self.classes].copy_from_slice(&hit_row(
+                class,
+                conf,
+                self.classes,
+                self.logits,
+            ));
+            p.remaining -= 1;
+            p.stage = p.stage.max(cut as u16);
+            p.finish_if_done(self.classes);
+            telemetry::cache_exit(self.model, cut);
+            // A few hits also run on, off the request path, to measure disagreement.
+            let r = &mut *self.rng;
+            *r ^= *r << 13;
+            *r ^= *r >> 7;
+            *r ^= *r << 17;
+            keep[j] = ((*r >> 11) as f64 / (1u64 << 53) as f64) < f64::from(self.caches.config.shadow_fraction);
+        }
+        keep
+    }
+
+    fn fail_unanswered(&mut self, why: &str) {
+        for p in &mut self.pending {
+            if let Some(r) = p.reply.take() {
+                r.send(JobResult::Failed(why.to_string()));
+            }
+        }
+    }
+}
+
 /// Runs `jobs` (already validated, not expired) through `pipeline` with `caches`.
 /// Returns per-stage (rows, time) for the cost model.
 pub(super) fn run(
@@ -54,10 +161,12 @@ pub(super) fn run(
     rng: &mut u64,
 ) -> Result<Vec<(usize, std::time::Duration)>, InferError> {
     let classes = caches.classes;
-    let cuts = pipeline.len() - 1;
+    let cuts = pipeline.len();
+    let row_len: usize = row_shape.iter().product();
     let rows: usize = jobs.iter().map(|j| j.rows).sum();
+    let active = caches.active();
     let mut owner = Vec::with_capacity(rows);
-    let mut data = Vec::with_capacity(rows * row_shape.iter().product::<usize>());
+    let mut data = Vec::with_capacity(rows * row_len);
     let mut pending: Vec<Pending> = Vec::with_capacity(jobs.len());
     for (k, job) in jobs.into_iter().enumerate() {
         owner.extend((0..job.rows).map(|r| (k, r)));
@@ -70,64 +179,64 @@ pub(super) fn run(
             stage: 0,
         });
     }
-    let mut shape = vec![rows];
-    shape.extend(row_shape);
-    let active = caches.active();
-    let mut features: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); cuts]; rows];
-    let mut hit: Vec<Option<(usize, u32)>> = vec![None; rows];
-    let shadow_fraction = caches.config.shadow_fraction;
-    let mut decide = |view: StageView<'_>| -> Vec<bool> {
-        for (j, &r) in view.live.iter().enumerate() {
-            features[r][view.stage] = view.features[j * view.dim..(j + 1) * view.dim].to_vec();
-        }
-        let Some(Some(entry)) = active.cuts.get(view.stage) else { return vec![true; view.live.len()] };
-        let preds = entry.cache.predict(view.features, view.dim);
-        let mut keep = vec![true; view.live.len()];
-        for (j, (&r, &(class, conf))) in view.live.iter().zip(&preds).enumerate() {
-            if hit[r].is_some() || conf < entry.threshold {
-                continue;
-            }
-            hit[r] = Some((view.stage, class));
-            caches.stats[view.stage].hits.fetch_add(1, Ordering::Relaxed);
-            let (k, row) = owner[r];
-            let p = &mut pending[k];
-            p.out[row * classes..(row + 1) * classes].copy_from_slice(&hit_row(class, conf, classes, logits));
-            p.remaining -= 1;
-            p.stage = p.stage.max(view.stage as u16 + 1);
-            p.finish_if_done(classes);
-            telemetry::cache_exit(model, view.stage + 1);
-            // A few hits also run on, off the request path, to measure disagreement.
-            *rng ^= *rng << 13;
-            *rng ^= *rng >> 7;
-            *rng ^= *rng << 17;
-            keep[j] = ((*rng >> 11) as f64 / (1u64 << 53) as f64) < f64::from(shadow_fraction);
-        }
-        keep
+    let mut ex = Exits {
+        caches,
+        active: &active,
+        model,
+        classes,
+        logits,
+        owner,
+        pending,
+        features: vec![vec![Vec::new(); cuts]; rows],
+        hit: vec![None; rows],
+        rng,
     };
-    let run = pipeline.run_with_exits(&shape, &data, &mut decide);
     caches.rows.fetch_add(rows as u64, Ordering::Relaxed);
+
+    // Cut 0: the input itself.
+    let thumbs: Vec<f32> = data.chunks_exact(row_len).flat_map(|r| thumbnail(r, row_shape)).collect();
+    let tdim = thumbs.len() / rows.max(1);
+    let all: Vec<usize> = (0..rows).collect();
+    let keep = if tdim > 0 { ex.consult(0, &thumbs, tdim, &all) } else { vec![true; rows] };
+    let live: Vec<usize> = all.iter().copied().filter(|&r| keep[r]).collect();
+    if live.is_empty() {
+        ex.fail_unanswered("internal: rows left unanswered");
+        return Ok(Vec::new());
+    }
+    let input: Vec<f32> = if live.len() == rows {
+        data
+    } else {
+        live.iter().flat_map(|&r| data[r * row_len..(r + 1) * row_len].iter().copied()).collect()
+    };
+    let mut shape = vec![live.len()];
+    shape.extend(row_shape);
+
+    let run = {
+        let mut decide = |view: StageView<'_>| -> Vec<bool> {
+            let rows: Vec<usize> = view.live.iter().map(|&j| live[j]).collect();
+            ex.consult(view.stage + 1, view.features, view.dim, &rows)
+        };
+        pipeline.run_with_exits(&shape, &input, &mut decide)
+    };
     let run = match run {
         Ok(r) => r,
         Err(e) => {
-            for p in &mut pending {
-                if let Some(r) = p.reply.take() {
-                    r.send(JobResult::Failed(e.to_string()));
-                }
-            }
+            ex.fail_unanswered(&e.to_string());
             return Err(e);
         }
     };
     let mut samples = Vec::with_capacity(run.finished.len());
     let last = pipeline.len() as u16;
-    for (i, &r) in run.finished.iter().enumerate() {
+    for (i, &j) in run.finished.iter().enumerate() {
+        let r = live[j];
         let out = &run.data[i * run.row_len..(i + 1) * run.row_len];
         let label = out.iter().enumerate().fold((0, f32::MIN), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0 as u32;
-        samples.push(Sample { features: std::mem::take(&mut features[r]), label });
-        match hit[r] {
+        samples.push(Sample { features: std::mem::take(&mut ex.features[r]), label });
+        match ex.hit[r] {
             Some((cut, cached)) => caches.shadow(cut, cached, label),
             None => {
-                let (k, row) = owner[r];
-                let p = &mut pending[k];
+                let (k, row) = ex.owner[r];
+                let p = &mut ex.pending[k];
                 let n = run.row_len.min(classes);
                 p.out[row * classes..row * classes + n].copy_from_slice(&out[..n]);
                 p.remaining -= 1;
@@ -139,10 +248,32 @@ pub(super) fn run(
     }
     caches.record(samples);
     telemetry::cache_state(model, caches.live_disagreement(), caches.mem_bytes());
-    for p in &mut pending {
-        if let Some(r) = p.reply.take() {
-            r.send(JobResult::Failed("internal: rows left unanswered".into()));
-        }
-    }
+    ex.fail_unanswered("internal: rows left unanswered");
     Ok(run.stage_rows.into_iter().zip(run.stage_times).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thumbnail_pools_spatial_dims_per_channel_in_either_layout() {
+        // NHWC 8x8x2: channel 0 = 1.0, channel 1 = row index.
+        let mut nhwc = Vec::new();
+        for y in 0..8 {
+            for _x in 0..8 {
+                nhwc.extend([1.0, y as f32]);
+            }
+        }
+        let t = thumbnail(&nhwc, &[8, 8, 2]);
+        assert_eq!(t.len(), 2 * 16);
+        assert!(t[..16].iter().all(|&v| (v - 1.0).abs() < 1e-6));
+        assert!((t[16] - 0.5).abs() < 1e-6 && (t[16 + 12] - 6.5).abs() < 1e-6);
+        // NCHW 1x8x8 gives one channel of 16 cells.
+        let nchw: Vec<f32> = (0..64).map(|i| (i / 8) as f32).collect();
+        let t = thumbnail(&nchw, &[1, 8, 8]);
+        assert_eq!(t.len(), 16);
+        assert!((t[0] - 0.5).abs() < 1e-6 && (t[15] - 6.5).abs() < 1e-6);
+        assert!(thumbnail(&[1.0; 4], &[4]).is_empty());
+    }
 }
