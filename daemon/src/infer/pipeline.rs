@@ -79,14 +79,21 @@ impl Pipeline {
     /// Builds one session per stage plan. Non-final stages get a pooled-feature
     /// output when the cut tensor allows it (4-D: GlobalAveragePool + Flatten;
     /// else Flatten); a stage where neither builds has no features.
-    pub fn build(model: &OnnxModel, plans: &[StagePlan], threads: usize, name: &str) -> Result<Self, InferError> {
+    /// Without `features` (a model with no cache) no stage computes them.
+    pub fn build(
+        model: &OnnxModel,
+        plans: &[StagePlan],
+        threads: usize,
+        name: &str,
+        features: bool,
+    ) -> Result<Self, InferError> {
         let mut stages = Vec::with_capacity(plans.len());
         for (i, plan) in plans.iter().enumerate() {
             let what = format!("model `{name}` stage {}", i + 1);
             let outputs: Vec<&str> = plan.outputs.iter().map(String::as_str).collect();
             let last = i + 1 == plans.len();
             let mut built = None;
-            if !last {
+            if !last && features {
                 let cut = plan.outputs[0].as_str();
                 let feat = format!("{cut}__features");
                 let pooled = format!("{cut}__pooled");
