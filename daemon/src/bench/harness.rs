@@ -19,6 +19,11 @@ impl Daemon {
     /// Starts `gatid serve` with `config`, its socket moved into a private
     /// directory, and waits until it answers pings.
     pub fn start(config: &Path) -> anyhow::Result<Self> {
+        Self::start_with(config, |_| {})
+    }
+
+    /// Like [`Self::start`], letting `tweak` edit the config table first.
+    pub fn start_with(config: &Path, tweak: impl FnOnce(&mut toml::Table)) -> anyhow::Result<Self> {
         let dir = super::serving::tempdir()?;
         let socket = dir.join("gatid.sock");
         let text = std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
@@ -29,6 +34,7 @@ impl Daemon {
             s.insert("socket".into(), toml::Value::String(socket.display().to_string()));
         }
         table.remove("metrics");
+        tweak(&mut table);
         if let Some(toml::Value::Array(models)) = table.get_mut("models") {
             for m in models {
                 if let Some(toml::Value::String(p)) = m.get_mut("path") {

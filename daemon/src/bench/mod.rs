@@ -1,5 +1,6 @@
 //! Benchmarks: commands that measure the daemon against a baseline in the same
 //! run, print a table and write JSON under `bench/results/`.
 
+pub mod caches;
 pub mod harness;
 pub mod serving;

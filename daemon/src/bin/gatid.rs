@@ -33,6 +33,8 @@ enum Command {
 enum BenchCommand {
     /// Socket floor vs gatid ping vs model through gatid vs ORT in-process.
     Serving(gatid::bench::serving::Args),
+    /// No cache vs learned vs k-NN caches on real streams, through the socket.
+    Caches(gatid::bench::caches::Args),
     /// The socket-floor echo server the serving benchmark starts (internal).
     #[command(hide = true)]
     EchoServer {
@@ -77,6 +79,9 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
         }
         Command::Bench { which: BenchCommand::Serving(args) } => {
             gatid::bench::serving::run(args).map_err(MainError::Other)
+        }
+        Command::Bench { which: BenchCommand::Caches(args) } => {
+            gatid::bench::caches::run(args).map_err(MainError::Other)
         }
         Command::Bench { which: BenchCommand::EchoServer { socket } } => {
             gatid::bench::serving::echo_server(&socket).map_err(MainError::Other)

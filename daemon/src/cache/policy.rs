@@ -17,7 +17,7 @@ pub const OFF: f32 = f32::INFINITY;
 /// fewer than `min_hits` rows is switched off (its lookups would not pay).
 pub fn tune(preds: &[Vec<(u32, f32)>], labels: &[u32], budget: f32, min_hits: usize) -> Vec<f32> {
     let n = labels.len();
-    let mut allowed = (budget.max(0.0) * n as f32).floor() as usize;
+    let mut allowed = budget.max(0.0) * n as f32;
     let mut remaining: Vec<usize> = (0..n).collect();
     let mut out = Vec::with_capacity(preds.len());
     for cut in preds {
@@ -34,9 +34,10 @@ pub fn tune(preds: &[Vec<(u32, f32)>], labels: &[u32], budget: f32, min_hits: us
             if cut[r].0 != labels[r] {
                 errors += 1;
             }
-            // One-sided 95 % upper bound on the errors (the held-out set is small):
-            // a prefix is taken only if even that bound fits the budget left.
-            if errors as f32 + 1.645 * (errors as f32 + 1.0).sqrt() > allowed as f32 + 1.645 {
+            // One-sided ~95 % upper bound on the errors behind `errors` observed
+            // (3 when none were: the rule of three): a prefix is taken only if even
+            // that bound fits the budget left, so small held-out sets activate nothing.
+            if errors_upper(errors) > allowed {
                 break;
             }
             let boundary = order.get(i + 1).is_none_or(|&next| cut[next].1 < cut[r].1);
@@ -49,11 +50,17 @@ pub fn tune(preds: &[Vec<(u32, f32)>], labels: &[u32], budget: f32, min_hits: us
             continue;
         }
         let threshold = cut[order[best_len - 1]].1;
-        allowed -= best_errors;
+        allowed -= errors_upper(best_errors).min(allowed);
         remaining = order[best_len..].to_vec();
         out.push(threshold);
     }
     out
+}
+
+/// ~95 % upper bound on the expected errors given `e` observed.
+fn errors_upper(e: usize) -> f32 {
+    let e = e as f32;
+    e + 1.645 * (e + 1.0).sqrt() + 1.35
 }
 
 #[cfg(test)]
@@ -62,26 +69,31 @@ mod tests {
 
     #[test]
     fn cumulative_errors_stay_within_budget() {
-        // 100 rows, label 0. Cut 0: sure and right on 50 rows, sure and wrong on 2.
-        let labels = vec![0u32; 100];
-        let mut c0 = vec![(0u32, 0.1f32); 100];
-        for (i, p) in c0.iter_mut().enumerate().take(50) {
-            *p = (0, 0.9 + i as f32 * 0.001);
+        // 1000 rows, label 0. Cut 0: sure and right on 500 rows, sure and wrong on 12.
+        let n = 1000;
+        let labels = vec![0u32; n];
+        let mut c0 = vec![(0u32, 0.1f32); n];
+        for (i, p) in c0.iter_mut().enumerate().take(500) {
+            *p = (0, 0.5 + i as f32 * 0.0009);
         }
-        c0[60] = (1, 0.95);
-        c0[61] = (1, 0.99);
-        let c1 = vec![(0u32, 0.8f32); 100];
+        for k in 0..12 {
+            c0[600 + k] = (1, 0.55 + k as f32 * 0.03);
+        }
+        let c1 = vec![(0u32, 0.8f32); n];
         let t = tune(&[c0.clone(), c1.clone()], &labels, 0.01, 1);
-        // One error allowed: cut 0 must stop before the 0.95 wrong row.
-        assert!(t[0] > 0.95, "{t:?}");
-        let exits0: Vec<usize> = (0..100).filter(|&r| c0[r].1 >= t[0]).collect();
+        let exits0: Vec<usize> = (0..n).filter(|&r| c0[r].1 >= t[0]).collect();
         let errs0 = exits0.iter().filter(|&&r| c0[r].0 != labels[r]).count();
-        assert!(errs0 <= 1);
-        // Cut 1 is always right: takes every remaining row.
-        assert!(t[1] <= 0.8);
-        // Zero budget and perfect caches: everything exits at cut 0.
+        assert!(errs0 >= 1 && errs0 <= 5, "{t:?}: {errs0} errors admitted at cut 0");
+        assert!(exits0.len() > 100, "cut 0 answers its sure rows");
+        // Cut 1 is always right but the budget left after cut 0's bound may not
+        // certify it: it is either off or takes every remaining row.
+        assert!(t[1] == OFF || t[1] <= 0.8, "{t:?}");
+        // No observed errors but too few rows to be sure: nothing activates.
         let perfect = vec![(0u32, 0.7f32); 100];
-        assert_eq!(tune(&[perfect], &labels, 0.0, 1), vec![0.7]);
+        assert_eq!(tune(&[perfect], &vec![0u32; 100], 0.01, 1), vec![OFF]);
+        // Enough rows: everything exits at cut 0.
+        let perfect = vec![(0u32, 0.7f32); 1000];
+        assert_eq!(tune(&[perfect], &vec![0u32; 1000], 0.01, 1), vec![0.7]);
     }
 
     #[test]
