@@ -83,7 +83,7 @@ mod tests {
         let t = tune(&[c0.clone(), c1.clone()], &labels, 0.01, 1);
         let exits0: Vec<usize> = (0..n).filter(|&r| c0[r].1 >= t[0]).collect();
         let errs0 = exits0.iter().filter(|&&r| c0[r].0 != labels[r]).count();
-        assert!(errs0 >= 1 && errs0 <= 5, "{t:?}: {errs0} errors admitted at cut 0");
+        assert!((1..=5).contains(&errs0), "{t:?}: {errs0} errors admitted at cut 0");
         assert!(exits0.len() > 100, "cut 0 answers its sure rows");
         // Cut 1 is always right but the budget left after cut 0's bound may not
         // certify it: it is either off or takes every remaining row.
