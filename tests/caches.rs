@@ -100,8 +100,19 @@ fn hits_answer_early_misses_equal_the_full_model_and_rows_stay_paired() {
         mixed_jobs += usize::from(kinds.0 > 0 && kinds.1 > 0);
     }
     assert!(mixed_jobs > 0, "no job mixed hits and misses; compaction was not exercised");
+    // gatictl stats shows where rows exited.
     let stats = gatid::telemetry::summary::summarize(&d.client().stats_text().unwrap());
-    assert!(stats.to_string().contains("ok"));
+    let exits: f64 = stats["exits"].as_array().unwrap().iter().map(|e| e["count"].as_f64().unwrap()).sum();
+    assert!(exits >= 1500.0 + 320.0, "every row's exit is counted ({exits})");
+    let early: f64 = stats["exits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["stage"] != "7")
+        .map(|e| e["count"].as_f64().unwrap())
+        .sum();
+    assert!(early >= hits as f64, "early exits counted ({early} < {hits})");
+    assert!(gatid::telemetry::summary::render(&stats).contains("live disagreement"));
 }
 
 /// ORT direct with one session reused across calls (in this test process).

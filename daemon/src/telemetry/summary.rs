@@ -145,6 +145,9 @@ pub fn summarize(text: &str) -> Value {
         "inflight": gauge("gati_inflight_requests"),
         "connections": gauge("gati_connections"),
         "control": counters("gati_control_requests_total", &["kind"]),
+        "exits": counters("gati_exits_total", &["model", "stage"]),
+        "cache_live_disagreement": counters("gati_cache_live_disagreement", &["model"]),
+        "cache_memory_bytes": counters("gati_cache_memory_bytes", &["model"]),
     })
 }
 
@@ -198,6 +201,34 @@ pub fn render(s: &Value) -> String {
             .find(|q| q["model"] == model)
             .map_or(json!(0), |q| q["count"].clone());
         out.push_str(&format!("{:<16} {:>10} {:>10} {:>10}\n", model, r["count"], f(&r["mean"]), queued));
+    }
+    let exits = s["exits"].as_array().map_or(&[][..], Vec::as_slice);
+    if !exits.is_empty() {
+        out.push_str(&format!(
+            "\n{:<16} {:>6} {:>10}   (stage 0 = input cut; the last stage = full model)\n",
+            "exits", "stage", "rows"
+        ));
+        for r in exits {
+            out.push_str(&format!(
+                "{:<16} {:>6} {:>10}\n",
+                r["model"].as_str().unwrap_or(""),
+                r["stage"].as_str().unwrap_or(""),
+                r["count"]
+            ));
+        }
+        for r in s["cache_live_disagreement"].as_array().into_iter().flatten() {
+            let model = r["model"].as_str().unwrap_or("");
+            let mem = s["cache_memory_bytes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["model"] == model)
+                .map_or(json!(0), |m| m["count"].clone());
+            out.push_str(&format!(
+                "{model:<16} live disagreement {:.4}, cache memory {mem} bytes\n",
+                r["count"].as_f64().unwrap_or(0.0)
+            ));
+        }
     }
     out
 }
