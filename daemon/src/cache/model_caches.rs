@@ -111,6 +111,13 @@ impl ModelCaches {
         }
     }
 
+    /// Whether the next batch should feed the window: always until it is full,
+    /// then one batch in four (features cost a little on every stage).
+    pub fn wants_samples(&self, coin: u64) -> bool {
+        let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        w.samples.len() < self.config.window || coin.is_multiple_of(4)
+    }
+
     /// A shadow-checked hit at `cut` said `cached`; the full model said `full`.
     /// A mismatch that puts the live disagreement over budget tightens that cut at once.
     pub fn shadow(&self, cut: usize, cached: u32, full: u32) {

@@ -192,12 +192,27 @@ pub(super) fn run(
         rng,
     };
     caches.rows.fetch_add(rows as u64, Ordering::Relaxed);
+    // Features are computed where a cache reads them, and everywhere for the
+    // batches that feed the training window.
+    *ex.rng ^= *ex.rng << 13;
+    *ex.rng ^= *ex.rng >> 7;
+    *ex.rng ^= *ex.rng << 17;
+    let record = caches.wants_samples(*ex.rng >> 20);
+    let cut_active: Vec<bool> = (0..cuts).map(|c| matches!(active.cuts.get(c), Some(Some(_)))).collect();
 
     // Cut 0: the input itself.
-    let thumbs: Vec<f32> = data.chunks_exact(row_len).flat_map(|r| thumbnail(r, row_shape)).collect();
-    let tdim = thumbs.len() / rows.max(1);
     let all: Vec<usize> = (0..rows).collect();
-    let keep = if tdim > 0 { ex.consult(0, &thumbs, tdim, &all) } else { vec![true; rows] };
+    let keep = if record || cut_active[0] {
+        let thumbs: Vec<f32> = data.chunks_exact(row_len).flat_map(|r| thumbnail(r, row_shape)).collect();
+        let tdim = thumbs.len() / rows.max(1);
+        if tdim > 0 {
+            ex.consult(0, &thumbs, tdim, &all)
+        } else {
+            vec![true; rows]
+        }
+    } else {
+        vec![true; rows]
+    };
     let live: Vec<usize> = all.iter().copied().filter(|&r| keep[r]).collect();
     if live.is_empty() {
         ex.fail_unanswered("internal: rows left unanswered");
@@ -216,7 +231,8 @@ pub(super) fn run(
             let rows: Vec<usize> = view.live.iter().map(|&j| live[j]).collect();
             ex.consult(view.stage + 1, view.features, view.dim, &rows)
         };
-        pipeline.run_with_exits(&shape, &input, &mut decide)
+        let want = |stage: usize| record || cut_active.get(stage + 1).copied().unwrap_or(false);
+        pipeline.run_with_exits(&shape, &input, &want, &mut decide)
     };
     let run = match run {
         Ok(r) => r,
@@ -231,7 +247,9 @@ pub(super) fn run(
         let r = live[j];
         let out = &run.data[i * run.row_len..(i + 1) * run.row_len];
         let label = out.iter().enumerate().fold((0, f32::MIN), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0 as u32;
-        samples.push(Sample { features: std::mem::take(&mut ex.features[r]), label });
+        if record {
+            samples.push(Sample { features: std::mem::take(&mut ex.features[r]), label });
+        }
         match ex.hit[r] {
             Some((cut, cached)) => caches.shadow(cut, cached, label),
             None => {

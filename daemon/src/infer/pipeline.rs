@@ -20,6 +20,8 @@ pub struct Stage {
     output: String,
     /// The pooled features output, when the stage has one.
     features: Option<String>,
+    /// The same stage without the features output, for runs that do not need them.
+    plain: Option<Session>,
 }
 
 /// What an exit decision sees after a stage.
@@ -111,14 +113,12 @@ impl Pipeline {
                     }
                 }
             }
-            let (session, features) = match built {
-                Some(b) => b,
-                None => {
-                    let bytes = model.encode_subgraph(&plan.nodes, &[plan.input.as_str()], &outputs);
-                    (session_from_bytes(&bytes, threads, &what)?, None)
-                }
+            let bytes = model.encode_subgraph(&plan.nodes, &[plan.input.as_str()], &outputs);
+            let (session, features, plain) = match built {
+                Some((s, f)) => (s, f, Some(session_from_bytes(&bytes, threads, &what)?)),
+                None => (session_from_bytes(&bytes, threads, &what)?, None, None),
             };
-            stages.push(Stage { session, input: plan.input.clone(), output: plan.outputs[0].clone(), features });
+            stages.push(Stage { session, input: plan.input.clone(), output: plan.outputs[0].clone(), features, plain });
         }
         Ok(Self { stages })
     }
@@ -167,13 +167,16 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    /// Runs the stages; after each non-final stage with features, `decide` says
-    /// which live rows continue (`true`) — the others exited there and are
-    /// compacted out of the next stage's input. Stops early if no row is left.
+    /// Runs the stages; after each non-final stage with features that
+    /// `want_features(stage)` asks for, `decide` says which live rows continue
+    /// (`true`) — the others exited there and are compacted out of the next
+    /// stage's input. Stages whose features are not wanted run without them.
+    /// Stops early if no row is left.
     pub fn run_with_exits(
         &mut self,
         shape: &[usize],
         input: &[f32],
+        want_features: &dyn Fn(usize) -> bool,
         decide: &mut dyn FnMut(StageView<'_>) -> Vec<bool>,
     ) -> Result<ExitRun, InferError> {
         let n = self.stages.len();
@@ -183,9 +186,14 @@ impl Pipeline {
         let mut carry: Option<DynValue> = None;
         for (i, stage) in self.stages.iter_mut().enumerate() {
             let t0 = Instant::now();
+            let with_features = stage.features.is_some() && (stage.plain.is_none() || want_features(i));
+            let session = match (&mut stage.plain, with_features) {
+                (Some(plain), false) => plain,
+                _ => &mut stage.session,
+            };
             let mut out = match carry.take() {
-                None => stage.session.run(ort::inputs![stage.input.as_str() => first.view()]),
-                Some(v) => stage.session.run(ort::inputs![stage.input.as_str() => v]),
+                None => session.run(ort::inputs![stage.input.as_str() => first.view()]),
+                Some(v) => session.run(ort::inputs![stage.input.as_str() => v]),
             }
             .map_err(|e| ort_run(i, e))?;
             let value = out
@@ -200,7 +208,7 @@ impl Pipeline {
                 run.finished = live;
                 return Ok(run);
             }
-            let keep = match &stage.features {
+            let keep = match stage.features.as_ref().filter(|_| with_features) {
                 Some(name) => {
                     let feats = out
                         .remove(name)
