@@ -89,6 +89,14 @@ pub fn thumbnail(row: &[f32], row_shape: &[usize]) -> Vec<f32> {
     out
 }
 
+/// Next xorshift64 draw as a uniform number in [0, 1).
+fn unit(state: &mut u64) -> f64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    (*state >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Per-batch bookkeeping shared by every cut.
 struct Exits<'a> {
     caches: &'a ModelCaches,
@@ -131,11 +139,7 @@ impl Exits<'_> {
             p.finish_if_done(self.classes);
             telemetry::cache_exit(self.model, cut);
             // A few hits also run on, off the request path, to measure disagreement.
-            let r = &mut *self.rng;
-            *r ^= *r << 13;
-            *r ^= *r >> 7;
-            *r ^= *r << 17;
-            keep[j] = ((*r >> 11) as f64 / (1u64 << 53) as f64) < f64::from(self.caches.config.shadow_fraction);
+            keep[j] = unit(self.rng) < f64::from(self.caches.config.shadow_fraction);
         }
         keep
     }
@@ -194,10 +198,7 @@ pub(super) fn run(
     caches.rows.fetch_add(rows as u64, Ordering::Relaxed);
     // Features are computed where a cache reads them, and everywhere for the
     // batches that feed the training window.
-    *ex.rng ^= *ex.rng << 13;
-    *ex.rng ^= *ex.rng >> 7;
-    *ex.rng ^= *ex.rng << 17;
-    let record = caches.wants_samples(*ex.rng >> 20);
+    let record = caches.wants_samples((unit(ex.rng) * 1024.0) as u64);
     let cut_active: Vec<bool> = (0..cuts).map(|c| matches!(active.cuts.get(c), Some(Some(_)))).collect();
 
     // Cut 0: the input itself.
