@@ -91,7 +91,10 @@ impl TestDaemon {
         let config = dir.join("gatid.toml");
         std::fs::write(&config, config_text).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gatid"));
-        cmd.args(["serve", "--config"]).arg(&config).env("GATI_LOG", "warn").stdin(Stdio::null());
+        cmd.args(["serve", "--config"])
+            .arg(&config)
+            .env("GATI_LOG", std::env::var("GATI_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null());
         tweak(&mut cmd);
         let child = cmd.spawn().expect("spawn gatid");
         let mut d = Self { child, dir: dir.to_owned(), socket: dir.join("gatid.sock"), config };
@@ -232,4 +235,23 @@ pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// A gauge or counter of `model` from the daemon's metrics text (0 when absent).
+pub fn model_metric(c: &mut Client, name: &str, model: &str) -> f64 {
+    let text = c.stats_text().unwrap();
+    let label = format!("model=\"{model}\"");
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits (up to 60 s) until `model`'s caches have been trained at least `generation` times.
+pub fn wait_cache_generation(c: &mut Client, model: &str, generation: u64) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while model_metric(c, "gati_cache_generation", model) < generation as f64 {
+        assert!(Instant::now() < until, "caches of {model} not trained {generation} times within 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -1,12 +1,17 @@
-//! The learned cache: a softmax-regression predictor on standardised pooled
-//! features, trained on the full model's answers; its confidence is the
-//! predicted class's probability (max-softmax selector).
+//! The learned cache: a small predictor on standardised pooled features —
+//! softmax regression, or one hidden ReLU layer of `hidden` units before it —
+//! trained on the full model's answers; its confidence is the predicted class's
+//! probability (max-softmax selector).
+
+use serde::{Deserialize, Serialize};
 
 use super::{CutCache, Samples};
 
 /// Training settings.
 #[derive(Debug, Clone)]
 pub struct LearnedParams {
+    /// Hidden ReLU units; 0 = softmax regression.
+    pub hidden: usize,
     pub epochs: usize,
     pub batch: usize,
     pub learning_rate: f32,
@@ -16,110 +21,195 @@ pub struct LearnedParams {
 
 impl Default for LearnedParams {
     fn default() -> Self {
-        Self { epochs: 30, batch: 32, learning_rate: 0.05, l2: 1e-4, seed: 1 }
+        Self { hidden: 0, epochs: 30, batch: 32, learning_rate: 0.05, l2: 1e-4, seed: 1 }
     }
 }
 
 /// A trained predictor for one cut.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LearnedCache {
     dim: usize,
     classes: usize,
+    hidden: usize,
     mean: Vec<f32>,
     inv_std: Vec<f32>,
-    /// `dim × classes`, row-major by input dimension.
+    /// `dim × hidden`, row-major by input dimension (empty without a hidden layer).
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    /// `width × classes`, row-major by input dimension; width = hidden or dim.
     weights: Vec<f32>,
     bias: Vec<f32>,
+}
+
+/// Scratch buffers for one forward/backward pass.
+struct Scratch {
+    h: Vec<f32>,
+    p: Vec<f32>,
+    gh: Vec<f32>,
 }
 
 impl LearnedCache {
     /// Fits on `s` with mini-batch SGD (momentum 0.9) on the cross-entropy.
     pub fn fit(s: &Samples<'_>, p: &LearnedParams) -> Self {
-        let (dim, classes, rows) = (s.dim, s.classes.max(1), s.rows());
-        let mut mean = vec![0f32; dim];
-        let mut var = vec![0f32; dim];
-        for i in 0..rows {
-            for (m, &x) in mean.iter_mut().zip(s.row(i)) {
-                *m += clean(x);
-            }
-        }
-        mean.iter_mut().for_each(|m| *m /= rows.max(1) as f32);
-        for i in 0..rows {
-            for ((v, &x), m) in var.iter_mut().zip(s.row(i)).zip(&mean) {
-                *v += (clean(x) - m).powi(2);
-            }
-        }
-        let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v / rows.max(1) as f32).sqrt().max(1e-6)).collect();
-        let mut cache =
-            Self { dim, classes, mean, inv_std, weights: vec![0.0; dim * classes], bias: vec![0.0; classes] };
-        if rows == 0 {
-            return cache;
-        }
-        let xs: Vec<f32> = (0..rows).flat_map(|i| cache.standardise(s.row(i))).collect();
-        let mut vel_w = vec![0f32; dim * classes];
-        let mut vel_b = vec![0f32; classes];
-        let mut order: Vec<usize> = (0..rows).collect();
+        let (dim, classes, rows, hidden) = (s.dim, s.classes.max(1), s.rows(), p.hidden);
+        let (mean, inv_std) = standardisation(s);
+        let width = if hidden > 0 { hidden } else { dim };
         let mut rng = p.seed.max(1);
-        let mut grad_w = vec![0f32; dim * classes];
-        let mut grad_b = vec![0f32; classes];
-        let mut probs = vec![0f32; classes];
+        // He initialisation for the hidden layer; the output layer starts at zero.
+        let scale = (2.0 / dim.max(1) as f32).sqrt();
+        let w1: Vec<f32> = (0..dim * hidden).map(|_| (uniform(&mut rng) * 2.0 - 1.0) * scale * 1.73).collect();
+        let mut c = Self {
+            dim,
+            classes,
+            hidden,
+            mean,
+            inv_std,
+            w1,
+            b1: vec![0.0; hidden],
+            weights: vec![0.0; width * classes],
+            bias: vec![0.0; classes],
+        };
+        if rows == 0 {
+            return c;
+        }
+        let xs: Vec<f32> = (0..rows).flat_map(|i| c.standardise(s.row(i))).collect();
+        let mut grads = c.zeros_like();
+        let mut vel = c.zeros_like();
+        let mut order: Vec<usize> = (0..rows).collect();
+        let mut sc = Scratch { h: vec![0.0; width], p: vec![0.0; classes], gh: vec![0.0; hidden] };
         for epoch in 0..p.epochs {
             shuffle(&mut order, &mut rng);
             let lr = p.learning_rate / (1.0 + epoch as f32 * 0.1);
             for chunk in order.chunks(p.batch.max(1)) {
-                grad_w.fill(0.0);
-                grad_b.fill(0.0);
+                grads.iter_mut().for_each(|g| g.fill(0.0));
                 for &r in chunk {
-                    let x = &xs[r * dim..(r + 1) * dim];
-                    cache.logits_into(x, &mut probs);
-                    softmax(&mut probs);
-                    probs[s.labels[r] as usize % classes] -= 1.0;
-                    for (d, &xv) in x.iter().enumerate() {
-                        let g = &mut grad_w[d * classes..(d + 1) * classes];
-                        for (gk, pk) in g.iter_mut().zip(&probs) {
-                            *gk += xv * pk;
-                        }
-                    }
-                    for (gb, pk) in grad_b.iter_mut().zip(&probs) {
-                        *gb += pk;
-                    }
+                    c.backward(&xs[r * dim..(r + 1) * dim], s.labels[r] as usize % classes, &mut sc, &mut grads);
                 }
-                let scale = 1.0 / chunk.len() as f32;
-                for ((w, v), g) in cache.weights.iter_mut().zip(vel_w.iter_mut()).zip(&grad_w) {
-                    *v = 0.9 * *v - lr * (g * scale + p.l2 * *w);
-                    *w += *v;
-                }
-                for ((b, v), g) in cache.bias.iter_mut().zip(vel_b.iter_mut()).zip(&grad_b) {
-                    *v = 0.9 * *v - lr * g * scale;
-                    *b += *v;
+                let inv = 1.0 / chunk.len() as f32;
+                for ((param, g), v) in c.params_mut().into_iter().zip(&grads).zip(vel.iter_mut()) {
+                    for ((w, g), v) in param.iter_mut().zip(g).zip(v.iter_mut()) {
+                        *v = 0.9 * *v - lr * (g * inv + p.l2 * *w);
+                        *w += *v;
+                    }
                 }
             }
         }
-        cache
+        c
+    }
+
+    fn zeros_like(&self) -> Vec<Vec<f32>> {
+        vec![
+            vec![0.0; self.w1.len()],
+            vec![0.0; self.b1.len()],
+            vec![0.0; self.weights.len()],
+            vec![0.0; self.bias.len()],
+        ]
+    }
+
+    fn params_mut(&mut self) -> [&mut Vec<f32>; 4] {
+        [&mut self.w1, &mut self.b1, &mut self.weights, &mut self.bias]
+    }
+
+    /// Adds the cross-entropy gradient of one standardised row to `grads`.
+    fn backward(&self, x: &[f32], label: usize, sc: &mut Scratch, grads: &mut [Vec<f32>]) {
+        self.forward(x, sc);
+        softmax(&mut sc.p);
+        sc.p[label] -= 1.0;
+        let (gw1, rest) = grads.split_at_mut(1);
+        let (gb1, rest) = rest.split_at_mut(1);
+        let (gw2, gb2) = rest.split_at_mut(1);
+        let input: &[f32] = if self.hidden > 0 { &sc.h } else { x };
+        for (d, &xv) in input.iter().enumerate() {
+            if xv == 0.0 {
+                continue;
+            }
+            for (g, pk) in gw2[0][d * self.classes..(d + 1) * self.classes].iter_mut().zip(&sc.p) {
+                *g += xv * pk;
+            }
+        }
+        for (g, pk) in gb2[0].iter_mut().zip(&sc.p) {
+            *g += pk;
+        }
+        if self.hidden == 0 {
+            return;
+        }
+        for (j, gh) in sc.gh.iter_mut().enumerate() {
+            *gh = if sc.h[j] > 0.0 {
+                self.weights[j * self.classes..(j + 1) * self.classes].iter().zip(&sc.p).map(|(w, p)| w * p).sum()
+            } else {
+                0.0
+            };
+        }
+        for (d, &xv) in x.iter().enumerate() {
+            for (g, gh) in gw1[0][d * self.hidden..(d + 1) * self.hidden].iter_mut().zip(&sc.gh) {
+                *g += xv * gh;
+            }
+        }
+        for (g, gh) in gb1[0].iter_mut().zip(&sc.gh) {
+            *g += gh;
+        }
+    }
+
+    /// Logits of one standardised row into `sc.p` (hidden activations into `sc.h`).
+    fn forward(&self, x: &[f32], sc: &mut Scratch) {
+        let input: &[f32] = if self.hidden > 0 {
+            sc.h.copy_from_slice(&self.b1);
+            for (d, &xv) in x.iter().enumerate() {
+                for (h, w) in sc.h.iter_mut().zip(&self.w1[d * self.hidden..(d + 1) * self.hidden]) {
+                    *h += xv * w;
+                }
+            }
+            sc.h.iter_mut().for_each(|h| *h = h.max(0.0));
+            &sc.h
+        } else {
+            x
+        };
+        sc.p.copy_from_slice(&self.bias);
+        for (d, &xv) in input.iter().enumerate() {
+            for (o, w) in sc.p.iter_mut().zip(&self.weights[d * self.classes..(d + 1) * self.classes]) {
+                *o += xv * w;
+            }
+        }
     }
 
     fn standardise(&self, row: &[f32]) -> Vec<f32> {
         row.iter().zip(&self.mean).zip(&self.inv_std).map(|((&x, m), s)| (clean(x) - m) * s).collect()
     }
 
-    fn logits_into(&self, x: &[f32], out: &mut [f32]) {
-        out.copy_from_slice(&self.bias);
-        for (d, &xv) in x.iter().enumerate() {
-            for (o, w) in out.iter_mut().zip(&self.weights[d * self.classes..(d + 1) * self.classes]) {
-                *o += xv * w;
-            }
-        }
-    }
-
     /// Class probabilities for one raw (unstandardised) feature row.
     pub fn probabilities(&self, row: &[f32]) -> Vec<f32> {
-        let mut p = vec![0f32; self.classes];
+        let width = if self.hidden > 0 { self.hidden } else { self.dim };
+        let mut sc = Scratch { h: vec![0.0; width], p: vec![0.0; self.classes], gh: Vec::new() };
         if row.len() == self.dim {
-            self.logits_into(&self.standardise(row), &mut p);
+            self.forward(&self.standardise(row), &mut sc);
         }
-        softmax(&mut p);
-        p
+        softmax(&mut sc.p);
+        sc.p
     }
+
+    /// Hidden units (0 = softmax regression).
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+}
+
+/// Per-dimension mean and 1/std of the finite values of `s`.
+fn standardisation(s: &Samples<'_>) -> (Vec<f32>, Vec<f32>) {
+    let (dim, rows) = (s.dim, s.rows().max(1) as f32);
+    let mut mean = vec![0f32; dim];
+    let mut var = vec![0f32; dim];
+    for i in 0..s.rows() {
+        for (m, &x) in mean.iter_mut().zip(s.row(i)) {
+            *m += clean(x);
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= rows);
+    for i in 0..s.rows() {
+        for ((v, &x), m) in var.iter_mut().zip(s.row(i)).zip(&mean) {
+            *v += (clean(x) - m).powi(2);
+        }
+    }
+    (mean, var.iter().map(|v| 1.0 / (v / rows).sqrt().max(1e-6)).collect())
 }
 
 impl CutCache for LearnedCache {
@@ -138,11 +228,20 @@ impl CutCache for LearnedCache {
     }
 
     fn mem_bytes(&self) -> usize {
-        4 * (self.mean.len() + self.inv_std.len() + self.weights.len() + self.bias.len())
+        4 * (self.mean.len()
+            + self.inv_std.len()
+            + self.w1.len()
+            + self.b1.len()
+            + self.weights.len()
+            + self.bias.len())
     }
 
     fn kind(&self) -> &'static str {
         "learned"
+    }
+
+    fn persist(&self) -> Option<super::Persisted> {
+        Some(super::Persisted::Learned(self.clone()))
     }
 }
 
@@ -164,12 +263,20 @@ fn softmax(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x /= sum.max(f32::MIN_POSITIVE));
 }
 
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn uniform(state: &mut u64) -> f32 {
+    (next(state) >> 40) as f32 / (1u64 << 24) as f32
+}
+
 fn shuffle(v: &mut [usize], state: &mut u64) {
     for i in (1..v.len()).rev() {
-        *state ^= *state << 13;
-        *state ^= *state >> 7;
-        *state ^= *state << 17;
-        v.swap(i, (*state % (i as u64 + 1)) as usize);
+        v.swap(i, (next(state) % (i as u64 + 1)) as usize);
     }
 }
 
@@ -213,6 +320,32 @@ mod tests {
         let mid = vec![0.6f32; 16];
         assert!(c.predict(&mid, 16)[0].1 < mean_conf);
         assert_eq!(c.mem_bytes(), 4 * (16 + 16 + 16 * 5 + 5));
+    }
+
+    #[test]
+    fn hidden_layer_learns_what_a_linear_predictor_cannot() {
+        // Class = whether the two coordinates share a sign (XOR of signs).
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        let mut s = 5u64;
+        for _ in 0..2000 {
+            let a = uniform(&mut s) * 2.0 - 1.0;
+            let b = uniform(&mut s) * 2.0 - 1.0;
+            x.extend([a, b]);
+            y.push(u32::from(a * b > 0.0));
+        }
+        let samples = Samples { features: &x, dim: 2, labels: &y, classes: 2 };
+        let accuracy = |c: &LearnedCache| {
+            let p = c.predict(&x, 2);
+            p.iter().zip(&y).filter(|(p, y)| p.0 == **y).count() as f32 / y.len() as f32
+        };
+        let linear = LearnedCache::fit(&samples, &LearnedParams::default());
+        let mlp = LearnedCache::fit(&samples, &LearnedParams { hidden: 16, ..LearnedParams::default() });
+        assert!(accuracy(&linear) < 0.7, "linear {}", accuracy(&linear));
+        assert!(accuracy(&mlp) > 0.9, "mlp {}", accuracy(&mlp));
+        assert_eq!(mlp.mem_bytes(), 4 * (2 + 2 + 2 * 16 + 16 + 16 * 2 + 2));
+        // It survives a serialisation round trip unchanged.
+        let back: LearnedCache = serde_json::from_str(&serde_json::to_string(&mlp).unwrap()).unwrap();
+        assert_eq!(back.predict(&x[..20], 2), mlp.predict(&x[..20], 2));
     }
 
     #[test]

@@ -10,7 +10,9 @@
 pub mod knn;
 pub mod learned;
 pub mod model_caches;
+pub mod placement;
 pub mod policy;
+pub mod train;
 
 /// A cache at one cut.
 pub trait CutCache: Send + Sync {
@@ -24,6 +26,27 @@ pub trait CutCache: Send + Sync {
 
     /// Short name of the kind, for metrics and reports.
     fn kind(&self) -> &'static str;
+
+    /// The cache's state to save across restarts; `None` when it is rebuilt
+    /// from the saved window instead.
+    fn persist(&self) -> Option<Persisted> {
+        None
+    }
+}
+
+/// A cache's saved state.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum Persisted {
+    Learned(learned::LearnedCache),
+}
+
+impl Persisted {
+    /// The cache again, ready to serve.
+    pub fn into_cache(self) -> std::sync::Arc<dyn CutCache> {
+        match self {
+            Self::Learned(c) => std::sync::Arc::new(c),
+        }
+    }
 }
 
 /// Training data for one cut: pooled features and the full model's answers.

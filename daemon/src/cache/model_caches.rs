@@ -6,16 +6,16 @@
 //! trainer) and reports what happened; the trainer never blocks serving: it
 //! copies the window, fits, tunes thresholds on a held-out part, and swaps.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
 
-use super::knn::{KmeansCache, KmeansParams, KnnCache, KnnParams};
-use super::learned::{LearnedCache, LearnedParams};
-use super::policy::{tune, OFF};
-use super::{CutCache, Samples};
-use crate::config::{CacheConfig, CacheKind};
+use super::placement::{place, CutOption, Plan, Problem};
+use super::policy::{min_certifiable_rows, OFF};
+use super::train::{self, Candidate};
+use super::CutCache;
+use crate::config::CacheConfig;
 
 /// One cut's cache and threshold.
 #[derive(Clone)]
@@ -31,6 +31,8 @@ pub struct Active {
     pub cuts: Vec<Option<CutEntry>>,
     /// Trainings so far (0 = nothing trained yet).
     pub generation: u64,
+    /// The placement that chose these caches (none before the first training).
+    pub plan: Option<Plan>,
 }
 
 /// One full-model answer with the features it had at every cut.
@@ -52,6 +54,8 @@ pub struct CutStats {
 /// A model's caches.
 pub struct ModelCaches {
     pub config: CacheConfig,
+    /// The model's name (metrics label).
+    pub name: String,
     pub classes: usize,
     active: RwLock<Arc<Active>>,
     window: Mutex<Window>,
@@ -63,7 +67,17 @@ pub struct ModelCaches {
     /// Fraction of the budget the next tuning may spend (f32 bits): lowered when
     /// live disagreement runs over budget, raised back slowly when under it.
     budget_scale: std::sync::atomic::AtomicU32,
+    /// Current cost of each stage, µs per row (from the model's cost model).
+    stage_costs: StageCosts,
+    /// The model's last answer per connection (the stream prior).
+    last: Mutex<HashMap<u64, u32>>,
 }
+
+/// Reads the model's current per-stage costs, µs per row.
+pub type StageCosts = Box<dyn Fn() -> Vec<f64> + Send + Sync>;
+
+/// Connections remembered for the stream prior before the map is cleared.
+const MAX_STREAMS: usize = 65_536;
 
 struct Window {
     samples: VecDeque<Sample>,
@@ -74,17 +88,26 @@ impl ModelCaches {
     /// Caches for a model with `cuts` cut slots (one per stage: the input and every
     /// stage end but the last) and `classes` outputs;
     /// starts the trainer thread (it holds only a weak reference).
-    pub fn start(config: CacheConfig, cuts: usize, classes: usize, name: &str) -> std::io::Result<Arc<Self>> {
+    pub fn start(
+        config: CacheConfig,
+        cuts: usize,
+        classes: usize,
+        name: &str,
+        stage_costs: StageCosts,
+    ) -> std::io::Result<Arc<Self>> {
         let me = Arc::new(Self {
             config,
+            name: name.to_string(),
             classes,
-            active: RwLock::new(Arc::new(Active { cuts: vec![None; cuts], generation: 0 })),
+            active: RwLock::new(Arc::new(Active { cuts: vec![None; cuts], generation: 0, plan: None })),
             window: Mutex::new(Window { samples: VecDeque::new(), fresh: 0 }),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             rows: AtomicU64::new(0),
             stats: (0..cuts).map(|_| CutStats::default()).collect(),
             budget_scale: std::sync::atomic::AtomicU32::new(0.8f32.to_bits()),
+            stage_costs,
+            last: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&me);
         std::thread::Builder::new().name(format!("train-{name}")).spawn(move || trainer(weak))?;
@@ -156,53 +179,67 @@ impl ModelCaches {
             .sum()
     }
 
+    /// The model's previous answer on each of `streams` (connections), if any.
+    pub fn priors(&self, streams: &[u64]) -> Vec<Option<u32>> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        streams.iter().map(|s| last.get(s).copied()).collect()
+    }
+
+    /// Remembers the answer just given on `stream`.
+    pub fn remember(&self, answers: impl IntoIterator<Item = (u64, u32)>) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.len() > MAX_STREAMS {
+            last.clear();
+        }
+        last.extend(answers);
+    }
+
     /// Bytes held by the active caches.
     pub fn mem_bytes(&self) -> usize {
         self.active().cuts.iter().flatten().map(|e| e.cache.mem_bytes()).sum()
     }
 
-    /// Fits caches on the older samples and tunes thresholds on the newest; returns the new set.
+    /// Fits candidate predictors at every cut on the window, predicts each row
+    /// out of fold, and lets the placement optimizer pick the active cuts,
+    /// predictors and thresholds; returns the new set.
     pub fn train(&self, samples: &[Sample]) -> Active {
         let cuts = self.stats.len();
-        // Tune on the newest quarter, fit on the rest: thresholds are judged on
-        // traffic the predictors have not seen, as they will be in service.
-        let split = samples.len() - samples.len() / 4;
-        let fit: Vec<&Sample> = samples[..split].iter().collect();
-        let hold: Vec<&Sample> = samples[split..].iter().collect();
-        let labels: Vec<u32> = hold.iter().map(|s| s.label).collect();
-        let mut caches: Vec<Option<Arc<dyn CutCache>>> = Vec::with_capacity(cuts);
-        let mut preds = Vec::with_capacity(cuts);
-        for c in 0..cuts {
-            let dim = fit.first().map_or(0, |s| s.features.get(c).map_or(0, Vec::len));
-            if dim == 0 || fit.iter().chain(&hold).any(|s| s.features.get(c).map_or(0, Vec::len) != dim) {
-                caches.push(None);
-                preds.push(vec![(0, 0.0); hold.len()]);
-                continue;
-            }
-            let x: Vec<f32> = fit.iter().flat_map(|s| s.features[c].iter().copied()).collect();
-            let y: Vec<u32> = fit.iter().map(|s| s.label).collect();
-            let samples = Samples { features: &x, dim, labels: &y, classes: self.classes };
-            let cache: Arc<dyn CutCache> = match self.config.kind {
-                CacheKind::Learned => Arc::new(LearnedCache::fit(&samples, &LearnedParams::default())),
-                CacheKind::Knn => Arc::new(KnnCache::fit(&samples, &KnnParams::default())),
-                CacheKind::Kmeans => Arc::new(KmeansCache::fit(&samples, &KmeansParams::default())),
-            };
-            let hx: Vec<f32> = hold.iter().flat_map(|s| s.features[c].iter().copied()).collect();
-            preds.push(cache.predict(&hx, dim));
-            caches.push(Some(cache));
-        }
-        // Tune with a safety margin: the held-out estimate is noisy; shadow checks correct the rest.
-        let min_hits = (hold.len() / 50).max(1);
+        let labels: Vec<u32> = samples.iter().map(|s| s.label).collect();
+        let mut candidates: Vec<Vec<Candidate>> = (0..cuts)
+            .map(|c| {
+                let dim = samples.first().map_or(0, |s| s.features.get(c).map_or(0, Vec::len));
+                if dim == 0 || samples.iter().any(|s| s.features.get(c).map_or(0, Vec::len) != dim) {
+                    return Vec::new();
+                }
+                let x: Vec<f32> = samples.iter().flat_map(|s| s.features[c].iter().copied()).collect();
+                train::candidates(&self.config, c, &x, dim, &labels, self.classes)
+            })
+            .collect();
+        let options: Vec<Vec<CutOption>> =
+            candidates.iter().map(|v| v.iter().map(|c| c.option.clone()).collect()).collect();
+        let stage_us = (self.stage_costs)();
         let scale = self.adapt_budget_scale();
-        let thresholds = tune(&preds, &labels, self.config.budget * scale, min_hits);
+        let plan = place(&Problem {
+            options: &options,
+            labels: &labels,
+            stage_us: &stage_us,
+            budget: self.config.budget * scale,
+            max_memory_bytes: self.config.max_memory_bytes,
+            shadow_fraction: f64::from(self.config.shadow_fraction),
+            min_hits: (labels.len() / 50).max(1),
+        });
         let generation = self.active().generation + 1;
         Active {
-            cuts: caches
-                .into_iter()
-                .zip(thresholds)
-                .map(|(c, t)| c.filter(|_| t.is_finite()).map(|cache| CutEntry { cache, threshold: t }))
+            cuts: plan
+                .choice
+                .iter()
+                .zip(candidates.iter_mut())
+                .map(|(choice, cands)| {
+                    choice.map(|(k, threshold)| CutEntry { cache: Arc::clone(&cands[k].cache), threshold })
+                })
                 .collect(),
             generation,
+            plan: Some(plan),
         }
     }
 
@@ -255,8 +292,13 @@ fn trainer(me: std::sync::Weak<ModelCaches>) {
         let Some(caches) = me.upgrade() else { return };
         let samples: Vec<Sample> = {
             let w = caches.window.lock().unwrap_or_else(|p| p.into_inner());
-            let ready =
-                |w: &Window| w.fresh >= caches.config.retrain_every && w.samples.len() >= caches.config.min_samples;
+            // Out-of-fold tuning holds every row out once; fewer rows than this
+            // cannot certify a single exit, so training earlier would only cost CPU.
+            let scale = f32::from_bits(caches.budget_scale.load(Ordering::Relaxed));
+            let needed = caches.config.min_samples.max(min_certifiable_rows(caches.config.budget * scale));
+            let ready = |w: &Window| {
+                w.fresh >= caches.config.retrain_every && w.samples.len() >= needed.min(caches.config.window)
+            };
             let (mut w, _) = caches
                 .wake
                 .wait_timeout_while(w, std::time::Duration::from_millis(500), |w| {
@@ -278,7 +320,16 @@ fn trainer(me: std::sync::Weak<ModelCaches>) {
         let rest = t0.elapsed().mul_f32(1.0 / caches.config.trainer_cpu_share - 1.0);
         let summary: Vec<String> =
             active.cuts.iter().map(|c| c.as_ref().map_or("off".into(), |e| format!("{:.3}", e.threshold))).collect();
-        tracing::debug!(samples = samples.len(), took_ms = t0.elapsed().as_millis() as u64, thresholds = ?summary, "caches retrained");
+        let (expected_us, baseline_us) = active.plan.as_ref().map_or((0.0, 0.0), |p| (p.expected_us, p.baseline_us));
+        tracing::info!(
+            samples = samples.len(),
+            took_ms = t0.elapsed().as_millis() as u64,
+            thresholds = ?summary,
+            expected_us = format!("{expected_us:.1}"),
+            baseline_us = format!("{baseline_us:.1}"),
+            "caches retrained"
+        );
+        crate::telemetry::cache_trained(&caches.name, active.generation, expected_us, baseline_us);
         caches.install(active);
         drop(caches);
         std::thread::sleep(rest);

@@ -57,6 +57,15 @@ pub fn tune(preds: &[Vec<(u32, f32)>], labels: &[u32], budget: f32, min_hits: us
     out
 }
 
+/// Fewest held-out rows that could certify any exit under `budget`: with zero
+/// errors observed the bound is still ~3 errors (rule of three).
+pub fn min_certifiable_rows(budget: f32) -> usize {
+    if budget <= 0.0 {
+        return usize::MAX;
+    }
+    (errors_upper(0) / budget).ceil() as usize
+}
+
 /// ~95 % upper bound on the expected errors given `e` observed.
 fn errors_upper(e: usize) -> f32 {
     let e = e as f32;

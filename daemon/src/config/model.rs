@@ -213,6 +213,30 @@ pub struct CacheConfig {
     /// Largest share of one core the background trainer may use.
     #[serde(default = "default_trainer_share")]
     pub trainer_cpu_share: f32,
+    /// Hidden units of the larger learned predictor the placement optimizer may
+    /// pick per cut (it also tries softmax regression); 0 = regression only.
+    #[serde(default = "default_hidden")]
+    pub hidden: usize,
+    /// Most bytes all of the model's active caches may hold together.
+    #[serde(default = "default_cache_memory")]
+    pub max_memory_bytes: usize,
+    /// Give every cut the model's previous answer on the same connection as extra
+    /// features (temporal locality of a stream; learned weights ignore it when it
+    /// does not help).
+    #[serde(default = "default_true")]
+    pub stream_prior: bool,
+}
+
+fn default_hidden() -> usize {
+    32
+}
+
+fn default_cache_memory() -> usize {
+    16 << 20
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_trainer_share() -> f32 {

@@ -206,6 +206,12 @@ fn check_model(m: &ModelConfig, bad: &mut dyn FnMut(&'static str, bool, String))
         if c.window < 16 || c.min_samples < 8 || c.retrain_every == 0 || c.min_samples > c.window {
             bad("cache", false, "need window >= 16, 8 <= min_samples <= window, retrain_every >= 1".into());
         }
+        if c.hidden > 1024 {
+            bad("cache", false, format!("hidden must be at most 1024, got {}", c.hidden));
+        }
+        if c.max_memory_bytes < 1024 {
+            bad("cache", false, format!("max_memory_bytes must be at least 1024, got {}", c.max_memory_bytes));
+        }
     }
     let inp = &m.input;
     for (k, v) in [("height", inp.height), ("width", inp.width)] {

@@ -65,6 +65,8 @@ impl Drop for Reply {
 /// One request's rows, already in the model's input layout.
 pub struct Job {
     pub rows: usize,
+    /// Which stream (connection) the job came on: the caches' stream prior.
+    pub stream: u64,
     pub data: Vec<f32>,
     pub deadline: Option<Instant>,
     pub reply: Reply,
@@ -103,19 +105,30 @@ struct QueueState {
 }
 
 impl ModelHandle {
-    /// Starts the batcher thread of a loaded model.
     /// Starts the batcher thread of a loaded model. With `busy_poll` > 0 the
     /// thread polls its queue that long after a batch before sleeping.
     pub fn start(model: LoadedModel, busy_poll: Duration) -> Result<Self, InferError> {
         let (tx, rx) = mpsc::channel();
+        let cost = Arc::new(model.cost);
         let caches = match &model.config.cache {
-            Some(c) => Some(
-                ModelCaches::start(c.clone(), model.pipeline.len(), model.meta.classes, &model.meta.name)
+            Some(c) => {
+                let costs = Arc::clone(&cost);
+                let stage_costs = Box::new(move || {
+                    costs.stages.iter().map(|s| s.predict(1).as_secs_f64() * 1e6).collect::<Vec<f64>>()
+                });
+                Some(
+                    ModelCaches::start(
+                        c.clone(),
+                        model.pipeline.len(),
+                        model.meta.classes,
+                        &model.meta.name,
+                        stage_costs,
+                    )
                     .map_err(InferError::Thread)?,
-            ),
+                )
+            }
             None => None,
         };
-        let cost = Arc::new(model.cost);
         let state = Arc::new(QueueState {
             base: Instant::now(),
             queued_rows: AtomicUsize::new(0),

@@ -3,7 +3,7 @@
 //! batch is compacted so later stages compute only on the rest, and the rows
 //! that ran the whole model feed the caches' training window.
 //!
-//! Cut 0 is the model input (a 4×4 average-pooled thumbnail per channel, so an
+//! Cut 0 is the model input (an 8×8 average-pooled thumbnail per channel, so an
 //! answer there skips every stage); cut i ≥ 1 is the end of stage i. A row that
 //! exits at cut c is answered with `exit_stage = c`.
 
@@ -16,7 +16,7 @@ use crate::cache::model_caches::{Active, ModelCaches, Sample};
 use crate::telemetry;
 
 /// Side of the input thumbnail cut 0 reads.
-const THUMB: usize = 4;
+const THUMB: usize = 8;
 
 /// One job's answer being assembled.
 struct Pending {
@@ -108,17 +108,27 @@ struct Exits<'a> {
     pending: Vec<Pending>,
     features: Vec<Vec<Vec<f32>>>,
     hit: Vec<Option<(usize, u32)>>,
+    /// Per row: the model's previous answer on the row's stream (stream prior).
+    prior: Option<Vec<Option<u32>>>,
     rng: &'a mut u64,
 }
 
 impl Exits<'_> {
     /// Consults cut `cut` for the `live` rows; returns which continue.
     fn consult(&mut self, cut: usize, features: &[f32], dim: usize, live: &[usize]) -> Vec<bool> {
+        let width = dim + if self.prior.is_some() { self.classes } else { 0 };
         for (j, &r) in live.iter().enumerate() {
-            self.features[r][cut] = features[j * dim..(j + 1) * dim].to_vec();
+            let mut row = Vec::with_capacity(width);
+            row.extend_from_slice(&features[j * dim..(j + 1) * dim]);
+            if let Some(prior) = &self.prior {
+                // One-hot of the stream's previous answer (all zero when there is none).
+                row.extend((0..self.classes).map(|k| if prior[r] == Some(k as u32) { 1.0 } else { 0.0 }));
+            }
+            self.features[r][cut] = row;
         }
         let Some(Some(entry)) = self.active.cuts.get(cut) else { return vec![true; live.len()] };
-        let preds = entry.cache.predict(features, dim);
+        let rows: Vec<f32> = live.iter().flat_map(|&r| self.features[r][cut].iter().copied()).collect();
+        let preds = entry.cache.predict(&rows, width);
         let mut keep = vec![true; live.len()];
         for (j, (&r, &(class, conf))) in live.iter().zip(&preds).enumerate() {
             if self.hit[r].is_some() || conf < entry.threshold {
@@ -170,10 +180,12 @@ pub(super) fn run(
     let rows: usize = jobs.iter().map(|j| j.rows).sum();
     let active = caches.active();
     let mut owner = Vec::with_capacity(rows);
+    let mut streams = Vec::with_capacity(rows);
     let mut data = Vec::with_capacity(rows * row_len);
     let mut pending: Vec<Pending> = Vec::with_capacity(jobs.len());
     for (k, job) in jobs.into_iter().enumerate() {
         owner.extend((0..job.rows).map(|r| (k, r)));
+        streams.extend(std::iter::repeat_n(job.stream, job.rows));
         data.extend_from_slice(&job.data);
         pending.push(Pending {
             reply: Some(job.reply),
@@ -193,6 +205,7 @@ pub(super) fn run(
         pending,
         features: vec![vec![Vec::new(); cuts]; rows],
         hit: vec![None; rows],
+        prior: caches.config.stream_prior.then(|| caches.priors(&streams)),
         rng,
     };
     caches.rows.fetch_add(rows as u64, Ordering::Relaxed);
@@ -216,6 +229,9 @@ pub(super) fn run(
     };
     let live: Vec<usize> = all.iter().copied().filter(|&r| keep[r]).collect();
     if live.is_empty() {
+        if caches.config.stream_prior {
+            caches.remember(streams.iter().zip(&ex.hit).filter_map(|(&s, h)| Some((s, h.as_ref()?.1))));
+        }
         ex.fail_unanswered("internal: rows left unanswered");
         return Ok(Vec::new());
     }
@@ -243,6 +259,7 @@ pub(super) fn run(
         }
     };
     let mut samples = Vec::with_capacity(run.finished.len());
+    let mut answers: Vec<Option<u32>> = ex.hit.iter().map(|h| h.map(|(_, class)| class)).collect();
     let last = pipeline.len() as u16;
     for (i, &j) in run.finished.iter().enumerate() {
         let r = live[j];
@@ -254,6 +271,7 @@ pub(super) fn run(
         match ex.hit[r] {
             Some((cut, cached)) => caches.shadow(cut, cached, label),
             None => {
+                answers[r] = Some(label);
                 let (k, row) = ex.owner[r];
                 let p = &mut ex.pending[k];
                 let n = run.row_len.min(classes);
@@ -266,6 +284,9 @@ pub(super) fn run(
         }
     }
     caches.record(samples);
+    if caches.config.stream_prior {
+        caches.remember(streams.iter().zip(&answers).filter_map(|(&s, a)| Some((s, (*a)?))));
+    }
     telemetry::cache_state(model, caches.live_disagreement(), caches.mem_bytes());
     ex.fail_unanswered("internal: rows left unanswered");
     Ok(run.stage_rows.into_iter().zip(run.stage_times).collect())
@@ -277,22 +298,23 @@ mod tests {
 
     #[test]
     fn thumbnail_pools_spatial_dims_per_channel_in_either_layout() {
-        // NHWC 8x8x2: channel 0 = 1.0, channel 1 = row index.
+        // NHWC 16x16x2: channel 0 = 1.0, channel 1 = row index; each cell pools 2x2 pixels.
         let mut nhwc = Vec::new();
-        for y in 0..8 {
-            for _x in 0..8 {
+        for y in 0..16 {
+            for _x in 0..16 {
                 nhwc.extend([1.0, y as f32]);
             }
         }
-        let t = thumbnail(&nhwc, &[8, 8, 2]);
-        assert_eq!(t.len(), 2 * 16);
-        assert!(t[..16].iter().all(|&v| (v - 1.0).abs() < 1e-6));
-        assert!((t[16] - 0.5).abs() < 1e-6 && (t[16 + 12] - 6.5).abs() < 1e-6);
-        // NCHW 1x8x8 gives one channel of 16 cells.
-        let nchw: Vec<f32> = (0..64).map(|i| (i / 8) as f32).collect();
-        let t = thumbnail(&nchw, &[1, 8, 8]);
-        assert_eq!(t.len(), 16);
-        assert!((t[0] - 0.5).abs() < 1e-6 && (t[15] - 6.5).abs() < 1e-6);
+        let cells = THUMB * THUMB;
+        let t = thumbnail(&nhwc, &[16, 16, 2]);
+        assert_eq!(t.len(), 2 * cells);
+        assert!(t[..cells].iter().all(|&v| (v - 1.0).abs() < 1e-6));
+        assert!((t[cells] - 0.5).abs() < 1e-6 && (t[cells + (THUMB - 1) * THUMB] - 14.5).abs() < 1e-6);
+        // NCHW 1x16x16 gives one channel of THUMB² cells.
+        let nchw: Vec<f32> = (0..256).map(|i| (i / 16) as f32).collect();
+        let t = thumbnail(&nchw, &[1, 16, 16]);
+        assert_eq!(t.len(), cells);
+        assert!((t[0] - 0.5).abs() < 1e-6 && (t[cells - 1] - 14.5).abs() < 1e-6);
         assert!(thumbnail(&[1.0; 4], &[4]).is_empty());
     }
 }

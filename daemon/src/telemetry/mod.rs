@@ -113,3 +113,11 @@ pub fn cache_state(model: &str, live_disagreement: f32, mem_bytes: usize) {
     gauge!("gati_cache_live_disagreement", "model" => model.to_string()).set(f64::from(live_disagreement));
     gauge!("gati_cache_memory_bytes", "model" => model.to_string()).set(mem_bytes as f64);
 }
+
+/// A new set of caches went live for `model`: its training generation and the
+/// placement's expected and no-cache µs per row.
+pub fn cache_trained(model: &str, generation: u64, expected_us: f64, baseline_us: f64) {
+    gauge!("gati_cache_generation", "model" => model.to_string()).set(generation as f64);
+    gauge!("gati_cache_expected_us", "model" => model.to_string()).set(expected_us);
+    gauge!("gati_cache_baseline_us", "model" => model.to_string()).set(baseline_us);
+}

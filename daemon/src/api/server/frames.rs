@@ -134,7 +134,9 @@ impl Worker {
         c.out.inflight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let reply = Reply::new(move |result| answer.send(result));
         let admission = header.flags.get() & FLAG_BEST_EFFORT == 0;
-        match model.submit(Job { rows, data, deadline, reply }, admission) {
+        // The connection's shared output lives as long as the connection: its address names the stream.
+        let stream = Arc::as_ptr(&c.out) as u64;
+        match model.submit(Job { rows, stream, data, deadline, reply }, admission) {
             Ok(()) => telemetry::inflight(1.0),
             Err((why, job)) => {
                 // Answer here, not through the reply.
