@@ -75,7 +75,7 @@ where
         wait(request_fd)?;
         while let Some(frame) = shared.request.pop_into(&mut input)? {
             let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler(&input)));
-            let max = shared.response.max_payload();
+            let max = layout.max_message;
             let pushed = match outcome {
                 Ok(Ok(output)) if output.len() <= max => shared.response.push(frame.seq, STATUS_OK, &output),
                 Ok(Ok(output)) => {

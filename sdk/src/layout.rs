@@ -71,7 +71,9 @@ pub struct Control {
     pub guest_state: AtomicU32,
     /// The guest's pid as it sees itself (1 in a fresh pid namespace).
     pub guest_pid: AtomicU32,
-    _reserved: [u8; 40],
+    /// Largest payload either side may send (≤ `ring_capacity` − 16).
+    pub max_message: AtomicU64,
+    _reserved: [u8; 32],
 }
 
 /// One SPSC ring's indices: monotonically increasing byte counts, each on its
@@ -123,18 +125,15 @@ pub enum LayoutError {
 pub struct Layout {
     /// Bytes in each ring's data area (a multiple of 64).
     pub ring_capacity: usize,
+    /// Largest payload either side may send.
+    pub max_message: usize,
 }
 
 impl Layout {
     /// The smallest layout whose rings each hold one message of `max_message` bytes.
     pub fn for_max_message(max_message: usize) -> Layout {
         let need = max_message.saturating_add(FRAME_HEADER_BYTES).max(64);
-        Layout { ring_capacity: need.div_ceil(64).saturating_mul(64) }
-    }
-
-    /// Largest payload one frame can carry.
-    pub fn max_message(&self) -> usize {
-        self.ring_capacity - FRAME_HEADER_BYTES
+        Layout { ring_capacity: need.div_ceil(64).saturating_mul(64), max_message }
     }
 
     /// Offset of the response ring's data area.
@@ -163,7 +162,11 @@ impl Layout {
         if capacity < 64 || capacity % 64 != 0 || capacity > (1 << 40) {
             return Err(LayoutError::BadCapacity(capacity));
         }
-        let layout = Layout { ring_capacity: capacity as usize };
+        let max_message = control.max_message.load(Ordering::Acquire);
+        if max_message > capacity - FRAME_HEADER_BYTES as u64 {
+            return Err(LayoutError::BadCapacity(capacity));
+        }
+        let layout = Layout { ring_capacity: capacity as usize, max_message: max_message as usize };
         if layout.total_len() > have {
             return Err(LayoutError::TooSmall { have, need: layout.total_len() });
         }
@@ -174,6 +177,7 @@ impl Layout {
     pub fn init(&self, region: &mut [u8]) -> Result<(), LayoutError> {
         let shared = self.split(region)?;
         shared.control.ring_capacity.store(self.ring_capacity as u64, Ordering::Relaxed);
+        shared.control.max_message.store(self.max_message as u64, Ordering::Relaxed);
         shared.control.version.store(VERSION, Ordering::Relaxed);
         shared.control.magic.store(MAGIC, Ordering::Release);
         Ok(())
@@ -242,7 +246,8 @@ mod tests {
         assert_eq!(offset_of!(FrameHeader, status), 12);
         let l = Layout::for_max_message(1 << 20);
         assert_eq!(l.ring_capacity % 64, 0);
-        assert!(l.max_message() >= 1 << 20);
+        assert_eq!(offset_of!(Control, max_message), 24);
+        assert!(l.ring_capacity - FRAME_HEADER_BYTES >= l.max_message);
         assert_eq!(l.response_data_offset(), 320 + l.ring_capacity);
     }
 

@@ -147,7 +147,7 @@ mod tests {
         let mut out = Vec::new();
         // Odd sizes so that headers and payloads straddle the end at varying offsets.
         for i in 0..1000u64 {
-            let len = (i as usize * 37) % (layout.max_message() + 1);
+            let len = (i as usize * 37) % (layout.max_message + 1);
             let payload: Vec<u8> = (0..len).map(|j| (i as usize + j) as u8).collect();
             shared.request.push(i, 0, &payload).unwrap();
             let f = shared.request.pop_into(&mut out).unwrap().unwrap();
