@@ -292,3 +292,39 @@ fn cold_start_and_round_trip_times() {
     );
     assert!(starts[10] < Duration::from_millis(500), "cold start {:?}", starts[10]);
 }
+
+/// Runs as root or not: whatever `isolation()` claims must hold in the
+/// function's own view (unprivileged, the jail uses a user namespace, or no
+/// namespaces at all where the kernel refuses them, and says so).
+#[test]
+fn claimed_isolation_matches_what_the_function_sees() {
+    let mut sb = testkit(&["probe"]);
+    let iso = sb.isolation().clone();
+    eprintln!("applied: {iso:?}");
+    let report = String::from_utf8(sb.call(b"read=/etc/hostname", T).unwrap()).unwrap();
+    let get = |key: &str| report.lines().find_map(|l| l.strip_prefix(&format!("{key}="))).unwrap_or("").to_string();
+    if iso.namespaces.contains(&"pid") {
+        assert_eq!(get("proc_pids"), "1");
+    }
+    if iso.namespaces.contains(&"net") {
+        assert_eq!(get("net_ifaces"), "lo");
+    }
+    if iso.namespaces.contains(&"uts") {
+        assert_eq!(get("hostname"), "gati-sandbox");
+    }
+    if iso.private_root {
+        assert!(get("read /etc/hostname").starts_with("err:"));
+    }
+    assert_eq!(get("uid"), iso.uid.to_string());
+    assert_eq!(get("Seccomp"), if iso.seccomp { "2" } else { "0" });
+    assert_eq!(get("NoNewPrivs"), if iso.no_new_privs { "1" } else { "0" });
+    if iso.capabilities_dropped {
+        assert_eq!(get("CapEff"), "0000000000000000");
+    }
+    if iso.bounding_set_dropped {
+        assert_eq!(get("CapBnd"), "0000000000000000");
+    }
+    if iso.cgroup.is_none() {
+        assert!(iso.cgroup_note.is_some(), "no cgroup and no reason given");
+    }
+}

@@ -103,7 +103,7 @@ pub struct FrameHeader {
 const _: () = assert!(size_of::<Control>() == CONTROL_BYTES);
 const _: () = assert!(size_of::<RingHeader>() == RING_HEADER_BYTES);
 const _: () = assert!(size_of::<FrameHeader>() == FRAME_HEADER_BYTES);
-const _: () = assert!(DATA_OFFSET % 64 == 0);
+const _: () = assert!(DATA_OFFSET.is_multiple_of(64));
 
 /// Why a region could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -159,7 +159,7 @@ impl Layout {
             return Err(LayoutError::BadVersion(version));
         }
         let capacity = control.ring_capacity.load(Ordering::Acquire);
-        if capacity < 64 || capacity % 64 != 0 || capacity > (1 << 40) {
+        if capacity < 64 || !capacity.is_multiple_of(64) || capacity > (1 << 40) {
             return Err(LayoutError::BadCapacity(capacity));
         }
         let max_message = control.max_message.load(Ordering::Acquire);

@@ -201,7 +201,7 @@ fn detect_v1(root: &Path, own: &str) -> Result<Hierarchy, String> {
         }
         let path = own
             .lines()
-            .filter_map(|l| l.splitn(3, ':').nth(1).zip(l.splitn(3, ':').nth(2)))
+            .filter_map(|l| l.split_once(':').and_then(|(_, rest)| rest.split_once(':')))
             .find(|(controllers, _)| controllers.split(',').any(|c| c == controller))
             .map(|(_, path)| path)
             .unwrap_or("/");

@@ -138,3 +138,9 @@ impl SandboxError {
         SandboxError::Sys { call, source }
     }
 }
+
+// The scheduler moves warm sandboxes between threads.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<Sandbox>();
+};

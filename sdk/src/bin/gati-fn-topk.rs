@@ -17,7 +17,7 @@ fn main() {
 }
 
 fn top_k(input: &[u8], k: usize) -> Result<String, String> {
-    if input.is_empty() || input.len() % 4 != 0 {
+    if input.is_empty() || !input.len().is_multiple_of(4) {
         return Err(format!("expected little-endian f32 logits, got {} bytes", input.len()));
     }
     let logits: Vec<f32> = input.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
