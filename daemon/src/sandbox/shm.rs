@@ -1,0 +1,118 @@
+//! The daemon side of a sandbox's shared memory and wake-ups: a sealed memfd
+//! mapped with `memmap2` and laid out by `gati_sdk::layout`, and the two
+//! eventfds (request: daemon → function, response: function → daemon).
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use gati_sdk::layout::{Layout, Shared};
+use memmap2::{MmapMut, MmapOptions};
+
+use super::SandboxError;
+
+/// A sandbox's shared region. The memfd is sealed against shrinking and
+/// growing, so the function cannot truncate it under the daemon (SIGBUS).
+pub struct SharedRegion {
+    memfd: File,
+    map: MmapMut,
+    layout: Layout,
+}
+
+impl SharedRegion {
+    /// Creates a region whose rings each carry one message of `max_message` bytes.
+    pub fn create(max_message: usize) -> Result<SharedRegion, SandboxError> {
+        let layout = Layout::for_max_message(max_message);
+        let name: &CStr = c"gati-sandbox";
+        // SAFETY: `name` is a valid C string; the flags are constants.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        if fd < 0 {
+            return Err(SandboxError::sys("memfd_create", io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(layout.total_len() as u64).map_err(|e| SandboxError::sys("ftruncate(memfd)", e))?;
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS on our own memfd with constant seal flags.
+        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(SandboxError::sys("fcntl(F_ADD_SEALS)", io::Error::last_os_error()));
+        }
+        // SAFETY: the memfd is sealed against size changes, so the mapping stays
+        // fully backed; the function writes only the response ring and its
+        // `guest_*` fields, whose reads here are ordered by the ring's atomics.
+        let mut map = unsafe { MmapOptions::new().len(layout.total_len()).map_mut(&memfd) }
+            .map_err(|e| SandboxError::sys("mmap(memfd)", e))?;
+        layout.init(&mut map).map_err(|e| SandboxError::Protocol(e.to_string()))?;
+        Ok(SharedRegion { memfd, map, layout })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.memfd.as_raw_fd()
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The control block and both rings.
+    pub fn shared(&mut self) -> Result<Shared<'_>, SandboxError> {
+        self.layout.split(&mut self.map).map_err(|e| SandboxError::Protocol(e.to_string()))
+    }
+}
+
+/// An eventfd used as a doorbell.
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    /// `nonblocking` sets `O_NONBLOCK` on the open file description, which the
+    /// function shares: use it only for the fd the daemon reads.
+    pub fn new(nonblocking: bool) -> Result<EventFd, SandboxError> {
+        let flags = libc::EFD_CLOEXEC | if nonblocking { libc::EFD_NONBLOCK } else { 0 };
+        // SAFETY: eventfd with constant flags has no memory-safety preconditions.
+        let fd = unsafe { libc::eventfd(0, flags) };
+        if fd < 0 {
+            return Err(SandboxError::sys("eventfd", io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Adds 1 to the counter (wakes the reader).
+    pub fn signal(&self) -> Result<(), SandboxError> {
+        let one = 1u64;
+        loop {
+            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+            let n = unsafe { libc::write(self.fd(), (&raw const one).cast(), 8) };
+            if n == 8 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(SandboxError::sys("write(eventfd)", err));
+            }
+        }
+    }
+
+    /// Resets the counter without blocking; true if it was non-zero.
+    pub fn drain(&self) -> Result<bool, SandboxError> {
+        let mut value = 0u64;
+        loop {
+            // SAFETY: reads 8 bytes into a live, exclusively borrowed u64.
+            let n = unsafe { libc::read(self.fd(), (&raw mut value).cast(), 8) };
+            if n == 8 {
+                return Ok(value > 0);
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(false),
+                _ => return Err(SandboxError::sys("read(eventfd)", err)),
+            }
+        }
+    }
+}

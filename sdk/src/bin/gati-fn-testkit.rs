@@ -1,0 +1,124 @@
+//! Test-only function for the sandbox tests. argv[1] picks the behaviour:
+//!
+//! - `echo` (default): returns the input; `!err MSG` → handler error MSG,
+//!   `!panic` → handler panic, `!big N` → an N-byte response.
+//! - `crash`: aborts on the first request.
+//! - `sleep`: never answers (sleeps).
+//! - `alloc`: input is a MiB count as text; allocates and touches that much,
+//!   answers `allocated N MiB` (or an error when the allocation is refused).
+//! - `syscall NAME`: makes a syscall the sandbox forbids (`socket`, `ptrace`)
+//!   on the first request, and answers what it returned if it survives.
+//! - `probe`: answers `key=value` lines describing what it can see: its pid,
+//!   the pids in /proc, its uid, root entries, network interfaces, hostname,
+//!   capabilities and seccomp state, and the result of reading each path given
+//!   as an input line `read=PATH`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).cloned().unwrap_or_else(|| "echo".into());
+    let extra = args.get(2).cloned().unwrap_or_default();
+    gati_sdk::serve(move |input: &[u8]| match mode.as_str() {
+        "echo" => echo(input),
+        "crash" => std::process::abort(),
+        "sleep" => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        "alloc" => alloc(input),
+        "syscall" => Ok(forbidden(&extra).into_bytes()),
+        "probe" => Ok(probe(input).into_bytes()),
+        other => Err(format!("unknown mode {other:?}")),
+    })
+}
+
+fn echo(input: &[u8]) -> Result<Vec<u8>, String> {
+    if let Some(msg) = input.strip_prefix(b"!err ") {
+        return Err(String::from_utf8_lossy(msg).into_owned());
+    }
+    if input == b"!panic" {
+        panic!("testkit was asked to panic");
+    }
+    if let Some(n) = input.strip_prefix(b"!big ") {
+        let n: usize = String::from_utf8_lossy(n).trim().parse().map_err(|_| "bad size".to_string())?;
+        return Ok(vec![b'x'; n]);
+    }
+    Ok(input.to_vec())
+}
+
+fn alloc(input: &[u8]) -> Result<Vec<u8>, String> {
+    let mib: usize = String::from_utf8_lossy(input).trim().parse().map_err(|_| "input must be a MiB count")?;
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    for i in 0..mib {
+        let mut chunk = Vec::new();
+        chunk.try_reserve_exact(1 << 20).map_err(|e| format!("allocation refused after {i} MiB: {e}"))?;
+        chunk.resize(1 << 20, 1u8); // touch every page
+        chunks.push(chunk);
+    }
+    let total: usize = chunks.iter().map(|c| c[c.len() - 1] as usize).sum();
+    Ok(format!("allocated {total} MiB").into_bytes())
+}
+
+fn forbidden(name: &str) -> String {
+    // SAFETY: plain syscalls with valid constant arguments; the point is that
+    // the sandbox's seccomp filter kills us before they return.
+    let rc = unsafe {
+        match name {
+            "ptrace" => libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0),
+            _ => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as libc::c_long,
+        }
+    };
+    format!("{name} returned {rc} ({})", std::io::Error::last_os_error())
+}
+
+fn probe(input: &[u8]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "pid={}", std::process::id());
+    let mut pids: Vec<u32> = list("/proc").iter().filter_map(|n| n.parse().ok()).collect();
+    pids.sort_unstable();
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    let _ = writeln!(out, "proc_pids={}", pids.join(","));
+    // SAFETY: getuid has no preconditions.
+    let _ = writeln!(out, "uid={}", unsafe { libc::getuid() });
+    let _ = writeln!(out, "root={}", list("/").join(","));
+    let net = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+    let ifaces: Vec<&str> = net.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+    let _ = writeln!(out, "net_ifaces={}", ifaces.join(","));
+    let _ = writeln!(out, "hostname={}", hostname());
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for key in ["CapEff", "CapBnd", "NoNewPrivs", "Seccomp"] {
+        let value = status.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(':')));
+        let _ = writeln!(out, "{key}={}", value.unwrap_or("?").trim());
+    }
+    for line in String::from_utf8_lossy(input).lines() {
+        if let Some(path) = line.strip_prefix("read=") {
+            let result = match std::fs::read(path) {
+                Ok(bytes) => format!("ok:{}", bytes.len()),
+                Err(e) => format!("err:{e}"),
+            };
+            let _ = writeln!(out, "read {path}={result}");
+        }
+    }
+    out
+}
+
+fn list(dir: &str) -> Vec<String> {
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Err(e) => vec![format!("<{e}>")],
+    };
+    names.sort();
+    names
+}
+
+fn hostname() -> String {
+    // SAFETY: utsname is plain old data; uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `uts` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return "?".into();
+    }
+    let bytes: Vec<u8> = uts.nodename.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
