@@ -6,7 +6,8 @@
 //! DAGs to SGSs through a [`RouteTable`]. Promises: every [`DagRequest`] is
 //! answered exactly once — with the sink's output, `DeadlineMissed` as soon as
 //! the deadline cannot be met, or `Failed` — and a crashed worker is replaced
-//! without hanging any request. See `docs/architecture.md` ("DAG dispatch").
+//! without hanging any request. Config: `docs/config.md` (`[[functions]]`,
+//! `[[dags]]`).
 
 pub mod dag;
 pub mod estimate;
