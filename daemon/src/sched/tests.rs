@@ -236,3 +236,32 @@ fn scheduler_invokes_by_name_and_routes_through_the_table() {
     assert!(matches!(&got[1], DagResult::Ok { output, .. } if output == b"inf"));
     assert!(s.stop(LONG));
 }
+
+#[test]
+fn failing_cold_start_answers_waiting_requests() {
+    let dep = deployment(vec![func("f", 1, 0, 1)], vec![0], &[], 5000);
+    let factory =
+        |_: &FunctionDef| -> Result<Box<dyn Worker>, WorkerError> { Err(WorkerError::Start("no such program".into())) };
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory)).unwrap();
+    let (req, rx) = request(&dep, b"x", None);
+    sgs.submit(req);
+    let (res, _) = rx.recv_timeout(LONG).unwrap();
+    assert!(matches!(&res, DagResult::Failed(m) if m.contains("no such program")), "{res:?}");
+    assert!(sgs.join(LONG));
+}
+
+#[test]
+fn stop_finishes_in_flight_work_and_refuses_the_rest() {
+    let dep = deployment(vec![func("f", 1, 1, 1)], vec![0], &[], 5000);
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(30)))).unwrap();
+    wait_until("the warm worker", || workers(&sgs) == 1);
+    let (first, rx1) = request(&dep, b"1", None);
+    sgs.submit(first);
+    wait_until("dispatch", || sgs.stats().dags[0].sample().dispatched == 1);
+    sgs.stop();
+    let (late, rx2) = request(&dep, b"2", None);
+    sgs.submit(late);
+    assert!(matches!(rx1.recv_timeout(LONG).unwrap().0, DagResult::Ok { .. }), "in-flight work finishes");
+    assert!(matches!(rx2.recv_timeout(LONG).unwrap().0, DagResult::Failed(_)), "late work is refused");
+    assert!(sgs.join(LONG));
+}

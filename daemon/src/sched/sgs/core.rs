@@ -171,7 +171,9 @@ impl Core {
                         tracing::error!(sgs = self.index, error = %e, "cannot poll a new worker");
                     }
                 }
-                Ok(Msg::Stop) | Err(TryRecvError::Disconnected) => {
+                // Requests queued behind the stop are still drained (answered `Failed`).
+                Ok(Msg::Stop) => self.stopping = true,
+                Err(TryRecvError::Disconnected) => {
                     self.stopping = true;
                     return;
                 }
