@@ -265,3 +265,54 @@ fn stop_finishes_in_flight_work_and_refuses_the_rest() {
     assert!(matches!(rx2.recv_timeout(LONG).unwrap().0, DagResult::Failed(_)), "late work is refused");
     assert!(sgs.join(LONG));
 }
+
+/// A model function through the node's factory: the served model's batcher
+/// runs the invocation. Needs ONNX Runtime (`ORT_DYLIB_PATH`); skipped without.
+#[test]
+fn model_function_runs_on_the_served_model() {
+    use crate::config::{Cuts, InputConfig, Layout, ModelConfig, OutputKind, Resize};
+    use crate::infer::{LoadedModel, ModelHandle, Registry};
+    if let Err(e) = crate::infer::runtime::environment(None) {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let cfg = ModelConfig {
+        name: "fm".into(),
+        path: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/fmnist_resnet.onnx"),
+        cuts: Cuts::Mode("none".into()),
+        input: InputConfig {
+            layout: Layout::NCHW,
+            height: 28,
+            width: 28,
+            channels: 1,
+            scale: 1.0,
+            mean: vec![],
+            std: vec![],
+            resize: Resize::None,
+        },
+        output: OutputKind::Logits,
+        labels: vec![],
+        max_batch: 4,
+        max_queue_delay_us: 0,
+        intra_threads: 1,
+        cache: None,
+    };
+    let handle = ModelHandle::start(LoadedModel::load(&cfg).unwrap(), Duration::ZERO).unwrap();
+    let registry = Arc::new(Registry::default());
+    registry.replace([(crate::api::wire::model_id("fm"), Arc::new(handle))].into_iter().collect());
+    let mut f = func("classify", 5, 1, 1);
+    f.body = FunctionBody::Model("fm".into());
+    let dep = deployment(vec![f], vec![0], &[], 5000);
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(NodeWorkers { registry })).unwrap();
+    let input: Vec<u8> = (0..2 * 28 * 28).flat_map(|i| ((i % 7) as f32 / 7.0).to_le_bytes()).collect();
+    let (req, rx) = request(&dep, &input, None);
+    sgs.submit(req);
+    let (res, _) = rx.recv_timeout(LONG).unwrap();
+    let DagResult::Ok { output, .. } = res else { panic!("{res:?}") };
+    assert_eq!(output.len(), 2 * 10 * 4, "two rows of 10 f32 logits");
+    let (bad, rx) = request(&dep, &input[..10], None);
+    sgs.submit(bad);
+    let (res, _) = rx.recv_timeout(LONG).unwrap();
+    assert!(matches!(&res, DagResult::Failed(m) if m.contains("not a whole number")), "{res:?}");
+    assert!(sgs.join(LONG));
+}
