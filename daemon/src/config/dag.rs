@@ -274,12 +274,8 @@ fn check_graph(
         bad("edges", "a DAG needs `edges` or `chain`".into());
         return;
     }
-    let mut known = true;
-    for n in &nodes {
-        if !by_name.contains_key(n) {
-            bad(key, format!("unknown function `{n}` (not a [[functions]] name)"));
-            known = false;
-        }
+    for n in nodes.iter().filter(|n| !by_name.contains_key(*n)) {
+        bad(key, format!("unknown function `{n}` (not a [[functions]] name)"));
     }
     if let Some((a, _)) = edges.iter().find(|(a, b)| a == b) {
         bad(key, format!("self-loop on `{}`", nodes[*a]));
@@ -300,12 +296,13 @@ fn check_graph(
         );
         return;
     }
-    if !(known && d.deadline_ms.is_finite() && d.deadline_ms > 0.0) {
+    if !(d.deadline_ms.is_finite() && d.deadline_ms > 0.0) {
         return;
     }
-    // Only functions with `expected_ms` count: model times are only known once loaded.
+    // Only functions with `expected_ms` count: model times are only known once
+    // loaded (unknown functions, already reported, count 0 too).
     let cost = |i: usize| {
-        let ms = functions[by_name[nodes[i]]].expected_ms.unwrap_or(0.0);
+        let ms = by_name.get(nodes[i]).and_then(|&f| functions[f].expected_ms).unwrap_or(0.0);
         Duration::from_secs_f64(ms / 1e3)
     };
     let Some(topo) = graph.topo_order() else { return };
