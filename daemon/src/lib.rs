@@ -1,8 +1,9 @@
 //! gati: a per-node DNN serving daemon (`gatid`) and its client (`gatictl`).
 //!
 //! Request path: `api` (socket, frames) → `infer` (batcher, staged models) →
-//! `api` (response); `sandbox` runs the user functions of DAGs in isolated
-//! worker processes. `node` composes the parts and owns the lifecycle;
+//! `api` (response); DAG deployments go through `sched` (load balancer, SGSs,
+//! worker pools) to `infer` or to `sandbox` (user functions in isolated worker
+//! processes). `node` composes the parts and owns the lifecycle;
 //! `config` is the only way configuration gets in; `telemetry` names every
 //! metric. See `docs/architecture.md`.
 
@@ -14,6 +15,7 @@ pub mod config;
 pub mod infer;
 pub mod node;
 pub mod sandbox;
+pub mod sched;
 pub mod telemetry;
 
 /// Exit code for a bad configuration (sysexits EX_CONFIG); systemd's

@@ -5,12 +5,14 @@
 //! daemon accepts once it accepts always. Relative paths are resolved against
 //! the directory of the config file.
 
+mod dag;
 mod model;
 mod validate;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use dag::{DagConfig, FunctionConfig, FunctionKind};
 pub use model::{
     CacheConfig, CacheKind, Config, Cuts, InputConfig, Layout, MetricsConfig, ModelConfig, OutputKind, Resize,
     RuntimeConfig, ServerConfig,
@@ -75,6 +77,11 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
     for m in &mut config.models {
         if m.path.is_relative() {
             m.path = base.join(&m.path);
+        }
+    }
+    for f in &mut config.functions {
+        if let Some(p) = f.program.as_mut().filter(|p| p.is_relative()) {
+            *p = base.join(&*p);
         }
     }
     if let Some(lib) = &mut config.runtime.ort_library {

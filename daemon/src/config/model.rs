@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::dag::{DagConfig, FunctionConfig};
+
 /// The whole node configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -17,6 +19,12 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// DAG functions: model functions and exec programs.
+    #[serde(default)]
+    pub functions: Vec<FunctionConfig>,
+    /// DAG deployments over `functions`.
+    #[serde(default)]
+    pub dags: Vec<DagConfig>,
 }
 
 /// The Unix socket listener and its limits.

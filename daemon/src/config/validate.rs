@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use serde::de::DeserializeOwned;
 use toml_edit::{ImDocument, Item, Value as EditValue};
 
+use super::dag::{DagConfig, FunctionConfig};
 use super::model::{Config, Cuts, MetricsConfig, ModelConfig, RuntimeConfig, ServerConfig};
 use super::ConfigIssue;
 
@@ -23,30 +24,38 @@ pub(super) fn deserialize_all(text: &str) -> Result<(Config, Vec<ConfigIssue>), 
     let lines = Lines::new(text);
     let mut issues = Vec::new();
     for key in table.keys() {
-        if !["server", "runtime", "metrics", "models"].contains(&key.as_str()) {
+        if !["server", "runtime", "metrics", "models", "functions", "dags"].contains(&key.as_str()) {
             issues.push(lines.issue(
                 &[Seg::Key(key)],
-                format!("unknown section `{key}` (expected server, runtime, metrics, models)"),
+                format!("unknown section `{key}` (expected server, runtime, metrics, models, functions, dags)"),
             ));
         }
     }
     let server = section::<ServerConfig>(&table, "server", &lines, &mut issues).unwrap_or_default();
     let runtime = section::<RuntimeConfig>(&table, "runtime", &lines, &mut issues).unwrap_or_default();
     let metrics = section::<MetricsConfig>(&table, "metrics", &lines, &mut issues).unwrap_or_default();
-    let mut models = Vec::new();
-    match table.get("models") {
+    let models = array::<ModelConfig>(&table, "models", &lines, &mut issues);
+    let functions = array::<FunctionConfig>(&table, "functions", &lines, &mut issues);
+    let dags = array::<DagConfig>(&table, "dags", &lines, &mut issues);
+    Ok((Config { server, runtime, metrics, models, functions, dags }, issues))
+}
+
+/// An array of tables (`[[key]]`), entry by entry.
+fn array<T: DeserializeOwned>(table: &toml::Table, key: &str, lines: &Lines, issues: &mut Vec<ConfigIssue>) -> Vec<T> {
+    let mut out = Vec::new();
+    match table.get(key) {
         None => {}
         Some(toml::Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                let path = [Seg::Key("models"), Seg::Index(i)];
-                if let Some(m) = de_value::<ModelConfig>(item.clone(), &path, &lines, &mut issues) {
-                    models.push(m);
+                let path = [Seg::Key(key), Seg::Index(i)];
+                if let Some(m) = de_value::<T>(item.clone(), &path, lines, issues) {
+                    out.push(m);
                 }
             }
         }
-        Some(_) => issues.push(lines.issue(&[Seg::Key("models")], "must be an array of tables ([[models]])".into())),
+        Some(_) => issues.push(lines.issue(&[Seg::Key(key)], format!("must be an array of tables ([[{key}]])"))),
     }
-    Ok((Config { server, runtime, metrics, models }, issues))
+    out
 }
 
 fn section<T: DeserializeOwned>(
@@ -166,6 +175,7 @@ pub(super) fn check(c: &Config, text: &str) -> Vec<ConfigIssue> {
             bad(&at("name"), format!("model id of `{}` collides with `{other}`; rename one", m.name));
         }
     }
+    super::dag::check(c, &lines, &mut out);
     out
 }
 
@@ -237,24 +247,24 @@ fn check_model(m: &ModelConfig, bad: &mut dyn FnMut(&'static str, bool, String))
 
 /// One step of a key path.
 #[derive(Debug, Clone)]
-enum Seg<'a> {
+pub(super) enum Seg<'a> {
     Key(&'a str),
     Owned(String),
     Index(usize),
 }
 
 /// Maps key paths to line numbers with a span-keeping parse of the same text.
-struct Lines<'t> {
+pub(super) struct Lines<'t> {
     text: &'t str,
     doc: Option<ImDocument<&'t str>>,
 }
 
 impl<'t> Lines<'t> {
-    fn new(text: &'t str) -> Self {
+    pub(super) fn new(text: &'t str) -> Self {
         Self { text, doc: ImDocument::parse(text).ok() }
     }
 
-    fn issue(&self, path: &[Seg], message: String) -> ConfigIssue {
+    pub(super) fn issue(&self, path: &[Seg], message: String) -> ConfigIssue {
         ConfigIssue { key: render(path), line: self.line(path), message }
     }
 

@@ -1,0 +1,64 @@
+//! A DAG invocation as the SGS receives it, and its answer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::dag::Dag;
+
+/// One invocation of a DAG.
+pub struct DagRequest {
+    pub dag: Arc<Dag>,
+    /// Input of every source function.
+    pub input: Vec<u8>,
+    /// Absolute deadline; `None` = arrival + the DAG's configured deadline.
+    pub deadline: Option<Instant>,
+    pub reply: DagReply,
+}
+
+/// Time spent by one function of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FnTiming {
+    pub function: String,
+    /// Ready (inputs complete) → dispatched to a worker.
+    pub queued: Duration,
+    /// Dispatched → output back (the successful attempt).
+    pub ran: Duration,
+    /// 1 unless the function was retried after a worker crash.
+    pub attempts: u8,
+}
+
+/// The answer to a [`DagRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DagResult {
+    /// The sink function's output, and each function's timing in completion order.
+    Ok { output: Vec<u8>, timings: Vec<FnTiming> },
+    /// The deadline passed, or the remaining work could no longer meet it
+    /// (answered as soon as that is known, not run).
+    DeadlineMissed,
+    /// A function failed, or its worker crashed with no slack left to retry.
+    Failed(String),
+}
+
+/// Where a request's answer goes. Answered exactly once: dropped unanswered
+/// (an SGS died), it answers `Failed`, so no client waits forever.
+pub struct DagReply(Option<Box<dyn FnOnce(DagResult) + Send>>);
+
+impl DagReply {
+    pub fn new(f: impl FnOnce(DagResult) + Send + 'static) -> Self {
+        Self(Some(Box::new(f)))
+    }
+
+    pub fn send(mut self, r: DagResult) {
+        if let Some(f) = self.0.take() {
+            f(r);
+        }
+    }
+}
+
+impl Drop for DagReply {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(DagResult::Failed("request dropped by the scheduler".into()));
+        }
+    }
+}

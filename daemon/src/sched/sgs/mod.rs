@@ -1,0 +1,130 @@
+//! A semi-global scheduler (SGS): one thread with its own io_uring ring,
+//! owning a pool of workers per function.
+//!
+//! Requests arrive through a channel + eventfd the ring polls; workers'
+//! fds are polled on the same ring; the wait carries a timeout for the next
+//! deadline, time limit or pool maintenance. Each turn the SGS answers
+//! requests whose deadline passed, kills overdue workers, dispatches ready
+//! invocations least slack first to idle workers, and sizes the warm pools.
+//! Cold starts happen on the SGS's spawner thread, never on its ring. A
+//! request is answered exactly once; a crashed worker's invocation is retried
+//! while slack allows, else answered `Failed` at once.
+
+mod core;
+mod exec;
+mod workers;
+
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use self::core::{Core, Msg};
+use super::eventfd::EventFd;
+use super::function::{Deployment, FnId};
+use super::request::DagRequest;
+use super::signals::SgsStats;
+use super::worker::WorkerFactory;
+use super::SchedError;
+
+/// Handle of a running SGS.
+pub struct Sgs {
+    index: usize,
+    tx: Sender<Msg>,
+    wake: Arc<EventFd>,
+    stats: Arc<SgsStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sgs {
+    /// Starts SGS number `index` (thread `sgs-<index>`) and its spawner.
+    pub fn start(index: usize, dep: Arc<Deployment>, factory: Arc<dyn WorkerFactory>) -> Result<Self, SchedError> {
+        let wake = Arc::new(EventFd::new().map_err(|e| SchedError::Io { what: "eventfd", source: e })?);
+        let stats = Arc::new(SgsStats::new(dep.dags.len()));
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let (spawn_tx, spawn_rx) = mpsc::channel::<FnId>();
+
+        let (stx, swake, sdep) = (tx.clone(), Arc::clone(&wake), Arc::clone(&dep));
+        std::thread::Builder::new()
+            .name(format!("sgs-{index}-spawn"))
+            .spawn(move || {
+                // Ends when the SGS drops its order sender.
+                while let Ok(func) = spawn_rx.recv() {
+                    let worker = factory.start(&sdep.functions[func]);
+                    if stx.send(Msg::Started { func, worker }).is_err() {
+                        return;
+                    }
+                    swake.signal();
+                }
+            })
+            .map_err(|e| SchedError::Io { what: "spawn thread", source: e })?;
+
+        let (cwake, cstats) = (Arc::clone(&wake), Arc::clone(&stats));
+        let (started_tx, started_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("sgs-{index}"))
+            .spawn(move || {
+                // The ring is made on the thread that submits to it (SINGLE_ISSUER).
+                let mut core = match Core::new(index, dep, cstats, rx, cwake, spawn_tx) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = started_tx.send(Ok(()));
+                if let Err(e) = core.run() {
+                    tracing::error!(sgs = index, error = %e, "SGS ring failed");
+                }
+            })
+            .map_err(|e| SchedError::Io { what: "SGS thread", source: e })?;
+        started_rx
+            .recv()
+            .map_err(|_| SchedError::Io { what: "SGS start", source: std::io::Error::other("thread died") })?
+            .map_err(|e| SchedError::Io { what: "io_uring setup", source: e })?;
+        Ok(Self { index, tx, wake, stats, thread: Some(thread) })
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Queues a request. Never blocks; if the SGS is gone the reply answers `Failed`.
+    pub fn submit(&self, req: DagRequest) {
+        if self.tx.send(Msg::Request(req)).is_ok() {
+            self.wake.signal();
+        }
+    }
+
+    /// The counters this SGS publishes.
+    pub fn stats(&self) -> &Arc<SgsStats> {
+        &self.stats
+    }
+
+    /// Stops taking requests; in-flight ones finish, then the thread ends.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop);
+        self.wake.signal();
+    }
+
+    /// Stops and waits up to `timeout` for the thread; true if it ended.
+    pub fn join(mut self, timeout: Duration) -> bool {
+        self.stop();
+        let until = Instant::now() + timeout;
+        let Some(t) = self.thread.take() else { return true };
+        while !t.is_finished() {
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = t.join();
+        true
+    }
+}
+
+impl Drop for Sgs {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

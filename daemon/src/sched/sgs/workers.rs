@@ -1,0 +1,209 @@
+//! An SGS's workers: slots polled on the ring, completions, crashes and
+//! time limits, and warm-pool maintenance through the spawner.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use super::core::{user_data, Core, OP_WORKER};
+use crate::sched::function::FnId;
+use crate::sched::signals::bump;
+use crate::sched::worker::{Worker, WorkerError};
+
+/// New starts of a function wait this long after a failed one.
+const START_BACKOFF: Duration = Duration::from_millis(500);
+
+/// An invocation running on a worker.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Running {
+    pub req: (u32, u32),
+    pub node: usize,
+    pub started: Instant,
+    pub queued: Duration,
+}
+
+/// One worker of this SGS.
+pub(super) struct WSlot {
+    pub gen: u32,
+    pub func: FnId,
+    pub worker: Box<dyn Worker>,
+    pub job: Option<Running>,
+    armed: [bool; 2],
+}
+
+impl Core {
+    /// The spawner finished a start.
+    pub(super) fn add_worker(
+        &mut self,
+        func: FnId,
+        res: Result<Box<dyn Worker>, WorkerError>,
+        now: Instant,
+    ) -> io::Result<()> {
+        let worker = match res {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(sgs = self.index, function = %self.dep.functions[func].name, error = %e, "worker start failed");
+                self.pools[func].start_failed(now, START_BACKOFF);
+                if self.pools[func].total() == 0 {
+                    self.fail_waiting(func, &e);
+                }
+                return Ok(());
+            }
+        };
+        self.wgen = self.wgen.wrapping_add(1);
+        let slot = WSlot { gen: self.wgen, func, worker, job: None, armed: [false; 2] };
+        let k = match self.wfree.pop() {
+            Some(k) => k,
+            None => {
+                self.workers.push(None);
+                (self.workers.len() - 1) as u32
+            }
+        };
+        self.workers[k as usize] = Some(slot);
+        bump(&self.stats.workers, 1);
+        self.pools[func].started(k, now);
+        self.arm_worker(k)
+    }
+
+    /// Answers every ready invocation of `func`: it has no worker and cannot get one.
+    fn fail_waiting(&mut self, func: FnId, e: &WorkerError) {
+        let mut keys = Vec::new();
+        while let Some((_, item)) = self.ready.pop_runnable(|f| f == func) {
+            keys.push(item.req);
+        }
+        let msg = format!("function `{}`: {e}", self.dep.functions[func].name);
+        for k in keys {
+            self.finish(k, crate::sched::request::DagResult::Failed(msg.clone()));
+        }
+    }
+
+    fn arm_worker(&mut self, k: u32) -> io::Result<()> {
+        let Some(w) = self.workers.get_mut(k as usize).and_then(Option::as_mut) else { return Ok(()) };
+        let fds = w.worker.fds();
+        let gen = w.gen;
+        let mut todo = Vec::new();
+        for (idx, fd) in fds.iter().enumerate() {
+            if let (Some(fd), false) = (fd, w.armed[idx]) {
+                w.armed[idx] = true;
+                todo.push((*fd, user_data(OP_WORKER, idx, k, gen)));
+            }
+        }
+        for (fd, ud) in todo {
+            self.poll_fd(fd, ud)?;
+        }
+        Ok(())
+    }
+
+    /// Takes a worker out: its polls are cancelled, the caller kills or drops it.
+    pub(super) fn remove_worker(&mut self, k: u32) -> Option<WSlot> {
+        let w = self.workers.get_mut(k as usize)?.take()?;
+        for (idx, armed) in w.armed.iter().enumerate() {
+            if *armed {
+                if let Err(e) = self.cancel_poll(user_data(OP_WORKER, idx, k, w.gen)) {
+                    tracing::error!(sgs = self.index, error = %e, "cannot cancel a worker poll");
+                }
+            }
+        }
+        self.wfree.push(k);
+        self.stats.workers.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        Some(w)
+    }
+
+    /// A worker's fd `idx` fired (0 = output ready, 1 = exited).
+    pub(super) fn on_worker_event(&mut self, k: u32, gen: u32, idx: usize, res: i32, now: Instant) -> io::Result<()> {
+        let Some(w) = self.workers.get_mut(k as usize).and_then(Option::as_mut).filter(|w| w.gen == gen) else {
+            return Ok(());
+        };
+        w.armed[idx] = false;
+        if res == -libc::ECANCELED {
+            return Ok(());
+        }
+        let func = w.func;
+        if w.job.is_none() {
+            // Idle: a stale wake-up, or the worker died between requests.
+            let died = idx == 1 || matches!(w.worker.try_take(), Some(Err(e)) if e.is_fatal());
+            if died {
+                self.pools[func].remove(k, false);
+                bump(&self.stats.crashes, 1);
+                if let Some(mut w) = self.remove_worker(k) {
+                    w.worker.kill();
+                }
+                return Ok(());
+            }
+            return self.arm_worker(k);
+        }
+        match w.worker.try_take() {
+            Some(Ok(out)) => {
+                let job = w.job.take();
+                self.pools[func].release(k, now);
+                if let Some(job) = job {
+                    self.complete(job, out, now);
+                }
+            }
+            Some(Err(e)) if e.is_fatal() => return self.crash(k, e, now),
+            Some(Err(e)) => {
+                let job = w.job.take();
+                self.pools[func].release(k, now);
+                if let Some(job) = job {
+                    let msg = format!("function `{}`: {e}", self.dep.functions[func].name);
+                    self.finish(job.req, crate::sched::request::DagResult::Failed(msg));
+                }
+            }
+            None if idx == 1 => return self.crash(k, WorkerError::Crashed("exited".into()), now),
+            None => {}
+        }
+        self.arm_worker(k)
+    }
+
+    /// A busy worker crashed or overran: it is killed and removed (the pool
+    /// replaces it), and its invocation is retried or answered.
+    pub(super) fn crash(&mut self, k: u32, err: WorkerError, now: Instant) -> io::Result<()> {
+        let Some(mut w) = self.remove_worker(k) else { return Ok(()) };
+        w.worker.kill();
+        bump(&self.stats.crashes, 1);
+        self.pools[w.func].remove(k, true);
+        tracing::warn!(sgs = self.index, function = %self.dep.functions[w.func].name, error = %err, "worker lost mid-request");
+        if let Some(job) = w.job.take() {
+            self.retry_or_fail(job, &err, now);
+        }
+        Ok(())
+    }
+
+    /// Kills workers running past their function's time limit.
+    pub(super) fn reap_overdue(&mut self, now: Instant) -> io::Result<()> {
+        let overdue: Vec<u32> = self
+            .workers
+            .iter()
+            .enumerate()
+            .filter_map(|(k, w)| w.as_ref().filter(|w| w.job.is_some() && w.worker.overdue()).map(|_| k as u32))
+            .collect();
+        for k in overdue {
+            self.crash(k, WorkerError::TimedOut, now)?;
+        }
+        Ok(())
+    }
+
+    /// Sizes every function's pool: starts (cold or proactive) go to the
+    /// spawner; idle workers above target past keep-alive are retired.
+    pub(super) fn maintain(&mut self, now: Instant) -> io::Result<()> {
+        for f in 0..self.pools.len() {
+            let exec = self.est[f].expected();
+            // While stopping, work still waiting gets its workers; in-flight requests finish.
+            let waiting = self.ready.waiting_for(f);
+            let (cold0, pre0) = (self.pools[f].cold_starts, self.pools[f].prestarts);
+            let n = self.pools[f].starts_needed(now, exec, waiting);
+            bump(&self.stats.cold_starts, self.pools[f].cold_starts - cold0);
+            bump(&self.stats.prestarts, self.pools[f].prestarts - pre0);
+            for _ in 0..n {
+                if self.spawn.send(f).is_err() {
+                    self.pools[f].start_failed(now, START_BACKOFF);
+                }
+            }
+            for k in self.pools[f].retire(now, exec) {
+                if let Some(mut w) = self.remove_worker(k) {
+                    w.worker.kill();
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,318 @@
+//! SGS tests on real threads, fds and child processes (no fake clocks).
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::function::WarmBounds;
+use super::worker::{Behaviour, ProcessWorker, ThreadWorker};
+use super::*;
+
+const LONG: Duration = Duration::from_secs(10);
+
+fn func(name: &str, expected_ms: u64, min: usize, max: usize) -> FunctionDef {
+    FunctionDef {
+        name: name.into(),
+        body: FunctionBody::Exec { program: PathBuf::from("/bin/sh"), args: Vec::new() },
+        limits: Limits {
+            cpu_cores: 1.0,
+            memory_bytes: 64 << 20,
+            time_limit: Duration::from_secs(5),
+            max_message_bytes: 1 << 16,
+            pids: 4,
+        },
+        expected: Some(Duration::from_millis(expected_ms)),
+        warm: WarmBounds { min, max, keep_alive: Duration::from_secs(60), headroom: 0.0 },
+    }
+}
+
+fn deployment(
+    functions: Vec<FunctionDef>,
+    dag_nodes: Vec<usize>,
+    edges: &[(usize, usize)],
+    deadline_ms: u64,
+) -> Arc<Deployment> {
+    let dag = Dag::new("d", 0, Duration::from_millis(deadline_ms), dag_nodes, edges, (1, 1)).unwrap();
+    Arc::new(Deployment::new(functions, vec![Arc::new(dag)]))
+}
+
+fn request(dep: &Deployment, input: &[u8], deadline: Option<Instant>) -> (DagRequest, Receiver<(DagResult, Instant)>) {
+    let (tx, rx) = mpsc::channel();
+    let reply = DagReply::new(move |r| {
+        let _ = tx.send((r, Instant::now()));
+    });
+    (DagRequest { dag: Arc::clone(&dep.dags[0]), input: input.to_vec(), deadline, reply }, rx)
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let until = Instant::now() + LONG;
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn workers(sgs: &Sgs) -> u64 {
+    sgs.stats().workers.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Appends the function's name to its input, after `sleep`.
+fn appender(sleep: Duration) -> impl Fn(&FunctionDef) -> Result<Box<dyn Worker>, WorkerError> + Send + Sync {
+    move |f: &FunctionDef| {
+        let name = f.name.clone();
+        let w = ThreadWorker::spawn(f.limits.time_limit, move |mut input| {
+            std::thread::sleep(sleep);
+            input.extend_from_slice(name.as_bytes());
+            Behaviour::Answer(input)
+        })?;
+        Ok(Box::new(w) as Box<dyn Worker>)
+    }
+}
+
+#[test]
+fn diamond_dag_runs_with_fan_in_framing() {
+    // a → b, a → c, (b, c) → d
+    let fs = ["a", "b", "c", "d"].iter().map(|n| func(n, 1, 0, 2)).collect();
+    let dep = deployment(fs, vec![0, 1, 2, 3], &[(0, 1), (0, 2), (1, 3), (2, 3)], 2000);
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::ZERO))).unwrap();
+    let (req, rx) = request(&dep, b"x", None);
+    sgs.submit(req);
+    let (res, _) = rx.recv_timeout(LONG).unwrap();
+    let DagResult::Ok { output, timings } = res else { panic!("{res:?}") };
+    // d's input: [len "xab"] "xab" [len "xac"] "xac", then d appends "d".
+    let mut want = Vec::new();
+    for part in [&b"xab"[..], b"xac"] {
+        want.extend_from_slice(&3u32.to_le_bytes());
+        want.extend_from_slice(part);
+    }
+    want.push(b'd');
+    assert_eq!(output, want);
+    assert_eq!(timings.len(), 4);
+    assert_eq!(timings[0].function, "a");
+    assert_eq!(timings[3].function, "d");
+    assert!(timings.iter().all(|t| t.attempts == 1));
+    let c = sgs.stats().dags[0].sample();
+    assert_eq!((c.arrived, c.answered, c.dispatched), (1, 1, 4));
+    assert!(sgs.stats().cold_starts.load(std::sync::atomic::Ordering::Relaxed) >= 1, "empty pools start cold");
+    assert!(sgs.join(LONG));
+}
+
+#[test]
+fn least_slack_request_is_dispatched_first() {
+    // One worker; a blocker holds it while two requests queue up.
+    let dep = deployment(vec![func("f", 1, 1, 1)], vec![0], &[], 5000);
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(40)))).unwrap();
+    wait_until("the warm worker", || workers(&sgs) == 1);
+    let now = Instant::now();
+    let (blocker, rx0) = request(&dep, b"0", Some(now + Duration::from_secs(5)));
+    sgs.submit(blocker);
+    wait_until("the blocker to run", || sgs.stats().dags[0].sample().dispatched == 1);
+    let (loose, rx1) = request(&dep, b"1", Some(now + Duration::from_secs(3)));
+    let (tight, rx2) = request(&dep, b"2", Some(now + Duration::from_millis(1000)));
+    sgs.submit(loose);
+    sgs.submit(tight);
+    let (r0, t0) = rx0.recv_timeout(LONG).unwrap();
+    let (r1, t1) = rx1.recv_timeout(LONG).unwrap();
+    let (r2, t2) = rx2.recv_timeout(LONG).unwrap();
+    assert!(matches!(r0, DagResult::Ok { .. }) && matches!(r1, DagResult::Ok { .. }), "{r0:?} {r1:?}");
+    assert!(matches!(&r2, DagResult::Ok { output, .. } if output == b"2f"), "{r2:?}");
+    assert!(t0 < t2 && t2 < t1, "tight deadline ran before the loose one");
+    assert_eq!(sgs.stats().cold_starts.load(std::sync::atomic::Ordering::Relaxed), 0, "min_warm kept it warm");
+    assert!(sgs.join(LONG));
+}
+
+#[test]
+fn negative_slack_is_answered_without_running() {
+    let dep = deployment(vec![func("slow", 50, 0, 1)], vec![0], &[], 5000);
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::ZERO))).unwrap();
+    let (req, rx) = request(&dep, b"x", Some(Instant::now() + Duration::from_millis(10)));
+    sgs.submit(req);
+    let (res, _) = rx.recv_timeout(LONG).unwrap();
+    assert_eq!(res, DagResult::DeadlineMissed);
+    let c = sgs.stats().dags[0].sample();
+    assert_eq!((c.missed, c.dispatched), (1, 0), "no work was wasted on it");
+    assert!(sgs.join(LONG));
+}
+
+#[test]
+fn killed_process_worker_is_replaced_and_the_request_retried() {
+    // `cat` echoes our framing back; each new process sleeps first, so the
+    // test can kill it while the request is in its pipe.
+    let mut f = func("echo", 1, 0, 1);
+    f.body = FunctionBody::Exec { program: "/bin/sh".into(), args: vec!["-c".into(), "sleep 0.3; exec cat".into()] };
+    let dep = deployment(vec![f], vec![0], &[], 5000);
+    let pids = Arc::new(Mutex::new(Vec::new()));
+    let p = Arc::clone(&pids);
+    let factory = move |f: &FunctionDef| {
+        let FunctionBody::Exec { program, args } = &f.body else { unreachable!("exec only") };
+        let w = ProcessWorker::start(program, args, &f.limits)?;
+        p.lock().unwrap().push(w.pid());
+        Ok(Box::new(w) as Box<dyn Worker>)
+    };
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory)).unwrap();
+    let (req, rx) = request(&dep, b"hello", None);
+    sgs.submit(req);
+    wait_until("the first worker", || !pids.lock().unwrap().is_empty());
+    wait_until("dispatch", || sgs.stats().dags[0].sample().dispatched == 1);
+    let first = pids.lock().unwrap()[0];
+    // SAFETY: SIGKILL to our own child process, still unreaped (its pidfd is open).
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+    let (res, _) = rx.recv_timeout(LONG).unwrap();
+    let DagResult::Ok { output, timings } = res else { panic!("{res:?}") };
+    assert_eq!(output, b"hello");
+    assert_eq!(timings[0].attempts, 2);
+    let s = sgs.stats();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!((load(&s.crashes), load(&s.retries)), (1, 1));
+    assert_eq!(pids.lock().unwrap().len(), 2, "one replacement");
+    assert_eq!(workers(&sgs), 1);
+    assert!(sgs.join(LONG));
+}
+
+#[test]
+fn crash_without_slack_fails_before_the_deadline() {
+    let dep = deployment(vec![func("f", 100, 1, 1)], vec![0], &[], 5000);
+    let factory = |f: &FunctionDef| {
+        let w = ThreadWorker::spawn(f.limits.time_limit, |_| {
+            std::thread::sleep(Duration::from_millis(100));
+            Behaviour::Exit
+        })?;
+        Ok(Box::new(w) as Box<dyn Worker>)
+    };
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory)).unwrap();
+    wait_until("the warm worker", || workers(&sgs) == 1);
+    let deadline = Instant::now() + Duration::from_millis(180);
+    let (req, rx) = request(&dep, b"x", Some(deadline));
+    sgs.submit(req);
+    let (res, at) = rx.recv_timeout(LONG).unwrap();
+    let DagResult::Failed(msg) = res else { panic!("{res:?}") };
+    assert!(msg.contains("no slack left to retry"), "{msg}");
+    assert!(at < deadline, "answered {:?} after the deadline", at - deadline);
+    wait_until("the replacement", || workers(&sgs) == 1);
+    assert!(sgs.join(LONG));
+}
+
+#[test]
+fn overdue_worker_is_killed_and_retried() {
+    let mut f = func("f", 1, 0, 2);
+    f.limits.time_limit = Duration::from_millis(50);
+    let dep = deployment(vec![f], vec![0], &[], 5000);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let factory = move |f: &FunctionDef| {
+        let c = Arc::clone(&calls);
+        let w = ThreadWorker::spawn(f.limits.time_limit, move |input| {
+            if c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Behaviour::Answer(input)
+        })?;
+        Ok(Box::new(w) as Box<dyn Worker>)
+    };
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory)).unwrap();
+    let started = Instant::now();
+    let (req, rx) = request(&dep, b"x", None);
+    sgs.submit(req);
+    let (res, at) = rx.recv_timeout(LONG).unwrap();
+    assert!(matches!(&res, DagResult::Ok { timings, .. } if timings[0].attempts == 2), "{res:?}");
+    assert!(at - started < Duration::from_millis(400), "did not wait for the hung worker");
+    assert!(sgs.join(LONG));
+}
+
+#[test]
+fn scheduler_invokes_by_name_and_routes_through_the_table() {
+    let dep = deployment(vec![func("f", 1, 0, 1)], vec![0], &[], 1000);
+    let table = Arc::new(UserRouteTable::default());
+    let s = Scheduler::start(Arc::clone(&dep), Arc::new(appender(Duration::ZERO)), table.clone(), LbPolicy::default())
+        .unwrap();
+    assert_eq!(table.lookup(dep.dags[0].id, 0), Some(0));
+    let (tx, rx) = mpsc::channel();
+    let t2 = tx.clone();
+    s.invoke("d", b"in".to_vec(), None, DagReply::new(move |r| tx.send(r).unwrap()));
+    s.invoke("nope", Vec::new(), None, DagReply::new(move |r| t2.send(r).unwrap()));
+    let mut got = [rx.recv_timeout(LONG).unwrap(), rx.recv_timeout(LONG).unwrap()];
+    got.sort_by_key(|r| matches!(r, DagResult::Ok { .. }));
+    assert_eq!(got[0], DagResult::Failed("unknown DAG `nope`".into()));
+    assert!(matches!(&got[1], DagResult::Ok { output, .. } if output == b"inf"));
+    assert!(s.stop(LONG));
+}
+
+#[test]
+fn failing_cold_start_answers_waiting_requests() {
+    let dep = deployment(vec![func("f", 1, 0, 1)], vec![0], &[], 5000);
+    let factory =
+        |_: &FunctionDef| -> Result<Box<dyn Worker>, WorkerError> { Err(WorkerError::Start("no such program".into())) };
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory)).unwrap();
+    let (req, rx) = request(&dep, b"x", None);
+    sgs.submit(req);
+    let (res, _) = rx.recv_timeout(LONG).unwrap();
+    assert!(matches!(&res, DagResult::Failed(m) if m.contains("no such program")), "{res:?}");
+    assert!(sgs.join(LONG));
+}
+
+#[test]
+fn stop_finishes_in_flight_work_and_refuses_the_rest() {
+    let dep = deployment(vec![func("f", 1, 1, 1)], vec![0], &[], 5000);
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(30)))).unwrap();
+    wait_until("the warm worker", || workers(&sgs) == 1);
+    let (first, rx1) = request(&dep, b"1", None);
+    sgs.submit(first);
+    wait_until("dispatch", || sgs.stats().dags[0].sample().dispatched == 1);
+    sgs.stop();
+    let (late, rx2) = request(&dep, b"2", None);
+    sgs.submit(late);
+    assert!(matches!(rx1.recv_timeout(LONG).unwrap().0, DagResult::Ok { .. }), "in-flight work finishes");
+    assert!(matches!(rx2.recv_timeout(LONG).unwrap().0, DagResult::Failed(_)), "late work is refused");
+    assert!(sgs.join(LONG));
+}
+
+/// A model function through the node's factory: the served model's batcher
+/// runs the invocation. Needs ONNX Runtime (`ORT_DYLIB_PATH`); skipped without.
+#[test]
+fn model_function_runs_on_the_served_model() {
+    use crate::config::{Cuts, InputConfig, Layout, ModelConfig, OutputKind, Resize};
+    use crate::infer::{LoadedModel, ModelHandle, Registry};
+    if let Err(e) = crate::infer::runtime::environment(None) {
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let cfg = ModelConfig {
+        name: "fm".into(),
+        path: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/fmnist_resnet.onnx"),
+        cuts: Cuts::Mode("none".into()),
+        input: InputConfig {
+            layout: Layout::NCHW,
+            height: 28,
+            width: 28,
+            channels: 1,
+            scale: 1.0,
+            mean: vec![],
+            std: vec![],
+            resize: Resize::None,
+        },
+        output: OutputKind::Logits,
+        labels: vec![],
+        max_batch: 4,
+        max_queue_delay_us: 0,
+        intra_threads: 1,
+        cache: None,
+    };
+    let handle = ModelHandle::start(LoadedModel::load(&cfg).unwrap(), Duration::ZERO).unwrap();
+    let registry = Arc::new(Registry::default());
+    registry.replace([(crate::api::wire::model_id("fm"), Arc::new(handle))].into_iter().collect());
+    let mut f = func("classify", 5, 1, 1);
+    f.body = FunctionBody::Model("fm".into());
+    let dep = deployment(vec![f], vec![0], &[], 5000);
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(NodeWorkers { registry })).unwrap();
+    let input: Vec<u8> = (0..2 * 28 * 28).flat_map(|i| ((i % 7) as f32 / 7.0).to_le_bytes()).collect();
+    let (req, rx) = request(&dep, &input, None);
+    sgs.submit(req);
+    let (res, _) = rx.recv_timeout(LONG).unwrap();
+    let DagResult::Ok { output, .. } = res else { panic!("{res:?}") };
+    assert_eq!(output.len(), 2 * 10 * 4, "two rows of 10 f32 logits");
+    let (bad, rx) = request(&dep, &input[..10], None);
+    sgs.submit(bad);
+    let (res, _) = rx.recv_timeout(LONG).unwrap();
+    assert!(matches!(&res, DagResult::Failed(m) if m.contains("not a whole number")), "{res:?}");
+    assert!(sgs.join(LONG));
+}
