@@ -8,6 +8,8 @@ Writes (idempotent, overwritten every run):
   data/fashion-mnist/t10k-images-idx3-ubyte   decompressed IDX (big-endian header:
                                               magic 0x00000803, n, 28, 28, then n*784 bytes)
   data/fashion-mnist/t10k-labels-idx1-ubyte   decompressed IDX (magic 0x00000801, n, then n bytes)
+  data/fashion-mnist/calib-images-idx3-ubyte  the first 10 000 training images (IDX), a calibration
+                                              set for `gatictl cache train`
   data/fashion-mnist/samples/NNNN_L.png       the first 20 test images (NNNN = test index, L = label)
 
 The source directory can be overridden with $FMNIST_DIR or --src.
@@ -122,6 +124,12 @@ def prepare(out_dir: Path, src: Path | None = None, quiet: bool = False) -> Path
 
     atomic_write_bytes(out_dir / "t10k-images-idx3-ubyte", raw_imgs)
     atomic_write_bytes(out_dir / "t10k-labels-idx1-ubyte", raw_labs)
+    # A calibration set for `gatictl cache train`: the first 10 000 *training*
+    # images (disjoint from the test images the benchmark streams replay).
+    train = read_idx_bytes(src / FILES["train_images"])
+    n_calib = 10_000
+    atomic_write_bytes(out_dir / "calib-images-idx3-ubyte",
+                       struct.pack(">IIII", 0x803, n_calib, 28, 28) + train[16:16 + n_calib * 784])
     atomic_write_bytes(out_dir / "test_images.npy", _npy_bytes(np.ascontiguousarray(imgs)))
     atomic_write_bytes(out_dir / "test_labels.npy", _npy_bytes(np.ascontiguousarray(labs)))
 

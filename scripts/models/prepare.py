@@ -41,6 +41,7 @@ FMNIST_DIR = DATA_DIR / "fashion-mnist"
 FMNIST_FILES = {  # file -> exact expected size
     "t10k-images-idx3-ubyte": 16 + 10000 * 784,
     "t10k-labels-idx1-ubyte": 8 + 10000,
+    "calib-images-idx3-ubyte": 16 + 10000 * 784,
     "test_images.npy": None,
     "test_labels.npy": None,
 }

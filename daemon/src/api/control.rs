@@ -63,6 +63,19 @@ pub fn answer(ctx: &ServeContext, kind: Kind, header: &RequestHeader, payload: &
             }),
         ),
         Kind::Ready => json_answer(Status::Ok, json!({ "ready": ctx.state.is_ready() })),
+        Kind::CacheTrain => match ctx.registry.get(header.target_id.get()) {
+            None => json_answer(Status::UnknownModel, json!({ "error": "no such model" })),
+            Some(m) => match &m.caches {
+                None => json_answer(Status::BadPayload, json!({ "error": "the model has no [models.cache]" })),
+                Some(c) => {
+                    let (generation, rows, needed) = c.train_now();
+                    json_answer(
+                        Status::Ok,
+                        json!({ "generation": generation, "window_rows": rows, "rows_needed": needed }),
+                    )
+                }
+            },
+        },
         Kind::Infer | Kind::Ping => json_answer(Status::UnknownKind, json!({ "error": "not a control request" })),
     }
 }
@@ -77,5 +90,6 @@ pub fn kind_name(kind: Kind) -> &'static str {
         Kind::Stats => "stats",
         Kind::Health => "health",
         Kind::Ready => "ready",
+        Kind::CacheTrain => "cache_train",
     }
 }

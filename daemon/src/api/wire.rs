@@ -34,6 +34,9 @@ pub enum Kind {
     Health = 6,
     /// JSON readiness report: models loaded and not draining.
     Ready = 7,
+    /// Retrain a model's caches now (target id = the model); answers JSON with
+    /// the generation to wait for (see `gati_cache_generation`).
+    CacheTrain = 9,
 }
 
 impl Kind {
@@ -47,6 +50,7 @@ impl Kind {
             5 => Self::Stats,
             6 => Self::Health,
             7 => Self::Ready,
+            9 => Self::CacheTrain,
             _ => return None,
         })
     }

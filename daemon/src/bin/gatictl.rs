@@ -53,6 +53,30 @@ enum Command {
     Health,
     /// Exit 0 if the daemon is ready to serve, 1 if not.
     Ready,
+    /// Cache management.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Warm-start a model's caches from a calibration set (IDX images or raw u8
+    /// frames of the model's input size), then train them now.
+    Train {
+        #[arg(long, short)]
+        model: String,
+        /// Calibration images.
+        #[arg(long)]
+        data: PathBuf,
+        /// Use at most this many images (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// Give up waiting for the training after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_s: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -98,6 +122,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+        }
+        Command::Cache { action: CacheAction::Train { model, data, limit, timeout_s } } => {
+            cache_train(&mut client, &model, &data, limit, timeout_s)?
         }
         Command::Info { model } => println!("{}", serde_json::to_string_pretty(&client.model_info(&model)?)?),
         Command::Stats { raw } => {
@@ -230,4 +257,61 @@ fn softmax(v: &[f32]) -> Vec<f32> {
     let e: Vec<f32> = v.iter().map(|x| (x - m).exp()).collect();
     let s: f32 = e.iter().sum();
     e.iter().map(|x| x / s).collect()
+}
+
+fn model_gauge(client: &mut Client, name: &str, model: &str) -> anyhow::Result<f64> {
+    let text = client.stats_text()?;
+    let label = format!("model=\"{model}\"");
+    Ok(text
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(&label))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0))
+}
+
+fn cache_train(client: &mut Client, model: &str, data: &Path, limit: usize, timeout_s: u64) -> anyhow::Result<()> {
+    let info = client.model_info(model)?;
+    let dim = |k: &str| info["model"][k].as_u64().unwrap_or(0) as u32;
+    let mut set = gatid::client::calibrate::read(data, [dim("height"), dim("width"), dim("channels")])
+        .map_err(anyhow::Error::msg)?;
+    if limit > 0 {
+        set.images.truncate(limit);
+    }
+    let total = set.images.len();
+    let t0 = Instant::now();
+    let mut shown = 0;
+    gatid::client::calibrate::send(client, model, &set, 16, |sent| {
+        if sent * 20 / total.max(1) > shown * 20 / total.max(1) || sent == total {
+            shown = sent;
+            eprint!("\rcalibrating {model}: {sent}/{total} images ({}%)", sent * 100 / total.max(1));
+        }
+    })?;
+    eprintln!(" in {:.1} s", t0.elapsed().as_secs_f64());
+    let v = client.control_json(Kind::CacheTrain, gatid::api::wire::model_id(model), &[])?;
+    let (generation, rows, needed) = (
+        v["generation"].as_u64().unwrap_or(0),
+        v["window_rows"].as_u64().unwrap_or(0),
+        v["rows_needed"].as_u64().unwrap_or(0),
+    );
+    if rows < needed {
+        bail!("the window holds {rows} rows; a training needs {needed} (send more calibration images)");
+    }
+    let until = Instant::now() + std::time::Duration::from_secs(timeout_s);
+    let t1 = Instant::now();
+    while model_gauge(client, "gati_cache_generation", model)? <= generation as f64 {
+        if Instant::now() > until {
+            bail!("no new training within {timeout_s} s (the trainer runs at low priority; try again later)");
+        }
+        eprint!("\rtraining on {rows} rows... {:.0} s", t1.elapsed().as_secs_f64());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let expected = model_gauge(client, "gati_cache_expected_us", model)?;
+    let baseline = model_gauge(client, "gati_cache_baseline_us", model)?;
+    let mem = model_gauge(client, "gati_cache_memory_bytes", model)?;
+    eprintln!();
+    println!(
+        "{model}: caches trained on {rows} rows; expected {expected:.0} us per request vs {baseline:.0} us without ({:.2}x), {mem:.0} bytes",
+        if expected > 0.0 { baseline / expected } else { 1.0 }
+    );
+    Ok(())
 }

@@ -12,6 +12,7 @@ pub mod learned;
 pub mod model_caches;
 pub mod placement;
 pub mod policy;
+pub mod store;
 pub mod train;
 
 /// A cache at one cut.

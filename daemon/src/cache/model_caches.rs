@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use super::placement::{place, CutOption, Plan, Problem};
 use super::policy::{min_certifiable_rows, OFF};
+use super::store;
 use super::train::{self, Candidate};
 use super::CutCache;
 use crate::config::CacheConfig;
@@ -71,6 +72,8 @@ pub struct ModelCaches {
     stage_costs: StageCosts,
     /// The model's last answer per connection (the stream prior).
     last: Mutex<HashMap<u64, u32>>,
+    /// Identifies the model and settings the saved state belongs to.
+    fingerprint: u64,
 }
 
 /// Reads the model's current per-stage costs, µs per row.
@@ -94,6 +97,7 @@ impl ModelCaches {
         classes: usize,
         name: &str,
         stage_costs: StageCosts,
+        fingerprint: u64,
     ) -> std::io::Result<Arc<Self>> {
         let me = Arc::new(Self {
             config,
@@ -108,7 +112,9 @@ impl ModelCaches {
             budget_scale: std::sync::atomic::AtomicU32::new(0.8f32.to_bits()),
             stage_costs,
             last: Mutex::new(HashMap::new()),
+            fingerprint,
         });
+        me.restore();
         let weak = Arc::downgrade(&me);
         std::thread::Builder::new().name(format!("train-{name}")).spawn(move || trainer(weak))?;
         Ok(me)
@@ -132,6 +138,23 @@ impl ModelCaches {
         if w.fresh >= self.config.retrain_every && w.samples.len() >= self.config.min_samples {
             self.wake.notify_one();
         }
+    }
+
+    /// Asks the trainer to train now (calibration finished): returns the current
+    /// generation, the window's rows and the rows a training needs.
+    pub fn train_now(&self) -> (u64, usize, usize) {
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        w.fresh = w.fresh.max(self.config.retrain_every);
+        let rows = w.samples.len();
+        drop(w);
+        self.wake.notify_one();
+        (self.active().generation, rows, self.rows_needed())
+    }
+
+    /// Window rows a training needs: fewer cannot certify a single exit.
+    fn rows_needed(&self) -> usize {
+        let scale = f32::from_bits(self.budget_scale.load(Ordering::Relaxed));
+        self.config.min_samples.max(min_certifiable_rows(self.config.budget * scale)).min(self.config.window)
     }
 
     /// Whether the next batch should feed the window: always until it is full,
@@ -276,8 +299,66 @@ impl ModelCaches {
     }
 }
 
+impl ModelCaches {
+    /// Loads saved state (if the config names a state file and it matches this model).
+    fn restore(&self) {
+        let Some(path) = &self.config.state_file else { return };
+        let state = match store::load(path, self.fingerprint) {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(model = %self.name, error = %e, "cache state not loaded; starting cold");
+                return;
+            }
+        };
+        let cuts = self.stats.len();
+        let restored: Vec<Option<CutEntry>> = (0..cuts)
+            .map(|c| {
+                let (p, threshold) = state.meta.cuts.get(c).cloned().flatten()?;
+                Some(CutEntry { cache: p.into_cache(), threshold })
+            })
+            .collect();
+        let active = restored.iter().filter(|c| c.is_some()).count();
+        let rows = state.window.len();
+        {
+            let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+            w.samples = state.window.into_iter().filter(|s| s.features.len() == cuts).collect();
+            while w.samples.len() > self.config.window {
+                w.samples.pop_front();
+            }
+            // Kinds rebuilt from the window (k-NN) are retrained at once.
+            w.fresh = if state.meta.cuts.iter().all(Option::is_none) { self.config.retrain_every } else { 0 };
+        }
+        self.budget_scale.store(state.meta.budget_scale.clamp(0.05, 0.8).to_bits(), Ordering::Relaxed);
+        self.install(Active { cuts: restored, generation: state.meta.generation, plan: None });
+        crate::telemetry::cache_trained(&self.name, state.meta.generation, 0.0, 0.0);
+        tracing::info!(model = %self.name, rows, active_cuts = active, generation = state.meta.generation, "cache state restored");
+    }
+
+    /// Saves the active caches and the window (no-op without a state file).
+    pub fn persist(&self) {
+        let Some(path) = &self.config.state_file else { return };
+        let active = self.active();
+        let window: Vec<Sample> =
+            self.window.lock().unwrap_or_else(|p| p.into_inner()).samples.iter().cloned().collect();
+        let meta = store::Meta {
+            generation: active.generation,
+            budget_scale: f32::from_bits(self.budget_scale.load(Ordering::Relaxed)),
+            cuts: active
+                .cuts
+                .iter()
+                .map(|c| c.as_ref().and_then(|e| Some((e.cache.persist()?, e.threshold))))
+                .collect(),
+        };
+        if let Err(e) = store::save(path, self.fingerprint, &store::State { meta, window }) {
+            tracing::warn!(model = %self.name, error = %e, "cache state not saved");
+        }
+    }
+}
+
 impl Drop for ModelCaches {
     fn drop(&mut self) {
+        self.persist();
         self.stop.store(true, Ordering::Relaxed);
         self.wake.notify_all();
     }
@@ -288,17 +369,15 @@ impl Drop for ModelCaches {
 fn trainer(me: std::sync::Weak<ModelCaches>) {
     // SAFETY: setpriority on this thread only (who = 0 means the calling thread on Linux).
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    let mut last_save: Option<Instant> = None;
     loop {
         let Some(caches) = me.upgrade() else { return };
         let samples: Vec<Sample> = {
             let w = caches.window.lock().unwrap_or_else(|p| p.into_inner());
             // Out-of-fold tuning holds every row out once; fewer rows than this
             // cannot certify a single exit, so training earlier would only cost CPU.
-            let scale = f32::from_bits(caches.budget_scale.load(Ordering::Relaxed));
-            let needed = caches.config.min_samples.max(min_certifiable_rows(caches.config.budget * scale));
-            let ready = |w: &Window| {
-                w.fresh >= caches.config.retrain_every && w.samples.len() >= needed.min(caches.config.window)
-            };
+            let needed = caches.rows_needed();
+            let ready = |w: &Window| w.fresh >= caches.config.retrain_every && w.samples.len() >= needed;
             let (mut w, _) = caches
                 .wake
                 .wait_timeout_while(w, std::time::Duration::from_millis(500), |w| {
@@ -331,6 +410,12 @@ fn trainer(me: std::sync::Weak<ModelCaches>) {
         );
         crate::telemetry::cache_trained(&caches.name, active.generation, expected_us, baseline_us);
         caches.install(active);
+        crate::telemetry::cache_state(&caches.name, caches.live_disagreement(), caches.mem_bytes());
+        // Saving writes the whole window: at most every 30 s (and when the model goes).
+        if last_save.is_none_or(|t: Instant| t.elapsed() >= std::time::Duration::from_secs(30)) {
+            caches.persist();
+            last_save = Some(Instant::now());
+        }
         drop(caches);
         std::thread::sleep(rest);
     }

@@ -119,6 +119,7 @@ mod tests {
             hidden: 0,
             max_memory_bytes: 1 << 20,
             stream_prior: false,
+            state_file: None,
         };
         let c = candidates(&config, 1, &x, 1, &y, 2);
         assert_eq!(c.len(), 1);

@@ -167,4 +167,5 @@ impl Client {
     }
 }
 
+pub mod calibrate;
 pub mod npy;

@@ -84,6 +84,22 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
             *p = base.join(&*p);
         }
     }
+    if config.runtime.state_dir.is_none() {
+        config.runtime.state_dir = std::env::var_os("STATE_DIRECTORY")
+            .and_then(|v| std::env::split_paths(&v).next())
+            .filter(|p| p.is_absolute());
+    }
+    if let Some(dir) = &mut config.runtime.state_dir {
+        if dir.is_relative() {
+            *dir = base.join(&*dir);
+        }
+    }
+    for m in &mut config.models {
+        let file = config.runtime.state_dir.as_ref().map(|d| d.join("caches").join(format!("{}.bin", m.name)));
+        if let Some(c) = &mut m.cache {
+            c.state_file = file;
+        }
+    }
     if let Some(lib) = &mut config.runtime.ort_library {
         if lib.is_relative() {
             *lib = base.join(&*lib);

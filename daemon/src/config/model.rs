@@ -78,6 +78,10 @@ impl Default for ServerConfig {
 pub struct RuntimeConfig {
     /// Path of `libonnxruntime.so.*`; falls back to `ORT_DYLIB_PATH`.
     pub ort_library: Option<PathBuf>,
+    /// Where state that outlives a restart goes (cache state under `caches/`);
+    /// falls back to `$STATE_DIRECTORY` (systemd's `StateDirectory=`); neither:
+    /// nothing is persisted.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Prometheus endpoint.
@@ -233,6 +237,10 @@ pub struct CacheConfig {
     /// does not help).
     #[serde(default = "default_true")]
     pub stream_prior: bool,
+    /// Where this model's cache state is saved (`<state_dir>/caches/<model>.bin`);
+    /// set from `[runtime] state_dir` at load, not written by the operator.
+    #[serde(skip)]
+    pub state_file: Option<PathBuf>,
 }
 
 fn default_hidden() -> usize {

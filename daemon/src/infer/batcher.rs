@@ -67,9 +67,21 @@ pub struct Job {
     pub rows: usize,
     /// Which stream (connection) the job came on: the caches' stream prior.
     pub stream: u64,
+    /// Calibration rows: run the whole model and feed the caches' window.
+    pub calibrate: bool,
     pub data: Vec<f32>,
     pub deadline: Option<Instant>,
     pub reply: Reply,
+}
+
+/// Identifies the model bytes, cuts and cache settings saved cache state belongs to.
+fn cache_fingerprint(config: &ModelConfig, meta: &ModelMeta, c: &crate::config::CacheConfig) -> u64 {
+    let bytes = std::fs::read(&config.path).unwrap_or_default();
+    let settings = format!("{:?}|{}|{}|{}", c.kind, c.hidden, c.stream_prior, meta.classes);
+    let cuts = meta.stages.iter().map(|s| s.output.as_bytes());
+    crate::cache::store::fingerprint(
+        [bytes.as_slice(), settings.as_bytes(), super::exits::FEATURES_VERSION.as_bytes()].into_iter().chain(cuts),
+    )
 }
 
 /// Why a job was not queued.
@@ -123,6 +135,7 @@ impl ModelHandle {
                         model.meta.classes,
                         &model.meta.name,
                         stage_costs,
+                        cache_fingerprint(&model.config, &model.meta, c),
                     )
                     .map_err(InferError::Thread)?,
                 )

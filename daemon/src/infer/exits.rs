@@ -18,6 +18,10 @@ use crate::telemetry;
 /// Side of the input thumbnail cut 0 reads.
 const THUMB: usize = 8;
 
+/// Changes whenever the features a cut gives its cache change (saved cache
+/// state from another version is not reused).
+pub const FEATURES_VERSION: &str = "thumb8+gap+prior-onehot";
+
 /// One job's answer being assembled.
 struct Pending {
     reply: Option<Reply>,
@@ -110,6 +114,8 @@ struct Exits<'a> {
     hit: Vec<Option<(usize, u32)>>,
     /// Per row: the model's previous answer on the row's stream (stream prior).
     prior: Option<Vec<Option<u32>>>,
+    /// Per row: a calibration row (never answered from a cache).
+    calibrate: Vec<bool>,
     rng: &'a mut u64,
 }
 
@@ -131,7 +137,7 @@ impl Exits<'_> {
         let preds = entry.cache.predict(&rows, width);
         let mut keep = vec![true; live.len()];
         for (j, (&r, &(class, conf))) in live.iter().zip(&preds).enumerate() {
-            if self.hit[r].is_some() || conf < entry.threshold {
+            if self.hit[r].is_some() || self.calibrate[r] || conf < entry.threshold {
                 continue;
             }
             self.hit[r] = Some((cut, class));
@@ -181,11 +187,13 @@ pub(super) fn run(
     let active = caches.active();
     let mut owner = Vec::with_capacity(rows);
     let mut streams = Vec::with_capacity(rows);
+    let mut calibrate = Vec::with_capacity(rows);
     let mut data = Vec::with_capacity(rows * row_len);
     let mut pending: Vec<Pending> = Vec::with_capacity(jobs.len());
     for (k, job) in jobs.into_iter().enumerate() {
         owner.extend((0..job.rows).map(|r| (k, r)));
         streams.extend(std::iter::repeat_n(job.stream, job.rows));
+        calibrate.extend(std::iter::repeat_n(job.calibrate, job.rows));
         data.extend_from_slice(&job.data);
         pending.push(Pending {
             reply: Some(job.reply),
@@ -205,13 +213,18 @@ pub(super) fn run(
         pending,
         features: vec![vec![Vec::new(); cuts]; rows],
         hit: vec![None; rows],
-        prior: caches.config.stream_prior.then(|| caches.priors(&streams)),
+        // Calibration rows come in no stream order: they see no prior.
+        prior: caches
+            .config
+            .stream_prior
+            .then(|| caches.priors(&streams).into_iter().zip(&calibrate).map(|(p, &c)| p.filter(|_| !c)).collect()),
+        calibrate,
         rng,
     };
     caches.rows.fetch_add(rows as u64, Ordering::Relaxed);
     // Features are computed where a cache reads them, and everywhere for the
     // batches that feed the training window.
-    let record = caches.wants_samples((unit(ex.rng) * 1024.0) as u64);
+    let record = ex.calibrate.iter().any(|&c| c) || caches.wants_samples((unit(ex.rng) * 1024.0) as u64);
     let cut_active: Vec<bool> = (0..cuts).map(|c| matches!(active.cuts.get(c), Some(Some(_)))).collect();
 
     // Cut 0: the input itself.
@@ -285,7 +298,8 @@ pub(super) fn run(
     }
     caches.record(samples);
     if caches.config.stream_prior {
-        caches.remember(streams.iter().zip(&answers).filter_map(|(&s, a)| Some((s, (*a)?))));
+        let given = streams.iter().zip(&answers).zip(&ex.calibrate).filter(|(_, &c)| !c);
+        caches.remember(given.filter_map(|((&s, a), _)| Some((s, (*a)?))));
     }
     telemetry::cache_state(model, caches.live_disagreement(), caches.mem_bytes());
     ex.fail_unanswered("internal: rows left unanswered");

@@ -114,6 +114,12 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     } else {
         tracing::warn!(timeout_ms = timeout.as_millis() as u64, "drain timed out; exiting with work in flight");
     }
+    // Threads do not run destructors at exit: save cache state explicitly.
+    for model in registry.snapshot().values() {
+        if let Some(c) = &model.caches {
+            c.persist();
+        }
+    }
     drop(listener);
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use zerocopy::IntoBytes;
 
-use super::{elapsed_us, Conn, Mailbox, Worker, FLAG_BEST_EFFORT};
+use super::{elapsed_us, Conn, Mailbox, Worker, FLAG_BEST_EFFORT, FLAG_CALIBRATE};
 use crate::api::conn::{ConnOut, Frame};
 use crate::api::control;
 use crate::api::request::decode_infer;
@@ -136,7 +136,8 @@ impl Worker {
         let admission = header.flags.get() & FLAG_BEST_EFFORT == 0;
         // The connection's shared output lives as long as the connection: its address names the stream.
         let stream = Arc::as_ptr(&c.out) as u64;
-        match model.submit(Job { rows, stream, data, deadline, reply }, admission) {
+        let calibrate = header.flags.get() & FLAG_CALIBRATE != 0;
+        match model.submit(Job { rows, stream, calibrate, data, deadline, reply }, admission) {
             Ok(()) => telemetry::inflight(1.0),
             Err((why, job)) => {
                 // Answer here, not through the reply.

@@ -27,6 +27,9 @@ use crate::telemetry;
 /// Header flag: skip admission control; queue even if the deadline looks unmeetable
 /// (the request is answered `DeadlineExpired` if it passes in the queue).
 pub const FLAG_BEST_EFFORT: u16 = 1;
+/// Request flag: a calibration row for the model's caches (runs the whole
+/// model, never answered from a cache, always added to the training window).
+pub const FLAG_CALIBRATE: u16 = 2;
 
 const RECV_BUF: usize = 64 * 1024;
 /// Unsent answer bytes above which a connection is no longer read.

@@ -68,7 +68,14 @@ impl Worker for ModelWorker {
         });
         let now = Instant::now();
         // One stream per worker: a DAG's model function sees its own traffic in order.
-        let job = Job { rows, stream: self as *const Self as u64, data, deadline: Some(now + self.time_limit), reply };
+        let job = Job {
+            rows,
+            stream: self as *const Self as u64,
+            calibrate: false,
+            data,
+            deadline: Some(now + self.time_limit),
+            reply,
+        };
         match self.handle.submit(job, false) {
             Ok(()) => {
                 self.started = Some(now);
