@@ -46,13 +46,15 @@ pub struct Problem<'a> {
     /// cut i = the end of stage i).
     pub options: &'a [Vec<CutOption>],
     pub labels: &'a [u32],
+    /// Requests each row stands for (see `policy::tune`); empty = 1 each.
+    pub weights: &'a [f32],
     /// Cost of stage i+1 (the stage after cut i), µs per row.
     pub stage_us: &'a [f64],
     pub budget: f32,
     pub max_memory_bytes: usize,
     pub shadow_fraction: f64,
-    /// A cut must answer at least this many held-out rows to be switched on.
-    pub min_hits: usize,
+    /// A cut must answer at least this many held-out (weighted) rows to be switched on.
+    pub min_hits: f32,
 }
 
 impl Problem<'_> {
@@ -65,7 +67,8 @@ impl Problem<'_> {
             .enumerate()
             .map(|(c, a)| a.map_or_else(Vec::new, |k| self.options[c][k].preds.clone()))
             .collect();
-        let thresholds = tune(&preds, self.labels, self.budget, self.min_hits);
+        let thresholds = tune(&preds, self.labels, self.weights, self.budget, self.min_hits);
+        let w = |r: usize| f64::from(self.weights.get(r).copied().unwrap_or(1.0));
         let total: f64 = self.stage_us.iter().sum();
         let mut exit = vec![0f64; assign.len()];
         let mut cost = 0.0;
@@ -76,7 +79,7 @@ impl Problem<'_> {
                     if thresholds[c] != OFF {
                         spent += self.options[c][*k].lookup_us;
                         if preds[c][r].1 >= thresholds[c] {
-                            exit[c] += 1.0;
+                            exit[c] += w(r);
                             let skipped: f64 = self.stage_us[c.min(self.stage_us.len())..].iter().sum();
                             spent += self.shadow_fraction * skipped;
                             break;
@@ -85,9 +88,9 @@ impl Problem<'_> {
                 }
                 spent += self.stage_us.get(c).copied().unwrap_or(0.0);
             }
-            cost += spent;
+            cost += spent * w(r);
         }
-        let nf = n.max(1) as f64;
+        let nf: f64 = (0..n).map(w).sum::<f64>().max(f64::MIN_POSITIVE);
         let cost = if n == 0 { total } else { cost / nf };
         (thresholds, cost, exit.iter().map(|e| e / nf).collect())
     }
@@ -168,11 +171,12 @@ mod tests {
         let p = Problem {
             options: &options,
             labels: &labels,
+            weights: &[],
             stage_us: &stage_us,
             budget: 0.01,
             max_memory_bytes: 1 << 20,
             shadow_fraction: 0.0,
-            min_hits: 1,
+            min_hits: 1.0,
         };
         let plan = place(&p);
         assert!(plan.choice[0].is_some(), "{plan:?}");
@@ -190,11 +194,12 @@ mod tests {
         let p = Problem {
             options: &options,
             labels: &labels,
+            weights: &[],
             stage_us: &[100.0],
             budget: 0.01,
             max_memory_bytes: 1 << 20,
             shadow_fraction: 0.05,
-            min_hits: 1,
+            min_hits: 1.0,
         };
         let plan = place(&p);
         assert_eq!(plan.choice, vec![None]);
@@ -210,11 +215,12 @@ mod tests {
         let mut p = Problem {
             options: &options,
             labels: &labels,
+            weights: &[],
             stage_us: &[100.0],
             budget: 0.01,
             max_memory_bytes: 1 << 20,
             shadow_fraction: 0.0,
-            min_hits: 1,
+            min_hits: 1.0,
         };
         assert_eq!(place(&p).choice[0].map(|c| c.0), Some(1));
         p.max_memory_bytes = 10_000;

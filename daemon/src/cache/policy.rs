@@ -11,13 +11,19 @@ pub const OFF: f32 = f32::INFINITY;
 
 /// Thresholds per cut from held-out predictions.
 ///
-/// `preds[c][r]` is cut `c`'s (class, confidence) for held-out row `r`;
-/// `labels[r]` is the full model's class; `budget` is the allowed fraction of
-/// rows answered differently from the full model. A cut that would answer
-/// fewer than `min_hits` rows is switched off (its lookups would not pay).
-pub fn tune(preds: &[Vec<(u32, f32)>], labels: &[u32], budget: f32, min_hits: usize) -> Vec<f32> {
+/// `preds[c][r]` is cut `c`'s (class, confidence) for held-out row `r` (an
+/// empty vector: the cut is not in use); `labels[r]` is the full model's
+/// class; `weights[r]` how many requests row `r` stands for (a row recorded
+/// only because a hit was shadow-checked stands for 1/shadow_fraction of
+/// them: without that, the window under-represents what caches answer and the
+/// budget would be spent 1/shadow_fraction times over); `budget` is the
+/// allowed fraction of requests answered differently from the full model. A
+/// cut that would answer less than `min_hits` (weighted rows) is switched off.
+pub fn tune(preds: &[Vec<(u32, f32)>], labels: &[u32], weights: &[f32], budget: f32, min_hits: f32) -> Vec<f32> {
     let n = labels.len();
-    let mut allowed = budget.max(0.0) * n as f32;
+    let total: f32 = if weights.len() == n { weights.iter().sum() } else { n as f32 };
+    let w = |r: usize| weights.get(r).copied().unwrap_or(1.0);
+    let mut allowed = budget.max(0.0) * total;
     let mut remaining: Vec<usize> = (0..n).collect();
     let mut out = Vec::with_capacity(preds.len());
     for cut in preds {
@@ -29,10 +35,12 @@ pub fn tune(preds: &[Vec<(u32, f32)>], labels: &[u32], budget: f32, min_hits: us
         order.sort_by(|&a, &b| cut[b].1.total_cmp(&cut[a].1));
         // Longest prefix (by descending confidence) within the errors still allowed,
         // cut only between different confidence values so `conf >= t` selects it exactly.
-        let (mut errors, mut best_len, mut best_errors) = (0usize, 0usize, 0usize);
+        let (mut errors, mut taken) = (0f32, 0f32);
+        let (mut best_len, mut best_errors, mut best_taken) = (0usize, 0f32, 0f32);
         for (i, &r) in order.iter().enumerate() {
+            taken += w(r);
             if cut[r].0 != labels[r] {
-                errors += 1;
+                errors += w(r);
             }
             // One-sided ~95 % upper bound on the errors behind `errors` observed
             // (3 when none were: the rule of three): a prefix is taken only if even
@@ -42,10 +50,10 @@ pub fn tune(preds: &[Vec<(u32, f32)>], labels: &[u32], budget: f32, min_hits: us
             }
             let boundary = order.get(i + 1).is_none_or(|&next| cut[next].1 < cut[r].1);
             if boundary {
-                (best_len, best_errors) = (i + 1, errors);
+                (best_len, best_errors, best_taken) = (i + 1, errors, taken);
             }
         }
-        if best_len < min_hits.max(1) {
+        if best_len == 0 || best_taken < min_hits.max(1.0) {
             out.push(OFF);
             continue;
         }
@@ -63,12 +71,11 @@ pub fn min_certifiable_rows(budget: f32) -> usize {
     if budget <= 0.0 {
         return usize::MAX;
     }
-    (errors_upper(0) / budget).ceil() as usize
+    (errors_upper(0.0) / budget).ceil() as usize
 }
 
 /// ~95 % upper bound on the expected errors given `e` observed.
-fn errors_upper(e: usize) -> f32 {
-    let e = e as f32;
+fn errors_upper(e: f32) -> f32 {
     e + 1.645 * (e + 1.0).sqrt() + 1.35
 }
 
@@ -89,7 +96,7 @@ mod tests {
             c0[600 + k] = (1, 0.55 + k as f32 * 0.03);
         }
         let c1 = vec![(0u32, 0.8f32); n];
-        let t = tune(&[c0.clone(), c1.clone()], &labels, 0.01, 1);
+        let t = tune(&[c0.clone(), c1.clone()], &labels, &[], 0.01, 1.0);
         let exits0: Vec<usize> = (0..n).filter(|&r| c0[r].1 >= t[0]).collect();
         let errs0 = exits0.iter().filter(|&&r| c0[r].0 != labels[r]).count();
         assert!((1..=5).contains(&errs0), "{t:?}: {errs0} errors admitted at cut 0");
@@ -99,17 +106,25 @@ mod tests {
         assert!(t[1] == OFF || t[1] <= 0.8, "{t:?}");
         // No observed errors but too few rows to be sure: nothing activates.
         let perfect = vec![(0u32, 0.7f32); 100];
-        assert_eq!(tune(&[perfect], &vec![0u32; 100], 0.01, 1), vec![OFF]);
+        assert_eq!(tune(&[perfect], &vec![0u32; 100], &[], 0.01, 1.0), vec![OFF]);
         // Enough rows: everything exits at cut 0.
         let perfect = vec![(0u32, 0.7f32); 1000];
-        assert_eq!(tune(&[perfect], &vec![0u32; 1000], 0.01, 1), vec![0.7]);
+        assert_eq!(tune(std::slice::from_ref(&perfect), &vec![0u32; 1000], &[], 0.01, 1.0), vec![0.7]);
+        // Rows standing for many requests: 3 sure but wrong rows of weight 20
+        // (shadow-checked hits) among 1000 right ones are 60 errors in 1060 requests.
+        let mut mixed = vec![(1u32, 0.8f32); 3];
+        mixed.extend(perfect);
+        let mut weights = vec![20.0f32; 3];
+        weights.extend(vec![1.0f32; 1000]);
+        assert_eq!(tune(std::slice::from_ref(&mixed), &vec![0u32; 1003], &weights, 0.01, 1.0), vec![OFF]);
+        assert_eq!(tune(&[mixed], &vec![0u32; 1003], &[], 0.01, 1.0), vec![0.7], "unweighted, 3 errors fit");
     }
 
     #[test]
     fn useless_cut_is_switched_off() {
         let labels = vec![0u32, 1, 0, 1];
         let wrong = vec![(1u32, 0.9f32), (0, 0.9), (1, 0.9), (0, 0.9)];
-        assert_eq!(tune(&[wrong], &labels, 0.0, 1), vec![OFF]);
-        assert_eq!(tune(&[], &labels, 0.01, 1), Vec::<f32>::new());
+        assert_eq!(tune(&[wrong], &labels, &[], 0.0, 1.0), vec![OFF]);
+        assert_eq!(tune(&[], &labels, &[], 0.01, 1.0), Vec::<f32>::new());
     }
 }

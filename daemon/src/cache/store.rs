@@ -8,8 +8,8 @@
 //! a bad state file costs warm-up time, never the daemon.
 //!
 //! Layout (little endian): `GATICACH`, version u32, fingerprint u64, metadata
-//! length u32 + JSON ([`Meta`]), rows u32, cuts u32, then per row: label u32
-//! and per cut a length u32 + that many f32.
+//! length u32 + JSON ([`Meta`]), rows u32, cuts u32, then per row: label u32,
+//! weight f32 and per cut a length u32 + that many f32.
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -20,7 +20,7 @@ use super::model_caches::Sample;
 use super::Persisted;
 
 const MAGIC: &[u8; 8] = b"GATICACH";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Largest feature vector accepted from a file.
 const MAX_DIM: usize = 1 << 16;
 
@@ -71,6 +71,7 @@ pub fn save(path: &Path, fingerprint: u64, state: &State) -> Result<(), StoreErr
     buf.extend_from_slice(&(cuts as u32).to_le_bytes());
     for s in rows {
         buf.extend_from_slice(&s.label.to_le_bytes());
+        buf.extend_from_slice(&s.weight.to_le_bytes());
         for f in &s.features {
             buf.extend_from_slice(&(f.len() as u32).to_le_bytes());
             f.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes()));
@@ -110,6 +111,10 @@ pub fn load(path: &Path, fingerprint: u64) -> Result<Option<State>, StoreError> 
     let mut window = Vec::with_capacity(rows.min(1 << 20));
     for _ in 0..rows {
         let label = r.u32().ok_or_else(bad)?;
+        let weight = f32::from_bits(r.u32().ok_or_else(bad)?);
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(bad());
+        }
         let mut features = Vec::with_capacity(cuts);
         for _ in 0..cuts {
             let dim = r.u32().ok_or_else(bad)? as usize;
@@ -119,7 +124,7 @@ pub fn load(path: &Path, fingerprint: u64) -> Result<Option<State>, StoreError> 
             let raw = r.take(dim * 4).ok_or_else(bad)?;
             features.push(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect());
         }
-        window.push(Sample { features, label });
+        window.push(Sample { features, label, weight });
     }
     if r.at != bytes.len() {
         return Err(bad());
@@ -174,8 +179,9 @@ mod tests {
         let y: Vec<u32> = (0..16).map(|i| i % 2).collect();
         let cache =
             LearnedCache::fit(&Samples { features: &x, dim: 4, labels: &y, classes: 2 }, &LearnedParams::default());
-        let window: Vec<Sample> =
-            (0..16).map(|i| Sample { features: vec![x[i * 4..i * 4 + 4].to_vec(), vec![]], label: y[i] }).collect();
+        let window: Vec<Sample> = (0..16)
+            .map(|i| Sample { features: vec![x[i * 4..i * 4 + 4].to_vec(), vec![]], label: y[i], weight: 1.0 })
+            .collect();
         let state = State {
             meta: Meta {
                 generation: 7,

@@ -279,7 +279,8 @@ pub(super) fn run(
         let out = &run.data[i * run.row_len..(i + 1) * run.row_len];
         let label = out.iter().enumerate().fold((0, f32::MIN), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0 as u32;
         if record {
-            samples.push(Sample { features: std::mem::take(&mut ex.features[r]), label });
+            let weight = if ex.hit[r].is_some() { 1.0 / caches.config.shadow_fraction.max(1e-3) } else { 1.0 };
+            samples.push(Sample { features: std::mem::take(&mut ex.features[r]), label, weight });
         }
         match ex.hit[r] {
             Some((cut, cached)) => caches.shadow(cut, cached, label),
