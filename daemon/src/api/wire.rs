@@ -34,6 +34,9 @@ pub enum Kind {
     Health = 6,
     /// JSON readiness report: models loaded and not draining.
     Ready = 7,
+    /// Run a DAG (target id = the DAG's id) on the payload bytes (u8, `[len]`);
+    /// answers with the sink function's output bytes.
+    InvokeDag = 8,
 }
 
 impl Kind {
@@ -47,6 +50,7 @@ impl Kind {
             5 => Self::Stats,
             6 => Self::Health,
             7 => Self::Ready,
+            8 => Self::InvokeDag,
             _ => return None,
         })
     }

@@ -71,7 +71,7 @@ impl Core {
         let deadline = req.deadline.unwrap_or(now + dag.deadline);
         let remaining = dag.remaining(|f| self.est[f].expected());
         let need = dag.sources.iter().map(|&s| remaining[s]).max().unwrap_or_default();
-        if now + need > deadline {
+        if self.deadline_aware() && now + need > deadline {
             bump(&counters.missed, 1);
             req.reply.send(DagResult::DeadlineMissed);
             return;
@@ -111,10 +111,13 @@ impl Core {
         self.reqs.get_mut(key.0 as usize)?.as_mut().filter(|r| r.gen == key.1)
     }
 
+    /// Queues a node whose inputs are complete: keyed by its latest start
+    /// (least slack first), or by now (FIFO).
     fn make_ready(&mut self, key: (u32, u32), node: usize, now: Instant) {
+        let aware = self.deadline_aware();
         let Some(r) = self.req_mut(key) else { return };
         r.ready_at[node] = Some(now);
-        let ls = latest_start(r.deadline, r.remaining[node]);
+        let ls = if aware { latest_start(r.deadline, r.remaining[node]) } else { now };
         let func = r.dag.nodes[node];
         self.ready.push(ls, Ready { req: key, node, func });
     }
@@ -124,7 +127,7 @@ impl Core {
         loop {
             let pools = &self.pools;
             let Some((ls, item)) = self.ready.pop_runnable(|f| pools[f].idle() > 0) else { return Ok(()) };
-            if slack_ns(ls, now) < 0 {
+            if self.deadline_aware() && slack_ns(ls, now) < 0 {
                 self.finish(item.req, DagResult::DeadlineMissed);
                 continue;
             }
@@ -181,10 +184,11 @@ impl Core {
     /// A worker died under `job`: run it again if the deadline still allows,
     /// else answer now (before the deadline).
     pub(super) fn retry_or_fail(&mut self, job: Running, err: &WorkerError, now: Instant) {
+        let aware = self.deadline_aware();
         let Some(r) = self.req_mut(job.req) else { return };
         let func = r.dag.nodes[job.node];
         let attempts_left = r.attempts[job.node] < MAX_ATTEMPTS;
-        let slack_left = now + r.remaining[job.node] <= r.deadline;
+        let slack_left = !aware || now + r.remaining[job.node] <= r.deadline;
         if attempts_left && slack_left {
             bump(&self.stats.retries, 1);
             self.make_ready(job.req, job.node, now);
@@ -200,7 +204,11 @@ impl Core {
         let Some(r) = self.req_mut(key) else { return };
         let reply = r.reply.take();
         let index = r.dag.index;
+        let late = matches!(result, DagResult::Ok { .. }) && Instant::now() > r.deadline;
         let counters = &self.stats.dags[index];
+        if late {
+            bump(&counters.late, 1);
+        }
         bump(
             match result {
                 DagResult::Ok { .. } => &counters.answered,
@@ -218,8 +226,12 @@ impl Core {
         }
     }
 
-    /// Answers requests whose deadline passed.
+    /// Answers requests whose deadline passed (not in FIFO order: the
+    /// baseline answers every request with its output).
     pub(super) fn expire(&mut self, now: Instant) {
+        if !self.deadline_aware() {
+            return;
+        }
         let late: Vec<(u32, u32)> = self
             .reqs
             .iter()
