@@ -25,8 +25,12 @@ pub(super) struct Inflight {
     outputs: Vec<Option<Vec<u8>>>,
     /// Predecessors not yet finished, per node.
     missing: Vec<usize>,
-    /// Expected remaining critical path from each node (estimates at arrival).
+    /// Expected remaining critical path from each node (estimates at arrival):
+    /// orders the ready queue.
     remaining: Vec<Duration>,
+    /// The same path at the quickest recent execution times: a request is
+    /// answered `DeadlineMissed` early only when even this cannot fit.
+    floor: Vec<Duration>,
     ready_at: Vec<Option<Instant>>,
     attempts: Vec<u8>,
     timings: Vec<FnTiming>,
@@ -70,7 +74,8 @@ impl Core {
         }
         let deadline = req.deadline.unwrap_or(now + dag.deadline);
         let remaining = dag.remaining(|f| self.est[f].expected());
-        let need = dag.sources.iter().map(|&s| remaining[s]).max().unwrap_or_default();
+        let floor = dag.remaining(|f| self.est[f].best());
+        let need = dag.sources.iter().map(|&s| floor[s]).max().unwrap_or_default();
         if self.deadline_aware() && now + need > deadline {
             bump(&counters.missed, 1);
             req.reply.send(DagResult::DeadlineMissed);
@@ -85,6 +90,7 @@ impl Core {
             outputs: vec![None; n],
             missing: dag.graph.preds.iter().map(Vec::len).collect(),
             remaining,
+            floor,
             ready_at: vec![None; n],
             attempts: vec![0; n],
             timings: Vec::with_capacity(n),
@@ -126,12 +132,13 @@ impl Core {
     pub(super) fn dispatch(&mut self, now: Instant) -> io::Result<()> {
         loop {
             let pools = &self.pools;
-            let Some((ls, item)) = self.ready.pop_runnable(|f| pools[f].idle() > 0) else { return Ok(()) };
-            if self.deadline_aware() && slack_ns(ls, now) < 0 {
+            let Some((_, item)) = self.ready.pop_runnable(|f| pools[f].idle() > 0) else { return Ok(()) };
+            let aware = self.deadline_aware();
+            let Some(r) = self.req_mut(item.req) else { continue };
+            if aware && slack_ns(latest_start(r.deadline, r.floor[item.node]), now) < 0 {
                 self.finish(item.req, DagResult::DeadlineMissed);
                 continue;
             }
-            let Some(r) = self.req_mut(item.req) else { continue };
             let input = r.input_for(item.node);
             r.attempts[item.node] += 1;
             let queued = r.ready_at[item.node].map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
@@ -188,7 +195,7 @@ impl Core {
         let Some(r) = self.req_mut(job.req) else { return };
         let func = r.dag.nodes[job.node];
         let attempts_left = r.attempts[job.node] < MAX_ATTEMPTS;
-        let slack_left = !aware || now + r.remaining[job.node] <= r.deadline;
+        let slack_left = !aware || now + r.floor[job.node] <= r.deadline;
         if attempts_left && slack_left {
             bump(&self.stats.retries, 1);
             self.make_ready(job.req, job.node, now);
