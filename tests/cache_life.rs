@@ -155,13 +155,13 @@ fn the_trainer_running_flat_out_does_not_raise_serving_p99_by_more_than_20_perce
     let measure = |retrain_every: usize| -> (f64, f64) {
         // Budget 0: caches never answer, so both runs serve every request the same way.
         let cache = format!(
-            "cache = {{ kind = \"learned\", budget = 0.0, window = 4096, min_samples = 256, retrain_every = {retrain_every}, trainer_cpu_share = 1.0 }}"
+            "cache = {{ kind = \"learned\", budget = 0.0, window = 1024, min_samples = 256, retrain_every = {retrain_every}, trainer_cpu_share = 1.0 }}"
         );
         let dir = tempdir("cache-p99");
         let d = TestDaemon::start(&dir, &config(&dir, "", &[fmnist_model("fmnist", &cache)]));
         let mut c = d.client();
         let mut set = calibrate::read(&root().join("data/fashion-mnist/calib-images-idx3-ubyte"), [28, 28, 1]).unwrap();
-        set.images.truncate(4096);
+        set.images.truncate(1024);
         calibrate::send(&mut c, "fmnist", &set, 16, |_| {}).unwrap();
         c.control_json(Kind::CacheTrain, model_id("fmnist"), &[]).unwrap();
         wait_cache_generation(&mut c, "fmnist", 1);

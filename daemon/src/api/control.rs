@@ -76,7 +76,9 @@ pub fn answer(ctx: &ServeContext, kind: Kind, header: &RequestHeader, payload: &
                 }
             },
         },
-        Kind::Infer | Kind::Ping => json_answer(Status::UnknownKind, json!({ "error": "not a control request" })),
+        Kind::Infer | Kind::Ping | Kind::InvokeDag => {
+            json_answer(Status::UnknownKind, json!({ "error": "not a control request" }))
+        }
     }
 }
 
@@ -85,6 +87,7 @@ pub fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Infer => "infer",
         Kind::Ping => "ping",
+        Kind::InvokeDag => "invoke_dag",
         Kind::ListModels => "list_models",
         Kind::ModelInfo => "model_info",
         Kind::Stats => "stats",

@@ -83,6 +83,8 @@ impl NodeState {
 /// Everything an I/O thread needs, shared by all of them.
 pub struct ServeContext {
     pub registry: Arc<Registry>,
+    /// The DAG scheduler (`InvokeDag`); empty without `[[dags]]`.
+    pub dags: Arc<crate::sched::DagService>,
     pub limits: Limits,
     pub metrics: Option<PrometheusHandle>,
     pub state: Arc<NodeState>,

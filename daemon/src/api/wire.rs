@@ -34,6 +34,9 @@ pub enum Kind {
     Health = 6,
     /// JSON readiness report: models loaded and not draining.
     Ready = 7,
+    /// Run a DAG (target id = the DAG's id) on the payload bytes (u8, `[len]`);
+    /// answers with the sink function's output bytes.
+    InvokeDag = 8,
     /// Retrain a model's caches now (target id = the model); answers JSON with
     /// the generation to wait for (see `gati_cache_generation`).
     CacheTrain = 9,
@@ -50,6 +53,7 @@ impl Kind {
             5 => Self::Stats,
             6 => Self::Health,
             7 => Self::Ready,
+            8 => Self::InvokeDag,
             9 => Self::CacheTrain,
             _ => return None,
         })

@@ -42,6 +42,13 @@ impl Daemon {
                 }
             }
         }
+        if let Some(toml::Value::Array(functions)) = table.get_mut("functions") {
+            for f in functions {
+                if let Some(toml::Value::String(p)) = f.get_mut("program") {
+                    *p = base.join(&*p).display().to_string();
+                }
+            }
+        }
         if let Some(toml::Value::Table(rt)) = table.get_mut("runtime") {
             if let Some(toml::Value::String(p)) = rt.get_mut("ort_library") {
                 *p = base.join(&*p).display().to_string();

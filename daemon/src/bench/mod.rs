@@ -2,5 +2,8 @@
 //! run, print a table and write JSON under `bench/results/`.
 
 pub mod caches;
+pub mod dispatch;
 pub mod harness;
+pub mod loadgen;
+pub mod plot;
 pub mod serving;

@@ -1,4 +1,4 @@
-//! `gatictl`: the gati client — classify images, list models, show stats and health.
+//! `gatictl`: the gati client — classify images, invoke DAGs, list models, show stats and health.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -38,6 +38,19 @@ enum Command {
         /// Deadline in milliseconds (0 = none).
         #[arg(long, default_value_t = 0.0)]
         deadline_ms: f64,
+    },
+    /// Run a DAG on a file's bytes; prints the output (the top-k as text for JSON top-k output).
+    Invoke {
+        /// DAG name.
+        dag: String,
+        /// Input file (sent as is, e.g. a PNG for `classify`).
+        file: PathBuf,
+        /// Deadline in milliseconds (0 = the DAG's own).
+        #[arg(long, default_value_t = 0.0)]
+        deadline_ms: f64,
+        /// Name top-k classes with this model's labels (e.g. `cifar10` for `classify`).
+        #[arg(long)]
+        labels: Option<String>,
     },
     /// List served models.
     Models,
@@ -95,6 +108,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Infer { model, file, top, deadline_ms } => {
             infer(&mut client, &model, &file, top, deadline_ms, cli.json)?
+        }
+        Command::Invoke { dag, file, deadline_ms, labels } => {
+            let labels: Vec<String> = match labels {
+                Some(m) => client.model_info(&m)?["model"]["labels"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|l| l.as_str().map(String::from))
+                    .collect(),
+                None => Vec::new(),
+            };
+            invoke(&mut client, &dag, &file, deadline_ms, &labels, cli.json)?
         }
         Command::Models => {
             let v = client.control_json(Kind::ListModels, 0, &[])?;
@@ -249,6 +274,48 @@ fn infer(
         "answered by stage {}/{} in {} us (server), {:.2} ms (client)",
         r.exit_stage, out["stages"], r.server_us, client_ms
     );
+    Ok(())
+}
+
+fn invoke(
+    client: &mut Client,
+    dag: &str,
+    file: &Path,
+    deadline_ms: f64,
+    labels: &[String],
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let input = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let t = Instant::now();
+    let r = client.invoke_dag(dag, &input, (deadline_ms * 1000.0) as u32)?.ok()?;
+    let client_ms = t.elapsed().as_secs_f64() * 1e3;
+    let parsed: Option<Value> = serde_json::from_slice(&r.payload).ok();
+    if as_json {
+        let out = json!({
+            "dag": dag, "file": file.display().to_string(), "server_us": r.server_us, "client_ms": client_ms,
+            "output": parsed.clone().unwrap_or_else(|| json!(String::from_utf8_lossy(&r.payload))),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    // A top-k answer (`[{"class": 3, "p": 0.8}, …]`, e.g. from gati-fn-topk) is shown as a table.
+    let top: Vec<(u64, f64)> = parsed
+        .as_ref()
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|e| Some((e["class"].as_u64()?, e["p"].as_f64()?))).collect())
+        .unwrap_or_default();
+    if top.is_empty() {
+        match std::str::from_utf8(&r.payload) {
+            Ok(text) => println!("{text}"),
+            Err(_) => println!("{} bytes of output", r.payload.len()),
+        }
+    } else {
+        for (class, p) in &top {
+            let label = labels.get(*class as usize).map_or("-", String::as_str);
+            println!("  {label:<14} (class {class}) {p:.4}");
+        }
+    }
+    println!("{dag}: answered in {} us (server), {client_ms:.2} ms (client)", r.server_us);
     Ok(())
 }
 

@@ -35,6 +35,8 @@ enum BenchCommand {
     Serving(gatid::bench::serving::Args),
     /// No cache vs learned vs k-NN caches on real streams, through the socket.
     Caches(gatid::bench::caches::Args),
+    /// Deadline-aware DAG dispatch vs an OpenWhisk-style baseline, open-loop trace.
+    Dispatch(gatid::bench::dispatch::Args),
     /// The socket-floor echo server the serving benchmark starts (internal).
     #[command(hide = true)]
     EchoServer {
@@ -82,6 +84,9 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
         }
         Command::Bench { which: BenchCommand::Caches(args) } => {
             gatid::bench::caches::run(args).map_err(MainError::Other)
+        }
+        Command::Bench { which: BenchCommand::Dispatch(args) } => {
+            gatid::bench::dispatch::run(args).map_err(MainError::Other)
         }
         Command::Bench { which: BenchCommand::EchoServer { socket } } => {
             gatid::bench::serving::echo_server(&socket).map_err(MainError::Other)

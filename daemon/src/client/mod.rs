@@ -165,6 +165,20 @@ impl Client {
     ) -> Result<Response, ClientError> {
         self.call(Self::infer_header(model, dtype, shape, deadline_us), payload)
     }
+
+    /// Builds an `InvokeDag` request header for `len` input bytes.
+    pub fn dag_header(dag: &str, len: usize, deadline_us: u32) -> RequestHeader {
+        let id = crate::api::wire::model_id(dag);
+        let mut h = RequestHeader::new(Kind::InvokeDag, 0, id, Dtype::U8, &[len as u32], len as u32);
+        h.deadline_us.set(deadline_us);
+        h
+    }
+
+    /// Runs DAG `dag` on `input` (`deadline_us` 0 = the DAG's own deadline);
+    /// returns the raw response (check its status; the payload is the sink's output).
+    pub fn invoke_dag(&mut self, dag: &str, input: &[u8], deadline_us: u32) -> Result<Response, ClientError> {
+        self.call(Self::dag_header(dag, input.len(), deadline_us), input)
+    }
 }
 
 pub mod calibrate;

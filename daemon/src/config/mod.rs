@@ -6,6 +6,7 @@
 //! the directory of the config file.
 
 mod dag;
+mod dispatch;
 mod model;
 mod validate;
 
@@ -13,6 +14,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use dag::{DagConfig, FunctionConfig, FunctionKind};
+pub use dispatch::{DispatchConfig, DispatchOrder, PoolMode};
 pub use model::{
     CacheConfig, CacheKind, Config, Cuts, InputConfig, Layout, MetricsConfig, ModelConfig, OutputKind, Resize,
     RuntimeConfig, ServerConfig,

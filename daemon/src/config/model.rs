@@ -25,6 +25,9 @@ pub struct Config {
     /// DAG deployments over `functions`.
     #[serde(default)]
     pub dags: Vec<DagConfig>,
+    /// The DAG scheduler's policy (gati's, or the benchmark baseline).
+    #[serde(default)]
+    pub dispatch: super::DispatchConfig,
 }
 
 /// The Unix socket listener and its limits.

@@ -24,10 +24,12 @@ pub(super) fn deserialize_all(text: &str) -> Result<(Config, Vec<ConfigIssue>), 
     let lines = Lines::new(text);
     let mut issues = Vec::new();
     for key in table.keys() {
-        if !["server", "runtime", "metrics", "models", "functions", "dags"].contains(&key.as_str()) {
+        if !["server", "runtime", "metrics", "models", "functions", "dags", "dispatch"].contains(&key.as_str()) {
             issues.push(lines.issue(
                 &[Seg::Key(key)],
-                format!("unknown section `{key}` (expected server, runtime, metrics, models, functions, dags)"),
+                format!(
+                    "unknown section `{key}` (expected server, runtime, metrics, models, functions, dags, dispatch)"
+                ),
             ));
         }
     }
@@ -37,7 +39,8 @@ pub(super) fn deserialize_all(text: &str) -> Result<(Config, Vec<ConfigIssue>), 
     let models = array::<ModelConfig>(&table, "models", &lines, &mut issues);
     let functions = array::<FunctionConfig>(&table, "functions", &lines, &mut issues);
     let dags = array::<DagConfig>(&table, "dags", &lines, &mut issues);
-    Ok((Config { server, runtime, metrics, models, functions, dags }, issues))
+    let dispatch = section::<super::DispatchConfig>(&table, "dispatch", &lines, &mut issues).unwrap_or_default();
+    Ok((Config { server, runtime, metrics, models, functions, dags, dispatch }, issues))
 }
 
 /// An array of tables (`[[key]]`), entry by entry.

@@ -1,13 +1,14 @@
 //! The node: composes config, models, the API and systemd into the running
 //! daemon, and owns its lifecycle (start, reload on SIGHUP, drain on SIGTERM).
 
+pub mod dags;
 pub mod models;
 pub mod systemd;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -16,6 +17,7 @@ use crate::api::server::Server;
 use crate::api::{Limits, NodeState, ServeContext};
 use crate::config::{self, Config, ConfigError};
 use crate::infer::{self, InferError, Registry};
+use crate::sched::{self, DagService, SchedError};
 use crate::telemetry;
 use models::ModelLoadError;
 
@@ -32,6 +34,8 @@ pub enum NodeError {
     Listen(#[from] ListenError),
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    #[error("starting the DAG scheduler: {0}")]
+    Sched(#[from] SchedError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -67,11 +71,14 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
         .map_err(NodeError::Models)?;
     let count = set.len();
     registry.replace(set);
+    let dags = Arc::new(DagService::default());
+    dags.replace(dags::start(&config, &registry)?);
 
     let listener = Listener::open(&config.server.socket, config.server.socket_mode_bits())?;
     let state = Arc::new(NodeState::default());
     let ctx = Arc::new(ServeContext {
         registry: Arc::clone(&registry),
+        dags: Arc::clone(&dags),
         limits: Limits::from_config(&config.server),
         metrics: Some(metrics),
         state: Arc::clone(&state),
@@ -91,11 +98,21 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
         signal(SignalKind::terminate()).map_err(|source| NodeError::Io { what: "SIGTERM handler", source })?;
     let mut int = signal(SignalKind::interrupt()).map_err(|source| NodeError::Io { what: "SIGINT handler", source })?;
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    let mut rebalance = tokio::time::interval(Duration::from_secs(1));
+    rebalance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut current = config;
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                current = reload(&config_path, current, &registry, &mut stamps).await;
+                current = reload(&config_path, current, &registry, &dags, &mut stamps).await;
+            }
+            _ = rebalance.tick() => {
+                if let Some(s) = dags.get() {
+                    for change in s.rebalance(Instant::now()) {
+                        tracing::info!(?change, "load balancer rescaled a DAG");
+                    }
+                    sched::service::publish_metrics(&s);
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -108,7 +125,16 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     state.start_draining();
     server.wake_all();
     let timeout = Duration::from_millis(current.server.drain_timeout_ms);
-    let drained = tokio::task::spawn_blocking(move || server.join(timeout)).await.unwrap_or(false);
+    let until = Instant::now() + timeout;
+    // DAG requests in flight are answered by their SGSs before those stop;
+    // then the I/O threads flush every answer and close.
+    let old = dags.take();
+    let drained = tokio::task::spawn_blocking(move || {
+        let sched_done = old.is_none_or(|s| sched::service::retire(s, timeout));
+        server.join(until.saturating_duration_since(Instant::now())) && sched_done
+    })
+    .await
+    .unwrap_or(false);
     if drained {
         tracing::info!("drained; exiting");
     } else {
@@ -133,6 +159,7 @@ async fn reload(
     path: &Path,
     current: Config,
     registry: &Arc<Registry>,
+    dags: &Arc<DagService>,
     stamps: &mut HashMap<String, Option<(u64, std::time::SystemTime)>>,
 ) -> Config {
     systemd::reloading();
@@ -167,8 +194,26 @@ async fn reload(
             let count = set.len();
             registry.replace(set);
             tracing::info!(added = ?changes.added, replaced = ?changes.replaced, removed = ?changes.removed, kept = ?changes.kept, "reload applied");
+            let mut next = Config { models: new.models.clone(), ..current };
+            if dags::changed(&next, &new, &changes.replaced) {
+                match dags::start(&new, registry) {
+                    Ok(s) => {
+                        // Requests already on the old SGSs finish there; new ones go to the new scheduler.
+                        if let Some(old) = dags.replace(s) {
+                            let timeout = Duration::from_millis(next.server.drain_timeout_ms);
+                            tokio::task::spawn_blocking(move || sched::service::retire(old, timeout));
+                        }
+                        next.dags = new.dags;
+                        next.functions = new.functions;
+                        next.dispatch = new.dispatch;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload: DAG scheduler did not start; keeping the previous DAGs")
+                    }
+                }
+            }
             systemd::ready(&format!("serving {count} model(s)"));
-            Config { models: new.models, ..current }
+            next
         }
         Err(errors) => {
             for e in &errors {

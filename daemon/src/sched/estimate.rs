@@ -57,6 +57,15 @@ impl Estimator {
         Duration::from_nanos(self.tail_ns.max(self.ewma_ns as u64))
     }
 
+    /// The quickest execution in the recent window (the prior before any):
+    /// the optimistic bound used to decide that a request cannot make its
+    /// deadline. Deciding that on the EWMA would starve the estimate: once
+    /// it exceeds a deadline (say under outside CPU contention) nothing runs,
+    /// so nothing would ever correct it.
+    pub fn best(&self) -> Duration {
+        self.window.iter().min().map_or_else(|| self.expected(), |&ns| Duration::from_nanos(ns))
+    }
+
     /// Observations so far.
     pub fn observed(&self) -> u64 {
         self.observed
@@ -87,5 +96,6 @@ mod tests {
         let exp = e.expected().as_secs_f64() * 1e3;
         assert!((7.9..8.1).contains(&exp), "{exp}");
         assert_eq!(e.observed(), 134);
+        assert_eq!(e.best(), Duration::from_millis(2), "quickest of the last 64");
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::dag::Dag;
 use super::SchedError;
-use crate::config::{Config, FunctionConfig, FunctionKind};
+use crate::config::{Config, DispatchConfig, FunctionConfig, FunctionKind};
 
 /// Index of a function in [`Deployment::functions`].
 pub type FnId = usize;
@@ -89,6 +89,8 @@ impl FunctionDef {
 pub struct Deployment {
     pub functions: Vec<FunctionDef>,
     pub dags: Vec<Arc<Dag>>,
+    /// gati's policy or the benchmark baseline (`[dispatch]`).
+    pub policy: DispatchConfig,
     by_name: HashMap<String, usize>,
 }
 
@@ -111,13 +113,19 @@ impl Deployment {
                 .collect::<Result<Vec<_>, _>>()?;
             dags.push(Arc::new(Dag::new(&d.name, index, d.deadline(), nodes, &edges, (d.min_sgs, d.max_sgs))?));
         }
-        Ok(Self::new(functions, dags))
+        Ok(Self::new(functions, dags).with_policy(c.dispatch))
     }
 
     /// From parts (tests, benches).
     pub fn new(functions: Vec<FunctionDef>, dags: Vec<Arc<Dag>>) -> Self {
         let by_name = dags.iter().map(|d| (d.name.clone(), d.index)).collect();
-        Self { functions, dags, by_name }
+        Self { functions, dags, policy: DispatchConfig::default(), by_name }
+    }
+
+    /// The same deployment under another dispatch policy.
+    pub fn with_policy(mut self, policy: DispatchConfig) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// The DAG named `name`.
@@ -130,8 +138,12 @@ impl Deployment {
         self.dags.iter().find(|d| d.id == id)
     }
 
-    /// SGS threads needed: the largest `max_sgs` of any DAG (at least 1).
+    /// SGS threads needed: the largest `max_sgs` of any DAG (at least 1); 1
+    /// when the policy turns scaling off.
     pub fn sgs_threads(&self) -> usize {
+        if !self.policy.scaling {
+            return 1;
+        }
         self.dags.iter().map(|d| d.max_sgs).max().unwrap_or(1).max(1)
     }
 }

@@ -135,6 +135,11 @@ impl Lb {
         self.lock().dags.get(index).map(|d| d.sgs.clone()).unwrap_or_default()
     }
 
+    /// Which route table implementation is active.
+    pub fn table_kind(&self) -> &'static str {
+        self.table.kind()
+    }
+
     pub fn policy(&self) -> &LbPolicy {
         &self.policy
     }

@@ -9,6 +9,10 @@
 //! A start made because work was waiting with no idle or starting worker is
 //! a *cold start* (on the critical path) and is counted; starts toward the
 //! target are *prestarts* (off the path).
+//!
+//! In on-demand mode (the OpenWhisk-style baseline) the target is 0: workers
+//! are only ever started for waiting work (every start is a cold start) and
+//! each is reaped once idle for `keep_alive`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -95,6 +99,8 @@ pub struct FunctionPool<K> {
     pub prestarts: u64,
     /// After a failed start, no new starts before this.
     paused_until: Option<Instant>,
+    /// Start only for waiting work; no warm target.
+    on_demand: bool,
 }
 
 impl<K: Copy + PartialEq> FunctionPool<K> {
@@ -108,6 +114,22 @@ impl<K: Copy + PartialEq> FunctionPool<K> {
             cold_starts: 0,
             prestarts: 0,
             paused_until: None,
+            on_demand: false,
+        }
+    }
+
+    /// Turns the pool into an on-demand one (see the module docs).
+    pub fn on_demand(mut self) -> Self {
+        self.on_demand = true;
+        self
+    }
+
+    /// Workers this pool aims to keep at `rate` arrivals/s of `exec` each.
+    fn target(&self, rate: f64, exec: Duration) -> usize {
+        if self.on_demand {
+            0
+        } else {
+            target(&self.bounds, rate, exec)
         }
     }
 
@@ -162,7 +184,8 @@ impl<K: Copy + PartialEq> FunctionPool<K> {
         }
         let room = self.bounds.max.saturating_sub(self.total());
         let cold = waiting.saturating_sub(self.idle.len() + self.starting).min(room);
-        let tgt = target(&self.bounds, self.rate.per_second(now), exec);
+        let rate = self.rate.per_second(now);
+        let tgt = self.target(rate, exec);
         let pre = tgt.saturating_sub(self.total() + cold).min(room - cold);
         self.cold_starts += cold as u64;
         self.prestarts += pre as u64;
@@ -172,7 +195,8 @@ impl<K: Copy + PartialEq> FunctionPool<K> {
 
     /// Idle workers to retire: above target and idle for `keep_alive`, oldest first.
     pub fn retire(&mut self, now: Instant, exec: Duration) -> Vec<K> {
-        let tgt = target(&self.bounds, self.rate.per_second(now), exec);
+        let rate = self.rate.per_second(now);
+        let tgt = self.target(rate, exec);
         let mut out = Vec::new();
         while self.total() > tgt {
             match self.idle.first() {
@@ -258,5 +282,24 @@ mod tests {
         assert_eq!(p.take_idle(), Some(1));
         p.remove(1, true);
         assert_eq!(p.total(), 1);
+    }
+
+    #[test]
+    fn on_demand_starts_only_cold_and_reaps_after_keep_alive() {
+        let t0 = Instant::now();
+        let mut t = t0;
+        let exec = Duration::from_millis(20);
+        let mut p: FunctionPool<u32> = FunctionPool::new(bounds(), t0).on_demand();
+        assert_eq!(p.starts_needed(t, exec, 0), 0, "no min_warm prestart");
+        feed(&mut p, &mut t, 400, 1);
+        assert_eq!(p.starts_needed(t, exec, 0), 0, "a high rate starts nothing by itself");
+        assert_eq!(p.starts_needed(t, exec, 3), 3, "waiting work starts workers");
+        assert_eq!((p.cold_starts, p.prestarts), (3, 0), "every on-demand start is cold");
+        for k in 0..3 {
+            p.started(k, t);
+        }
+        assert!(p.retire(t, exec).is_empty(), "idle for less than keep-alive");
+        let later = t + bounds().keep_alive;
+        assert_eq!(p.retire(later, exec).len(), 3, "all reaped after keep-alive despite the rate");
     }
 }

@@ -12,6 +12,9 @@ pub struct DagCounters {
     pub answered: AtomicU64,
     pub missed: AtomicU64,
     pub failed: AtomicU64,
+    /// Of `answered`: answered with the output but after the deadline (only
+    /// in FIFO order, which runs every request to completion).
+    pub late: AtomicU64,
     /// Function invocations dispatched, and their summed ready → dispatch time.
     pub dispatched: AtomicU64,
     pub queue_ns: AtomicU64,
@@ -24,6 +27,7 @@ pub struct DagSample {
     pub answered: u64,
     pub missed: u64,
     pub failed: u64,
+    pub late: u64,
     pub dispatched: u64,
     pub queue_ns: u64,
 }
@@ -36,6 +40,7 @@ impl DagSample {
             answered: self.answered.saturating_sub(earlier.answered),
             missed: self.missed.saturating_sub(earlier.missed),
             failed: self.failed.saturating_sub(earlier.failed),
+            late: self.late.saturating_sub(earlier.late),
             dispatched: self.dispatched.saturating_sub(earlier.dispatched),
             queue_ns: self.queue_ns.saturating_sub(earlier.queue_ns),
         }
@@ -46,6 +51,7 @@ impl DagSample {
         self.answered += o.answered;
         self.missed += o.missed;
         self.failed += o.failed;
+        self.late += o.late;
         self.dispatched += o.dispatched;
         self.queue_ns += o.queue_ns;
     }
@@ -59,6 +65,7 @@ impl DagCounters {
             answered: l(&self.answered),
             missed: l(&self.missed),
             failed: l(&self.failed),
+            late: l(&self.late),
             dispatched: l(&self.dispatched),
             queue_ns: l(&self.queue_ns),
         }
@@ -76,11 +83,18 @@ pub struct SgsStats {
     pub retries: AtomicU64,
     /// Workers alive now (gauge).
     pub workers: AtomicU64,
+    /// Workers alive now per function (gauge), indexed by `FnId`.
+    pub fn_workers: Vec<AtomicU64>,
 }
 
 impl SgsStats {
     pub fn new(dags: usize) -> Self {
         Self { dags: (0..dags).map(|_| DagCounters::default()).collect(), ..Self::default() }
+    }
+
+    /// With a per-function worker gauge for `functions` functions.
+    pub fn with_functions(dags: usize, functions: usize) -> Self {
+        Self { fn_workers: (0..functions).map(|_| AtomicU64::new(0)).collect(), ..Self::new(dags) }
     }
 }
 

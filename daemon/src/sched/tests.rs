@@ -316,3 +316,41 @@ fn model_function_runs_on_the_served_model() {
     assert!(matches!(&res, DagResult::Failed(m) if m.contains("not a whole number")), "{res:?}");
     assert!(sgs.join(LONG));
 }
+
+#[test]
+fn baseline_policy_is_fifo_deadline_oblivious_and_starts_on_demand() {
+    use crate::config::DispatchConfig;
+    use std::sync::atomic::Ordering::Relaxed;
+    // One worker at most, started only when work waits.
+    let gati = deployment(vec![func("f", 1, 1, 1)], vec![0], &[], 5000);
+    let dep =
+        Arc::new(Deployment::new(gati.functions.clone(), gati.dags.clone()).with_policy(DispatchConfig::baseline()));
+    assert_eq!(dep.sgs_threads(), 1, "no LB scaling: one SGS");
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(40)))).unwrap();
+    std::thread::sleep(Duration::from_millis(120));
+    assert_eq!(workers(&sgs), 0, "on demand: min_warm is not prestarted");
+    let now = Instant::now();
+    let (blocker, rx0) = request(&dep, b"0", Some(now + Duration::from_secs(5)));
+    sgs.submit(blocker);
+    wait_until("the blocker to run", || sgs.stats().dags[0].sample().dispatched == 1);
+    assert_eq!(sgs.stats().cold_starts.load(Relaxed), 1, "the on-demand start is a cold start");
+    assert_eq!(sgs.stats().prestarts.load(Relaxed), 0);
+    // The loose request arrives first, the tight one second: FIFO runs them in that order.
+    let (loose, rx1) = request(&dep, b"1", Some(now + Duration::from_secs(3)));
+    let (tight, rx2) = request(&dep, b"2", Some(now + Duration::from_millis(1000)));
+    sgs.submit(loose);
+    sgs.submit(tight);
+    // A deadline already hopeless is still run and answered with its output (late).
+    let (late, rx3) = request(&dep, b"3", Some(now));
+    sgs.submit(late);
+    let (_, t0) = rx0.recv_timeout(LONG).unwrap();
+    let (r1, t1) = rx1.recv_timeout(LONG).unwrap();
+    let (r2, t2) = rx2.recv_timeout(LONG).unwrap();
+    let (r3, _) = rx3.recv_timeout(LONG).unwrap();
+    assert!(matches!(r1, DagResult::Ok { .. }) && matches!(r2, DagResult::Ok { .. }), "{r1:?} {r2:?}");
+    assert!(t0 < t1 && t1 < t2, "FIFO: the loose request (first in) ran before the tight one");
+    assert!(matches!(&r3, DagResult::Ok { output, .. } if output == b"3f"), "{r3:?}");
+    let c = sgs.stats().dags[0].sample();
+    assert_eq!((c.answered, c.missed, c.late), (4, 0, 1), "{c:?}");
+    assert!(sgs.join(LONG));
+}

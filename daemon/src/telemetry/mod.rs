@@ -4,7 +4,10 @@
 //! names and labels live in one place. Without an installed recorder (tests,
 //! the benchmark's in-process runs) these calls cost next to nothing.
 
+mod dags;
 pub mod summary;
+
+pub use dags::{dag_outcomes, dag_request_done, function_workers, sched_workers};
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -148,7 +148,68 @@ pub fn summarize(text: &str) -> Value {
         "exits": counters("gati_exits_total", &["model", "stage"]),
         "cache_live_disagreement": counters("gati_cache_live_disagreement", &["model"]),
         "cache_memory_bytes": counters("gati_cache_memory_bytes", &["model"]),
+        "dags": dag_rows(&samples),
+        "dag_latency_ms": histograms(&samples, "gati_dag_request_duration_seconds", &["dag"], 1e3),
+        "function_workers": counters("gati_sched_function_workers", &["function"]),
+        "cold_starts": gauge("gati_sched_cold_starts_total"),
+        "prestarts": gauge("gati_sched_prestarts_total"),
     })
+}
+
+/// Per DAG: deadline met / missed / failed (scheduler counters) and SGSs serving it.
+fn dag_rows(samples: &[Sample]) -> Vec<Value> {
+    let mut rows: BTreeMap<String, Value> = BTreeMap::new();
+    for s in samples {
+        let field = match s.name.as_str() {
+            "gati_dag_deadline_met_total" => "met",
+            "gati_dag_deadline_missed_total" => "missed",
+            "gati_dag_failed_total" => "failed",
+            "gati_dag_sgs" => "sgs",
+            _ => continue,
+        };
+        let Some(dag) = s.labels.get("dag") else { continue };
+        rows.entry(dag.clone()).or_insert_with(|| json!({ "dag": dag }))[field] = json!(s.value);
+    }
+    rows.into_values().collect()
+}
+
+/// The DAG section of [`render`] (empty without DAGs).
+fn render_dags(s: &Value, out: &mut String) {
+    let dags = s["dags"].as_array().map_or(&[][..], Vec::as_slice);
+    if dags.is_empty() {
+        return;
+    }
+    let n = |v: &Value| v.as_f64().unwrap_or(0.0);
+    out.push_str(&format!(
+        "\n{:<16} {:>10} {:>10} {:>8} {:>8} {:>5} {:>10} {:>10}\n",
+        "dag", "met", "missed", "failed", "met %", "sgs", "p50 ms", "p99 ms"
+    ));
+    for d in dags {
+        let name = d["dag"].as_str().unwrap_or("");
+        let (met, missed, failed) = (n(&d["met"]), n(&d["missed"]), n(&d["failed"]));
+        let total = met + missed + failed;
+        let lat = s["dag_latency_ms"].as_array().into_iter().flatten().find(|l| l["dag"] == name);
+        let q = |k: &str| lat.and_then(|l| l[k].as_f64()).map_or("-".to_string(), |x| format!("{x:.3}"));
+        out.push_str(&format!(
+            "{name:<16} {met:>10} {missed:>10} {failed:>8} {:>8} {:>5} {:>10} {:>10}\n",
+            if total > 0.0 { format!("{:.2}", 100.0 * met / total) } else { "-".into() },
+            n(&d["sgs"]),
+            q("p50"),
+            q("p99")
+        ));
+    }
+    let workers: Vec<String> = s["function_workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| format!("{}={}", w["function"].as_str().unwrap_or("?"), w["count"]))
+        .collect();
+    out.push_str(&format!(
+        "workers: {}  cold starts: {}  prestarts: {}\n",
+        workers.join(" "),
+        s["cold_starts"],
+        s["prestarts"]
+    ));
 }
 
 /// Human-readable table of a summary.
@@ -230,6 +291,7 @@ pub fn render(s: &Value) -> String {
             ));
         }
     }
+    render_dags(s, &mut out);
     out
 }
 
@@ -252,5 +314,21 @@ mod tests {
         assert!((l["p50"].as_f64().unwrap() - 1.0).abs() < 1e-9);
         assert!((l["mean"].as_f64().unwrap() - 1.5).abs() < 1e-9);
         assert_eq!(s["requests"][0]["count"], 100.0);
+    }
+
+    #[test]
+    fn dag_section_from_scheduler_counters() {
+        let text = "gati_dag_deadline_met_total{dag=\"classify\"} 99\n\
+            gati_dag_deadline_missed_total{dag=\"classify\"} 1\n\
+            gati_dag_failed_total{dag=\"classify\"} 0\n\
+            gati_dag_sgs{dag=\"classify\"} 2\n\
+            gati_sched_function_workers{function=\"preprocess\"} 3\n\
+            gati_sched_cold_starts_total 4\n";
+        let s = summarize(text);
+        assert_eq!(s["dags"][0]["dag"], "classify");
+        assert_eq!(s["dags"][0]["met"], 99.0);
+        assert_eq!(s["cold_starts"], 4.0);
+        let r = render(&s);
+        assert!(r.contains("classify") && r.contains("99.00") && r.contains("preprocess=3"), "{r}");
     }
 }

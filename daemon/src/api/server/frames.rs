@@ -75,6 +75,9 @@ impl Worker {
         if raw_kind == Kind::Infer as u16 {
             return self.handle_infer(slot, header, payload, received);
         }
+        if raw_kind == Kind::InvokeDag as u16 {
+            return self.handle_invoke_dag(slot, header, payload, received);
+        }
         let ctx = Arc::clone(&self.ctx);
         let c = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
         match Kind::from_u16(raw_kind) {
@@ -154,15 +157,15 @@ impl Worker {
 }
 
 /// Where one inference request's answer goes.
-struct Answer {
-    out: Arc<ConnOut>,
-    mailbox: Arc<Mailbox>,
-    state: Arc<NodeState>,
-    slot: u32,
-    gen: u32,
-    request_id: u64,
-    model: Arc<str>,
-    received: Instant,
+pub(super) struct Answer {
+    pub(super) out: Arc<ConnOut>,
+    pub(super) mailbox: Arc<Mailbox>,
+    pub(super) state: Arc<NodeState>,
+    pub(super) slot: u32,
+    pub(super) gen: u32,
+    pub(super) request_id: u64,
+    pub(super) model: Arc<str>,
+    pub(super) received: Instant,
 }
 
 impl Answer {
@@ -186,7 +189,13 @@ impl Answer {
             exit_stage,
             server_us: elapsed_us(self.received),
         };
-        let needs_flush = self.out.write(&frame.encode(&body));
+        self.write(&frame, &body);
+    }
+
+    /// Writes a response frame (or queues it for the I/O thread) and releases
+    /// the request's in-flight count.
+    pub(super) fn write(&self, frame: &Frame<'_>, body: &[u8]) {
+        let needs_flush = self.out.write(&frame.encode(body));
         let left = self.out.inflight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) - 1;
         let watched = left == 0
             && (self.state.is_draining() || self.out.wake_when_idle.load(std::sync::atomic::Ordering::Acquire));

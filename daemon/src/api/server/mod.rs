@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 use zerocopy::IntoBytes;
 
+mod dag;
 mod frames;
 
 use super::conn::{ConnOut, Frame};

@@ -9,6 +9,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::exec::Inflight;
 use super::workers::WSlot;
+use crate::config::{DispatchOrder, PoolMode};
 use crate::sched::estimate::Estimator;
 use crate::sched::eventfd::EventFd;
 use crate::sched::function::{Deployment, FnId};
@@ -85,7 +86,19 @@ impl Core {
             .or_else(|_| IoUring::new(RING_ENTRIES))?;
         let now = Instant::now();
         let est = dep.functions.iter().map(|f| Estimator::new(f.expected)).collect();
-        let pools = dep.functions.iter().map(|f| FunctionPool::new(f.warm, now)).collect();
+        let on_demand = dep.policy.pool == PoolMode::OnDemand;
+        let pools = dep
+            .functions
+            .iter()
+            .map(|f| {
+                let p = FunctionPool::new(f.warm, now);
+                if on_demand {
+                    p.on_demand()
+                } else {
+                    p
+                }
+            })
+            .collect();
         Ok(Self {
             index,
             dep,
@@ -193,8 +206,10 @@ impl Core {
     /// The earliest deadline, worker time limit or maintenance tick.
     fn next_wake(&self, now: Instant) -> Instant {
         let mut t = now + MAINTENANCE;
-        for r in self.reqs.iter().flatten() {
-            t = t.min(r.deadline);
+        if self.deadline_aware() {
+            for r in self.reqs.iter().flatten() {
+                t = t.min(r.deadline);
+            }
         }
         for w in self.workers.iter().flatten() {
             if let Some(j) = &w.job {
@@ -202,6 +217,12 @@ impl Core {
             }
         }
         t.max(now)
+    }
+
+    /// Least-slack order answers hopeless requests early; FIFO (the baseline)
+    /// knows no deadlines and runs every request to completion.
+    pub fn deadline_aware(&self) -> bool {
+        self.dep.policy.order == DispatchOrder::LeastSlack
     }
 
     fn shutdown(&mut self) {

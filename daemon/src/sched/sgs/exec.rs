@@ -25,8 +25,12 @@ pub(super) struct Inflight {
     outputs: Vec<Option<Vec<u8>>>,
     /// Predecessors not yet finished, per node.
     missing: Vec<usize>,
-    /// Expected remaining critical path from each node (estimates at arrival).
+    /// Expected remaining critical path from each node (estimates at arrival):
+    /// orders the ready queue.
     remaining: Vec<Duration>,
+    /// The same path at the quickest recent execution times: a request is
+    /// answered `DeadlineMissed` early only when even this cannot fit.
+    floor: Vec<Duration>,
     ready_at: Vec<Option<Instant>>,
     attempts: Vec<u8>,
     timings: Vec<FnTiming>,
@@ -70,8 +74,9 @@ impl Core {
         }
         let deadline = req.deadline.unwrap_or(now + dag.deadline);
         let remaining = dag.remaining(|f| self.est[f].expected());
-        let need = dag.sources.iter().map(|&s| remaining[s]).max().unwrap_or_default();
-        if now + need > deadline {
+        let floor = dag.remaining(|f| self.est[f].best());
+        let need = dag.sources.iter().map(|&s| floor[s]).max().unwrap_or_default();
+        if self.deadline_aware() && now + need > deadline {
             bump(&counters.missed, 1);
             req.reply.send(DagResult::DeadlineMissed);
             return;
@@ -85,6 +90,7 @@ impl Core {
             outputs: vec![None; n],
             missing: dag.graph.preds.iter().map(Vec::len).collect(),
             remaining,
+            floor,
             ready_at: vec![None; n],
             attempts: vec![0; n],
             timings: Vec::with_capacity(n),
@@ -111,10 +117,13 @@ impl Core {
         self.reqs.get_mut(key.0 as usize)?.as_mut().filter(|r| r.gen == key.1)
     }
 
+    /// Queues a node whose inputs are complete: keyed by its latest start
+    /// (least slack first), or by now (FIFO).
     fn make_ready(&mut self, key: (u32, u32), node: usize, now: Instant) {
+        let aware = self.deadline_aware();
         let Some(r) = self.req_mut(key) else { return };
         r.ready_at[node] = Some(now);
-        let ls = latest_start(r.deadline, r.remaining[node]);
+        let ls = if aware { latest_start(r.deadline, r.remaining[node]) } else { now };
         let func = r.dag.nodes[node];
         self.ready.push(ls, Ready { req: key, node, func });
     }
@@ -123,12 +132,13 @@ impl Core {
     pub(super) fn dispatch(&mut self, now: Instant) -> io::Result<()> {
         loop {
             let pools = &self.pools;
-            let Some((ls, item)) = self.ready.pop_runnable(|f| pools[f].idle() > 0) else { return Ok(()) };
-            if slack_ns(ls, now) < 0 {
+            let Some((_, item)) = self.ready.pop_runnable(|f| pools[f].idle() > 0) else { return Ok(()) };
+            let aware = self.deadline_aware();
+            let Some(r) = self.req_mut(item.req) else { continue };
+            if aware && slack_ns(latest_start(r.deadline, r.floor[item.node]), now) < 0 {
                 self.finish(item.req, DagResult::DeadlineMissed);
                 continue;
             }
-            let Some(r) = self.req_mut(item.req) else { continue };
             let input = r.input_for(item.node);
             r.attempts[item.node] += 1;
             let queued = r.ready_at[item.node].map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
@@ -181,10 +191,11 @@ impl Core {
     /// A worker died under `job`: run it again if the deadline still allows,
     /// else answer now (before the deadline).
     pub(super) fn retry_or_fail(&mut self, job: Running, err: &WorkerError, now: Instant) {
+        let aware = self.deadline_aware();
         let Some(r) = self.req_mut(job.req) else { return };
         let func = r.dag.nodes[job.node];
         let attempts_left = r.attempts[job.node] < MAX_ATTEMPTS;
-        let slack_left = now + r.remaining[job.node] <= r.deadline;
+        let slack_left = !aware || now + r.floor[job.node] <= r.deadline;
         if attempts_left && slack_left {
             bump(&self.stats.retries, 1);
             self.make_ready(job.req, job.node, now);
@@ -200,7 +211,11 @@ impl Core {
         let Some(r) = self.req_mut(key) else { return };
         let reply = r.reply.take();
         let index = r.dag.index;
+        let late = matches!(result, DagResult::Ok { .. }) && Instant::now() > r.deadline;
         let counters = &self.stats.dags[index];
+        if late {
+            bump(&counters.late, 1);
+        }
         bump(
             match result {
                 DagResult::Ok { .. } => &counters.answered,
@@ -218,8 +233,12 @@ impl Core {
         }
     }
 
-    /// Answers requests whose deadline passed.
+    /// Answers requests whose deadline passed (not in FIFO order: the
+    /// baseline answers every request with its output).
     pub(super) fn expire(&mut self, now: Instant) {
+        if !self.deadline_aware() {
+            return;
+        }
         let late: Vec<(u32, u32)> = self
             .reqs
             .iter()

@@ -40,7 +40,7 @@ impl Sgs {
     /// Starts SGS number `index` (thread `sgs-<index>`) and its spawner.
     pub fn start(index: usize, dep: Arc<Deployment>, factory: Arc<dyn WorkerFactory>) -> Result<Self, SchedError> {
         let wake = Arc::new(EventFd::new().map_err(|e| SchedError::Io { what: "eventfd", source: e })?);
-        let stats = Arc::new(SgsStats::new(dep.dags.len()));
+        let stats = Arc::new(SgsStats::with_functions(dep.dags.len(), dep.functions.len()));
         let (tx, rx) = mpsc::channel::<Msg>();
         let (spawn_tx, spawn_rx) = mpsc::channel::<FnId>();
 

@@ -60,6 +60,9 @@ impl Core {
         };
         self.workers[k as usize] = Some(slot);
         bump(&self.stats.workers, 1);
+        if let Some(g) = self.stats.fn_workers.get(func) {
+            bump(g, 1);
+        }
         self.pools[func].started(k, now);
         self.arm_worker(k)
     }
@@ -105,6 +108,9 @@ impl Core {
         }
         self.wfree.push(k);
         self.stats.workers.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(g) = self.stats.fn_workers.get(w.func) {
+            g.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Some(w)
     }
 

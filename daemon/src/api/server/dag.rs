@@ -1,0 +1,114 @@
+//! `InvokeDag` frames: checks, submission to the DAG scheduler, and the answer
+//! the scheduler's reply writes back (on the SGS thread).
+//!
+//! Statuses: no DAG with the target id (or no DAGs deployed) → `UnknownModel`;
+//! payload not u8 `[len]` → `BadDtype`/`BadShape`/`PayloadMismatch`; deadline
+//! missed or hopeless → `DeadlineExpired`; a function failed → `Internal`
+//! with the message.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::frames::Answer;
+use super::{elapsed_us, Conn, Worker};
+use crate::api::conn::Frame;
+use crate::api::wire::{Dtype, Kind, RequestHeader, Status};
+use crate::sched::{DagReply, DagResult};
+use crate::telemetry;
+
+/// Checks the DAG input framing: u8 (or raw bytes) with shape `[payload_len]`.
+fn check_payload(header: &RequestHeader, len: usize) -> Result<(), Status> {
+    match Dtype::from_u8(header.dtype) {
+        Some(Dtype::U8) => {}
+        _ => return Err(Status::BadDtype),
+    }
+    match header.dims() {
+        Some(d) if d.len() == 1 && d[0] == len => Ok(()),
+        Some(d) if d.len() == 1 => Err(Status::PayloadMismatch),
+        _ => Err(Status::BadShape),
+    }
+}
+
+impl Worker {
+    pub(super) fn handle_invoke_dag(&mut self, slot: u32, header: &RequestHeader, payload: &[u8], received: Instant) {
+        let rid = header.request_id.get();
+        let kind = Kind::InvokeDag as u16;
+        let ctx = Arc::clone(&self.ctx);
+        let sched = ctx.dags.get();
+        let dag = sched.as_ref().and_then(|s| s.deployment.dag_by_id(header.target_id.get()).cloned());
+        let name: Arc<str> = dag.as_ref().map_or_else(|| Arc::from("<unknown>"), |d| Arc::from(d.name.as_str()));
+        let c: &mut Conn = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
+        let reject = |c: &mut Conn, status: Status| {
+            telemetry::dag_request_done(&name, status.name(), received.elapsed());
+            c.respond(Frame::plain(kind, rid, status, elapsed_us(received)), &[]);
+        };
+        if ctx.state.is_draining() {
+            return reject(c, Status::ShuttingDown);
+        }
+        if c.out.inflight.load(std::sync::atomic::Ordering::Acquire) >= ctx.limits.max_inflight_per_conn {
+            return reject(c, Status::Busy);
+        }
+        let (Some(sched), Some(dag)) = (sched, dag) else {
+            return reject(c, Status::UnknownModel);
+        };
+        if let Err(status) = check_payload(header, payload.len()) {
+            return reject(c, status);
+        }
+        let deadline = match header.deadline_us.get() {
+            0 => None,
+            us => Some(received + Duration::from_micros(u64::from(us))),
+        };
+        let answer = Answer {
+            out: Arc::clone(&c.out),
+            mailbox: Arc::clone(&self.mailbox),
+            state: Arc::clone(&ctx.state),
+            slot,
+            gen: c.gen,
+            request_id: rid,
+            model: name,
+            received,
+        };
+        // Count it in flight before the scheduler can possibly answer it.
+        c.out.inflight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        telemetry::inflight(1.0);
+        let reply = DagReply::new(move |r| send(answer, r));
+        sched.submit(crate::sched::DagRequest { dag, input: payload.to_vec(), deadline, reply });
+    }
+}
+
+/// Runs on the SGS thread: the DAG's answer as a response frame.
+fn send(a: Answer, result: DagResult) {
+    let (status, body) = match result {
+        DagResult::Ok { output, .. } => (Status::Ok, output),
+        DagResult::DeadlineMissed => (Status::DeadlineExpired, Vec::new()),
+        DagResult::Failed(msg) => (Status::Internal, msg.into_bytes()),
+    };
+    telemetry::dag_request_done(&a.model, status.name(), a.received.elapsed());
+    telemetry::inflight(-1.0);
+    let shape = [body.len() as u32];
+    let ok = status == Status::Ok;
+    let frame = Frame {
+        kind: Kind::InvokeDag as u16,
+        request_id: a.request_id,
+        status,
+        dtype: if ok { Dtype::U8 } else { Dtype::Bytes },
+        shape: if ok { &shape } else { &[] },
+        exit_stage: 0,
+        server_us: elapsed_us(a.received),
+    };
+    a.write(&frame, &body);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dag_payload_must_be_u8_of_its_length() {
+        let h = |dtype, shape: &[u32]| RequestHeader::new(Kind::InvokeDag, 1, 7, dtype, shape, 0);
+        assert_eq!(check_payload(&h(Dtype::U8, &[5]), 5), Ok(()));
+        assert_eq!(check_payload(&h(Dtype::U8, &[4]), 5), Err(Status::PayloadMismatch));
+        assert_eq!(check_payload(&h(Dtype::U8, &[1, 5]), 5), Err(Status::BadShape));
+        assert_eq!(check_payload(&h(Dtype::F32, &[5]), 5), Err(Status::BadDtype));
+    }
+}

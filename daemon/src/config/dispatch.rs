@@ -1,0 +1,70 @@
+//! The `[dispatch]` section: which policy the DAG scheduler runs.
+//!
+//! The default is gati's (least slack first, proactive warm pools, load
+//! balancer scaling). The other values turn the same machinery into an
+//! OpenWhisk-style baseline for benchmarks: one FIFO queue that knows no
+//! deadlines, sandboxes started on demand and reaped after a keep-alive, and
+//! a single SGS.
+
+use serde::Deserialize;
+
+/// Order in which an SGS dispatches ready function invocations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DispatchOrder {
+    /// Least slack first; hopeless requests are answered `DeadlineMissed` early.
+    #[default]
+    LeastSlack,
+    /// First ready, first dispatched; deadline-oblivious: every request runs
+    /// to completion and is answered with its output, late or not.
+    Fifo,
+}
+
+/// How an SGS keeps workers per function.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    /// Warm pools sized from arrival rate × execution time (+ headroom).
+    #[default]
+    Proactive,
+    /// A worker is started when work waits and none is idle (a cold start);
+    /// idle workers are reaped after the function's `keep_alive_ms`.
+    OnDemand,
+}
+
+/// `[dispatch]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    pub order: DispatchOrder,
+    pub pool: PoolMode,
+    /// Load-balancer scaling over several SGSs; `false` runs one SGS for every DAG.
+    pub scaling: bool,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self { order: DispatchOrder::LeastSlack, pool: PoolMode::Proactive, scaling: true }
+    }
+}
+
+impl DispatchConfig {
+    /// The OpenWhisk-style baseline: FIFO, on-demand sandboxes, one SGS.
+    pub fn baseline() -> Self {
+        Self { order: DispatchOrder::Fifo, pool: PoolMode::OnDemand, scaling: false }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_baseline_and_defaults() {
+        let d: DispatchConfig = toml::from_str("order = \"fifo\"\npool = \"on_demand\"\nscaling = false").unwrap();
+        assert_eq!(d, DispatchConfig::baseline());
+        let d: DispatchConfig = toml::from_str("").unwrap();
+        assert_eq!(d, DispatchConfig::default());
+        assert!(toml::from_str::<DispatchConfig>("order = \"lifo\"").is_err());
+    }
+}
