@@ -33,12 +33,19 @@ pub struct LearnedCache {
     hidden: usize,
     mean: Vec<f32>,
     inv_std: Vec<f32>,
-    /// `dim × hidden`, row-major by input dimension (empty without a hidden layer).
+    /// `hidden × dim`, one row per hidden unit (empty without a hidden layer).
     w1: Vec<f32>,
     b1: Vec<f32>,
-    /// `width × classes`, row-major by input dimension; width = hidden or dim.
+    /// `classes × width`, one row per class; width = hidden or dim.
     weights: Vec<f32>,
     bias: Vec<f32>,
+    /// Novelty guard: per class, the centroid of its training rows (`classes ×
+    /// dim`, standardised) and the squared distance within which 99 % of them
+    /// lie. A row farther than that from its predicted class's centroid is
+    /// unlike anything the predictor was trained on — a class it never saw can
+    /// still get a sure softmax — so its confidence is 0 (a miss).
+    centroids: Vec<f32>,
+    radius2: Vec<f32>,
 }
 
 /// Scratch buffers for one forward/backward pass.
@@ -68,11 +75,14 @@ impl LearnedCache {
             b1: vec![0.0; hidden],
             weights: vec![0.0; width * classes],
             bias: vec![0.0; classes],
+            centroids: vec![0.0; classes * dim],
+            radius2: vec![-1.0; classes],
         };
         if rows == 0 {
             return c;
         }
         let xs: Vec<f32> = (0..rows).flat_map(|i| c.standardise(s.row(i))).collect();
+        c.fit_guard(&xs, s.labels);
         let mut grads = c.zeros_like();
         let mut vel = c.zeros_like();
         let mut order: Vec<usize> = (0..rows).collect();
@@ -97,6 +107,37 @@ impl LearnedCache {
         c
     }
 
+    /// Class centroids and 99th-percentile radii of the standardised rows `xs`.
+    fn fit_guard(&mut self, xs: &[f32], labels: &[u32]) {
+        let (dim, classes) = (self.dim, self.classes);
+        let mut counts = vec![0usize; classes];
+        for (row, &y) in xs.chunks_exact(dim).zip(labels) {
+            let k = y as usize % classes;
+            counts[k] += 1;
+            axpy(&mut self.centroids[k * dim..(k + 1) * dim], 1.0, row);
+        }
+        for (k, &n) in counts.iter().enumerate() {
+            self.centroids[k * dim..(k + 1) * dim].iter_mut().for_each(|v| *v /= n.max(1) as f32);
+        }
+        let mut dists: Vec<Vec<f32>> = vec![Vec::new(); classes];
+        for (row, &y) in xs.chunks_exact(dim).zip(labels) {
+            let k = y as usize % classes;
+            dists[k].push(self.distance2(row, k));
+        }
+        for (k, d) in dists.iter_mut().enumerate() {
+            if d.is_empty() {
+                continue;
+            }
+            d.sort_by(f32::total_cmp);
+            self.radius2[k] = d[((d.len() - 1) as f32 * 0.99).round() as usize];
+        }
+    }
+
+    fn distance2(&self, z: &[f32], class: usize) -> f32 {
+        let c = &self.centroids[class * self.dim..(class + 1) * self.dim];
+        z.iter().zip(c).map(|(a, b)| (a - b) * (a - b)).sum()
+    }
+
     fn zeros_like(&self) -> Vec<Vec<f32>> {
         vec![
             vec![0.0; self.w1.len()],
@@ -110,65 +151,54 @@ impl LearnedCache {
         [&mut self.w1, &mut self.b1, &mut self.weights, &mut self.bias]
     }
 
+    fn width(&self) -> usize {
+        if self.hidden > 0 {
+            self.hidden
+        } else {
+            self.dim
+        }
+    }
+
     /// Adds the cross-entropy gradient of one standardised row to `grads`.
     fn backward(&self, x: &[f32], label: usize, sc: &mut Scratch, grads: &mut [Vec<f32>]) {
         self.forward(x, sc);
         softmax(&mut sc.p);
         sc.p[label] -= 1.0;
+        let width = self.width();
         let (gw1, rest) = grads.split_at_mut(1);
         let (gb1, rest) = rest.split_at_mut(1);
         let (gw2, gb2) = rest.split_at_mut(1);
         let input: &[f32] = if self.hidden > 0 { &sc.h } else { x };
-        for (d, &xv) in input.iter().enumerate() {
-            if xv == 0.0 {
-                continue;
-            }
-            for (g, pk) in gw2[0][d * self.classes..(d + 1) * self.classes].iter_mut().zip(&sc.p) {
-                *g += xv * pk;
-            }
-        }
-        for (g, pk) in gb2[0].iter_mut().zip(&sc.p) {
-            *g += pk;
+        for (k, &pk) in sc.p.iter().enumerate() {
+            axpy(&mut gw2[0][k * width..(k + 1) * width], pk, input);
+            gb2[0][k] += pk;
         }
         if self.hidden == 0 {
             return;
         }
-        for (j, gh) in sc.gh.iter_mut().enumerate() {
-            *gh = if sc.h[j] > 0.0 {
-                self.weights[j * self.classes..(j + 1) * self.classes].iter().zip(&sc.p).map(|(w, p)| w * p).sum()
-            } else {
-                0.0
-            };
+        sc.gh.fill(0.0);
+        for (k, &pk) in sc.p.iter().enumerate() {
+            axpy(&mut sc.gh, pk, &self.weights[k * width..(k + 1) * width]);
         }
-        for (d, &xv) in x.iter().enumerate() {
-            for (g, gh) in gw1[0][d * self.hidden..(d + 1) * self.hidden].iter_mut().zip(&sc.gh) {
-                *g += xv * gh;
+        for (j, gh) in sc.gh.iter().enumerate() {
+            if sc.h[j] > 0.0 {
+                axpy(&mut gw1[0][j * self.dim..(j + 1) * self.dim], *gh, x);
+                gb1[0][j] += gh;
             }
-        }
-        for (g, gh) in gb1[0].iter_mut().zip(&sc.gh) {
-            *g += gh;
         }
     }
 
     /// Logits of one standardised row into `sc.p` (hidden activations into `sc.h`).
     fn forward(&self, x: &[f32], sc: &mut Scratch) {
-        let input: &[f32] = if self.hidden > 0 {
-            sc.h.copy_from_slice(&self.b1);
-            for (d, &xv) in x.iter().enumerate() {
-                for (h, w) in sc.h.iter_mut().zip(&self.w1[d * self.hidden..(d + 1) * self.hidden]) {
-                    *h += xv * w;
-                }
+        if self.hidden > 0 {
+            for (j, h) in sc.h.iter_mut().enumerate() {
+                *h = (self.b1[j] + dot(&self.w1[j * self.dim..(j + 1) * self.dim], x)).max(0.0);
             }
-            sc.h.iter_mut().for_each(|h| *h = h.max(0.0));
-            &sc.h
-        } else {
-            x
-        };
-        sc.p.copy_from_slice(&self.bias);
-        for (d, &xv) in input.iter().enumerate() {
-            for (o, w) in sc.p.iter_mut().zip(&self.weights[d * self.classes..(d + 1) * self.classes]) {
-                *o += xv * w;
-            }
+        }
+        let input: &[f32] = if self.hidden > 0 { &sc.h } else { x };
+        let width = input.len();
+        for (k, p) in sc.p.iter_mut().enumerate() {
+            *p = self.bias[k] + dot(&self.weights[k * width..(k + 1) * width], input);
         }
     }
 
@@ -178,13 +208,23 @@ impl LearnedCache {
 
     /// Class probabilities for one raw (unstandardised) feature row.
     pub fn probabilities(&self, row: &[f32]) -> Vec<f32> {
+        self.guarded(row).0
+    }
+
+    /// Probabilities and whether the row lies within its predicted class's radius.
+    fn guarded(&self, row: &[f32]) -> (Vec<f32>, bool) {
         let width = if self.hidden > 0 { self.hidden } else { self.dim };
         let mut sc = Scratch { h: vec![0.0; width], p: vec![0.0; self.classes], gh: Vec::new() };
-        if row.len() == self.dim {
-            self.forward(&self.standardise(row), &mut sc);
+        if row.len() != self.dim {
+            softmax(&mut sc.p);
+            return (sc.p, false);
         }
+        let z = self.standardise(row);
+        self.forward(&z, &mut sc);
         softmax(&mut sc.p);
-        sc.p
+        let k = sc.p.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+        let known = self.radius2.get(k).is_some_and(|&r| r >= 0.0 && self.distance2(&z, k) <= r);
+        (sc.p, known)
     }
 
     /// Hidden units (0 = softmax regression).
@@ -220,9 +260,9 @@ impl CutCache for LearnedCache {
         features
             .chunks_exact(dim)
             .map(|row| {
-                let p = self.probabilities(row);
+                let (p, known) = self.guarded(row);
                 let (k, v) = p.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
-                (k as u32, v)
+                (k as u32, if known { v } else { 0.0 })
             })
             .collect()
     }
@@ -233,7 +273,9 @@ impl CutCache for LearnedCache {
             + self.w1.len()
             + self.b1.len()
             + self.weights.len()
-            + self.bias.len())
+            + self.bias.len()
+            + self.centroids.len()
+            + self.radius2.len())
     }
 
     fn kind(&self) -> &'static str {
@@ -242,6 +284,26 @@ impl CutCache for LearnedCache {
 
     fn persist(&self) -> Option<super::Persisted> {
         Some(super::Persisted::Learned(self.clone()))
+    }
+}
+
+/// Σ a·b in 8 lanes (vectorises; the order of the sum is fixed, so results repeat).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let mut acc = [0.0f32; 8];
+    for (x, y) in ca.zip(cb) {
+        for ((s, a), b) in acc.iter_mut().zip(x).zip(y) {
+            *s += a * b;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// y += a·x.
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
     }
 }
 
@@ -319,7 +381,13 @@ mod tests {
         // A point between all classes is less certain.
         let mid = vec![0.6f32; 16];
         assert!(c.predict(&mid, 16)[0].1 < mean_conf);
-        assert_eq!(c.mem_bytes(), 4 * (16 + 16 + 16 * 5 + 5));
+        assert_eq!(c.mem_bytes(), 4 * (16 + 16 + 16 * 5 + 5 + 5 * 16 + 5));
+        // A row far from every class it was trained on is never a sure answer,
+        // however confident the softmax is.
+        let mut far = vec![0.0f32; 16];
+        far[0] = 40.0;
+        assert!(c.probabilities(&far).iter().any(|&p| p > 0.9), "the softmax alone is sure");
+        assert_eq!(c.predict(&far, 16)[0].1, 0.0, "the novelty guard makes it a miss");
     }
 
     #[test]
@@ -342,7 +410,7 @@ mod tests {
         let mlp = LearnedCache::fit(&samples, &LearnedParams { hidden: 16, ..LearnedParams::default() });
         assert!(accuracy(&linear) < 0.7, "linear {}", accuracy(&linear));
         assert!(accuracy(&mlp) > 0.9, "mlp {}", accuracy(&mlp));
-        assert_eq!(mlp.mem_bytes(), 4 * (2 + 2 + 2 * 16 + 16 + 16 * 2 + 2));
+        assert_eq!(mlp.mem_bytes(), 4 * (2 + 2 + 2 * 16 + 16 + 16 * 2 + 2 + 2 * 2 + 2));
         // It survives a serialisation round trip unchanged.
         let back: LearnedCache = serde_json::from_str(&serde_json::to_string(&mlp).unwrap()).unwrap();
         assert_eq!(back.predict(&x[..20], 2), mlp.predict(&x[..20], 2));

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
 
 use super::placement::{place, CutOption, Plan, Problem};
-use super::policy::{min_certifiable_rows, OFF};
+use super::policy::min_certifiable_rows;
 use super::store;
 use super::train::{self, Candidate};
 use super::CutCache;
@@ -168,7 +168,8 @@ impl ModelCaches {
     }
 
     /// A shadow-checked hit at `cut` said `cached`; the full model said `full`.
-    /// A mismatch that puts the live disagreement over budget tightens that cut at once.
+    /// A mismatch that puts the live disagreement over budget switches that cut
+    /// off at once and asks for a retraining.
     pub fn shadow(&self, cut: usize, cached: u32, full: u32) {
         let s = &self.stats[cut];
         s.shadow_checks.fetch_add(1, Ordering::Relaxed);
@@ -177,14 +178,17 @@ impl ModelCaches {
         }
         s.shadow_mismatches.fetch_add(1, Ordering::Relaxed);
         if self.live_disagreement() > self.config.budget {
+            // Over budget: this cut stops answering now (its confidences cannot be
+            // trusted — a cache that never saw a new class can be sure and wrong)
+            // and the trainer refits on the traffic that proved it wrong.
             let mut guard = self.active.write().unwrap_or_else(|p| p.into_inner());
             let mut next = (**guard).clone();
-            if let Some(Some(e)) = next.cuts.get_mut(cut) {
-                // Halve the distance to certainty (confidences are in [0, 1]).
-                e.threshold = if e.threshold >= 1.0 { OFF } else { e.threshold + (1.0 - e.threshold) / 2.0 };
-                tracing::info!(cut, threshold = e.threshold, "live disagreement over budget: threshold tightened");
+            if next.cuts.get_mut(cut).and_then(Option::take).is_some() {
+                tracing::info!(model = %self.name, cut, live = self.live_disagreement(), "live disagreement over budget: cut switched off until the next training");
             }
             *guard = Arc::new(next);
+            drop(guard);
+            self.train_now();
         }
     }
 

@@ -20,7 +20,7 @@ use super::model_caches::Sample;
 use super::Persisted;
 
 const MAGIC: &[u8; 8] = b"GATICACH";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 /// Largest feature vector accepted from a file.
 const MAX_DIM: usize = 1 << 16;
 
