@@ -160,13 +160,6 @@ impl ModelCaches {
         self.config.min_samples.max(min_certifiable_rows(self.config.budget * scale)).min(self.config.window)
     }
 
-    /// Whether the next batch should feed the window: always until it is full,
-    /// then one batch in four (features cost a little on every stage).
-    pub fn wants_samples(&self, coin: u64) -> bool {
-        let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        w.samples.len() < self.config.window || coin.is_multiple_of(4)
-    }
-
     /// A shadow-checked hit at `cut` said `cached`; the full model said `full`.
     /// A mismatch that puts the live disagreement over budget switches that cut
     /// off at once and asks for a retraining.

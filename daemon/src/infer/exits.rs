@@ -20,7 +20,7 @@ const THUMB: usize = 8;
 
 /// Changes whenever the features a cut gives its cache change (saved cache
 /// state from another version is not reused).
-pub const FEATURES_VERSION: &str = "thumb8+gap+prior-onehot";
+pub const FEATURES_VERSION: &str = "thumb8+rust-gap+prior-onehot";
 
 /// One job's answer being assembled.
 struct Pending {
@@ -222,24 +222,14 @@ pub(super) fn run(
         rng,
     };
     caches.rows.fetch_add(rows as u64, Ordering::Relaxed);
-    // Features are computed where a cache reads them, and everywhere for the
-    // batches that feed the training window.
-    let record = ex.calibrate.iter().any(|&c| c) || caches.wants_samples((unit(ex.rng) * 1024.0) as u64);
-    let cut_active: Vec<bool> = (0..cuts).map(|c| matches!(active.cuts.get(c), Some(Some(_)))).collect();
-
+    // Every cut's features are computed for every batch: every full-model row
+    // feeds the window, and they are pooled from cut tensors the stages compute
+    // anyway (~1 µs per stage).
     // Cut 0: the input itself.
     let all: Vec<usize> = (0..rows).collect();
-    let keep = if record || cut_active[0] {
-        let thumbs: Vec<f32> = data.chunks_exact(row_len).flat_map(|r| thumbnail(r, row_shape)).collect();
-        let tdim = thumbs.len() / rows.max(1);
-        if tdim > 0 {
-            ex.consult(0, &thumbs, tdim, &all)
-        } else {
-            vec![true; rows]
-        }
-    } else {
-        vec![true; rows]
-    };
+    let thumbs: Vec<f32> = data.chunks_exact(row_len).flat_map(|r| thumbnail(r, row_shape)).collect();
+    let tdim = thumbs.len() / rows.max(1);
+    let keep = if tdim > 0 { ex.consult(0, &thumbs, tdim, &all) } else { vec![true; rows] };
     let live: Vec<usize> = all.iter().copied().filter(|&r| keep[r]).collect();
     if live.is_empty() {
         if caches.config.stream_prior {
@@ -261,8 +251,7 @@ pub(super) fn run(
             let rows: Vec<usize> = view.live.iter().map(|&j| live[j]).collect();
             ex.consult(view.stage + 1, view.features, view.dim, &rows)
         };
-        let want = |stage: usize| record || cut_active.get(stage + 1).copied().unwrap_or(false);
-        pipeline.run_with_exits(&shape, &input, &want, &mut decide)
+        pipeline.run_with_exits(&shape, &input, &|_| true, &mut decide)
     };
     let run = match run {
         Ok(r) => r,
@@ -278,10 +267,8 @@ pub(super) fn run(
         let r = live[j];
         let out = &run.data[i * run.row_len..(i + 1) * run.row_len];
         let label = out.iter().enumerate().fold((0, f32::MIN), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0 as u32;
-        if record {
-            let weight = if ex.hit[r].is_some() { 1.0 / caches.config.shadow_fraction.max(1e-3) } else { 1.0 };
-            samples.push(Sample { features: std::mem::take(&mut ex.features[r]), label, weight });
-        }
+        let weight = if ex.hit[r].is_some() { 1.0 / caches.config.shadow_fraction.max(1e-3) } else { 1.0 };
+        samples.push(Sample { features: std::mem::take(&mut ex.features[r]), label, weight });
         match ex.hit[r] {
             Some((cut, cached)) => caches.shadow(cut, cached, label),
             None => {
