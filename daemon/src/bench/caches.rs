@@ -25,6 +25,9 @@ pub struct Args {
     pub out: PathBuf,
     #[arg(long, default_value = "bench/results/caches.png")]
     pub plot: PathBuf,
+    /// Run only this workload (video, fmnist_local, fmnist_shuffled).
+    #[arg(long)]
+    pub only: Option<String>,
 }
 
 /// One request stream.
@@ -124,7 +127,13 @@ fn ms(d: &[Duration], q: Option<f64>) -> f64 {
 /// Runs the benchmark.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let root = args.config.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
-    let workloads = load_workloads(&root, args.quick)?;
+    let mut workloads = load_workloads(&root, args.quick)?;
+    if let Some(only) = &args.only {
+        workloads.retain(|w| w.name == only);
+        if workloads.is_empty() {
+            bail!("no workload called `{only}` (video, fmnist_local, fmnist_shuffled)");
+        }
+    }
     println!("gatid bench caches{}", if args.quick { " (quick)" } else { "" });
     let mut results = Vec::new();
     let mut traces = Vec::new();

@@ -46,6 +46,7 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    gatid::node::tune_allocator();
     gatid::telemetry::init_logging();
     let cli = Cli::parse();
     match main_exec(cli) {

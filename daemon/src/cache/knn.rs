@@ -125,6 +125,7 @@ impl CutCache for KnnCache {
         let mut votes = Vec::with_capacity(k);
         let mut result = Vec::with_capacity(rows);
         for row in features.chunks_exact(dim) {
+            super::pace();
             self.reducer.apply(row, &mut z, &mut q);
             near.clear();
             for (v, &label) in self.vectors.chunks_exact(width).zip(&self.labels) {
@@ -209,6 +210,7 @@ impl CutCache for KmeansCache {
         let (mut z, mut q) = (vec![0.0; dim], vec![0.0; self.reducer.out]);
         let mut result = Vec::with_capacity(rows);
         for row in features.chunks_exact(dim) {
+            super::pace();
             self.reducer.apply(row, &mut z, &mut q);
             let (c, d2) = nearest(&q, &self.centroids, self.reducer.out);
             result.push((self.labels[c], (self.shares[c] / (1.0 + d2.sqrt())).clamp(0.0, 1.0)));

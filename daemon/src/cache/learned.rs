@@ -91,6 +91,7 @@ impl LearnedCache {
             shuffle(&mut order, &mut rng);
             let lr = p.learning_rate / (1.0 + epoch as f32 * 0.1);
             for chunk in order.chunks(p.batch.max(1)) {
+                super::pace();
                 grads.iter_mut().for_each(|g| g.fill(0.0));
                 for &r in chunk {
                     c.backward(&xs[r * dim..(r + 1) * dim], s.labels[r] as usize % classes, &mut sc, &mut grads);

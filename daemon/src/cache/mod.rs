@@ -70,3 +70,33 @@ impl Samples<'_> {
         &self.features[i * self.dim..(i + 1) * self.dim]
     }
 }
+
+thread_local! {
+    /// This thread's CPU share while training and when it last rested.
+    static PACE: std::cell::Cell<Option<(f32, std::time::Instant)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Bounds the calling thread's CPU share from now on (the trainer calls this
+/// once): [`pace`] then rests in proportion to the work since the last rest.
+pub fn set_pace(share: f32) {
+    PACE.with(|p| p.set(Some((share.clamp(0.01, 1.0), std::time::Instant::now()))));
+}
+
+/// Called often from training loops: after each ~1 ms of work, sleeps long
+/// enough to hold the thread's share. Fine-grained on purpose: a trainer that
+/// holds a core for hundreds of milliseconds (even at SCHED_IDLE) leaves a
+/// request woken behind a kernel thread on the other core nowhere to go
+/// (measured: serving p99 0.6 → 2.8 ms on 2 vCPUs). No-op on other threads.
+pub fn pace() {
+    PACE.with(|p| {
+        let Some((share, since)) = p.get() else { return };
+        let worked = since.elapsed();
+        if worked < std::time::Duration::from_millis(1) {
+            return;
+        }
+        if share < 1.0 {
+            std::thread::sleep(worked.mul_f32(1.0 / share - 1.0));
+        }
+        p.set(Some((share, std::time::Instant::now())));
+    });
+}

@@ -2,9 +2,16 @@
 //! of recent full-model answers, the background trainer, and the live
 //! disagreement measured by shadow checks.
 //!
-//! Serving reads [`ModelCaches::active`] (an `Arc` swapped whole by the
-//! trainer) and reports what happened; the trainer never blocks serving: it
-//! copies the window, fits, tunes thresholds on a held-out part, and swaps.
+//! Serving reads [`ModelCaches::active`] (an `Arc` swapped whole) and reports
+//! what happened. The trainer runs at SCHED_IDLE, so serving never waits on a
+//! lock it holds (a preempted idle-class thread holding a lock would stall the
+//! batcher for milliseconds: priority inversion): the batcher only `try_lock`s
+//! the window (a busy window drops that batch's samples) and picks up new
+//! caches the trainer *offers* with `try_lock`; `active` is written only by
+//! serving-side threads. Memory crosses threads one way only: the trainer
+//! deep-copies the window, and caches it built are freed on its own thread
+//! (serving hands replaced sets back): glibc frees into the allocating
+//! thread's arena under that arena's lock, which a preempted trainer may hold.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,6 +69,14 @@ pub struct ModelCaches {
     pub name: String,
     pub classes: usize,
     active: RwLock<Arc<Active>>,
+    /// A newly trained set waiting for the batcher to install it, and replaced
+    /// sets waiting for the trainer to free them.
+    offered: Mutex<Offer>,
+    /// Trainings so far (the trainer's count; `Active::generation` lags it until installed).
+    generation: AtomicU64,
+    /// Rows in the window, and whether a training was asked for (CacheTrain, shadow checks).
+    window_rows: std::sync::atomic::AtomicUsize,
+    force: AtomicBool,
     window: Mutex<Window>,
     wake: Condvar,
     stop: AtomicBool,
@@ -90,6 +105,12 @@ struct Window {
     fresh: usize,
 }
 
+#[derive(Default)]
+struct Offer {
+    next: Option<Arc<Active>>,
+    retired: Vec<Arc<Active>>,
+}
+
 impl ModelCaches {
     /// Caches for a model with `cuts` cut slots (one per stage: the input and every
     /// stage end but the last) and `classes` outputs;
@@ -107,6 +128,10 @@ impl ModelCaches {
             name: name.to_string(),
             classes,
             active: RwLock::new(Arc::new(Active { cuts: vec![None; cuts], generation: 0, plan: None })),
+            offered: Mutex::new(Offer::default()),
+            generation: AtomicU64::new(0),
+            window_rows: std::sync::atomic::AtomicUsize::new(0),
+            force: AtomicBool::new(false),
             window: Mutex::new(Window { samples: VecDeque::new(), fresh: 0 }),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -123,14 +148,22 @@ impl ModelCaches {
         Ok(me)
     }
 
-    /// The caches to consult now.
+    /// The caches to consult now (installs a set the trainer offered, if any:
+    /// serving threads call this, never the trainer).
     pub fn active(&self) -> Arc<Active> {
+        if let Ok(mut offered) = self.offered.try_lock() {
+            if let Some(next) = offered.next.take() {
+                let old = std::mem::replace(&mut *self.active.write().unwrap_or_else(|p| p.into_inner()), next);
+                offered.retired.push(old);
+            }
+        }
         Arc::clone(&self.active.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Adds full-model answers to the window; wakes the trainer when enough are new.
+    /// Adds full-model answers to the window; wakes the trainer when enough are
+    /// new. Never waits: if the trainer holds the window, these samples are dropped.
     pub fn record(&self, samples: impl IntoIterator<Item = Sample>) {
-        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(mut w) = self.window.try_lock() else { return };
         for s in samples {
             if w.samples.len() == self.config.window {
                 w.samples.pop_front();
@@ -138,20 +171,19 @@ impl ModelCaches {
             w.samples.push_back(s);
             w.fresh += 1;
         }
+        self.window_rows.store(w.samples.len(), Ordering::Relaxed);
         if w.fresh >= self.config.retrain_every && w.samples.len() >= self.config.min_samples {
             self.wake.notify_one();
         }
     }
 
-    /// Asks the trainer to train now (calibration finished): returns the current
-    /// generation, the window's rows and the rows a training needs.
+    /// Asks the trainer to train now (calibration finished, or a cut proved
+    /// wrong): returns the current generation, the window's rows and the rows a
+    /// training needs. Never waits.
     pub fn train_now(&self) -> (u64, usize, usize) {
-        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        w.fresh = w.fresh.max(self.config.retrain_every);
-        let rows = w.samples.len();
-        drop(w);
+        self.force.store(true, Ordering::Relaxed);
         self.wake.notify_one();
-        (self.active().generation, rows, self.rows_needed())
+        (self.generation.load(Ordering::Relaxed), self.window_rows.load(Ordering::Relaxed), self.rows_needed())
     }
 
     /// Window rows a training needs: fewer cannot certify a single exit.
@@ -170,7 +202,10 @@ impl ModelCaches {
             return;
         }
         s.shadow_mismatches.fetch_add(1, Ordering::Relaxed);
-        if self.live_disagreement() > self.config.budget {
+        // An ~80 % lower bound, not the point estimate: one unlucky mismatch among
+        // few checks must not switch off a cut the held-out data certified, while
+        // a cache that is wrong on every check (a class it never saw) goes at once.
+        if self.live_estimate(0.84) > self.config.budget {
             // Over budget: this cut stops answering now (its confidences cannot be
             // trusted — a cache that never saw a new class can be sure and wrong)
             // and the trainer refits on the traffic that proved it wrong.
@@ -179,8 +214,9 @@ impl ModelCaches {
             if next.cuts.get_mut(cut).and_then(Option::take).is_some() {
                 tracing::info!(model = %self.name, cut, live = self.live_disagreement(), "live disagreement over budget: cut switched off until the next training");
             }
-            *guard = Arc::new(next);
+            let old = std::mem::replace(&mut *guard, Arc::new(next));
             drop(guard);
+            self.offered.lock().unwrap_or_else(|p| p.into_inner()).retired.push(old);
             self.train_now();
         }
     }
@@ -188,6 +224,12 @@ impl ModelCaches {
     /// Estimated fraction of rows answered differently from the full model:
     /// Σ over cuts of hit rate × shadow mismatch rate.
     pub fn live_disagreement(&self) -> f32 {
+        self.live_estimate(0.0)
+    }
+
+    /// Σ over cuts of hit rate × a bound on the shadow mismatch rate: the
+    /// mismatches counted as m − z·√m (z = 0: the point estimate).
+    fn live_estimate(&self, z: f32) -> f32 {
         let rows = self.rows.load(Ordering::Relaxed).max(1) as f32;
         self.stats
             .iter()
@@ -196,7 +238,8 @@ impl ModelCaches {
                 if checks == 0 {
                     return 0.0;
                 }
-                let rate = s.shadow_mismatches.load(Ordering::Relaxed) as f32 / checks as f32;
+                let m = s.shadow_mismatches.load(Ordering::Relaxed) as f32;
+                let rate = (m - z * m.sqrt()).max(0.0) / checks as f32;
                 s.hits.load(Ordering::Relaxed) as f32 / rows * rate
             })
             .sum()
@@ -253,7 +296,7 @@ impl ModelCaches {
             shadow_fraction: f64::from(self.config.shadow_fraction),
             min_hits: weights.iter().sum::<f32>() / 50.0,
         });
-        let generation = self.active().generation + 1;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         Active {
             cuts: plan
                 .choice
@@ -295,9 +338,24 @@ impl ModelCaches {
         scale
     }
 
-    /// Swaps in a new set of caches.
+    /// Swaps in a new set of caches (serving-side threads only; the trainer
+    /// offers); the replaced set goes back to the trainer to be freed.
     pub fn install(&self, active: Active) {
-        *self.active.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(active);
+        let old = std::mem::replace(&mut *self.active.write().unwrap_or_else(|p| p.into_inner()), Arc::new(active));
+        self.offered.lock().unwrap_or_else(|p| p.into_inner()).retired.push(old);
+    }
+
+    /// Hands a newly trained set to serving, which installs it at its next
+    /// batch; frees (here, on the trainer's thread) the sets serving replaced.
+    fn offer(&self, active: Option<Arc<Active>>) {
+        let retired = {
+            let mut o = self.offered.lock().unwrap_or_else(|p| p.into_inner());
+            if active.is_some() {
+                o.next = active;
+            }
+            std::mem::take(&mut o.retired)
+        };
+        drop(retired);
     }
 }
 
@@ -328,9 +386,11 @@ impl ModelCaches {
             while w.samples.len() > self.config.window {
                 w.samples.pop_front();
             }
+            self.window_rows.store(w.samples.len(), Ordering::Relaxed);
             // Kinds rebuilt from the window (k-NN) are retrained at once.
             w.fresh = if state.meta.cuts.iter().all(Option::is_none) { self.config.retrain_every } else { 0 };
         }
+        self.generation.store(state.meta.generation, Ordering::Relaxed);
         self.budget_scale.store(state.meta.budget_scale.clamp(0.05, 0.8).to_bits(), Ordering::Relaxed);
         self.install(Active { cuts: restored, generation: state.meta.generation, plan: None });
         crate::telemetry::cache_trained(&self.name, state.meta.generation, 0.0, 0.0);
@@ -339,8 +399,12 @@ impl ModelCaches {
 
     /// Saves the active caches and the window (no-op without a state file).
     pub fn persist(&self) {
+        self.persist_with(&self.active());
+    }
+
+    /// Saves `active` and the window.
+    fn persist_with(&self, active: &Active) {
         let Some(path) = &self.config.state_file else { return };
-        let active = self.active();
         let window: Vec<Sample> =
             self.window.lock().unwrap_or_else(|p| p.into_inner()).samples.iter().cloned().collect();
         let meta = store::Meta {
@@ -379,14 +443,21 @@ fn trainer(me: std::sync::Weak<ModelCaches>) {
         unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
     }
     let mut last_save: Option<Instant> = None;
+    if let Some(c) = me.upgrade() {
+        super::set_pace(c.config.trainer_cpu_share);
+    }
     loop {
         let Some(caches) = me.upgrade() else { return };
+        // A deep copy: the trainer must not end up freeing serving's allocations.
         let samples: Vec<Sample> = {
             let w = caches.window.lock().unwrap_or_else(|p| p.into_inner());
             // Out-of-fold tuning holds every row out once; fewer rows than this
             // cannot certify a single exit, so training earlier would only cost CPU.
             let needed = caches.rows_needed();
-            let ready = |w: &Window| w.fresh >= caches.config.retrain_every && w.samples.len() >= needed;
+            let ready = |w: &Window| {
+                (w.fresh >= caches.config.retrain_every || caches.force.load(Ordering::Relaxed))
+                    && w.samples.len() >= needed
+            };
             let (mut w, _) = caches
                 .wake
                 .wait_timeout_while(w, std::time::Duration::from_millis(500), |w| {
@@ -397,15 +468,17 @@ fn trainer(me: std::sync::Weak<ModelCaches>) {
                 return;
             }
             if !ready(&w) {
+                drop(w);
+                caches.offer(None);
                 continue;
             }
             w.fresh = 0;
+            caches.force.store(false, Ordering::Relaxed);
             w.samples.iter().cloned().collect()
         };
         let t0 = Instant::now();
+        // The CPU share is held inside training (`cache::pace`), ~1 ms at a time.
         let active = caches.train(&samples);
-        // Bound the trainer's CPU share: rest (1/share − 1) times as long as it worked.
-        let rest = t0.elapsed().mul_f32(1.0 / caches.config.trainer_cpu_share - 1.0);
         let summary: Vec<String> =
             active.cuts.iter().map(|c| c.as_ref().map_or("off".into(), |e| format!("{:.3}", e.threshold))).collect();
         let (expected_us, baseline_us) = active.plan.as_ref().map_or((0.0, 0.0), |p| (p.expected_us, p.baseline_us));
@@ -418,14 +491,14 @@ fn trainer(me: std::sync::Weak<ModelCaches>) {
             "caches retrained"
         );
         crate::telemetry::cache_trained(&caches.name, active.generation, expected_us, baseline_us);
-        caches.install(active);
-        crate::telemetry::cache_state(&caches.name, caches.live_disagreement(), caches.mem_bytes());
+        let mem: usize = active.cuts.iter().flatten().map(|e| e.cache.mem_bytes()).sum();
+        crate::telemetry::cache_state(&caches.name, caches.live_disagreement(), mem);
         // Saving writes the whole window: at most every 30 s (and when the model goes).
         if last_save.is_none_or(|t: Instant| t.elapsed() >= std::time::Duration::from_secs(30)) {
-            caches.persist();
+            caches.persist_with(&active);
             last_save = Some(Instant::now());
         }
+        caches.offer(Some(Arc::new(active)));
         drop(caches);
-        std::thread::sleep(rest);
     }
 }

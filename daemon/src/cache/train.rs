@@ -39,9 +39,9 @@ fn kinds(config: &CacheConfig) -> Vec<CacheKind> {
 fn fit(kind: CacheKind, hidden: usize, s: &Samples<'_>) -> Arc<dyn CutCache> {
     match kind {
         CacheKind::Learned => {
-            // About 24 000 row-steps whatever the window size, 2 to 30 epochs: the
+            // About 16 000 row-steps whatever the window size, 2 to 30 epochs: the
             // trainer must keep up with the stream on a small CPU share.
-            let epochs = (24_000 / s.rows().max(1)).clamp(2, 30);
+            let epochs = (16_000 / s.rows().max(1)).clamp(2, 30);
             Arc::new(LearnedCache::fit(s, &LearnedParams { hidden, epochs, ..LearnedParams::default() }))
         }
         CacheKind::Knn => Arc::new(KnnCache::fit(s, &KnnParams::default())),

@@ -114,9 +114,13 @@ impl Client {
         })
     }
 
-    /// One request, one response.
+    /// One request, one response. If the daemon refused the connection (it
+    /// answers a status and closes, possibly before our request is sent), that
+    /// answer is returned rather than the broken pipe.
     pub fn call(&mut self, header: RequestHeader, payload: &[u8]) -> Result<Response, ClientError> {
-        self.send(header, payload)?;
+        if let Err(e) = self.send(header, payload) {
+            return self.recv().map_err(|_| e);
+        }
         self.recv()
     }
 

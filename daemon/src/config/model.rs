@@ -259,7 +259,7 @@ fn default_true() -> bool {
 }
 
 fn default_trainer_share() -> f32 {
-    0.25
+    0.5
 }
 
 fn default_budget() -> f32 {

@@ -150,6 +150,21 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// Keeps freed memory in the allocator instead of returning it to the kernel.
+///
+/// `munmap`/`brk` take the process's mmap lock for writing; a low-priority
+/// thread (the SCHED_IDLE cache trainer) preempted while holding it stalls
+/// every serving thread that faults or maps memory — measured: serving p99
+/// 0.56 → 2.8 ms while the trainer ran. With large buffers served from the
+/// arenas and no trimming, steady-state training maps and unmaps nothing.
+pub fn tune_allocator() {
+    // SAFETY: mallopt only changes glibc malloc's tunables; called at start-up.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn busy_poll(c: &Config) -> Duration {
     Duration::from_micros(c.server.busy_poll_us)
 }
