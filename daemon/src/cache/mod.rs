@@ -82,7 +82,7 @@ pub fn set_pace(share: f32) {
     PACE.with(|p| p.set(Some((share.clamp(0.01, 1.0), std::time::Instant::now()))));
 }
 
-/// Called often from training loops: after each ~1 ms of work, sleeps long
+/// Called often from training loops: after each ~250 µs of work, sleeps long
 /// enough to hold the thread's share. Fine-grained on purpose: a trainer that
 /// holds a core for hundreds of milliseconds (even at SCHED_IDLE) leaves a
 /// request woken behind a kernel thread on the other core nowhere to go
@@ -91,7 +91,7 @@ pub fn pace() {
     PACE.with(|p| {
         let Some((share, since)) = p.get() else { return };
         let worked = since.elapsed();
-        if worked < std::time::Duration::from_millis(1) {
+        if worked < std::time::Duration::from_micros(250) {
             return;
         }
         if share < 1.0 {

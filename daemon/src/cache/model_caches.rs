@@ -443,9 +443,6 @@ fn trainer(me: std::sync::Weak<ModelCaches>) {
         unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
     }
     let mut last_save: Option<Instant> = None;
-    if let Some(c) = me.upgrade() {
-        super::set_pace(c.config.trainer_cpu_share);
-    }
     loop {
         let Some(caches) = me.upgrade() else { return };
         // A deep copy: the trainer must not end up freeing serving's allocations.
@@ -477,7 +474,9 @@ fn trainer(me: std::sync::Weak<ModelCaches>) {
             w.samples.iter().cloned().collect()
         };
         let t0 = Instant::now();
-        // The CPU share is held inside training (`cache::pace`), ~1 ms at a time.
+        // The CPU share is held inside training (`cache::pace`), ~1 ms at a time;
+        // the pace clock starts now, not when the trainer began waiting.
+        super::set_pace(caches.config.trainer_cpu_share);
         let active = caches.train(&samples);
         let summary: Vec<String> =
             active.cuts.iter().map(|c| c.as_ref().map_or("off".into(), |e| format!("{:.3}", e.threshold))).collect();
