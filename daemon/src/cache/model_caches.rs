@@ -489,15 +489,18 @@ fn trainer(me: std::sync::Weak<ModelCaches>) {
             baseline_us = format!("{baseline_us:.1}"),
             "caches retrained"
         );
-        crate::telemetry::cache_trained(&caches.name, active.generation, expected_us, baseline_us);
+        // Offered first, announced after: whoever sees the new generation in the
+        // metrics gets the new caches from its next batch on.
+        let active = Arc::new(active);
+        caches.offer(Some(Arc::clone(&active)));
         let mem: usize = active.cuts.iter().flatten().map(|e| e.cache.mem_bytes()).sum();
         crate::telemetry::cache_state(&caches.name, caches.live_disagreement(), mem);
+        crate::telemetry::cache_trained(&caches.name, active.generation, expected_us, baseline_us);
         // Saving writes the whole window: at most every 30 s (and when the model goes).
         if last_save.is_none_or(|t: Instant| t.elapsed() >= std::time::Duration::from_secs(30)) {
             caches.persist_with(&active);
             last_save = Some(Instant::now());
         }
-        caches.offer(Some(Arc::new(active)));
         drop(caches);
     }
 }
