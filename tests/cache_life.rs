@@ -160,7 +160,7 @@ fn p99_ms(c: &mut Client, test: &[(Vec<u8>, usize)], n: usize) -> f64 {
 }
 
 #[test]
-fn the_trainer_running_flat_out_keeps_serving_p99_close() {
+fn the_trainer_running_flat_out_does_not_raise_serving_p99_by_more_than_20_percent() {
     let _serial = serial();
     let test = fmnist_test(2000);
     let measure = |retrain_every: usize| -> (f64, f64) {
@@ -184,12 +184,11 @@ fn the_trainer_running_flat_out_keeps_serving_p99_close() {
         let trainings = model_metric(&mut c, "gati_cache_generation", "fmnist") - g0;
         (p99, trainings)
     };
-    // The target is ≤ 1.2×. On this 2-vCPU VM it is usually met
-    // (measured 1.05–1.3× with the trainer pacing itself 250 µs at a time) but
-    // not always: a request woken behind a kernel thread on one core cannot move
-    // to the core the trainer holds, even at SCHED_IDLE. The test holds the line
-    // at 1.5× and prints the ratio; each check runs up to three times, since one
-    // noisy run on a shared VM is not a verdict.
+    // The target: ≤ 1.2×. Measured 0.9–1.16× with the trainer pacing
+    // itself 100 µs at a time (1.05–1.42× at 250 µs, 2.8× unpaced: a request
+    // woken behind a kernel thread on one core cannot move to the core the
+    // trainer holds, even at SCHED_IDLE). Each check runs up to three times,
+    // since one noisy run on a shared 2-vCPU VM is not a verdict.
     let mut last = (0.0, 0.0, 0.0);
     for _ in 0..3 {
         let (idle, idle_trainings) = measure(1_000_000);
@@ -200,9 +199,9 @@ fn the_trainer_running_flat_out_keeps_serving_p99_close() {
         );
         assert!(busy_trainings >= 1.0, "the trainer did not run during the measurement");
         last = (idle, busy, busy_trainings);
-        if busy <= idle * 1.5 {
+        if busy <= idle * 1.2 {
             return;
         }
     }
-    panic!("p99 with the trainer flat out {:.3} ms > 1.5 × {:.3} ms", last.1, last.0);
+    panic!("p99 with the trainer flat out {:.3} ms > 1.2 × {:.3} ms", last.1, last.0);
 }
