@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use gatid::api::wire::{model_id, Dtype, Kind};
 use gatid::client::{calibrate, Client};
-use gatid::config::{InputConfig, Layout, Resize};
 use gatid::infer::preprocess::image_to_input;
 
 const LAST: u16 = 7;
@@ -85,19 +84,6 @@ fn warm_started_caches_survive_a_restart_unchanged() {
     assert!(answers(&mut c, &test[..50]).iter().all(|a| a.0 == LAST), "cold caches answer nothing early");
     drop(d);
     let _ = std::fs::remove_dir_all(&state);
-}
-
-fn fmnist_input() -> InputConfig {
-    InputConfig {
-        layout: Layout::NCHW,
-        height: 28,
-        width: 28,
-        channels: 1,
-        scale: 1.0 / 255.0,
-        mean: vec![0.2860],
-        std: vec![0.3530],
-        resize: Resize::Bilinear,
-    }
 }
 
 /// The full model's class for each image (one batched ORT run in this process).

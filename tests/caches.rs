@@ -6,21 +6,7 @@ mod common;
 
 use common::*;
 use gatid::api::wire::{Dtype, Status};
-use gatid::config::{InputConfig, Layout, Resize};
 use gatid::infer::preprocess::image_to_input;
-
-fn fmnist_input() -> InputConfig {
-    InputConfig {
-        layout: Layout::NCHW,
-        height: 28,
-        width: 28,
-        channels: 1,
-        scale: 1.0 / 255.0,
-        mean: vec![0.2860],
-        std: vec![0.3530],
-        resize: Resize::Bilinear,
-    }
-}
 
 /// The class-run Fashion-MNIST stream (temporal locality), as test-set indices.
 fn local_stream(n: usize) -> Vec<usize> {

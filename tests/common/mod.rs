@@ -239,19 +239,26 @@ pub fn is_root() -> bool {
 
 /// A gauge or counter of `model` from the daemon's metrics text (0 when absent).
 pub fn model_metric(c: &mut Client, name: &str, model: &str) -> f64 {
-    let text = c.stats_text().unwrap();
-    let label = format!("model=\"{model}\"");
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(&label))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
+    gatid::telemetry::summary::model_value(&c.stats_text().unwrap(), name, model).unwrap_or(0.0)
 }
 
 /// Waits (up to 60 s) until `model`'s caches have been trained at least `generation` times.
 pub fn wait_cache_generation(c: &mut Client, model: &str, generation: u64) {
-    let until = Instant::now() + Duration::from_secs(60);
-    while model_metric(c, "gati_cache_generation", model) < generation as f64 {
-        assert!(Instant::now() < until, "caches of {model} not trained {generation} times within 60 s");
-        std::thread::sleep(Duration::from_millis(50));
+    let trained =
+        gatid::client::calibrate::wait_trained(c, model, generation.saturating_sub(1), Duration::from_secs(60));
+    assert!(trained.unwrap(), "caches of {model} not trained {generation} times within 60 s");
+}
+
+/// The Fashion-MNIST model's input settings (as in `fmnist_model`).
+pub fn fmnist_input() -> gatid::config::InputConfig {
+    gatid::config::InputConfig {
+        layout: gatid::config::Layout::NCHW,
+        height: 28,
+        width: 28,
+        channels: 1,
+        scale: 1.0 / 255.0,
+        mean: vec![0.2860],
+        std: vec![0.3530],
+        resize: gatid::config::Resize::Bilinear,
     }
 }

@@ -111,11 +111,7 @@ fn run_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool) -> anyhow:
         t.class.push(v.iter().enumerate().fold((0, f32::MIN), |b, (k, &x)| if x > b.1 { (k, x) } else { b }).0);
     }
     let stats = client.stats_text()?;
-    t.mem_bytes = stats
-        .lines()
-        .find(|l| l.starts_with("gati_cache_memory_bytes") && l.contains(&format!("model=\"{}\"", w.model)))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0);
+    t.mem_bytes = crate::telemetry::summary::model_value(&stats, "gati_cache_memory_bytes", w.model).unwrap_or(0.0);
     drop(client);
     daemon.stop()?;
     Ok(t)
@@ -268,21 +264,9 @@ fn warm_start(client: &mut crate::client::Client, config: &Path, model: &str) ->
     set.images.truncate(4096);
     crate::client::calibrate::send(client, model, &set, 16, |_| {})?;
     let v = client.control_json(crate::api::wire::Kind::CacheTrain, crate::api::wire::model_id(model), &[])?;
-    let generation = v["generation"].as_u64().unwrap_or(0) as f64;
-    let until = Instant::now() + Duration::from_secs(120);
-    loop {
-        let text = client.stats_text()?;
-        let now = text
-            .lines()
-            .find(|l| l.starts_with("gati_cache_generation{") && l.contains(&format!("model=\"{model}\"")))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        if now > generation {
-            return Ok(());
-        }
-        if Instant::now() > until {
-            bail!("calibration training of {model} did not finish within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let generation = v["generation"].as_u64().unwrap_or(0);
+    if !crate::client::calibrate::wait_trained(client, model, generation, Duration::from_secs(120))? {
+        bail!("calibration training of {model} did not finish within 120 s");
     }
+    Ok(())
 }

@@ -327,13 +327,7 @@ fn softmax(v: &[f32]) -> Vec<f32> {
 }
 
 fn model_gauge(client: &mut Client, name: &str, model: &str) -> anyhow::Result<f64> {
-    let text = client.stats_text()?;
-    let label = format!("model=\"{model}\"");
-    Ok(text
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(&label))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0))
+    Ok(gatid::telemetry::summary::model_value(&client.stats_text()?, name, model).unwrap_or(0.0))
 }
 
 fn cache_train(client: &mut Client, model: &str, data: &Path, limit: usize, timeout_s: u64) -> anyhow::Result<()> {

@@ -5,6 +5,7 @@
 //! and raw u8 frames (`H×W×C` bytes each, HWC, the model's input size).
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use super::{Client, ClientError};
 use crate::api::server::FLAG_CALIBRATE;
@@ -45,6 +46,22 @@ pub fn read(path: &Path, hwc: [u32; 3]) -> Result<CalibrationSet, String> {
         ));
     }
     Ok(CalibrationSet { shape: hwc, images: bytes.chunks_exact(size).map(<[u8]>::to_vec).collect() })
+}
+
+/// Waits until `model`'s caches have been trained more than `after` times
+/// (the `gati_cache_generation` gauge); `false` if `timeout` passed first.
+pub fn wait_trained(client: &mut Client, model: &str, after: u64, timeout: Duration) -> Result<bool, ClientError> {
+    let until = Instant::now() + timeout;
+    loop {
+        let text = client.stats_text()?;
+        if crate::telemetry::summary::model_value(&text, "gati_cache_generation", model).unwrap_or(0.0) > after as f64 {
+            return Ok(true);
+        }
+        if Instant::now() > until {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Sends `set` to `model` as calibration rows, `batch` images per request;

@@ -251,7 +251,7 @@ pub(super) fn run(
             let rows: Vec<usize> = view.live.iter().map(|&j| live[j]).collect();
             ex.consult(view.stage + 1, view.features, view.dim, &rows)
         };
-        pipeline.run_with_exits(&shape, &input, &|_| true, &mut decide)
+        pipeline.run_with_exits(&shape, &input, &mut decide)
     };
     let run = match run {
         Ok(r) => r,

@@ -66,7 +66,7 @@ impl LoadedModel {
         let mut whole = session_from_bytes(&bytes, cfg.intra_threads, &format!("model `{}`", cfg.name))?;
         let row_shape = row_shape(&cfg.input);
         check_input(&whole, &cfg.name, &row_shape)?;
-        let mut pipeline = Pipeline::build(&onnx, &plans, cfg.intra_threads, &cfg.name, cfg.cache.is_some())?;
+        let mut pipeline = Pipeline::build(&onnx, &plans, cfg.intra_threads, &cfg.name)?;
 
         // Staged == unstaged, on a deterministic pseudo-random batch of 2.
         let probe = probe_input(2, &row_shape);

@@ -210,18 +210,6 @@ impl OnnxModel {
     /// inputs and outputs (tensor names); initializers and value infos are kept
     /// where a selected node uses them.
     pub fn encode_subgraph(&self, node_ids: &[usize], inputs: &[&str], outputs: &[&str]) -> Vec<u8> {
-        self.encode_subgraph_with(node_ids, &[], inputs, outputs)
-    }
-
-    /// Like [`Self::encode_subgraph`], with extra nodes (from [`node_bytes`])
-    /// appended after the selected ones.
-    pub fn encode_subgraph_with(
-        &self,
-        node_ids: &[usize],
-        extra: &[Vec<u8>],
-        inputs: &[&str],
-        outputs: &[&str],
-    ) -> Vec<u8> {
         let used: std::collections::HashSet<&str> = node_ids
             .iter()
             .flat_map(|&i| self.nodes[i].inputs.iter().chain(&self.nodes[i].outputs))
@@ -233,9 +221,6 @@ impl OnnxModel {
         }
         for &i in node_ids {
             put_len(&mut g, GRAPH_NODE, &self.nodes[i].raw);
-        }
-        for raw in extra {
-            put_len(&mut g, GRAPH_NODE, raw);
         }
         for init in self.initializers.iter().filter(|i| used.contains(i.name.as_str())) {
             put_len(&mut g, GRAPH_INITIALIZER, &init.raw);
@@ -274,20 +259,6 @@ impl OnnxModel {
         put_len(&mut vi, 2, &ty);
         vi
     }
-}
-
-/// A serialized `NodeProto` without attributes.
-pub fn node_bytes(op_type: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> Vec<u8> {
-    let mut n = Vec::new();
-    for i in inputs {
-        put_len(&mut n, NODE_INPUT, i.as_bytes());
-    }
-    for o in outputs {
-        put_len(&mut n, NODE_OUTPUT, o.as_bytes());
-    }
-    put_len(&mut n, NODE_NAME, name.as_bytes());
-    put_len(&mut n, NODE_OP_TYPE, op_type.as_bytes());
-    n
 }
 
 fn decode_node(raw: &[u8]) -> Result<Node, DecodeError> {

@@ -18,8 +18,6 @@ pub struct Stage {
     session: Session,
     input: String,
     output: String,
-    /// The cut this stage ends at, when its pooled features may be asked for.
-    features: Option<String>,
 }
 
 /// What an exit decision sees after a stage.
@@ -76,36 +74,18 @@ pub fn session_from_bytes(bytes: &[u8], threads: usize, what: &str) -> Result<Se
 }
 
 impl Pipeline {
-    /// Builds one session per stage plan. With `features` (a model with a cache)
-    /// every non-final stage's cut tensor also yields pooled features (see
-    /// [`pool_features`]).
-    pub fn build(
-        model: &OnnxModel,
-        plans: &[StagePlan],
-        threads: usize,
-        name: &str,
-        features: bool,
-    ) -> Result<Self, InferError> {
+    /// Builds one session per stage plan. [`Self::run_with_exits`] pools
+    /// features from each non-final stage's output (see [`pool_features`]).
+    pub fn build(model: &OnnxModel, plans: &[StagePlan], threads: usize, name: &str) -> Result<Self, InferError> {
         let mut stages = Vec::with_capacity(plans.len());
         for (i, plan) in plans.iter().enumerate() {
             let what = format!("model `{name}` stage {}", i + 1);
             let outputs: Vec<&str> = plan.outputs.iter().map(String::as_str).collect();
-            let last = i + 1 == plans.len();
-            // Features are pooled in Rust from the cut tensor the stage outputs
-            // anyway (measured: a second session per stage with ONNX
-            // GlobalAveragePool outputs cost ~100 µs per request on the
-            // Fashion-MNIST ResNet; pooling the zero-copy view costs ~1 µs).
-            let features = (!last && features).then(|| plan.outputs[0].clone());
             let bytes = model.encode_subgraph(&plan.nodes, &[plan.input.as_str()], &outputs);
             let session = session_from_bytes(&bytes, threads, &what)?;
-            stages.push(Stage { session, input: plan.input.clone(), output: plan.outputs[0].clone(), features });
+            stages.push(Stage { session, input: plan.input.clone(), output: plan.outputs[0].clone() });
         }
         Ok(Self { stages })
-    }
-
-    /// Whether stage `i` outputs pooled features.
-    pub fn has_features(&self, i: usize) -> bool {
-        self.stages.get(i).is_some_and(|s| s.features.is_some())
     }
 
     /// Number of stages.
@@ -147,16 +127,14 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    /// Runs the stages; after each non-final stage with features that
-    /// `want_features(stage)` asks for, `decide` says which live rows continue
-    /// (`true`) — the others exited there and are compacted out of the next
-    /// stage's input. Stages whose features are not wanted run without them.
+    /// Runs the stages; after each non-final stage, `decide` gets the stage's
+    /// pooled features and says which live rows continue (`true`) — the others
+    /// exited there and are compacted out of the next stage's input.
     /// Stops early if no row is left.
     pub fn run_with_exits(
         &mut self,
         shape: &[usize],
         input: &[f32],
-        want_features: &dyn Fn(usize) -> bool,
         decide: &mut dyn FnMut(StageView<'_>) -> Vec<bool>,
     ) -> Result<ExitRun, InferError> {
         let n = self.stages.len();
@@ -166,11 +144,9 @@ impl Pipeline {
         let mut carry: Option<DynValue> = None;
         for (i, stage) in self.stages.iter_mut().enumerate() {
             let t0 = Instant::now();
-            let with_features = stage.features.is_some() && want_features(i);
-            let session = &mut stage.session;
             let mut out = match carry.take() {
-                None => session.run(ort::inputs![stage.input.as_str() => first.view()]),
-                Some(v) => session.run(ort::inputs![stage.input.as_str() => v]),
+                None => stage.session.run(ort::inputs![stage.input.as_str() => first.view()]),
+                Some(v) => stage.session.run(ort::inputs![stage.input.as_str() => v]),
             }
             .map_err(|e| ort_run(i, e))?;
             let value = out
@@ -185,13 +161,11 @@ impl Pipeline {
                 run.finished = live;
                 return Ok(run);
             }
-            let keep = if with_features {
+            let keep = {
                 let (vshape, vdata) = value.try_extract_tensor::<f32>().map_err(|e| ort_run(i, e))?;
                 let dims: Vec<usize> = vshape.iter().map(|&d| d.max(0) as usize).collect();
                 let (fdata, dim) = pool_features(&dims, vdata);
                 decide(StageView { stage: i, features: &fdata, dim, live: &live })
-            } else {
-                vec![true; live.len()]
             };
             if keep.iter().all(|&k| k) {
                 carry = Some(value);

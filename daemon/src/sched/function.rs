@@ -15,16 +15,8 @@ use crate::config::{Config, DispatchConfig, FunctionConfig, FunctionKind};
 /// Index of a function in [`Deployment::functions`].
 pub type FnId = usize;
 
-/// Resource limits of one worker (mirrors the sandbox's `Limits`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
-    pub cpu_cores: f32,
-    pub memory_bytes: u64,
-    /// One invocation may run this long; then the worker is killed.
-    pub time_limit: Duration,
-    pub max_message_bytes: usize,
-    pub pids: u32,
-}
+/// Resource limits of one worker: the sandbox's, so exec workers take them as they are.
+pub use crate::sandbox::Limits;
 
 /// What a function runs.
 #[derive(Debug, Clone, PartialEq)]

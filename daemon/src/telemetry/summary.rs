@@ -37,6 +37,14 @@ fn parse(text: &str) -> Vec<Sample> {
     out
 }
 
+/// The value of metric `name` labelled `model="<model>"` in Prometheus `text`.
+pub fn model_value(text: &str, name: &str, model: &str) -> Option<f64> {
+    parse(text)
+        .into_iter()
+        .find(|s| s.name == name && s.labels.get("model").is_some_and(|m| m == model))
+        .map(|s| s.value)
+}
+
 /// Splits `a="x",b="y,z"` at commas outside quotes.
 fn split_labels(s: &str) -> Vec<&str> {
     let mut parts = Vec::new();

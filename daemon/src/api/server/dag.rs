@@ -7,9 +7,9 @@
 //! with the message.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::frames::Answer;
+use super::frames::{request_deadline, Answer};
 use super::{elapsed_us, Conn, Worker};
 use crate::api::conn::Frame;
 use crate::api::wire::{Dtype, Kind, RequestHeader, Status};
@@ -54,20 +54,8 @@ impl Worker {
         if let Err(status) = check_payload(header, payload.len()) {
             return reject(c, status);
         }
-        let deadline = match header.deadline_us.get() {
-            0 => None,
-            us => Some(received + Duration::from_micros(u64::from(us))),
-        };
-        let answer = Answer {
-            out: Arc::clone(&c.out),
-            mailbox: Arc::clone(&self.mailbox),
-            state: Arc::clone(&ctx.state),
-            slot,
-            gen: c.gen,
-            request_id: rid,
-            model: name,
-            received,
-        };
+        let deadline = request_deadline(header, received);
+        let answer = Answer::to(c, slot, &self.mailbox, &ctx.state, rid, name, received);
         // Count it in flight before the scheduler can possibly answer it.
         c.out.inflight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         telemetry::inflight(1.0);

@@ -119,20 +119,8 @@ impl Worker {
             Ok(v) => v,
             Err(status) => return reject(c, status),
         };
-        let deadline = match header.deadline_us.get() {
-            0 => None,
-            us => Some(received + Duration::from_micros(u64::from(us))),
-        };
-        let answer = Answer {
-            out: Arc::clone(&c.out),
-            mailbox: Arc::clone(&self.mailbox),
-            state: Arc::clone(&ctx.state),
-            slot,
-            gen: c.gen,
-            request_id: rid,
-            model: Arc::clone(&name),
-            received,
-        };
+        let deadline = request_deadline(header, received);
+        let answer = Answer::to(c, slot, &self.mailbox, &ctx.state, rid, Arc::clone(&name), received);
         // Count it in flight before the batcher can possibly answer it.
         c.out.inflight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let reply = Reply::new(move |result| answer.send(result));
@@ -156,6 +144,14 @@ impl Worker {
     }
 }
 
+/// The deadline a request header asks for (`deadline_us` after receipt; 0 = none).
+pub(super) fn request_deadline(header: &RequestHeader, received: Instant) -> Option<Instant> {
+    match header.deadline_us.get() {
+        0 => None,
+        us => Some(received + Duration::from_micros(u64::from(us))),
+    }
+}
+
 /// Where one inference request's answer goes.
 pub(super) struct Answer {
     pub(super) out: Arc<ConnOut>,
@@ -169,6 +165,28 @@ pub(super) struct Answer {
 }
 
 impl Answer {
+    /// Where the answer to request `request_id` on connection `c` (in `slot`) goes.
+    pub(super) fn to(
+        c: &Conn,
+        slot: u32,
+        mailbox: &Arc<Mailbox>,
+        state: &Arc<NodeState>,
+        request_id: u64,
+        model: Arc<str>,
+        received: Instant,
+    ) -> Self {
+        Self {
+            out: Arc::clone(&c.out),
+            mailbox: Arc::clone(mailbox),
+            state: Arc::clone(state),
+            slot,
+            gen: c.gen,
+            request_id,
+            model,
+            received,
+        }
+    }
+
     /// Runs on the batcher thread: writes the answer to the socket (or queues it)
     /// and wakes the I/O thread only if it has something to do.
     fn send(self, result: JobResult) {

@@ -5,7 +5,6 @@ use std::os::fd::RawFd;
 
 use super::{Worker, WorkerError};
 use crate::sandbox::{FunctionSpec, Limits, Sandbox, SandboxError};
-use crate::sched::function::Limits as FnLimits;
 
 /// One warm sandboxed worker.
 pub struct SandboxWorker {
@@ -14,18 +13,12 @@ pub struct SandboxWorker {
 
 impl SandboxWorker {
     /// Starts (jails) the function's program; a cold start.
-    pub fn start(name: &str, program: &std::path::Path, args: &[String], l: &FnLimits) -> Result<Self, WorkerError> {
+    pub fn start(name: &str, program: &std::path::Path, args: &[String], limits: &Limits) -> Result<Self, WorkerError> {
         let spec = FunctionSpec {
             name: name.to_string(),
             program: program.to_owned(),
             args: args.to_vec(),
-            limits: Limits {
-                cpu_cores: l.cpu_cores,
-                memory_bytes: l.memory_bytes,
-                time_limit: l.time_limit,
-                max_message_bytes: l.max_message_bytes,
-                pids: l.pids,
-            },
+            limits: limits.clone(),
         };
         let sandbox = Sandbox::start(&spec).map_err(|e| WorkerError::Start(e.to_string()))?;
         Ok(Self { sandbox })
