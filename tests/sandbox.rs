@@ -21,19 +21,23 @@ fn program(name: &str) -> PathBuf {
                 (or run the whole cargo test --release --workspace)";
     let built = std::fs::metadata(&path).and_then(|m| m.modified());
     let built = built.unwrap_or_else(|_| panic!("{} is missing: {hint}", path.display()));
+    // Its sources: the sdk library and its own main (not the other examples').
     let sources = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/src");
-    if let Some(newest) = newest_mtime(&sources) {
-        assert!(built >= newest, "{} is older than the sdk sources: {hint}", path.display());
+    let own = sources.join("bin").join(format!("{name}.rs"));
+    let newest = newest_mtime(&sources).max(std::fs::metadata(&own).and_then(|m| m.modified()).ok());
+    if let Some(newest) = newest {
+        assert!(built >= newest, "{} is older than its sources: {hint}", path.display());
     }
     path
 }
 
+/// The newest modification time of the files directly in `dir`.
 fn newest_mtime(dir: &std::path::Path) -> Option<std::time::SystemTime> {
     let mut newest = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let t = if path.is_dir() { newest_mtime(&path) } else { entry.metadata().and_then(|m| m.modified()).ok() };
-        newest = newest.max(t);
+        if entry.path().is_file() {
+            newest = newest.max(entry.metadata().and_then(|m| m.modified()).ok());
+        }
     }
     newest
 }
