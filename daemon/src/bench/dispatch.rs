@@ -34,13 +34,18 @@ pub struct Args {
     pub out: PathBuf,
     #[arg(long, default_value = "bench/results/dispatch.png")]
     pub plot: PathBuf,
+    /// Also run gati without its core budget (`core_budget = false`), to see what the budget adds.
+    #[arg(long)]
+    pub ablation: bool,
 }
 
 /// A work DAG: (name, deadline ms, share of the mix, µs of work per function in chain order).
 const WORK_DAGS: [(&str, u64, f64, &[u64]); 3] =
     [("thumb", 15, 0.40, &[1000]), ("etl", 40, 0.25, &[2000, 3000]), ("report", 100, 0.10, &[8000])];
 const CLASSIFY: (&str, u64, f64) = ("classify", 100, 0.25);
-const MODES: [&str; 2] = ["gati", "baseline"];
+/// gati, the baseline, and (with `--ablation`) gati without its core budget.
+const MODES: [&str; 3] = ["gati", "baseline", NO_BUDGET];
+const NO_BUDGET: &str = "gati-unbudgeted";
 /// gati's SGS count bound per DAG; the baseline's single SGS gets as many workers in total.
 const MAX_SGS: i64 = 2;
 const MAX_WARM: i64 = 4;
@@ -64,7 +69,8 @@ fn tweak(t: &mut toml::Table, mode: &str) -> anyhow::Result<()> {
     if let Some(Value::Table(s)) = t.get_mut("server") {
         s.insert("max_inflight_per_conn".into(), Value::Integer(1 << 20));
     }
-    let max_warm = if mode == "gati" { MAX_WARM } else { MAX_WARM * MAX_SGS };
+    let gati = mode != "baseline";
+    let max_warm = if gati { MAX_WARM } else { MAX_WARM * MAX_SGS };
     let mut functions = match t.remove("functions") {
         Some(Value::Array(f)) => f,
         _ => Vec::new(),
@@ -115,14 +121,14 @@ fn tweak(t: &mut toml::Table, mode: &str) -> anyhow::Result<()> {
     kept.extend(dags);
     t.insert("functions".into(), Value::Array(functions));
     t.insert("dags".into(), Value::Array(kept));
-    let (order, pool, scaling) =
-        if mode == "gati" { ("least_slack", "proactive", true) } else { ("fifo", "on_demand", false) };
+    let (order, pool, scaling) = if gati { ("least_slack", "proactive", true) } else { ("fifo", "on_demand", false) };
     t.insert(
         "dispatch".into(),
         table(&[
             ("order", Value::String(order.into())),
             ("pool", Value::String(pool.into())),
             ("scaling", Value::Boolean(scaling)),
+            ("core_budget", Value::Boolean(mode == "gati")),
         ]),
     );
     Ok(())
@@ -248,14 +254,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("gatid bench dispatch{}", if args.quick { " (quick)" } else { "" });
     let d = start(&args.config, "gati")?;
     let cap = loadgen::capacity(&d.socket, &mix, 8, probe)?;
+    // Each kind alone, one at a time: its cost for the bound on deadlines met.
+    let cost = mix
+        .iter()
+        .map(|m| Ok(1.0 / loadgen::capacity(&d.socket, std::slice::from_ref(m), 1, probe / 4)?))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
     d.stop()?;
     println!("  capacity (closed loop, 8 outstanding, gati mode): {cap:.0} requests/s");
+    let weights: f64 = mix.iter().map(|m| m.weight).sum();
+    let mean_cost = mix.iter().zip(&cost).map(|(m, c)| m.weight * c).sum::<f64>() / weights;
+    println!(
+        "  solo latency per kind (ms): {}",
+        mix.iter().zip(&cost).map(|(m, c)| format!("{} {:.2}", m.dag, c * 1e3)).collect::<Vec<_>>().join(", ")
+    );
+    let deadlines: Vec<Duration> = mix.iter().map(|m| m.deadline).collect();
     let mut levels = Vec::new();
     for &load in loads {
         let rate = load * cap;
         let arrivals: Vec<Arrival> = loadgen::trace(&mix, rate, BURSTS, length, 42);
+        let bound = super::bound::deadline_met_bound(
+            &arrivals,
+            warmup,
+            &cost,
+            &deadlines,
+            cap * mean_cost,
+            BURSTS.period,
+            BURSTS.length,
+        );
+        println!(
+            "  load {load:.2}: no scheduler can meet more than {:.2} % of this trace (fluid bound)",
+            100.0 * bound
+        );
         let mut per_mode = Vec::new();
-        for mode in MODES {
+        for mode in MODES.iter().take(if args.ablation { 3 } else { 2 }) {
             let d = start(&args.config, mode)?;
             let outcomes = loadgen::replay(&d.socket, &mix, &arrivals, CONNECTIONS, Duration::from_secs(20))?;
             let cold = cold_starts(&d)?;
@@ -272,17 +303,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
             per_mode.push(l);
         }
-        levels.push((load, rate, per_mode));
+        levels.push((load, rate, bound, per_mode));
     }
-    report(&args, cap, &levels)
+    report(&args, cap, &cost, &levels)
 }
 
-fn report(args: &Args, cap: f64, levels: &[(f64, f64, Vec<Level>)]) -> anyhow::Result<()> {
+/// A load level: load, rate, the bound on deadlines met, and each mode's results.
+type LevelRun = (f64, f64, f64, Vec<Level>);
+
+fn report(args: &Args, cap: f64, solo_s: &[f64], levels: &[LevelRun]) -> anyhow::Result<()> {
     println!();
     println!(
-        "{:>5} {:>7} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>9}",
+        "{:>5} {:>7} {:>7} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>9}",
         "load",
         "req/s",
+        "bound",
         "gati met",
         "p50 ms",
         "p99 ms",
@@ -295,14 +330,15 @@ fn report(args: &Args, cap: f64, levels: &[(f64, f64, Vec<Level>)]) -> anyhow::R
         "missed x"
     );
     let mut rows = Vec::new();
-    for (load, rate, m) in levels {
+    for (load, rate, bound, m) in levels {
         let (g, b) = (&m[0], &m[1]);
         let ratio = b.p99_ms / g.p99_ms;
         let miss_ratio = (1.0 - b.deadline_met) / (1.0 - g.deadline_met).max(1e-9);
         println!(
-            "{:>5.2} {:>7.0} | {:>7.2}% {:>8.2} {:>8.2} {:>6} | {:>7.2}% {:>8.2} {:>8.2} {:>6} | {:>8.2} {:>9.1}",
+            "{:>5.2} {:>7.0} {:>6.2}% | {:>7.2}% {:>8.2} {:>8.2} {:>6} | {:>7.2}% {:>8.2} {:>8.2} {:>6} | {:>8.2} {:>9.1}",
             load,
             rate,
+            100.0 * bound,
             100.0 * g.deadline_met,
             g.p50_ms,
             g.p99_ms,
@@ -314,8 +350,8 @@ fn report(args: &Args, cap: f64, levels: &[(f64, f64, Vec<Level>)]) -> anyhow::R
             ratio,
             miss_ratio
         );
-        rows.push(json!({
-            "load": load, "rate_rps": rate,
+        let mut row = json!({
+            "load": load, "rate_rps": rate, "deadline_met_bound": bound,
             "deadline_met": g.deadline_met, "deadline_met_baseline": b.deadline_met,
             "deadline_met_steady": g.deadline_met_steady, "deadline_met_steady_baseline": b.deadline_met_steady,
             "p50_ms": g.p50_ms, "p50_ms_baseline": b.p50_ms,
@@ -323,7 +359,24 @@ fn report(args: &Args, cap: f64, levels: &[(f64, f64, Vec<Level>)]) -> anyhow::R
             "cold_starts": g.cold_starts, "cold_starts_baseline": b.cold_starts,
             "requests": g.requests,
             "per_dag_met": g.per_dag_met, "per_dag_met_baseline": b.per_dag_met,
-        }));
+        });
+        if let Some(u) = m.get(2) {
+            println!(
+                "{:>5} {:>7} {:>7} | {:>7.2}% {:>8.2} {:>8.2} {:>6} | {NO_BUDGET}",
+                "",
+                "",
+                "",
+                100.0 * u.deadline_met,
+                u.p50_ms,
+                u.p99_ms,
+                u.cold_starts
+            );
+            row["deadline_met_unbudgeted"] = json!(u.deadline_met);
+            row["deadline_met_steady_unbudgeted"] = json!(u.deadline_met_steady);
+            row["p99_ms_unbudgeted"] = json!(u.p99_ms);
+            row["per_dag_met_unbudgeted"] = json!(u.per_dag_met);
+        }
+        rows.push(row);
     }
     let dags: Vec<_> = WORK_DAGS
         .iter()
@@ -334,7 +387,8 @@ fn report(args: &Args, cap: f64, levels: &[(f64, f64, Vec<Level>)]) -> anyhow::R
     write_json(
         &args.out,
         &json!({
-            "quick": args.quick, "capacity_rps": cap, "connections": CONNECTIONS, "dags": dags,
+            "quick": args.quick, "capacity_rps": cap, "solo_ms": solo_s.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
+            "bound_note": "deadline_met_bound: no scheduler can meet more of the trace (fluid model of the measured capacity; docs in bench/bound.rs)", "connections": CONNECTIONS, "dags": dags,
             "bursts": {"period_s": BURSTS.period.as_secs_f64(), "length_s": BURSTS.length.as_secs_f64(), "factor": BURSTS.factor},
             "latency_note": "from the scheduled send time; an answer other than the output counts as at least its deadline",
             "levels": rows,
@@ -342,7 +396,7 @@ fn report(args: &Args, cap: f64, levels: &[(f64, f64, Vec<Level>)]) -> anyhow::R
     )?;
     super::plot::dispatch(
         &args.plot,
-        levels.iter().map(|(l, _, m)| (*l, [&m[0], &m[1]].map(|x| (x.deadline_met, x.p99_ms)))),
+        levels.iter().map(|(l, _, _, m)| (*l, [&m[0], &m[1]].map(|x| (x.deadline_met, x.p99_ms)))),
     )?;
     println!("wrote {} and {}", args.out.display(), args.plot.display());
     Ok(())

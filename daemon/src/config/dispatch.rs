@@ -40,18 +40,30 @@ pub struct DispatchConfig {
     pub pool: PoolMode,
     /// Load-balancer scaling over several SGSs; `false` runs one SGS for every DAG.
     pub scaling: bool,
+    /// Invocations that may run at once on the node, shared by every SGS; 0 =
+    /// one per CPU the daemon may use.
+    pub cores: usize,
+    /// Hold running invocations to `cores` (gati's SGSs own cores); `false`
+    /// runs every warm worker that has work at once and lets the kernel share
+    /// the CPUs (the OpenWhisk-style baseline).
+    pub core_budget: bool,
 }
 
 impl Default for DispatchConfig {
     fn default() -> Self {
-        Self { order: DispatchOrder::LeastSlack, pool: PoolMode::Proactive, scaling: true }
+        Self { order: DispatchOrder::LeastSlack, pool: PoolMode::Proactive, scaling: true, cores: 0, core_budget: true }
     }
 }
 
 impl DispatchConfig {
     /// The OpenWhisk-style baseline: FIFO, on-demand sandboxes, one SGS.
     pub fn baseline() -> Self {
-        Self { order: DispatchOrder::Fifo, pool: PoolMode::OnDemand, scaling: false }
+        Self { order: DispatchOrder::Fifo, pool: PoolMode::OnDemand, scaling: false, cores: 0, core_budget: false }
+    }
+
+    /// Leases on the node's cores under this policy.
+    pub fn core_leases(&self) -> Option<usize> {
+        self.core_budget.then(|| if self.cores == 0 { crate::sched::cores::Cores::available() } else { self.cores })
     }
 }
 
@@ -61,10 +73,16 @@ mod tests {
 
     #[test]
     fn parses_baseline_and_defaults() {
-        let d: DispatchConfig = toml::from_str("order = \"fifo\"\npool = \"on_demand\"\nscaling = false").unwrap();
+        let d: DispatchConfig =
+            toml::from_str("order = \"fifo\"\npool = \"on_demand\"\nscaling = false\ncore_budget = false").unwrap();
         assert_eq!(d, DispatchConfig::baseline());
         let d: DispatchConfig = toml::from_str("").unwrap();
         assert_eq!(d, DispatchConfig::default());
         assert!(toml::from_str::<DispatchConfig>("order = \"lifo\"").is_err());
+        assert!(toml::from_str::<DispatchConfig>("cores = -1").is_err());
+        let d: DispatchConfig = toml::from_str("cores = 3").unwrap();
+        assert_eq!(d.core_leases(), Some(3));
+        assert_eq!(DispatchConfig::default().core_leases(), Some(crate::sched::cores::Cores::available()));
+        assert_eq!(DispatchConfig::baseline().core_leases(), None);
     }
 }

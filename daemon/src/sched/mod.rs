@@ -9,6 +9,7 @@
 //! without hanging any request. Config: `docs/config.md` (`[[functions]]`,
 //! `[[dags]]`).
 
+pub mod cores;
 pub mod dag;
 pub mod estimate;
 pub mod eventfd;
@@ -70,8 +71,9 @@ impl Scheduler {
         policy: LbPolicy,
     ) -> Result<Self, SchedError> {
         let n = deployment.sgs_threads();
+        let cores = Arc::new(cores::Cores::for_policy(&deployment.policy));
         let sgs = (0..n)
-            .map(|i| Sgs::start(i, Arc::clone(&deployment), Arc::clone(&factory)))
+            .map(|i| Sgs::start(i, Arc::clone(&deployment), Arc::clone(&factory), Arc::clone(&cores)))
             .collect::<Result<Vec<_>, _>>()?;
         let stats = sgs.iter().map(|s| Arc::clone(s.stats())).collect();
         let lb = Lb::new(&deployment, n, table, policy);

@@ -37,6 +37,10 @@ fn deployment(
     Arc::new(Deployment::new(functions, vec![Arc::new(dag)]))
 }
 
+fn budget(dep: &Deployment) -> Arc<cores::Cores> {
+    Arc::new(cores::Cores::for_policy(&dep.policy))
+}
+
 fn request(dep: &Deployment, input: &[u8], deadline: Option<Instant>) -> (DagRequest, Receiver<(DagResult, Instant)>) {
     let (tx, rx) = mpsc::channel();
     let reply = DagReply::new(move |r| {
@@ -75,7 +79,7 @@ fn diamond_dag_runs_with_fan_in_framing() {
     // a → b, a → c, (b, c) → d
     let fs = ["a", "b", "c", "d"].iter().map(|n| func(n, 1, 0, 2)).collect();
     let dep = deployment(fs, vec![0, 1, 2, 3], &[(0, 1), (0, 2), (1, 3), (2, 3)], 2000);
-    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::ZERO))).unwrap();
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::ZERO)), budget(&dep)).unwrap();
     let (req, rx) = request(&dep, b"x", None);
     sgs.submit(req);
     let (res, _) = rx.recv_timeout(LONG).unwrap();
@@ -102,7 +106,7 @@ fn diamond_dag_runs_with_fan_in_framing() {
 fn least_slack_request_is_dispatched_first() {
     // One worker; a blocker holds it while two requests queue up.
     let dep = deployment(vec![func("f", 1, 1, 1)], vec![0], &[], 5000);
-    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(40)))).unwrap();
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(40))), budget(&dep)).unwrap();
     wait_until("the warm worker", || workers(&sgs) == 1);
     let now = Instant::now();
     let (blocker, rx0) = request(&dep, b"0", Some(now + Duration::from_secs(5)));
@@ -125,7 +129,7 @@ fn least_slack_request_is_dispatched_first() {
 #[test]
 fn negative_slack_is_answered_without_running() {
     let dep = deployment(vec![func("slow", 50, 0, 1)], vec![0], &[], 5000);
-    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::ZERO))).unwrap();
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::ZERO)), budget(&dep)).unwrap();
     let (req, rx) = request(&dep, b"x", Some(Instant::now() + Duration::from_millis(10)));
     sgs.submit(req);
     let (res, _) = rx.recv_timeout(LONG).unwrap();
@@ -150,7 +154,7 @@ fn killed_process_worker_is_replaced_and_the_request_retried() {
         p.lock().unwrap().push(w.pid());
         Ok(Box::new(w) as Box<dyn Worker>)
     };
-    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory)).unwrap();
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory), budget(&dep)).unwrap();
     let (req, rx) = request(&dep, b"hello", None);
     sgs.submit(req);
     wait_until("the first worker", || !pids.lock().unwrap().is_empty());
@@ -180,7 +184,7 @@ fn crash_without_slack_fails_before_the_deadline() {
         })?;
         Ok(Box::new(w) as Box<dyn Worker>)
     };
-    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory)).unwrap();
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory), budget(&dep)).unwrap();
     wait_until("the warm worker", || workers(&sgs) == 1);
     let deadline = Instant::now() + Duration::from_millis(180);
     let (req, rx) = request(&dep, b"x", Some(deadline));
@@ -209,7 +213,7 @@ fn overdue_worker_is_killed_and_retried() {
         })?;
         Ok(Box::new(w) as Box<dyn Worker>)
     };
-    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory)).unwrap();
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory), budget(&dep)).unwrap();
     let started = Instant::now();
     let (req, rx) = request(&dep, b"x", None);
     sgs.submit(req);
@@ -242,7 +246,7 @@ fn failing_cold_start_answers_waiting_requests() {
     let dep = deployment(vec![func("f", 1, 0, 1)], vec![0], &[], 5000);
     let factory =
         |_: &FunctionDef| -> Result<Box<dyn Worker>, WorkerError> { Err(WorkerError::Start("no such program".into())) };
-    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory)).unwrap();
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory), budget(&dep)).unwrap();
     let (req, rx) = request(&dep, b"x", None);
     sgs.submit(req);
     let (res, _) = rx.recv_timeout(LONG).unwrap();
@@ -253,7 +257,7 @@ fn failing_cold_start_answers_waiting_requests() {
 #[test]
 fn stop_finishes_in_flight_work_and_refuses_the_rest() {
     let dep = deployment(vec![func("f", 1, 1, 1)], vec![0], &[], 5000);
-    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(30)))).unwrap();
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(30))), budget(&dep)).unwrap();
     wait_until("the warm worker", || workers(&sgs) == 1);
     let (first, rx1) = request(&dep, b"1", None);
     sgs.submit(first);
@@ -303,7 +307,7 @@ fn model_function_runs_on_the_served_model() {
     let mut f = func("classify", 5, 1, 1);
     f.body = FunctionBody::Model("fm".into());
     let dep = deployment(vec![f], vec![0], &[], 5000);
-    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(NodeWorkers { registry })).unwrap();
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(NodeWorkers { registry }), budget(&dep)).unwrap();
     let input: Vec<u8> = (0..2 * 28 * 28).flat_map(|i| ((i % 7) as f32 / 7.0).to_le_bytes()).collect();
     let (req, rx) = request(&dep, &input, None);
     sgs.submit(req);
@@ -326,7 +330,7 @@ fn baseline_policy_is_fifo_deadline_oblivious_and_starts_on_demand() {
     let dep =
         Arc::new(Deployment::new(gati.functions.clone(), gati.dags.clone()).with_policy(DispatchConfig::baseline()));
     assert_eq!(dep.sgs_threads(), 1, "no LB scaling: one SGS");
-    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(40)))).unwrap();
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(40))), budget(&dep)).unwrap();
     std::thread::sleep(Duration::from_millis(120));
     assert_eq!(workers(&sgs), 0, "on demand: min_warm is not prestarted");
     let now = Instant::now();
@@ -353,4 +357,44 @@ fn baseline_policy_is_fifo_deadline_oblivious_and_starts_on_demand() {
     let c = sgs.stats().dags[0].sample();
     assert_eq!((c.answered, c.missed, c.late), (4, 0, 1), "{c:?}");
     assert!(sgs.join(LONG));
+}
+
+#[test]
+fn core_budget_is_shared_by_every_sgs() {
+    // Two SGSs, two warm workers each, one lease for the node: the four
+    // invocations run one at a time across both SGSs (a release on one wakes
+    // the other), and never two at once.
+    let dep = deployment(vec![func("f", 40, 2, 2)], vec![0], &[], 5000);
+    let cores = Arc::new(cores::Cores::new(1));
+    let start = |i| Sgs::start(i, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(40))), Arc::clone(&cores));
+    let (a, b) = (start(0).unwrap(), start(1).unwrap());
+    wait_until("the warm workers", || workers(&a) == 2 && workers(&b) == 2);
+    let mut rxs = Vec::new();
+    for k in 0..4u8 {
+        let (req, rx) = request(&dep, &[k], None);
+        if k % 2 == 0 { &a } else { &b }.submit(req);
+        rxs.push(rx);
+    }
+    let t0 = Instant::now();
+    let mut done = Vec::new();
+    for rx in &rxs {
+        let answered = loop {
+            match rx.recv_timeout(Duration::ZERO) {
+                Ok((res, at)) => break (res, at),
+                Err(_) => {
+                    assert!(cores.used() <= 1, "{} leases of 1", cores.used());
+                    assert!(t0.elapsed() < LONG, "a request hung");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        };
+        assert!(matches!(answered.0, DagResult::Ok { .. }), "{:?}", answered.0);
+        done.push(answered.1 - t0);
+    }
+    done.sort();
+    for w in done.windows(2) {
+        assert!(w[1] - w[0] >= Duration::from_millis(30), "two ran at once: {done:?}");
+    }
+    assert!(a.join(LONG) && b.join(LONG));
+    assert_eq!(cores.used(), 0, "every lease returned");
 }

@@ -10,6 +10,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use super::exec::Inflight;
 use super::workers::WSlot;
 use crate::config::{DispatchOrder, PoolMode};
+use crate::sched::cores::Cores;
 use crate::sched::estimate::Estimator;
 use crate::sched::eventfd::EventFd;
 use crate::sched::function::{Deployment, FnId};
@@ -67,6 +68,9 @@ pub(super) struct Core {
     pub inflight: usize,
     pub ready: ReadyQueue,
     pub stopping: bool,
+    /// The node's core budget and the leases this SGS holds (one per running invocation).
+    pub cores: Arc<Cores>,
+    pub leases: usize,
 }
 
 impl Core {
@@ -77,6 +81,7 @@ impl Core {
         inbox: Receiver<Msg>,
         wake: Arc<EventFd>,
         spawn: Sender<FnId>,
+        cores: Arc<Cores>,
     ) -> io::Result<Self> {
         let ring = IoUring::builder()
             .setup_single_issuer()
@@ -119,6 +124,8 @@ impl Core {
             inflight: 0,
             ready: ReadyQueue::default(),
             stopping: false,
+            cores,
+            leases: 0,
         })
     }
 
@@ -231,6 +238,7 @@ impl Core {
                 w.worker.kill();
             }
         }
+        self.cores.release(std::mem::take(&mut self.leases));
         let _ = self.ring.submit();
         tracing::debug!(sgs = self.index, "SGS stopped");
     }

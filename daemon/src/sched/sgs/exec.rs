@@ -13,6 +13,9 @@ use crate::sched::signals::bump;
 use crate::sched::slack::{latest_start, slack_ns, Ready};
 use crate::sched::worker::WorkerError;
 
+/// Exec functions quicker than this run without a core lease.
+pub const LEASE_MIN: Duration = Duration::from_micros(500);
+
 /// Attempts per function invocation (the first run plus retries).
 pub const MAX_ATTEMPTS: u8 = 3;
 
@@ -128,17 +131,56 @@ impl Core {
         self.ready.push(ls, Ready { req: key, node, func });
     }
 
-    /// Ready invocations to idle workers, least slack first.
+    /// Ready invocations to idle workers, least slack first, while the node's
+    /// core budget grants leases.
     pub(super) fn dispatch(&mut self, now: Instant) -> io::Result<()> {
+        self.return_leases();
+        let r = self.dispatch_leased(now);
+        self.return_leases();
+        r
+    }
+
+    /// Gives back the leases of invocations that ended (completed, failed,
+    /// crashed or killed): a lease is held exactly while an exec worker has a job.
+    fn return_leases(&mut self) {
+        let running = self.workers.iter().flatten().filter(|w| w.job.is_some_and(|j| j.leased)).count();
+        if self.leases > running {
+            self.cores.release(self.leases - running);
+            self.leases = running;
+        }
+    }
+
+    /// Whether invocations of `func` need a core lease: exec functions that
+    /// run for at least [`LEASE_MIN`] at their quickest. Model functions run
+    /// on their model's executor, which has its own threads and batches
+    /// concurrent rows into one run; a lease per row would split those
+    /// batches. Short functions (a top-k, a resize) would wait for a lease
+    /// longer than they run: they finish a request cheaply, so they run at once.
+    pub(super) fn leased(&self, func: usize) -> bool {
+        matches!(self.dep.functions[func].body, crate::sched::FunctionBody::Exec { .. })
+            && self.est[func].best() >= LEASE_MIN
+    }
+
+    fn dispatch_leased(&mut self, now: Instant) -> io::Result<()> {
         loop {
             let pools = &self.pools;
-            let Some((_, item)) = self.ready.pop_runnable(|f| pools[f].idle() > 0) else { return Ok(()) };
+            let Some((ls, item)) = self.ready.pop_runnable(|f| pools[f].idle() > 0) else { return Ok(()) };
             let aware = self.deadline_aware();
             let Some(r) = self.req_mut(item.req) else { continue };
             if aware && slack_ns(latest_start(r.deadline, r.floor[item.node]), now) < 0 {
                 self.finish(item.req, DagResult::DeadlineMissed);
                 continue;
             }
+            let leased = self.leased(item.func);
+            if leased {
+                if !self.cores.try_take(self.index) {
+                    // Every core is busy: it waits, in its place, for a release to wake us.
+                    self.ready.push(ls, item);
+                    return Ok(());
+                }
+                self.leases += 1;
+            }
+            let Some(r) = self.req_mut(item.req) else { continue };
             let input = r.input_for(item.node);
             r.attempts[item.node] += 1;
             let queued = r.ready_at[item.node].map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
@@ -149,9 +191,9 @@ impl Core {
             let Some(k) = self.pools[item.func].take_idle() else { continue };
             let Some(w) = self.workers.get_mut(k as usize).and_then(Option::as_mut) else { continue };
             match w.worker.submit(input) {
-                Ok(()) => w.job = Some(Running { req: item.req, node: item.node, started: now, queued }),
+                Ok(()) => w.job = Some(Running { req: item.req, node: item.node, started: now, queued, leased }),
                 Err(e) if e.is_fatal() => {
-                    w.job = Some(Running { req: item.req, node: item.node, started: now, queued });
+                    w.job = Some(Running { req: item.req, node: item.node, started: now, queued, leased });
                     self.crash(k, e, now)?;
                 }
                 Err(e) => {

@@ -20,6 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use self::core::{Core, Msg};
+use super::cores::Cores;
 use super::eventfd::EventFd;
 use super::function::{Deployment, FnId};
 use super::request::DagRequest;
@@ -38,8 +39,14 @@ pub struct Sgs {
 
 impl Sgs {
     /// Starts SGS number `index` (thread `sgs-<index>`) and its spawner.
-    pub fn start(index: usize, dep: Arc<Deployment>, factory: Arc<dyn WorkerFactory>) -> Result<Self, SchedError> {
+    pub fn start(
+        index: usize,
+        dep: Arc<Deployment>,
+        factory: Arc<dyn WorkerFactory>,
+        cores: Arc<Cores>,
+    ) -> Result<Self, SchedError> {
         let wake = Arc::new(EventFd::new().map_err(|e| SchedError::Io { what: "eventfd", source: e })?);
+        cores.register(index, Arc::clone(&wake));
         let stats = Arc::new(SgsStats::with_functions(dep.dags.len(), dep.functions.len()));
         let (tx, rx) = mpsc::channel::<Msg>();
         let (spawn_tx, spawn_rx) = mpsc::channel::<FnId>();
@@ -65,7 +72,7 @@ impl Sgs {
             .name(format!("sgs-{index}"))
             .spawn(move || {
                 // The ring is made on the thread that submits to it (SINGLE_ISSUER).
-                let mut core = match Core::new(index, dep, cstats, rx, cwake, spawn_tx) {
+                let mut core = match Core::new(index, dep, cstats, rx, cwake, spawn_tx, cores) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = started_tx.send(Err(e));

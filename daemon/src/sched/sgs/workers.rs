@@ -19,6 +19,8 @@ pub(super) struct Running {
     pub node: usize,
     pub started: Instant,
     pub queued: Duration,
+    /// It holds one of the node's core leases.
+    pub leased: bool,
 }
 
 /// One worker of this SGS.
@@ -194,7 +196,13 @@ impl Core {
         for f in 0..self.pools.len() {
             let exec = self.est[f].expected();
             // While stopping, work still waiting gets its workers; in-flight requests finish.
-            let waiting = self.ready.waiting_for(f);
+            let mut waiting = self.ready.waiting_for(f);
+            if self.leased(f) {
+                // Under a core budget no more than `cores` invocations run at
+                // once: more workers for the queue would be cold starts that
+                // wait for a lease anyway (and take CPU from those running).
+                waiting = waiting.min(self.cores.total().unwrap_or(usize::MAX));
+            }
             let (cold0, pre0) = (self.pools[f].cold_starts, self.pools[f].prestarts);
             let n = self.pools[f].starts_needed(now, exec, waiting);
             bump(&self.stats.cold_starts, self.pools[f].cold_starts - cold0);
