@@ -34,7 +34,8 @@ pub struct Args {
     pub out: PathBuf,
     #[arg(long, default_value = "bench/results/dispatch.png")]
     pub plot: PathBuf,
-    /// Also run gati without its core budget (`core_budget = false`), to see what the budget adds.
+    /// Also run gati without its core budget (`core_budget = false`) and
+    /// without shedding (`shed = false`), to see what each adds.
     #[arg(long)]
     pub ablation: bool,
 }
@@ -43,9 +44,11 @@ pub struct Args {
 const WORK_DAGS: [(&str, u64, f64, &[u64]); 3] =
     [("thumb", 15, 0.40, &[1000]), ("etl", 40, 0.25, &[2000, 3000]), ("report", 100, 0.10, &[8000])];
 const CLASSIFY: (&str, u64, f64) = ("classify", 100, 0.25);
-/// gati, the baseline, and (with `--ablation`) gati without its core budget.
-const MODES: [&str; 3] = ["gati", "baseline", NO_BUDGET];
+/// gati, the baseline, and (with `--ablation`) gati without its core budget
+/// and gati without shedding.
+const MODES: [&str; 4] = ["gati", "baseline", NO_BUDGET, NO_SHED];
 const NO_BUDGET: &str = "gati-unbudgeted";
+const NO_SHED: &str = "gati-noshed";
 /// gati's SGS count bound per DAG; the baseline's single SGS gets as many workers in total.
 const MAX_SGS: i64 = 2;
 const MAX_WARM: i64 = 4;
@@ -128,7 +131,8 @@ fn tweak(t: &mut toml::Table, mode: &str) -> anyhow::Result<()> {
             ("order", Value::String(order.into())),
             ("pool", Value::String(pool.into())),
             ("scaling", Value::Boolean(scaling)),
-            ("core_budget", Value::Boolean(mode == "gati")),
+            ("core_budget", Value::Boolean(mode == "gati" || mode == NO_SHED)),
+            ("shed", Value::Boolean(mode == "gati")),
         ]),
     );
     Ok(())
@@ -286,7 +290,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             100.0 * bound
         );
         let mut per_mode = Vec::new();
-        for mode in MODES.iter().take(if args.ablation { 3 } else { 2 }) {
+        for mode in MODES.iter().take(if args.ablation { 4 } else { 2 }) {
             let d = start(&args.config, mode)?;
             let outcomes = loadgen::replay(&d.socket, &mix, &arrivals, CONNECTIONS, Duration::from_secs(20))?;
             let cold = cold_starts(&d)?;
@@ -360,9 +364,10 @@ fn report(args: &Args, cap: f64, solo_s: &[f64], levels: &[LevelRun]) -> anyhow:
             "requests": g.requests,
             "per_dag_met": g.per_dag_met, "per_dag_met_baseline": b.per_dag_met,
         });
-        if let Some(u) = m.get(2) {
+        for (k, (mode, key)) in [(NO_BUDGET, "unbudgeted"), (NO_SHED, "noshed")].into_iter().enumerate() {
+            let Some(u) = m.get(2 + k) else { continue };
             println!(
-                "{:>5} {:>7} {:>7} | {:>7.2}% {:>8.2} {:>8.2} {:>6} | {NO_BUDGET}",
+                "{:>5} {:>7} {:>7} | {:>7.2}% {:>8.2} {:>8.2} {:>6} | {mode}",
                 "",
                 "",
                 "",
@@ -371,10 +376,10 @@ fn report(args: &Args, cap: f64, solo_s: &[f64], levels: &[LevelRun]) -> anyhow:
                 u.p99_ms,
                 u.cold_starts
             );
-            row["deadline_met_unbudgeted"] = json!(u.deadline_met);
-            row["deadline_met_steady_unbudgeted"] = json!(u.deadline_met_steady);
-            row["p99_ms_unbudgeted"] = json!(u.p99_ms);
-            row["per_dag_met_unbudgeted"] = json!(u.per_dag_met);
+            row[format!("deadline_met_{key}")] = json!(u.deadline_met);
+            row[format!("deadline_met_steady_{key}")] = json!(u.deadline_met_steady);
+            row[format!("p99_ms_{key}")] = json!(u.p99_ms);
+            row[format!("per_dag_met_{key}")] = json!(u.per_dag_met);
         }
         rows.push(row);
     }

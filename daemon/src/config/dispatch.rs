@@ -47,18 +47,36 @@ pub struct DispatchConfig {
     /// runs every warm worker that has work at once and lets the kernel share
     /// the CPUs (the OpenWhisk-style baseline).
     pub core_budget: bool,
+    /// Under overload, answer `DeadlineMissed` at once the queued requests
+    /// whose loss frees the most core time (Moore–Hodgson), rather than run
+    /// the queue late; needs `core_budget` and least-slack order.
+    pub shed: bool,
 }
 
 impl Default for DispatchConfig {
     fn default() -> Self {
-        Self { order: DispatchOrder::LeastSlack, pool: PoolMode::Proactive, scaling: true, cores: 0, core_budget: true }
+        Self {
+            order: DispatchOrder::LeastSlack,
+            pool: PoolMode::Proactive,
+            scaling: true,
+            cores: 0,
+            core_budget: true,
+            shed: true,
+        }
     }
 }
 
 impl DispatchConfig {
     /// The OpenWhisk-style baseline: FIFO, on-demand sandboxes, one SGS.
     pub fn baseline() -> Self {
-        Self { order: DispatchOrder::Fifo, pool: PoolMode::OnDemand, scaling: false, cores: 0, core_budget: false }
+        Self {
+            order: DispatchOrder::Fifo,
+            pool: PoolMode::OnDemand,
+            scaling: false,
+            cores: 0,
+            core_budget: false,
+            shed: false,
+        }
     }
 
     /// Leases on the node's cores under this policy.
@@ -73,8 +91,10 @@ mod tests {
 
     #[test]
     fn parses_baseline_and_defaults() {
-        let d: DispatchConfig =
-            toml::from_str("order = \"fifo\"\npool = \"on_demand\"\nscaling = false\ncore_budget = false").unwrap();
+        let d: DispatchConfig = toml::from_str(
+            "order = \"fifo\"\npool = \"on_demand\"\nscaling = false\ncore_budget = false\nshed = false",
+        )
+        .unwrap();
         assert_eq!(d, DispatchConfig::baseline());
         let d: DispatchConfig = toml::from_str("").unwrap();
         assert_eq!(d, DispatchConfig::default());

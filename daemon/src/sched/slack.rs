@@ -89,6 +89,11 @@ impl ReadyQueue {
         self.heap.peek().map(|Reverse(e)| e.latest_start)
     }
 
+    /// Every entry (latest start, invocation), in no particular order.
+    pub fn entries(&self) -> impl Iterator<Item = (Instant, Ready)> + '_ {
+        self.heap.iter().map(|Reverse(e)| (e.latest_start, e.item))
+    }
+
     /// Ready invocations per function (for cold-start decisions).
     pub fn waiting_for(&self, func: FnId) -> usize {
         self.heap.iter().filter(|Reverse(e)| e.item.func == func).count()

@@ -398,3 +398,37 @@ fn core_budget_is_shared_by_every_sgs() {
     assert!(a.join(LONG) && b.join(LONG));
     assert_eq!(cores.used(), 0, "every lease returned");
 }
+
+#[test]
+fn overload_is_shed_at_arrival_not_run_late() {
+    // One lease, 30 ms per request, 100 ms deadlines, six requests at once:
+    // three can make it. The other three are answered DeadlineMissed on
+    // arrival (shedding), not after waiting for their turn.
+    let dep = deployment(vec![func("f", 30, 1, 1)], vec![0], &[], 100);
+    let cores = Arc::new(cores::Cores::new(1));
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(30))), cores).unwrap();
+    wait_until("the warm worker", || workers(&sgs) == 1);
+    let t0 = Instant::now();
+    let rxs: Vec<_> = (0..6u8)
+        .map(|k| {
+            let (req, rx) = request(&dep, &[k], None);
+            sgs.submit(req);
+            rx
+        })
+        .collect();
+    let mut ok = 0;
+    let mut shed_at = Vec::new();
+    for rx in &rxs {
+        match rx.recv_timeout(LONG).unwrap() {
+            (DagResult::Ok { .. }, at) => {
+                assert!(at - t0 <= Duration::from_millis(100) + Duration::from_millis(30), "{:?}", at - t0);
+                ok += 1;
+            }
+            (DagResult::DeadlineMissed, at) => shed_at.push(at - t0),
+            (r, _) => panic!("{r:?}"),
+        }
+    }
+    assert_eq!(ok, 3, "three fit in the deadline; shed answered at {shed_at:?}");
+    assert!(shed_at.iter().all(|&t| t < Duration::from_millis(25)), "shed on arrival, not late: {shed_at:?}");
+    assert!(sgs.join(LONG));
+}

@@ -41,6 +41,11 @@ pub(super) struct Inflight {
 }
 
 impl Inflight {
+    /// Expected time from the start of `node` to the end of the request.
+    pub fn remaining_from(&self, node: usize) -> Duration {
+        self.remaining[node]
+    }
+
     /// A node's input: the request's for a source, the predecessor's output for
     /// one predecessor, else each predecessor's output as u32-LE length + bytes
     /// in edge order.
@@ -114,6 +119,7 @@ impl Core {
         for s in sources {
             self.make_ready(key, s, now);
         }
+        self.shed(now);
     }
 
     pub(super) fn req_mut(&mut self, key: (u32, u32)) -> Option<&mut Inflight> {

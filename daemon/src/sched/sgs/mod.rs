@@ -12,6 +12,7 @@
 
 mod core;
 mod exec;
+mod shed;
 mod workers;
 
 use std::sync::mpsc::{self, Sender};
