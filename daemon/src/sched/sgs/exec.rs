@@ -41,9 +41,10 @@ pub(super) struct Inflight {
 }
 
 impl Inflight {
-    /// Expected time from the start of `node` to the end of the request.
-    pub fn remaining_from(&self, node: usize) -> Duration {
-        self.remaining[node]
+    /// Time from the start of `node` to the end of the request at the
+    /// quickest recent execution times.
+    pub fn floor_from(&self, node: usize) -> Duration {
+        self.floor[node]
     }
 
     /// A node's input: the request's for a source, the predecessor's output for

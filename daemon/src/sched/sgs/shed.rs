@@ -5,9 +5,12 @@
 //!
 //! This is Moore–Hodgson's rule (most deadlines met on one machine: schedule
 //! by deadline; whenever a job would finish late, drop the longest scheduled
-//! so far) played forward over the queue on `cores` servers with the
-//! estimated execution times. It runs on arrivals, only when the queue holds
-//! more leased work than there are leases. Measured with `gatid bench
+//! so far) played forward over the queue on `cores` servers. Times are each
+//! function's quickest recent run, like the hopeless-request check: a
+//! request is shed only if it cannot make it even then, so a burst of
+//! outside CPU contention that inflates the averages does not shed work that
+//! would have made it. It runs on arrivals, only when the queue holds more
+//! leased invocations than there are leases. Measured with `gatid bench
 //! dispatch --ablation`.
 
 use std::time::{Duration, Instant};
@@ -42,8 +45,8 @@ impl Core {
             .filter(|(_, r)| self.leased(r.func))
             .filter_map(|(latest_start, r)| {
                 let req = self.reqs.get(r.req.0 as usize)?.as_ref().filter(|q| q.gen == r.req.1)?;
-                let work = self.est[r.func].expected();
-                Some(Job { latest_start, req: r.req, work, path: req.remaining_from(r.node), deadline: req.deadline })
+                let work = self.est[r.func].best();
+                Some(Job { latest_start, req: r.req, work, path: req.floor_from(r.node), deadline: req.deadline })
             })
             .collect();
         if jobs.len() <= cores {
@@ -55,7 +58,7 @@ impl Core {
             .workers
             .iter()
             .flatten()
-            .filter_map(|w| w.job.filter(|j| j.leased).map(|j| (j.started + self.est[w.func].expected()).max(now)))
+            .filter_map(|w| w.job.filter(|j| j.leased).map(|j| (j.started + self.est[w.func].best()).max(now)))
             .collect();
         free.truncate(cores);
         free.resize(cores, now);
