@@ -88,6 +88,16 @@ pub fn save(path: &Path, fingerprint: u64, state: &State) -> Result<(), StoreErr
 
 /// Reads the state at `path` if it was saved with `fingerprint`; `Ok(None)` when there is no file.
 pub fn load(path: &Path, fingerprint: u64) -> Result<Option<State>, StoreError> {
+    read(path, Some(fingerprint))
+}
+
+/// Reads the state at `path` whatever model and settings it was saved for
+/// (offline replays of a recorded window); `Ok(None)` when there is no file.
+pub fn load_any(path: &Path) -> Result<Option<State>, StoreError> {
+    read(path, None)
+}
+
+fn read(path: &Path, fingerprint: Option<u64>) -> Result<Option<State>, StoreError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -99,7 +109,8 @@ pub fn load(path: &Path, fingerprint: u64) -> Result<Option<State>, StoreError> 
     if r.take(8).ok_or_else(bad)? != MAGIC || r.u32().ok_or_else(bad)? != VERSION {
         return Err(bad());
     }
-    if r.u64().ok_or_else(bad)? != fingerprint {
+    let saved = r.u64().ok_or_else(bad)?;
+    if fingerprint.is_some_and(|f| f != saved) {
         return Err(StoreError::Stale(name));
     }
     let meta_len = r.u32().ok_or_else(bad)? as usize;
@@ -229,6 +240,7 @@ mod tests {
         assert_eq!(g, &gated, "the selector comes back with its predictor");
         assert_eq!(g.predict(&gx, 4), gated.predict(&gx, 4));
         assert!(matches!(load(&path, 43), Err(StoreError::Stale(_))));
+        assert_eq!(load_any(&path).unwrap().unwrap().window.len(), 16, "a replay reads any fingerprint");
         assert!(load(&dir.join("none.bin"), 42).unwrap().is_none());
         // Truncated, extended and garbage files: refused, never a panic.
         let bytes = std::fs::read(&path).unwrap();
