@@ -33,14 +33,18 @@ pub struct Args {
     /// replay); the video has no disjoint calibration data and starts cold.
     #[arg(long)]
     pub calibrate: bool,
+    /// Confidence of the learned caches: `softmax` or `learned` (default: the
+    /// config's default).
+    #[arg(long)]
+    pub selector: Option<String>,
 }
 
 /// One request stream.
-struct Workload {
-    name: &'static str,
-    model: &'static str,
-    shape: [u32; 3],
-    images: Vec<Vec<u8>>,
+pub(super) struct Workload {
+    pub name: &'static str,
+    pub model: &'static str,
+    pub shape: [u32; 3],
+    pub images: Vec<Vec<u8>>,
 }
 
 /// What one mode measured on one workload.
@@ -53,7 +57,7 @@ struct Trace {
 
 const MODES: [&str; 3] = ["none", "learned", "knn"];
 
-fn load_workloads(root: &Path, quick: bool) -> anyhow::Result<Vec<Workload>> {
+pub(super) fn load_workloads(root: &Path, quick: bool) -> anyhow::Result<Vec<Workload>> {
     let frames = std::fs::read(root.join("data/video/vtest_32x32_rgb.u8"))
         .context("data/video missing: run scripts/setup.sh")?;
     let frames: Vec<Vec<u8>> = frames.chunks_exact(32 * 32 * 3).map(<[u8]>::to_vec).collect();
@@ -84,7 +88,7 @@ fn load_workloads(root: &Path, quick: bool) -> anyhow::Result<Vec<Workload>> {
     ])
 }
 
-fn run_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool) -> anyhow::Result<Trace> {
+fn run_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool, selector: Option<&str>) -> anyhow::Result<Trace> {
     let daemon = Daemon::start_with(config, |t| {
         if let Some(toml::Value::Array(models)) = t.get_mut("models") {
             for m in models.iter_mut().filter_map(toml::Value::as_table_mut) {
@@ -92,6 +96,9 @@ fn run_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool) -> anyhow:
                 if mode != "none" {
                     let mut c = toml::Table::new();
                     c.insert("kind".into(), toml::Value::String(mode.into()));
+                    if let Some(s) = selector.filter(|_| mode == "learned") {
+                        c.insert("selector".into(), toml::Value::String(s.into()));
+                    }
                     m.insert("cache".into(), toml::Value::Table(c));
                 }
             }
@@ -131,6 +138,10 @@ fn ms(d: &[Duration], q: Option<f64>) -> f64 {
 /// Runs the benchmark.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let root = args.config.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    if let Some(s) = args.selector.as_deref().filter(|s| !["softmax", "learned"].contains(s)) {
+        bail!("--selector `{s}`: expected softmax or learned");
+    }
+    let selector = args.selector.as_deref();
     let mut workloads = load_workloads(&root, args.quick)?;
     if let Some(only) = &args.only {
         workloads.retain(|w| w.name == only);
@@ -138,14 +149,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bail!("no workload called `{only}` (video, fmnist_local, fmnist_shuffled)");
         }
     }
-    println!("gatid bench caches{}", if args.quick { " (quick)" } else { "" });
+    println!(
+        "gatid bench caches{} (learned selector: {})",
+        if args.quick { " (quick)" } else { "" },
+        selector.unwrap_or("default")
+    );
     let mut results = Vec::new();
     let mut traces = Vec::new();
     for w in &workloads {
         let mut per_mode = Vec::new();
         for mode in MODES {
-            let t = run_mode(&args.config, w, mode, args.calibrate)?;
-            println!("  {:<16} {:<8} {} requests, mean {:.3} ms", w.name, mode, t.latency.len(), ms(&t.latency, None));
+            let t = run_mode(&args.config, w, mode, args.calibrate, selector)?;
+            let mut per_cut = std::collections::BTreeMap::new();
+            t.exit.iter().for_each(|&e| *per_cut.entry(e).or_insert(0u64) += 1);
+            println!(
+                "  {:<16} {:<8} {} requests, mean {:.3} ms, answered at stage {per_cut:?}",
+                w.name,
+                mode,
+                t.latency.len(),
+                ms(&t.latency, None)
+            );
             per_mode.push(t);
         }
         let base = &per_mode[0];
@@ -194,7 +217,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             f("mem_bytes_knn")
         );
     }
-    write_json(&args.out, &json!({ "quick": args.quick, "workloads": results }))?;
+    write_json(&args.out, &json!({ "quick": args.quick, "selector": selector, "workloads": results }))?;
     plot(&args.plot, &workloads, &traces)?;
     println!("wrote {} and {}", args.out.display(), args.plot.display());
     if results.is_empty() {

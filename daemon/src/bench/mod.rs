@@ -7,4 +7,5 @@ pub mod dispatch;
 pub mod harness;
 pub mod loadgen;
 pub mod plot;
+pub mod selector;
 pub mod serving;

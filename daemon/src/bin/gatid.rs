@@ -37,6 +37,8 @@ enum BenchCommand {
     Caches(gatid::bench::caches::Args),
     /// Deadline-aware DAG dispatch vs an OpenWhisk-style baseline, open-loop trace.
     Dispatch(gatid::bench::dispatch::Args),
+    /// Max-softmax vs the learned selector, replaying recorded streams offline.
+    Selector(gatid::bench::selector::Args),
     /// The socket-floor echo server the serving benchmark starts (internal).
     #[command(hide = true)]
     EchoServer {
@@ -88,6 +90,9 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
         }
         Command::Bench { which: BenchCommand::Dispatch(args) } => {
             gatid::bench::dispatch::run(args).map_err(MainError::Other)
+        }
+        Command::Bench { which: BenchCommand::Selector(args) } => {
+            gatid::bench::selector::run(args).map_err(MainError::Other)
         }
         Command::Bench { which: BenchCommand::EchoServer { socket } } => {
             gatid::bench::serving::echo_server(&socket).map_err(MainError::Other)

@@ -1,10 +1,12 @@
 //! The learned cache: a small predictor on standardised pooled features —
 //! softmax regression, or one hidden ReLU layer of `hidden` units before it —
 //! trained on the full model's answers; its confidence is the predicted class's
-//! probability (max-softmax selector).
+//! probability (max-softmax selector) or, with a [`Gate`], the learned
+//! selector's probability that the guess is the full model's answer.
 
 use serde::{Deserialize, Serialize};
 
+use super::selector::Gate;
 use super::{CutCache, Samples};
 
 /// Training settings.
@@ -46,6 +48,29 @@ pub struct LearnedCache {
     /// still get a sure softmax — so its confidence is 0 (a miss).
     centroids: Vec<f32>,
     radius2: Vec<f32>,
+    /// The learned selector; `None`: max-softmax.
+    gate: Option<Gate>,
+}
+
+/// What the predictor made of one row.
+#[derive(Debug, Clone)]
+pub struct Judgement {
+    /// Class probabilities.
+    pub probs: Vec<f32>,
+    /// The guessed (most probable) class.
+    pub class: usize,
+    /// The standardised feature row.
+    pub z: Vec<f32>,
+    /// Squared distance to the guessed class's centroid over its novelty
+    /// radius²: above 1 (or infinite, for a class never seen) the guess is a miss.
+    pub novelty: f32,
+}
+
+impl Judgement {
+    /// Within the novelty guard's radius.
+    pub fn known(&self) -> bool {
+        self.novelty <= 1.0
+    }
 }
 
 /// Scratch buffers for one forward/backward pass.
@@ -77,6 +102,7 @@ impl LearnedCache {
             bias: vec![0.0; classes],
             centroids: vec![0.0; classes * dim],
             radius2: vec![-1.0; classes],
+            gate: None,
         };
         if rows == 0 {
             return c;
@@ -209,23 +235,44 @@ impl LearnedCache {
 
     /// Class probabilities for one raw (unstandardised) feature row.
     pub fn probabilities(&self, row: &[f32]) -> Vec<f32> {
-        self.guarded(row).0
+        self.judge(row).probs
     }
 
-    /// Probabilities and whether the row lies within its predicted class's radius.
-    fn guarded(&self, row: &[f32]) -> (Vec<f32>, bool) {
-        let width = if self.hidden > 0 { self.hidden } else { self.dim };
-        let mut sc = Scratch { h: vec![0.0; width], p: vec![0.0; self.classes], gh: Vec::new() };
+    /// What the predictor makes of one raw feature row: probabilities, guess,
+    /// standardised row and where it lies relative to the guess's novelty radius.
+    pub fn judge(&self, row: &[f32]) -> Judgement {
+        let mut sc = Scratch { h: vec![0.0; self.width()], p: vec![0.0; self.classes], gh: Vec::new() };
         if row.len() != self.dim {
             softmax(&mut sc.p);
-            return (sc.p, false);
+            return Judgement { probs: sc.p, class: 0, z: vec![0.0; self.dim], novelty: f32::INFINITY };
         }
         let z = self.standardise(row);
         self.forward(&z, &mut sc);
         softmax(&mut sc.p);
-        let k = sc.p.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
-        let known = self.radius2.get(k).is_some_and(|&r| r >= 0.0 && self.distance2(&z, k) <= r);
-        (sc.p, known)
+        let class = sc.p.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+        let novelty = match self.radius2.get(class) {
+            Some(&r) if r >= 0.0 => {
+                let d = self.distance2(&z, class);
+                if d <= r {
+                    d / r.max(f32::MIN_POSITIVE)
+                } else {
+                    f32::INFINITY
+                }
+            }
+            _ => f32::INFINITY,
+        };
+        Judgement { probs: sc.p, class, z, novelty }
+    }
+
+    /// This predictor with a learned selector for its confidence.
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// The learned selector, if any.
+    pub fn gate(&self) -> Option<&Gate> {
+        self.gate.as_ref()
     }
 
     /// Hidden units (0 = softmax regression).
@@ -261,9 +308,13 @@ impl CutCache for LearnedCache {
         features
             .chunks_exact(dim)
             .map(|row| {
-                let (p, known) = self.guarded(row);
-                let (k, v) = p.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
-                (k as u32, if known { v } else { 0.0 })
+                let j = self.judge(row);
+                let conf = match &self.gate {
+                    _ if !j.known() => 0.0,
+                    Some(g) => g.confidence(&j, row),
+                    None => j.probs[j.class],
+                };
+                (j.class as u32, conf)
             })
             .collect()
     }
@@ -277,10 +328,15 @@ impl CutCache for LearnedCache {
             + self.bias.len()
             + self.centroids.len()
             + self.radius2.len())
+            + self.gate.as_ref().map_or(0, Gate::mem_bytes)
     }
 
     fn kind(&self) -> &'static str {
-        "learned"
+        match &self.gate {
+            None => "learned",
+            Some(g) if g.reads() <= super::selector::OUTPUT_INPUTS => "learned+output-selector",
+            Some(_) => "learned+features-selector",
+        }
     }
 
     fn persist(&self) -> Option<super::Persisted> {
@@ -289,7 +345,7 @@ impl CutCache for LearnedCache {
 }
 
 /// Σ a·b in 8 lanes (vectorises; the order of the sum is fixed, so results repeat).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     let mut acc = [0.0f32; 8];
@@ -302,7 +358,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// y += a·x.
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+pub(super) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
     }
@@ -337,7 +393,13 @@ fn uniform(state: &mut u64) -> f32 {
     (next(state) >> 40) as f32 / (1u64 << 24) as f32
 }
 
-fn shuffle(v: &mut [usize], state: &mut u64) {
+/// A uniform draw in [0, 1) from a xorshift state (tests elsewhere in `cache`).
+#[cfg(test)]
+pub(super) fn uniform_for_tests(state: &mut u64) -> f32 {
+    uniform(state)
+}
+
+pub(super) fn shuffle(v: &mut [usize], state: &mut u64) {
     for i in (1..v.len()).rev() {
         v.swap(i, (next(state) % (i as u64 + 1)) as usize);
     }

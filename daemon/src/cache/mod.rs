@@ -12,6 +12,7 @@ pub mod learned;
 pub mod model_caches;
 pub mod placement;
 pub mod policy;
+pub mod selector;
 pub mod store;
 pub mod train;
 

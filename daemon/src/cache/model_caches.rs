@@ -478,8 +478,11 @@ fn trainer(me: std::sync::Weak<ModelCaches>) {
         // the pace clock starts now, not when the trainer began waiting.
         super::set_pace(caches.config.trainer_cpu_share);
         let active = caches.train(&samples);
-        let summary: Vec<String> =
-            active.cuts.iter().map(|c| c.as_ref().map_or("off".into(), |e| format!("{:.3}", e.threshold))).collect();
+        let summary: Vec<String> = active
+            .cuts
+            .iter()
+            .map(|c| c.as_ref().map_or("off".into(), |e| format!("{} {:.3}", e.cache.kind(), e.threshold)))
+            .collect();
         let (expected_us, baseline_us) = active.plan.as_ref().map_or((0.0, 0.0), |p| (p.expected_us, p.baseline_us));
         tracing::info!(
             samples = samples.len(),

@@ -20,7 +20,7 @@ use super::model_caches::Sample;
 use super::Persisted;
 
 const MAGIC: &[u8; 8] = b"GATICACH";
-const VERSION: u32 = 3;
+const VERSION: u32 = 4;
 /// Largest feature vector accepted from a file.
 const MAX_DIM: usize = 1 << 16;
 
@@ -88,6 +88,16 @@ pub fn save(path: &Path, fingerprint: u64, state: &State) -> Result<(), StoreErr
 
 /// Reads the state at `path` if it was saved with `fingerprint`; `Ok(None)` when there is no file.
 pub fn load(path: &Path, fingerprint: u64) -> Result<Option<State>, StoreError> {
+    read(path, Some(fingerprint))
+}
+
+/// Reads the state at `path` whatever model and settings it was saved for
+/// (offline replays of a recorded window); `Ok(None)` when there is no file.
+pub fn load_any(path: &Path) -> Result<Option<State>, StoreError> {
+    read(path, None)
+}
+
+fn read(path: &Path, fingerprint: Option<u64>) -> Result<Option<State>, StoreError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -99,7 +109,8 @@ pub fn load(path: &Path, fingerprint: u64) -> Result<Option<State>, StoreError> 
     if r.take(8).ok_or_else(bad)? != MAGIC || r.u32().ok_or_else(bad)? != VERSION {
         return Err(bad());
     }
-    if r.u64().ok_or_else(bad)? != fingerprint {
+    let saved = r.u64().ok_or_else(bad)?;
+    if fingerprint.is_some_and(|f| f != saved) {
         return Err(StoreError::Stale(name));
     }
     let meta_len = r.u32().ok_or_else(bad)? as usize;
@@ -179,6 +190,29 @@ mod tests {
         let y: Vec<u32> = (0..16).map(|i| i % 2).collect();
         let cache =
             LearnedCache::fit(&Samples { features: &x, dim: 4, labels: &y, classes: 2 }, &LearnedParams::default());
+        // And one with a learned selector, as the trainer builds it.
+        let gx: Vec<f32> = (0..256).map(|i| ((i * 37) % 11) as f32).collect();
+        let gy: Vec<u32> = (0..64).map(|i| u32::from((i * 37) % 11 > 5)).collect();
+        let config = crate::config::CacheConfig {
+            kind: crate::config::CacheKind::Learned,
+            selector: crate::config::CacheSelector::Learned,
+            budget: 0.01,
+            window: 4096,
+            min_samples: 256,
+            retrain_every: 256,
+            shadow_fraction: 0.05,
+            trainer_cpu_share: 1.0,
+            hidden: 0,
+            max_memory_bytes: 1 << 20,
+            stream_prior: false,
+            state_file: None,
+        };
+        let gated = crate::cache::train::candidates(&config, 1, &gx, 4, &gy, 2)
+            .iter()
+            .filter_map(|c| c.cache.persist())
+            .map(|Persisted::Learned(c)| c)
+            .find(|c| c.gate().is_some_and(|g| g.reads() > crate::cache::selector::OUTPUT_INPUTS))
+            .expect("a candidate with a learned selector reading the features");
         let window: Vec<Sample> = (0..16)
             .map(|i| Sample { features: vec![x[i * 4..i * 4 + 4].to_vec(), vec![]], label: y[i], weight: 1.0 })
             .collect();
@@ -186,7 +220,11 @@ mod tests {
             meta: Meta {
                 generation: 7,
                 budget_scale: 0.5,
-                cuts: vec![Some((Persisted::Learned(cache.clone()), 0.9)), None],
+                cuts: vec![
+                    Some((Persisted::Learned(cache.clone()), 0.9)),
+                    None,
+                    Some((Persisted::Learned(gated.clone()), 0.7)),
+                ],
             },
             window,
         };
@@ -198,7 +236,11 @@ mod tests {
         let Some((Persisted::Learned(c), t)) = &back.meta.cuts[0] else { panic!("cut 0 lost") };
         assert_eq!(*t, 0.9);
         assert_eq!(c.predict(&x, 4), cache.predict(&x, 4));
+        let Some((Persisted::Learned(g), _)) = &back.meta.cuts[2] else { panic!("cut 2 lost") };
+        assert_eq!(g, &gated, "the selector comes back with its predictor");
+        assert_eq!(g.predict(&gx, 4), gated.predict(&gx, 4));
         assert!(matches!(load(&path, 43), Err(StoreError::Stale(_))));
+        assert_eq!(load_any(&path).unwrap().unwrap().window.len(), 16, "a replay reads any fingerprint");
         assert!(load(&dir.join("none.bin"), 42).unwrap().is_none());
         // Truncated, extended and garbage files: refused, never a panic.
         let bytes = std::fs::read(&path).unwrap();

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 pub use dag::{DagConfig, FunctionConfig, FunctionKind};
 pub use dispatch::{DispatchConfig, DispatchOrder, PoolMode};
 pub use model::{
-    CacheConfig, CacheKind, Config, Cuts, InputConfig, Layout, MetricsConfig, ModelConfig, OutputKind, Resize,
-    RuntimeConfig, ServerConfig,
+    CacheConfig, CacheKind, CacheSelector, Config, Cuts, InputConfig, Layout, MetricsConfig, ModelConfig, OutputKind,
+    Resize, RuntimeConfig, ServerConfig,
 };
 
 /// One problem found in a config file.
@@ -173,6 +173,29 @@ input = { layout = "NCHW", height = 28, width = 28, channels = 1 }
         // Semantic errors in other sections are still reported although serde failed.
         assert!(issues.iter().any(|i| i.key.starts_with("models[0]")), "{all}");
         assert!(issues.iter().any(|i| i.line == Some(5)), "unknown key `bogus` is on line 5: {all}");
+    }
+
+    #[test]
+    fn cache_selector_parses_and_bad_ones_are_refused() {
+        let with = |cache: &str| format!("{GOOD}cache = {{ {cache} }}\n");
+        let selector = |cache: &str| {
+            parse(&with(cache), Path::new(env!("CARGO_MANIFEST_DIR"))).map(|c| {
+                let cache = c.models[0].cache.clone().unwrap();
+                cache.selector
+            })
+        };
+        assert_eq!(selector(r#"kind = "learned""#), Ok(CacheSelector::Softmax));
+        assert_eq!(selector(r#"kind = "learned", selector = "softmax""#), Ok(CacheSelector::Softmax));
+        assert_eq!(selector(r#"kind = "learned", selector = "learned""#), Ok(CacheSelector::Learned));
+        let issues = selector(r#"kind = "learned", selector = "mlp""#).unwrap_err();
+        let all = issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(all.contains("models[0]") && all.contains("unknown variant `mlp`"), "{all}");
+        assert!(all.contains("`softmax`") && all.contains("`learned`"), "the accepted values are named: {all}");
+        // Like any bad value in a model's table: reported at its `[[models]]` line.
+        assert_eq!(issues[0].line, Some(5), "{all}");
+        let issues = selector(r#"kind = "knn", selector = "learned""#).unwrap_err();
+        let all = issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(all.contains(r#"selector = "learned" works only with kind = "learned""#), "{all}");
     }
 
     #[test]

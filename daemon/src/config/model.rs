@@ -204,11 +204,27 @@ pub enum CacheKind {
     Kmeans,
 }
 
+/// How a learned cache says how sure it is of a guess.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheSelector {
+    /// The predicted class's probability (max-softmax).
+    #[default]
+    Softmax,
+    /// Also logistic regressions trained on whether the predictor agreed with
+    /// the full model (from its output; from its output, guess and the cut's
+    /// features): per cut the placement keeps whichever certifies more.
+    Learned,
+}
+
 /// Cache settings of one model.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     pub kind: CacheKind,
+    /// Confidence of a `learned` cache: max-softmax or a learned selector.
+    #[serde(default)]
+    pub selector: CacheSelector,
     /// Largest allowed disagreement with the full model (fraction of requests).
     #[serde(default = "default_budget")]
     pub budget: f32,

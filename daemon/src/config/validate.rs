@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use toml_edit::{ImDocument, Item, Value as EditValue};
 
 use super::dag::{DagConfig, FunctionConfig};
-use super::model::{Config, Cuts, MetricsConfig, ModelConfig, RuntimeConfig, ServerConfig};
+use super::model::{CacheKind, CacheSelector, Config, Cuts, MetricsConfig, ModelConfig, RuntimeConfig, ServerConfig};
 use super::ConfigIssue;
 
 /// Deserializes section by section so one bad section does not hide the others.
@@ -224,6 +224,9 @@ fn check_model(m: &ModelConfig, bad: &mut dyn FnMut(&'static str, bool, String))
         }
         if c.max_memory_bytes < 1024 {
             bad("cache", false, format!("max_memory_bytes must be at least 1024, got {}", c.max_memory_bytes));
+        }
+        if c.selector == CacheSelector::Learned && c.kind != CacheKind::Learned {
+            bad("cache", false, "selector = \"learned\" works only with kind = \"learned\"".into());
         }
     }
     let inp = &m.input;

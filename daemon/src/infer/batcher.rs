@@ -77,7 +77,7 @@ pub struct Job {
 /// Identifies the model bytes, cuts and cache settings saved cache state belongs to.
 fn cache_fingerprint(config: &ModelConfig, meta: &ModelMeta, c: &crate::config::CacheConfig) -> u64 {
     let bytes = std::fs::read(&config.path).unwrap_or_default();
-    let settings = format!("{:?}|{}|{}|{}", c.kind, c.hidden, c.stream_prior, meta.classes);
+    let settings = format!("{:?}|{:?}|{}|{}|{}", c.kind, c.selector, c.hidden, c.stream_prior, meta.classes);
     let cuts = meta.stages.iter().map(|s| s.output.as_bytes());
     crate::cache::store::fingerprint(
         [bytes.as_slice(), settings.as_bytes(), super::exits::FEATURES_VERSION.as_bytes()].into_iter().chain(cuts),
