@@ -34,8 +34,8 @@ pub struct Args {
     pub out: PathBuf,
     #[arg(long, default_value = "bench/results/dispatch.png")]
     pub plot: PathBuf,
-    /// Also run gati without its core budget (`core_budget = false`) and
-    /// without shedding (`shed = false`), to see what each adds.
+    /// Also run gati with a core budget (`core_budget = true`), without and
+    /// with shedding (`shed = true`), to see what each adds.
     #[arg(long)]
     pub ablation: bool,
 }
@@ -44,11 +44,11 @@ pub struct Args {
 const WORK_DAGS: [(&str, u64, f64, &[u64]); 3] =
     [("thumb", 15, 0.40, &[1000]), ("etl", 40, 0.25, &[2000, 3000]), ("report", 100, 0.10, &[8000])];
 const CLASSIFY: (&str, u64, f64) = ("classify", 100, 0.25);
-/// gati, the baseline, and (with `--ablation`) gati without its core budget
-/// and gati without shedding.
-const MODES: [&str; 4] = ["gati", "baseline", NO_BUDGET, NO_SHED];
-const NO_BUDGET: &str = "gati-unbudgeted";
-const NO_SHED: &str = "gati-noshed";
+/// gati (defaults), the baseline, and (with `--ablation`) gati with a core
+/// budget, without and with shedding.
+const MODES: [&str; 4] = ["gati", "baseline", BUDGET, BUDGET_SHED];
+const BUDGET: &str = "gati+budget";
+const BUDGET_SHED: &str = "gati+budget+shed";
 /// gati's SGS count bound per DAG; the baseline's single SGS gets as many workers in total.
 const MAX_SGS: i64 = 2;
 const MAX_WARM: i64 = 4;
@@ -131,8 +131,8 @@ fn tweak(t: &mut toml::Table, mode: &str) -> anyhow::Result<()> {
             ("order", Value::String(order.into())),
             ("pool", Value::String(pool.into())),
             ("scaling", Value::Boolean(scaling)),
-            ("core_budget", Value::Boolean(mode == "gati" || mode == NO_SHED)),
-            ("shed", Value::Boolean(mode == "gati")),
+            ("core_budget", Value::Boolean(mode == BUDGET || mode == BUDGET_SHED)),
+            ("shed", Value::Boolean(mode == BUDGET_SHED)),
         ]),
     );
     Ok(())
@@ -364,7 +364,7 @@ fn report(args: &Args, cap: f64, solo_s: &[f64], levels: &[LevelRun]) -> anyhow:
             "requests": g.requests,
             "per_dag_met": g.per_dag_met, "per_dag_met_baseline": b.per_dag_met,
         });
-        for (k, (mode, key)) in [(NO_BUDGET, "unbudgeted"), (NO_SHED, "noshed")].into_iter().enumerate() {
+        for (k, (mode, key)) in [(BUDGET, "budget"), (BUDGET_SHED, "budget_shed")].into_iter().enumerate() {
             let Some(u) = m.get(2 + k) else { continue };
             println!(
                 "{:>5} {:>7} {:>7} | {:>7.2}% {:>8.2} {:>8.2} {:>6} | {mode}",

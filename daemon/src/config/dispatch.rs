@@ -43,9 +43,11 @@ pub struct DispatchConfig {
     /// Invocations that may run at once on the node, shared by every SGS; 0 =
     /// one per CPU the daemon may use.
     pub cores: usize,
-    /// Hold running invocations to `cores` (gati's SGSs own cores); `false`
-    /// runs every warm worker that has work at once and lets the kernel share
-    /// the CPUs (the OpenWhisk-style baseline).
+    /// Hold running invocations to `cores` (Archipelago's SGSs own cores);
+    /// `false` (the default) runs every warm worker that has work at once and
+    /// lets the kernel share the CPUs. Off by default: on the 2-vCPU test node
+    /// it met no more deadlines than kernel sharing (`gatid bench dispatch
+    /// --ablation`, docs/notes-dispatch.md) and yields CPU to other processes.
     pub core_budget: bool,
     /// Under overload, answer `DeadlineMissed` at once the queued requests
     /// whose loss frees the most core time (Moore–Hodgson), rather than run
@@ -60,8 +62,8 @@ impl Default for DispatchConfig {
             pool: PoolMode::Proactive,
             scaling: true,
             cores: 0,
-            core_budget: true,
-            shed: true,
+            core_budget: false,
+            shed: false,
         }
     }
 }
@@ -100,9 +102,11 @@ mod tests {
         assert_eq!(d, DispatchConfig::default());
         assert!(toml::from_str::<DispatchConfig>("order = \"lifo\"").is_err());
         assert!(toml::from_str::<DispatchConfig>("cores = -1").is_err());
-        let d: DispatchConfig = toml::from_str("cores = 3").unwrap();
+        let d: DispatchConfig = toml::from_str("cores = 3\ncore_budget = true").unwrap();
         assert_eq!(d.core_leases(), Some(3));
-        assert_eq!(DispatchConfig::default().core_leases(), Some(crate::sched::cores::Cores::available()));
+        assert_eq!(DispatchConfig::default().core_leases(), None);
+        let d: DispatchConfig = toml::from_str("core_budget = true").unwrap();
+        assert_eq!(d.core_leases(), Some(crate::sched::cores::Cores::available()));
         assert_eq!(DispatchConfig::baseline().core_leases(), None);
     }
 }

@@ -404,8 +404,11 @@ fn overload_is_shed_at_arrival_not_run_late() {
     // One lease, 30 ms per request, 100 ms deadlines, six requests at once:
     // three can make it. The other three are answered DeadlineMissed on
     // arrival (shedding), not after waiting for their turn.
+    let policy = crate::config::DispatchConfig { core_budget: true, shed: true, cores: 1, ..Default::default() };
     let dep = deployment(vec![func("f", 30, 1, 1)], vec![0], &[], 100);
-    let cores = Arc::new(cores::Cores::new(1));
+    let dep = Arc::new(Deployment::new(dep.functions.clone(), dep.dags.clone()).with_policy(policy));
+    let cores = budget(&dep);
+    assert_eq!(cores.total(), Some(1));
     let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(30))), cores).unwrap();
     wait_until("the warm worker", || workers(&sgs) == 1);
     let t0 = Instant::now();
