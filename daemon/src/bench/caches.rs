@@ -57,7 +57,8 @@ struct Trace {
 
 const MODES: [&str; 3] = ["none", "learned", "knn"];
 
-pub(super) fn load_workloads(root: &Path, quick: bool) -> anyhow::Result<Vec<Workload>> {
+/// The three workloads (or only the one called `only`).
+pub(super) fn load_workloads(root: &Path, quick: bool, only: Option<&str>) -> anyhow::Result<Vec<Workload>> {
     let frames = std::fs::read(root.join("data/video/vtest_32x32_rgb.u8"))
         .context("data/video missing: run scripts/setup.sh")?;
     let frames: Vec<Vec<u8>> = frames.chunks_exact(32 * 32 * 3).map(<[u8]>::to_vec).collect();
@@ -71,7 +72,7 @@ pub(super) fn load_workloads(root: &Path, quick: bool) -> anyhow::Result<Vec<Wor
         let n = if quick { 2000 } else { 10_000 };
         Ok(b.chunks_exact(4).take(n).map(|c| image(u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)).collect())
     };
-    Ok(vec![
+    let mut all = vec![
         Workload { name: "video", model: "cifar10", shape: [32, 32, 3], images: video },
         Workload {
             name: "fmnist_local",
@@ -85,7 +86,14 @@ pub(super) fn load_workloads(root: &Path, quick: bool) -> anyhow::Result<Vec<Wor
             shape: [28, 28, 1],
             images: stream("fmnist_shuffled_seed1.idx")?,
         },
-    ])
+    ];
+    if let Some(only) = only {
+        all.retain(|w| w.name == only);
+        if all.is_empty() {
+            bail!("no workload called `{only}` (video, fmnist_local, fmnist_shuffled)");
+        }
+    }
+    Ok(all)
 }
 
 fn run_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool, selector: Option<&str>) -> anyhow::Result<Trace> {
@@ -142,13 +150,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--selector `{s}`: expected softmax or learned");
     }
     let selector = args.selector.as_deref();
-    let mut workloads = load_workloads(&root, args.quick)?;
-    if let Some(only) = &args.only {
-        workloads.retain(|w| w.name == only);
-        if workloads.is_empty() {
-            bail!("no workload called `{only}` (video, fmnist_local, fmnist_shuffled)");
-        }
-    }
+    let workloads = load_workloads(&root, args.quick, args.only.as_deref())?;
     println!(
         "gatid bench caches{} (learned selector: {})",
         if args.quick { " (quick)" } else { "" },

@@ -240,13 +240,7 @@ fn replay(samples: &[Sample], classes: usize, step: usize) -> anyhow::Result<Vec
 /// Runs the benchmark.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let root = args.config.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
-    let mut workloads = load_workloads(&root, args.quick)?;
-    if let Some(only) = &args.only {
-        workloads.retain(|w| w.name == only);
-        if workloads.is_empty() {
-            bail!("no workload called `{only}` (video, fmnist_local, fmnist_shuffled)");
-        }
-    }
+    let workloads = load_workloads(&root, args.quick, args.only.as_deref())?;
     println!(
         "gatid bench selector{}: retrain every {} rows, budget 1 % x {BUDGET_SHARE}",
         if args.quick { " (quick)" } else { "" },

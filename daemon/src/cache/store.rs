@@ -193,20 +193,10 @@ mod tests {
         // And one with a learned selector, as the trainer builds it.
         let gx: Vec<f32> = (0..256).map(|i| ((i * 37) % 11) as f32).collect();
         let gy: Vec<u32> = (0..64).map(|i| u32::from((i * 37) % 11 > 5)).collect();
-        let config = crate::config::CacheConfig {
-            kind: crate::config::CacheKind::Learned,
-            selector: crate::config::CacheSelector::Learned,
-            budget: 0.01,
-            window: 4096,
-            min_samples: 256,
-            retrain_every: 256,
-            shadow_fraction: 0.05,
-            trainer_cpu_share: 1.0,
-            hidden: 0,
-            max_memory_bytes: 1 << 20,
-            stream_prior: false,
-            state_file: None,
-        };
+        let config = crate::cache::train::tests::config(
+            crate::config::CacheKind::Learned,
+            crate::config::CacheSelector::Learned,
+        );
         let gated = crate::cache::train::candidates(&config, 1, &gx, 4, &gy, 2)
             .iter()
             .filter_map(|c| c.cache.persist())

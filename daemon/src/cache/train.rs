@@ -204,7 +204,7 @@ fn measured(cache: Arc<dyn CutCache>, preds: Vec<(u32, f32)>, all: &Samples<'_>)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -215,20 +215,7 @@ mod tests {
         let rows = 400;
         let x: Vec<f32> = (0..rows).map(|i| ((i * 7919) % 1000) as f32).collect();
         let y: Vec<u32> = (0..rows).map(|i| (i % 2) as u32).collect();
-        let config = CacheConfig {
-            kind: CacheKind::Knn,
-            selector: CacheSelector::Softmax,
-            budget: 0.01,
-            window: 4096,
-            min_samples: 256,
-            retrain_every: 256,
-            shadow_fraction: 0.05,
-            trainer_cpu_share: 0.25,
-            hidden: 0,
-            max_memory_bytes: 1 << 20,
-            stream_prior: false,
-            state_file: None,
-        };
+        let config = config(CacheKind::Knn, CacheSelector::Softmax);
         let c = candidates(&config, 1, &x, 1, &y, 2);
         assert_eq!(c.len(), 1);
         let right = c[0].option.preds.iter().zip(&y).filter(|(p, y)| p.0 == **y).count();
@@ -237,7 +224,8 @@ mod tests {
         assert!(candidates(&config, 1, &x, 1, &y[..3], 2).is_empty());
     }
 
-    fn config(kind: CacheKind, selector: CacheSelector) -> CacheConfig {
+    /// A cache config for tests: 1 % budget, no hidden layer, no stream prior.
+    pub(crate) fn config(kind: CacheKind, selector: CacheSelector) -> CacheConfig {
         CacheConfig {
             kind,
             selector,
