@@ -191,11 +191,28 @@ input = { layout = "NCHW", height = 28, width = 28, channels = 1 }
         let all = issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
         assert!(all.contains("models[0]") && all.contains("unknown variant `mlp`"), "{all}");
         assert!(all.contains("`softmax`") && all.contains("`learned`"), "the accepted values are named: {all}");
-        // Like any bad value in a model's table: reported at its `[[models]]` line.
-        assert_eq!(issues[0].line, Some(5), "{all}");
+        // Reported at the key that holds the bad value, with its line.
+        assert_eq!(issues[0].key, "models[0].cache", "{all}");
+        assert_eq!(issues[0].line, Some(9), "{all}");
         let issues = selector(r#"kind = "knn", selector = "learned""#).unwrap_err();
         let all = issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
         assert!(all.contains(r#"selector = "learned" works only with kind = "learned""#), "{all}");
+    }
+
+    #[test]
+    fn dispatch_shedding_needs_the_core_budget() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let with = |dispatch: &str| parse(&format!("{GOOD}\n[dispatch]\n{dispatch}\n"), base);
+        let c = with("core_budget = true\nshed = true\ncores = 2").unwrap();
+        assert!(c.dispatch.shed && c.dispatch.core_leases() == Some(2));
+        for bad in ["shed = true", "shed = true\ncore_budget = true\norder = \"fifo\""] {
+            let issues = with(bad).unwrap_err();
+            let all = issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+            assert!(all.contains("dispatch.shed") && all.contains("needs core_budget = true"), "{bad}: {all}");
+        }
+        // A wrong type names the key, not just the section.
+        let issues = with("cores = \"many\"").unwrap_err();
+        assert_eq!(issues[0].key, "dispatch.cores", "{issues:?}");
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub(super) fn deserialize_all(text: &str) -> Result<(Config, Vec<ConfigIssue>), 
     let functions = array::<FunctionConfig>(&table, "functions", &lines, &mut issues);
     let dags = array::<DagConfig>(&table, "dags", &lines, &mut issues);
     let dispatch = section::<super::DispatchConfig>(&table, "dispatch", &lines, &mut issues).unwrap_or_default();
+    if dispatch.shed && !(dispatch.core_budget && dispatch.order == super::DispatchOrder::LeastSlack) {
+        let path = [Seg::Key("dispatch"), Seg::Key("shed")];
+        issues.push(lines.issue(&path, "shed = true needs core_budget = true and order = \"least_slack\"".into()));
+    }
     Ok((Config { server, runtime, metrics, models, functions, dags, dispatch }, issues))
 }
 
@@ -91,12 +95,31 @@ fn de_value<T: DeserializeOwned>(
                         continue;
                     }
                 }
-                issues.push(lines.issue(path, msg));
+                let mut p = path.to_vec();
+                p.extend(culprit::<T>(&value).map(Seg::Owned));
+                issues.push(lines.issue(&p, msg));
                 return None;
             }
         }
     }
     None
+}
+
+/// The key of table `value` that a (non-unknown-field) error is about: the
+/// one whose removal makes `value` parse, or leaves only "missing field" for
+/// that key. serde names the type, not the key, in "invalid type: string
+/// \"many\", expected usize"; an operator needs to know which key.
+fn culprit<T: DeserializeOwned>(value: &toml::Value) -> Option<String> {
+    let toml::Value::Table(t) = value else { return None };
+    t.keys().find_map(|k| {
+        let mut without = t.clone();
+        without.remove(k);
+        match toml::Value::Table(without).try_into::<T>() {
+            Ok(_) => Some(k.clone()),
+            Err(e) if e.message().trim() == format!("missing field `{k}`") => Some(k.clone()),
+            Err(_) => None,
+        }
+    })
 }
 
 /// `unknown field `x`, expected ...` → `x`.
