@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::frames::{request_deadline, Answer};
+use super::frames::{refusal, request_deadline, Answer};
 use super::{elapsed_us, Conn, Worker};
 use crate::api::conn::Frame;
 use crate::api::wire::{Dtype, Kind, RequestHeader, Status};
@@ -42,11 +42,8 @@ impl Worker {
             telemetry::dag_request_done(&name, status.name(), received.elapsed());
             c.respond(Frame::plain(kind, rid, status, elapsed_us(received)), &[]);
         };
-        if ctx.state.is_draining() {
-            return reject(c, Status::ShuttingDown);
-        }
-        if c.out.inflight.load(std::sync::atomic::Ordering::Acquire) >= ctx.limits.max_inflight_per_conn {
-            return reject(c, Status::Busy);
+        if let Some(status) = refusal(&ctx, c) {
+            return reject(c, status);
         }
         let (Some(sched), Some(dag)) = (sched, dag) else {
             return reject(c, Status::UnknownModel);

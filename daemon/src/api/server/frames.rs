@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use zerocopy::IntoBytes;
 
-use super::{elapsed_us, Conn, Mailbox, Worker, FLAG_BEST_EFFORT, FLAG_CALIBRATE};
+use super::{elapsed_us, Conn, Mailbox, ServeContext, Worker, FLAG_BEST_EFFORT, FLAG_CALIBRATE};
 use crate::api::conn::{ConnOut, Frame};
 use crate::api::control;
 use crate::api::request::decode_infer;
@@ -106,11 +106,8 @@ impl Worker {
             telemetry::request_done(&name, status.name(), received.elapsed());
             c.respond(Frame::plain(kind, rid, status, elapsed_us(received)), &[]);
         };
-        if ctx.state.is_draining() {
-            return reject(c, Status::ShuttingDown);
-        }
-        if c.out.inflight.load(std::sync::atomic::Ordering::Acquire) >= ctx.limits.max_inflight_per_conn {
-            return reject(c, Status::Busy);
+        if let Some(status) = refusal(&ctx, c) {
+            return reject(c, status);
         }
         let Some(model) = model else {
             return reject(c, Status::UnknownModel);
@@ -145,6 +142,17 @@ impl Worker {
 }
 
 /// The deadline a request header asks for (`deadline_us` after receipt; 0 = none).
+/// Why a new Infer or InvokeDag request is refused before its target is
+/// looked at: the node is draining, or the connection already has
+/// `max_inflight_per_conn` requests in flight.
+pub(super) fn refusal(ctx: &ServeContext, c: &Conn) -> Option<Status> {
+    if ctx.state.is_draining() {
+        return Some(Status::ShuttingDown);
+    }
+    (c.out.inflight.load(std::sync::atomic::Ordering::Acquire) >= ctx.limits.max_inflight_per_conn)
+        .then_some(Status::Busy)
+}
+
 pub(super) fn request_deadline(header: &RequestHeader, received: Instant) -> Option<Instant> {
     match header.deadline_us.get() {
         0 => None,

@@ -150,6 +150,9 @@ impl Core {
     /// Gives back the leases of invocations that ended (completed, failed,
     /// crashed or killed): a lease is held exactly while an exec worker has a job.
     fn return_leases(&mut self) {
+        if self.leases == 0 {
+            return;
+        }
         let running = self.workers.iter().flatten().filter(|w| w.job.is_some_and(|j| j.leased)).count();
         if self.leases > running {
             self.cores.release(self.leases - running);
@@ -157,14 +160,15 @@ impl Core {
         }
     }
 
-    /// Whether invocations of `func` need a core lease: exec functions that
-    /// run for at least [`LEASE_MIN`] at their quickest. Model functions run
+    /// Whether invocations of `func` need a core lease: under a core budget,
+    /// exec functions that run for at least [`LEASE_MIN`] at their quickest. Model functions run
     /// on their model's executor, which has its own threads and batches
     /// concurrent rows into one run; a lease per row would split those
     /// batches. Short functions (a top-k, a resize) would wait for a lease
     /// longer than they run: they finish a request cheaply, so they run at once.
     pub(super) fn leased(&self, func: usize) -> bool {
-        matches!(self.dep.functions[func].body, crate::sched::FunctionBody::Exec { .. })
+        self.cores.total().is_some()
+            && matches!(self.dep.functions[func].body, crate::sched::FunctionBody::Exec { .. })
             && self.est[func].best() >= LEASE_MIN
     }
 

@@ -197,11 +197,11 @@ impl Core {
             let exec = self.est[f].expected();
             // While stopping, work still waiting gets its workers; in-flight requests finish.
             let mut waiting = self.ready.waiting_for(f);
-            if self.leased(f) {
+            if let Some(total) = self.cores.total().filter(|_| self.leased(f)) {
                 // Under a core budget no more than `cores` invocations run at
                 // once: more workers for the queue would be cold starts that
                 // wait for a lease anyway (and take CPU from those running).
-                waiting = waiting.min(self.cores.total().unwrap_or(usize::MAX));
+                waiting = waiting.min(total);
             }
             let (cold0, pre0) = (self.pools[f].cold_starts, self.pools[f].prestarts);
             let n = self.pools[f].starts_needed(now, exec, waiting);
