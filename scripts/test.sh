@@ -12,6 +12,9 @@ cargo test --release --workspace -- --test-threads=2 "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole suite (cargo prints one per test binary).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1) } }
-     END { printf "%d passed, %d failed\n", p, f }' "$log"
+# Ignored tests are the root-only ones in a build without root (daemon/build.rs):
+# they are counted as skipped, and their reasons listed.
+grep -E '^test .* \.\.\. ignored' "$log" | sed 's/^/skipped: /' || true
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1); if ($(i) ~ /^ignored;?$/) s += $(i-1) } }
+     END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$rc"

@@ -17,14 +17,6 @@ use common::*;
 use gatid::api::wire::{Dtype, Status};
 use gatid::client::Client;
 
-fn root_or_skip() -> bool {
-    let ok = is_root();
-    if !ok {
-        eprintln!("SKIP: DAG exec functions run in sandboxes, which need root; CI runs as root");
-    }
-    ok
-}
-
 /// An sdk binary next to this test's target dir (`<target>/<profile>/`).
 fn program(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -84,10 +76,9 @@ fn top1(payload: &[u8]) -> usize {
 }
 
 #[test]
+#[cfg_attr(gati_unprivileged, ignore = "needs root: DAG exec functions run in sandboxes (CI runs as root)")]
 fn classify_dag_matches_the_model_and_statuses_hold() {
-    if !root_or_skip() {
-        return;
-    }
+    require_root();
     let dir = tempdir("dispatch");
     let d = TestDaemon::start(&dir, &dag_config(&dir, ""));
     let mut c = d.client();
@@ -157,10 +148,9 @@ fn classify_dag_matches_the_model_and_statuses_hold() {
 }
 
 #[test]
+#[cfg_attr(gati_unprivileged, ignore = "needs root: DAG exec functions run in sandboxes (CI runs as root)")]
 fn sighup_swaps_dags_and_sigterm_answers_dag_requests_in_flight() {
-    if !root_or_skip() {
-        return;
-    }
+    require_root();
     let dir = tempdir("dispatch-reload");
     let mut d = TestDaemon::start(&dir, &dag_config(&dir, ""));
     let mut c = d.client();

@@ -237,6 +237,13 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Root-only tests carry `#[cfg_attr(gati_unprivileged, ignore = "needs root: ...")]`
+/// (set by daemon/build.rs for builds without root), so they show as ignored with
+/// the reason; a stale build run without root fails here instead of passing unrun.
+pub fn require_root() {
+    assert!(is_root(), "this test needs root; rebuild as the user who runs it");
+}
+
 /// A gauge or counter of `model` from the daemon's metrics text (0 when absent).
 pub fn model_metric(c: &mut Client, name: &str, model: &str) -> f64 {
     gatid::telemetry::summary::model_value(&c.stats_text().unwrap(), name, model).unwrap_or(0.0)

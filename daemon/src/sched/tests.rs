@@ -271,15 +271,12 @@ fn stop_finishes_in_flight_work_and_refuses_the_rest() {
 }
 
 /// A model function through the node's factory: the served model's batcher
-/// runs the invocation. Needs ONNX Runtime (`ORT_DYLIB_PATH`); skipped without.
+/// runs the invocation. Needs ONNX Runtime (`ORT_DYLIB_PATH`, set by scripts/test.sh).
 #[test]
 fn model_function_runs_on_the_served_model() {
     use crate::config::{Cuts, InputConfig, Layout, ModelConfig, OutputKind, Resize};
     use crate::infer::{LoadedModel, ModelHandle, Registry};
-    if let Err(e) = crate::infer::runtime::environment(None) {
-        eprintln!("skipped: {e}");
-        return;
-    }
+    crate::infer::runtime::environment(None).expect("ONNX Runtime (scripts/test.sh sets ORT_DYLIB_PATH)");
     let cfg = ModelConfig {
         name: "fm".into(),
         path: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/fmnist_resnet.onnx"),
