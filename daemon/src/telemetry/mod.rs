@@ -112,6 +112,12 @@ pub fn request_refused(reason: &'static str) {
     counter!("gati_requests_refused_total", "reason" => reason).increment(1);
 }
 
+/// A data-plane thread of `role` failed and was restarted (or, for a batcher,
+/// the batch that panicked was answered `Failed` and the next one ran).
+pub fn thread_restarted(role: &'static str) {
+    counter!("gati_thread_restarts_total", "role" => role).increment(1);
+}
+
 /// Request bytes the node holds against `[server] max_queued_bytes`.
 pub fn queued_bytes(bytes: usize) {
     gauge!("gati_queued_bytes").set(bytes as f64);
