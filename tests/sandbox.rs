@@ -164,13 +164,43 @@ fn the_memory_limit_holds() {
 #[cfg_attr(gati_unprivileged, ignore = "needs root: namespaces, cgroups (CI runs as root)")]
 fn a_forbidden_syscall_is_killed_by_seccomp() {
     require_root();
-    for name in ["socket", "ptrace"] {
+    for name in ["socket", "ptrace", "unshare"] {
         let mut sb = testkit(&["syscall", name]);
         match sb.call(b"go", T) {
             Err(SandboxError::Crashed { detail }) => assert!(detail.contains("SIGSYS"), "{detail}"),
             other => panic!("{name}: expected a seccomp kill, got {other:?}"),
         }
         assert_eq!(sb.exit(), Some(Exit::Signal(libc::SIGSYS)), "{name}");
+    }
+}
+
+#[test]
+#[cfg_attr(gati_unprivileged, ignore = "needs root: namespaces, cgroups (CI runs as root)")]
+fn a_clone_with_a_namespace_flag_is_killed_by_seccomp() {
+    require_root();
+    let mut sb = testkit(&["syscall", "clone-newuser"]);
+    match sb.call(b"go", T) {
+        Err(SandboxError::Crashed { detail }) => assert!(detail.contains("SIGSYS"), "{detail}"),
+        other => panic!("expected a seccomp kill, got {other:?}"),
+    }
+    assert_eq!(sb.exit(), Some(Exit::Signal(libc::SIGSYS)));
+}
+
+#[test]
+#[cfg_attr(gati_unprivileged, ignore = "needs root: namespaces, cgroups (CI runs as root)")]
+fn clone3_fails_with_enosys_and_threads_still_start() {
+    require_root();
+    let mut sb = testkit(&["syscall", "clone3"]);
+    let answer = String::from_utf8(sb.call(b"go", T).unwrap()).unwrap();
+    let enosys = std::io::Error::from_raw_os_error(libc::ENOSYS).to_string();
+    assert_eq!(answer, format!("clone3 returned -1 ({enosys})"));
+    assert!(sb.is_alive());
+
+    // glibc's pthread_create meets the same ENOSYS and falls back to clone
+    // with thread flags, which the filter lets through.
+    let mut sb = testkit(&["thread"]);
+    for _ in 0..3 {
+        assert_eq!(sb.call(b"go", T).unwrap(), b"thread 720 joined");
     }
 }
 

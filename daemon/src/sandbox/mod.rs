@@ -110,6 +110,9 @@ pub enum SandboxError {
     Program(String),
     #[error("sandbox cgroup")]
     Cgroup(#[from] CgroupError),
+    /// The seccomp filters did not compile (a bug in the rules).
+    #[error("sandbox seccomp filter")]
+    Seccomp(#[from] seccomp::SeccompError),
     /// The worker did not become ready.
     #[error("sandbox did not become ready: {0}")]
     NotReady(String),

@@ -6,8 +6,13 @@
 //! - `sleep`: never answers (sleeps).
 //! - `alloc`: input is a MiB count as text; allocates and touches that much,
 //!   answers `allocated N MiB` (or an error when the allocation is refused).
-//! - `syscall NAME`: makes a syscall the sandbox forbids (`socket`, `ptrace`)
-//!   on the first request, and answers what it returned if it survives.
+//! - `syscall NAME`: makes a syscall the sandbox forbids or refuses on the
+//!   first request, and answers what it returned if it survives: `socket`,
+//!   `ptrace`, `unshare` (`CLONE_NEWUSER`), `clone-newuser` (raw
+//!   `clone(CLONE_NEWUSER | SIGCHLD)`), `clone3` (raw, with `CLONE_NEWUSER`;
+//!   the sandbox answers `ENOSYS`). A child that a clone did create exits at once.
+//! - `thread`: spawns a `std::thread`, joins it and answers `thread N joined`
+//!   with the value it returned (threads are allowed).
 //! - `probe`: answers `key=value` lines describing what it can see: its pid,
 //!   the pids in /proc, its uid, root entries, network interfaces, hostname,
 //!   capabilities and seccomp state, and the result of reading each path given
@@ -28,6 +33,7 @@ fn main() {
         },
         "alloc" => alloc(input),
         "syscall" => Ok(forbidden(&extra).into_bytes()),
+        "thread" => thread(),
         "probe" => Ok(probe(input).into_bytes()),
         other => Err(format!("unknown mode {other:?}")),
     })
@@ -61,15 +67,48 @@ fn alloc(input: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 fn forbidden(name: &str) -> String {
-    // SAFETY: plain syscalls with valid constant arguments; the point is that
-    // the sandbox's seccomp filter kills us before they return.
+    let ns_fork = (libc::CLONE_NEWUSER | libc::SIGCHLD) as u64;
+    let args =
+        CloneArgs { flags: libc::CLONE_NEWUSER as u64, exit_signal: libc::SIGCHLD as u64, ..CloneArgs::default() };
+    // SAFETY: plain syscalls with valid arguments (`args` outlives clone3); the
+    // point is that the sandbox's seccomp filter kills us or refuses them. A
+    // clone without CLONE_VM and with a null stack is a fork: the child runs
+    // on a copy of this stack and exits at once below.
     let rc = unsafe {
         match name {
             "ptrace" => libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0),
-            _ => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as libc::c_long,
+            "unshare" => libc::unshare(libc::CLONE_NEWUSER).into(),
+            "clone-newuser" => libc::syscall(libc::SYS_clone, ns_fork, 0, 0, 0, 0),
+            "clone3" => libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()),
+            _ => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0).into(),
         }
     };
-    format!("{name} returned {rc} ({})", std::io::Error::last_os_error())
+    let err = std::io::Error::last_os_error();
+    if rc == 0 && name.starts_with("clone") {
+        // SAFETY: the new process leaves without running anything of ours.
+        unsafe { libc::_exit(0) };
+    }
+    format!("{name} returned {rc} ({err})")
+}
+
+/// `struct clone_args` up to `tls` (CLONE_ARGS_SIZE_VER0).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+fn thread() -> Result<Vec<u8>, String> {
+    let worker = std::thread::Builder::new().name("testkit".into()).spawn(|| (1..=6u64).product::<u64>());
+    let value = worker.map_err(|e| format!("spawn: {e}"))?.join().map_err(|_| "thread panicked".to_string())?;
+    Ok(format!("thread {value} joined").into_bytes())
 }
 
 fn probe(input: &[u8]) -> String {
