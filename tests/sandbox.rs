@@ -204,6 +204,26 @@ fn clone3_fails_with_enosys_and_threads_still_start() {
     }
 }
 
+/// The function can write every byte of the shared region; the daemon reads
+/// none of it back without checking, and never the layout it owns.
+#[test]
+#[cfg_attr(gati_unprivileged, ignore = "needs root: namespaces, cgroups (CI runs as root)")]
+fn a_guest_scribbling_over_shared_memory_is_contained() {
+    require_root();
+    // Control block garbage (magic, capacity, max message): not read back.
+    let mut sb = testkit(&["scribble", "control"]);
+    assert_eq!(sb.call(b"go", T).unwrap(), b"scribbled");
+    assert_eq!(sb.call(b"go", T).unwrap(), b"scribbled", "the layout is the daemon's own");
+    // The daemon's ring indices: the next push checks them, refuses and kills.
+    let mut sb = testkit(&["scribble", "indices"]);
+    assert_eq!(sb.call(b"go", T).unwrap(), b"scribbled");
+    match sb.call(b"again", T) {
+        Err(SandboxError::Protocol(msg)) => assert!(msg.contains("request ring"), "{msg}"),
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    assert!(!sb.is_alive(), "a worker that broke the protocol is killed");
+}
+
 #[test]
 #[cfg_attr(gati_unprivileged, ignore = "needs root: namespaces, cgroups (CI runs as root)")]
 fn the_function_sees_only_itself_no_network_and_no_host_files() {

@@ -11,6 +11,11 @@
 //!   `ptrace`, `unshare` (`CLONE_NEWUSER`), `clone-newuser` (raw
 //!   `clone(CLONE_NEWUSER | SIGCHLD)`), `clone3` (raw, with `CLONE_NEWUSER`;
 //!   the sandbox answers `ENOSYS`). A child that a clone did create exits at once.
+//! - `scribble WHAT`: a hostile guest. Maps the shared memfd (fd 3) a second
+//!   time and, before answering `scribbled`, overwrites `control` (magic,
+//!   capacity, max message, reserved words: the daemon must not care) or
+//!   `indices` (the request ring's tail, which the daemon checks on its next
+//!   push).
 //! - `thread`: spawns a `std::thread`, joins it and answers `thread N joined`
 //!   with the value it returned (threads are allowed).
 //! - `probe`: answers `key=value` lines describing what it can see: its pid,
@@ -34,6 +39,7 @@ fn main() {
         "alloc" => alloc(input),
         "syscall" => Ok(forbidden(&extra).into_bytes()),
         "thread" => thread(),
+        "scribble" => scribble(&extra),
         "probe" => Ok(probe(input).into_bytes()),
         other => Err(format!("unknown mode {other:?}")),
     })
@@ -89,6 +95,33 @@ fn forbidden(name: &str) -> String {
         unsafe { libc::_exit(0) };
     }
     format!("{name} returned {rc} ({err})")
+}
+
+fn scribble(what: &str) -> Result<Vec<u8>, String> {
+    use gati_sdk::layout::{CONTROL_BYTES, REQUEST_HEADER_OFFSET};
+    let mem_fd = gati_sdk::DEFAULT_FDS[0];
+    // SAFETY: a new shared mapping of the memfd (at least one page long) at an
+    // address the kernel picks; nothing else refers to it.
+    let base = unsafe {
+        libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, mem_fd, 0)
+    };
+    if base == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    let words: Vec<(usize, u64)> = match what {
+        "control" => (0..CONTROL_BYTES / 8).map(|i| (8 * i, 0xdead_beef_dead_beef)).collect(),
+        "indices" => vec![(REQUEST_HEADER_OFFSET + 64, u64::MAX / 3)],
+        other => return Err(format!("scribble what? {other:?}")),
+    };
+    for (offset, value) in words {
+        // SAFETY: an aligned u64 inside the first page of our own mapping; the
+        // daemon's reads of these words are atomic, the point is what it does
+        // with the values.
+        unsafe { base.cast::<u8>().add(offset).cast::<u64>().write_volatile(value) };
+    }
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(base, 4096) };
+    Ok(b"scribbled".to_vec())
 }
 
 /// `struct clone_args` up to `tls` (CLONE_ARGS_SIZE_VER0).
