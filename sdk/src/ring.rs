@@ -47,6 +47,15 @@ pub struct Ring<'a> {
     _region: PhantomData<&'a mut [u8]>,
 }
 
+// SAFETY: a Ring is a unique view of its data area (it stands for the
+// `&'a mut [u8]` in its PhantomData) plus a shared reference to atomics, as it
+// was before it held a raw pointer: moving it to another thread moves that
+// exclusive access along (Send), and its `&self` methods touch only the
+// atomics and its own fields (Sync).
+unsafe impl Send for Ring<'_> {}
+// SAFETY: see above.
+unsafe impl Sync for Ring<'_> {}
+
 /// The oldest frame, its header copied out and checked against the bytes
 /// the producer had published when it was read.
 struct Front {
@@ -396,6 +405,12 @@ mod tests {
         assert_eq!(out, b"mine");
         assert_eq!(DATA_OFFSET % 64, 0);
     }
+
+    // The views stay Send + Sync, as they were with slices.
+    const _: fn() = || {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<crate::layout::Shared<'static>>();
+    };
 
     #[test]
     fn volatile_copies_handle_every_alignment_and_length() {
