@@ -203,16 +203,18 @@ impl<'a> Ring<'a> {
 unsafe fn read_shared(src: *const u8, out: &mut [u8]) {
     let n = out.len();
     let mut i = 0;
-    // SAFETY: every access is at src + i with i < n (a byte) or i + 8 ≤ n
-    // and src + i 8-aligned (a word): within the caller's `n` valid bytes.
+    // SAFETY: every access is at src + i / out + i with i < n (a byte) or
+    // i + 8 ≤ n (a word; src + i 8-aligned, out + i written unaligned): within
+    // the caller's `n` valid bytes and within `out`.
     unsafe {
         while i < n && !(src.add(i) as usize).is_multiple_of(8) {
             out[i] = src.add(i).read_volatile();
             i += 1;
         }
+        let dst = out.as_mut_ptr();
         while i + 8 <= n {
             let word = src.add(i).cast::<u64>().read_volatile();
-            out[i..i + 8].copy_from_slice(&word.to_ne_bytes());
+            dst.add(i).cast::<u64>().write_unaligned(word);
             i += 8;
         }
         while i < n {
@@ -236,10 +238,10 @@ unsafe fn write_shared(dst: *mut u8, bytes: &[u8]) {
             dst.add(i).write_volatile(bytes[i]);
             i += 1;
         }
+        let src = bytes.as_ptr();
         while i + 8 <= n {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&bytes[i..i + 8]);
-            dst.add(i).cast::<u64>().write_volatile(u64::from_ne_bytes(word));
+            let word = src.add(i).cast::<u64>().read_unaligned();
+            dst.add(i).cast::<u64>().write_volatile(word);
             i += 8;
         }
         while i < n {
