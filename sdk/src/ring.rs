@@ -8,7 +8,7 @@
 //!
 //! - the data area is never seen as `&[u8]`/`&mut [u8]`: it is a raw pointer,
 //!   read with volatile loads into a buffer this side owns and written with
-//!   volatile stores ([`read_shared`], [`write_shared`]); indices are atomics;
+//!   volatile stores (`read_shared`, `write_shared`); indices are atomics;
 //! - every index and the frame header are read once, into locals, and checked
 //!   there; what is used afterwards is the checked copy, so a peer that
 //!   changes a length after the check changes nothing (no double fetch);

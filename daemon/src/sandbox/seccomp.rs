@@ -1,6 +1,6 @@
 //! The seccomp-BPF filters a sandboxed function runs under, compiled with
 //! `seccompiler` in the daemon (before `clone3`) and only installed in the
-//! child, with raw `seccomp` calls ([`super::child`]).
+//! child, with raw `seccomp` calls (`child.rs`).
 //!
 //! Two programs, because one seccompiler filter has a single "match" action:
 //!

@@ -1,4 +1,4 @@
-//! Test-only function for the sandbox tests. argv[1] picks the behaviour:
+//! Test-only function for the sandbox tests. `argv[1]` picks the behaviour:
 //!
 //! - `echo` (default): returns the input; `!err MSG` → handler error MSG,
 //!   `!panic` → handler panic, `!big N` → an N-byte response.
