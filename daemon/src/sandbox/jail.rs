@@ -2,7 +2,7 @@
 //! needs, allocated up front), `clone3` into new namespaces with a pidfd, let
 //! the parent place the child in its cgroup (and write user-namespace id maps
 //! when unprivileged), then release it to run the jailer steps
-//! ([`super::child`]) and `execve`.
+//! (`child.rs`) and `execve`.
 //!
 //! As root: pid, mount, net, ipc and uts namespaces, a per-sandbox uid/gid.
 //! Unprivileged: the same plus a user namespace mapping the daemon's ids to 0.
