@@ -126,7 +126,8 @@ fn run_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool, selector: 
         t.class.push(v.iter().enumerate().fold((0, f32::MIN), |b, (k, &x)| if x > b.1 { (k, x) } else { b }).0);
     }
     let stats = client.stats_text()?;
-    t.mem_bytes = crate::telemetry::summary::model_value(&stats, "gati_cache_memory_bytes", w.model).unwrap_or(0.0);
+    t.mem_bytes = crate::telemetry::summary::model_value(&stats, crate::telemetry::names::CACHE_MEMORY_BYTES, w.model)
+        .unwrap_or(0.0);
     drop(client);
     daemon.stop()?;
     Ok(t)
