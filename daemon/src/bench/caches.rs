@@ -220,7 +220,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             f("mem_bytes_knn")
         );
     }
-    write_json(&args.out, &json!({ "quick": args.quick, "selector": selector, "workloads": results }))?;
+    // Serving p99 with the trainer idle vs flat out (whenever a Fashion-MNIST stream ran).
+    let trainer = match workloads.iter().find(|w| w.model == "fmnist") {
+        Some(w) => super::trainer_p99::run(&args.config, &root, w, args.quick)?,
+        None => serde_json::Value::Null,
+    };
+    write_json(
+        &args.out,
+        &json!({ "quick": args.quick, "selector": selector, "workloads": results, "trainer_p99": trainer }),
+    )?;
     plot(&args.plot, &workloads, &traces)?;
     println!("wrote {} and {}", args.out.display(), args.plot.display());
     if results.is_empty() {

@@ -9,3 +9,4 @@ pub mod loadgen;
 pub mod plot;
 pub mod selector;
 pub mod serving;
+mod trainer_p99;
