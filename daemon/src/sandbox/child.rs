@@ -91,7 +91,7 @@ impl Step {
             Step::Chdir => "chdir",
             Step::UnmountOldRoot => "umount2 (old root)",
             Step::SetHostname => "sethostname",
-            Step::Dup => "dup2 (fds 0, 3, 4, 5)",
+            Step::Dup => "dup2 (fds 0, 1, 3, 4, 5)",
             Step::SetRlimit => "setrlimit",
             Step::DropBoundingSet => "prctl (PR_CAPBSET_DROP)",
             Step::SetGroups => "setgroups",
@@ -212,14 +212,17 @@ fn steps(plan: &Plan, go_read: RawFd) -> Result<Infallible, Failure> {
             check(Step::SetHostname, libc::sethostname(name.as_ptr(), name.as_bytes().len()).into())?;
         }
 
-        // stdin from /dev/null; memfd, request and response eventfds at 3, 4, 5.
-        let sources = [plan.devnull, plan.fds[0], plan.fds[1], plan.fds[2]];
-        let mut high = [-1; 4];
+        // stdin and stdout to /dev/null (a function's stdout would otherwise be
+        // the daemon's: under systemd the journal stream that the daemon's own
+        // logs share); memfd, request and response eventfds at 3, 4, 5.
+        // stderr stays the daemon's, for a function's diagnostics.
+        let sources = [plan.devnull, plan.devnull, plan.fds[0], plan.fds[1], plan.fds[2]];
+        let mut high = [-1; 5];
         for (h, fd) in high.iter_mut().zip(sources) {
             *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
             check(Step::Dup, (*h).into())?;
         }
-        for (h, target) in high.into_iter().zip([0, 3, 4, 5]) {
+        for (h, target) in high.into_iter().zip([0, 1, 3, 4, 5]) {
             check(Step::Dup, libc::dup2(h, target).into())?;
         }
         // Anything else the daemon left open without CLOEXEC closes on exec.

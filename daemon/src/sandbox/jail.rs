@@ -116,7 +116,12 @@ fn spawn_with(
 
     let root = if mount_ns { Some(root_plan(contents, pid_ns)?) } else { None };
     let exec_path = if mount_ns { &contents.program_in_root } else { &contents.program };
-    let devnull = File::open("/dev/null").map_err(|e| SandboxError::sys("open(/dev/null)", e))?;
+    // Read-write: the function's stdin and stdout (writes succeed and vanish).
+    let devnull = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| SandboxError::sys("open(/dev/null)", e))?;
     let mut rlimits = vec![(libc::RLIMIT_NOFILE, limit(64)), (libc::RLIMIT_CORE, limit(0))];
     let mut rlimit_names = vec!["NOFILE=64", "CORE=0"];
     if ids.is_some() {
