@@ -114,11 +114,11 @@ fn a_sandbox_killed_mid_request_is_retried_and_later_requests_succeed() {
             "slow",
             "gati-fn-testkit",
             &["slow", "1000"],
-            "expected_ms = 1000.0\ntime_limit_ms = 10000\nmin_warm = 1",
+            "expected_ms = 1000.0\ntime_limit_ms = 10000\nmin_warm = 1\nmax_warm = 1",
         ),
         exec_function("echo", "gati-fn-testkit", &["echo"], "expected_ms = 1.0\nmin_warm = 1"),
-        "[[dags]]\nname = \"slow\"\ndeadline_ms = 30000\nchain = [\"slow\"]\n\n\
-         [[dags]]\nname = \"echo\"\ndeadline_ms = 5000\nchain = [\"echo\"]\n"
+        "[[dags]]\nname = \"slow\"\ndeadline_ms = 30000\nchain = [\"slow\"]\nmax_sgs = 1\n\n\
+         [[dags]]\nname = \"echo\"\ndeadline_ms = 5000\nchain = [\"echo\"]\nmax_sgs = 1\n"
             .into(),
     ];
     let d = TestDaemon::start_with(&dir, &config(&dir, "", &parts), stderr_to(&log));
@@ -128,8 +128,10 @@ fn a_sandbox_killed_mid_request_is_retried_and_later_requests_succeed() {
     c.send(Client::dag_header("slow", 9, 0), b"survivor1").unwrap();
     // The function says on stderr (the daemon's) that it runs the request.
     wait_for_text(&log, "testkit slow: request", Duration::from_secs(30));
+    // One SGS, `max_warm = 1`: the one sandbox of `slow` is the one running the request
+    // (killing a sandbox still starting would fail the start instead).
     let victims = descendants_running(d.child.id(), &["slow", "1000"]);
-    assert!(!victims.is_empty(), "no sandbox of `slow` among gatid's descendants");
+    assert_eq!(victims.len(), 1, "sandboxes of `slow` among gatid's descendants: {victims:?}");
     for &pid in &victims {
         // SAFETY: SIGKILL to a sandbox process of our daemon, found above.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill -9 {pid}");
@@ -276,7 +278,7 @@ fn a_garbage_model_file_at_sighup_is_refused_and_the_old_model_keeps_serving() {
     let notify = NotifySocket::bind(&dir);
     let d = TestDaemon::start_with(&dir, &config(&dir, "", &[entry]), |cmd| {
         stderr_to(&log)(cmd);
-        cmd.env("NOTIFY_SOCKET", &notify.path);
+        cmd.env("NOTIFY_SOCKET", &notify.path).env("GATI_LOG", "info");
     });
     let (pixels, label) = cifar_images()[3].clone();
     let stop = Arc::new(AtomicBool::new(false));
@@ -318,6 +320,7 @@ fn a_garbage_model_file_at_sighup_is_refused_and_the_old_model_keeps_serving() {
     let line = text.lines().find(|l| l.contains("reload refused")).unwrap();
     eprintln!("log: {line}");
     assert!(line.contains("cifar10"), "the log line names the model: {line}");
+    assert!(!line.contains('\x1b'), "plain text, no terminal colours, in a log file: {line:?}");
     let after = done.load(Ordering::Relaxed);
     wait_done(after + 20);
 
@@ -328,6 +331,12 @@ fn a_garbage_model_file_at_sighup_is_refused_and_the_old_model_keeps_serving() {
     assert_eq!(health["models"], 1);
     let models = c.control_json(Kind::ListModels, 0, &[]).unwrap();
     assert_eq!(models["models"][0]["name"], "cifar10");
+    // The file repaired, the next reload loads it (the refused one left nothing behind).
+    std::fs::copy(model_path("cifar10_cnn.onnx"), &model).unwrap();
+    d.signal(libc::SIGHUP);
+    wait_for_text(&log, "reload applied", Duration::from_secs(60));
+    let after = done.load(Ordering::Relaxed);
+    wait_done(after + 20);
     stop.store(true, Ordering::Relaxed);
     let failures: Vec<Status> = load.into_iter().flat_map(|t| t.join().unwrap()).collect();
     assert!(failures.is_empty(), "requests failed before, during or after the refused reload: {failures:?}");
@@ -411,25 +420,32 @@ struct Tally {
     shutting_down: u64,
     /// Answers for ids not outstanding (duplicates or mismatches) and wrong statuses/classes.
     wrong: Vec<String>,
-    /// Requests outstanding when the daemon closed the connection cleanly (it
-    /// had read them all): lost.
-    lost: usize,
-    /// Requests outstanding when the connection was reset: the daemon closed
-    /// with bytes unread, so (some of) these were never accepted.
-    unread_at_reset: usize,
-    /// Sends refused because the daemon had closed (never accepted).
+    /// Requests written in full but unanswered when the connection ended
+    /// (EOF or reset): lost. A client cannot tell a request the daemon read
+    /// from one still in the socket: once written, it is owed an answer.
+    lost: Vec<u64>,
+    /// Sends that failed because the daemon had closed (the client knows
+    /// these were never accepted).
     refused_sends: u64,
 }
 
+/// Fails about 1 run in 4 here: when the last in-flight request is answered the
+/// drain closes every connection (`api/server` `drained()` → `close_all()`,
+/// `shutdown(SHUT_RDWR)`) without reading what is still in its socket, so
+/// frames a client wrote just before are never answered and it reads EOF
+/// (e.g. ShuttingDown for id 21, then EOF with 22–24 outstanding). See the
+/// faults report.
 #[test]
+#[ignore = "fails: SIGTERM drain closes connections with frames still unread in the socket (api/server close_all), see report"]
 fn sigterm_under_load_answers_every_accepted_request_and_exits_zero() {
     const WINDOW: usize = 4;
+    const CLIENTS: usize = 8;
     let dir = tempdir("faults-sigterm-load");
     let mut d =
         TestDaemon::start(&dir, &config(&dir, "drain_timeout_ms = 60000", &[cifar_model("cifar10", "max_batch = 8")]));
     let (pixels, label) = cifar_images()[4].clone();
     let answered = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = (0..4)
+    let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
             let (mut c, answered, pixels) = (patient(&d), Arc::clone(&answered), pixels.clone());
             std::thread::spawn(move || {
@@ -462,15 +478,10 @@ fn sigterm_under_load_answers_every_accepted_request_and_exits_zero() {
                             answered.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(ClientError::Io(e)) => {
-                            match e.kind() {
-                                ErrorKind::UnexpectedEof => t.lost += outstanding.len(),
-                                ErrorKind::ConnectionReset => t.unread_at_reset += outstanding.len(),
-                                _ => panic!(
-                                    "connection ended with {e} ({:?}), {} outstanding",
-                                    e.kind(),
-                                    outstanding.len()
-                                ),
-                            }
+                            let clean = matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset);
+                            assert!(clean, "connection ended with {e} ({:?}), {outstanding:?} outstanding", e.kind());
+                            t.lost = outstanding.into_iter().collect();
+                            t.lost.sort_unstable();
                             return t;
                         }
                         Err(e) => panic!("bad answer: {e}"),
@@ -493,7 +504,7 @@ fn sigterm_under_load_answers_every_accepted_request_and_exits_zero() {
     assert_eq!(st.code(), Some(0), "exit status after SIGTERM under load");
     for t in &tallies {
         assert!(t.wrong.is_empty(), "{:?}", t.wrong);
-        assert_eq!(t.lost, 0, "requests the daemon read were never answered: {t:?}");
+        assert!(t.lost.is_empty(), "requests written before the daemon closed were never answered: {t:?}");
         assert!(t.ok > 0, "{t:?}");
     }
 }
