@@ -2,7 +2,7 @@
 //! functions that hang, allocate without bound or flood stdout; a model file
 //! replaced by garbage before SIGHUP; a read-only or full state directory;
 //! SIGTERM under load; the daemon killed with SIGKILL and restarted on its
-//! state directory. Each test asserts what clients see (every request
+//! state directory, or killed while it starts sandboxes (none may outlive it). Each test asserts what clients see (every request
 //! answered, with an error status where it failed, or a clean connection
 //! error) and that the node keeps serving.
 //!
@@ -156,6 +156,7 @@ fn a_sandbox_killed_mid_request_is_retried_and_later_requests_succeed() {
 struct Outcome {
     status: Status,
     message: String,
+    took: Duration,
 }
 
 #[test]
@@ -229,15 +230,20 @@ fn hanging_hogging_and_flooding_functions_get_error_statuses_while_the_node_serv
         .map(|(dag, input)| {
             let mut c = patient(&d);
             std::thread::spawn(move || {
+                let t = Instant::now();
                 let r = c.invoke_dag(dag, input, 0).unwrap_or_else(|e| panic!("{dag}: no answer: {e}"));
-                Outcome { status: r.status, message: String::from_utf8_lossy(&r.payload).into_owned() }
+                Outcome {
+                    status: r.status,
+                    message: String::from_utf8_lossy(&r.payload).into_owned(),
+                    took: t.elapsed(),
+                }
             })
         })
         .collect();
     let outcomes: Vec<Outcome> = faults.into_iter().map(|t| t.join().unwrap()).collect();
     let served_during = served.load(Ordering::Relaxed) - served_before;
     for (name, o) in ["hang", "hog", "flood"].iter().zip(&outcomes) {
-        eprintln!("{name}: {:?} {}", o.status, o.message);
+        eprintln!("{name}: {:?} after {:?}: {}", o.status, o.took, o.message);
         assert_eq!(o.status, Status::Internal, "{name}: {}", o.message);
         assert!(o.message.contains(&format!("`{name}`")), "{name}: the answer names the function: {}", o.message);
     }
@@ -609,4 +615,74 @@ fn a_daemon_killed_with_sigkill_gives_clean_errors_and_restarts_from_its_state()
     assert_eq!(answers(&mut c, &test), before, "every answer (exit cut and class) is the same after the restart");
     drop(d);
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// Pids of the processes in a sandbox cgroup of daemon `pid` (named
+/// `<function>-<daemon pid>-<serial>` by the sandbox module).
+fn jailed_by(pid: u32) -> Vec<i32> {
+    let tag = format!("-{pid}-");
+    let mut found: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|p| {
+            let groups = std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap_or_default();
+            groups.lines().any(|l| l.contains("/gati/") && l.contains(&tag))
+        })
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+#[test]
+#[cfg_attr(gati_unprivileged, ignore = "needs root: DAG exec functions run in sandboxes (CI runs as root)")]
+fn sandboxes_die_with_a_daemon_killed_while_it_starts_them() {
+    require_root();
+    let dir = tempdir("faults-orphans");
+    let parts = [
+        exec_function("crasher", "gati-fn-testkit", &["crash"], "expected_ms = 1.0\ntime_limit_ms = 500\nmin_warm = 2"),
+        "[[dags]]\nname = \"boom\"\ndeadline_ms = 3000\nchain = [\"crasher\"]\n".into(),
+    ];
+    let mut d = TestDaemon::start(&dir, &config(&dir, "", &parts));
+    let pid = d.child.id();
+    // Every request crashes its worker: the spawners replace workers back to back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (mut c, stop) = (patient(&d), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..4 {
+                    if c.send(Client::dag_header("boom", 1, 0), b"x").is_err() {
+                        return;
+                    }
+                }
+                for _ in 0..4 {
+                    if c.recv().is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    let mut c = patient(&d);
+    wait_metric(&mut c, "gati_sched_cold_starts_total", 6.0);
+    d.child.kill().unwrap();
+    d.wait_exit(Duration::from_secs(10));
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = jailed_by(pid);
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() >= until {
+            for &p in &left {
+                // SAFETY: SIGKILL to the orphaned sandboxes of our own dead daemon (cleanup).
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            panic!("sandboxes of the killed daemon {pid} still run 10 s later: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -212,7 +212,9 @@ fn spawn_with(
         kill_and_reap(&pidfd);
         return Err(e);
     }
-    drop(go_write);
+    // `go_write` stays open until the child has exec'd: the child checks, once
+    // its parent-death signal is set, that this end is still open (that we
+    // live); a daemon that dies mid-start must not leave the sandbox running.
     let mut report = [0u8; 8];
     let mut err_read = File::from(err_read);
     match read_report(&mut err_read, &mut report) {
@@ -229,6 +231,7 @@ fn spawn_with(
             return Err(SandboxError::sys("read(error pipe)", e));
         }
     }
+    drop(go_write);
 
     let namespaces = NAMESPACES.iter().filter(|(f, _)| flags & f != 0).map(|(_, n)| *n);
     let isolation = Isolation {
