@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use gatid::client::Client;
 
+pub mod procs;
+
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
@@ -339,4 +341,17 @@ pub fn plain_metric(text: &str, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Waits (bounded) until the unlabelled metric `name` reaches `at_least`.
+pub fn wait_metric(c: &mut Client, name: &str, at_least: f64) -> f64 {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = plain_metric(&c.stats_text().unwrap(), name);
+        if v >= at_least {
+            return v;
+        }
+        assert!(Instant::now() < until, "{name} = {v}, want ≥ {at_least} within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
