@@ -53,7 +53,16 @@ fn a_panicking_io_thread_is_restarted_and_every_new_client_is_served() {
     let mut d = start(&dir, "io_threads = 2", "", |_| {});
     let (pixels, label) = cifar_images()[0].clone();
     let mut c = d.client();
-    let h = c.control_json(Kind::Health, 0, &[]).unwrap();
+    // The first I/O thread answers before the second has started: wait for READY.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let h = loop {
+        let h = c.control_json(Kind::Health, 0, &[]).unwrap();
+        if h["ready"] == true {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "never ready: {h}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(h["status"], "ok", "{h}");
     let roles: Vec<_> =
         h["threads"].as_array().unwrap().iter().map(|t| t["role"].as_str().unwrap().to_owned()).collect();

@@ -117,7 +117,12 @@ fn spawn_with(
 
     let root = if mount_ns { Some(root_plan(contents, pid_ns)?) } else { None };
     let exec_path = if mount_ns { &contents.program_in_root } else { &contents.program };
-    let devnull = File::open("/dev/null").map_err(|e| SandboxError::sys("open(/dev/null)", e))?;
+    // Read-write: the function's stdin and stdout (writes succeed and vanish).
+    let devnull = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| SandboxError::sys("open(/dev/null)", e))?;
     let mut rlimits = vec![(libc::RLIMIT_NOFILE, limit(64)), (libc::RLIMIT_CORE, limit(0))];
     let mut rlimit_names = vec!["NOFILE=64", "CORE=0"];
     if ids.is_some() {
@@ -208,7 +213,9 @@ fn spawn_with(
         kill_and_reap(&pidfd);
         return Err(e);
     }
-    drop(go_write);
+    // `go_write` stays open until the child has exec'd: the child checks, once
+    // its parent-death signal is set, that this end is still open (that we
+    // live); a daemon that dies mid-start must not leave the sandbox running.
     let mut report = [0u8; 8];
     let mut err_read = File::from(err_read);
     match read_report(&mut err_read, &mut report) {
@@ -225,6 +232,7 @@ fn spawn_with(
             return Err(SandboxError::sys("read(error pipe)", e));
         }
     }
+    drop(go_write);
 
     let namespaces = NAMESPACES.iter().filter(|(f, _)| flags & f != 0).map(|(_, n)| *n);
     let isolation = Isolation {

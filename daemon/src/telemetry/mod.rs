@@ -65,12 +65,18 @@ pub fn install(listen: Option<SocketAddr>) -> Result<(PrometheusHandle, Option<E
     }
 }
 
-/// Logs to stderr (journald captures it under systemd), filtered by `GATI_LOG`.
+/// Logs to stderr (journald captures it under systemd), filtered by `GATI_LOG`;
+/// coloured only on a terminal (the journal and log files get plain text).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATI_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .try_init();
 }
 
 /// A request finished with `status` after `took` in the daemon.

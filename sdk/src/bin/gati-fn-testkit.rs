@@ -18,6 +18,9 @@
 //!   push).
 //! - `thread`: spawns a `std::thread`, joins it and answers `thread N joined`
 //!   with the value it returned (threads are allowed).
+//! - `slow MS`: writes `testkit slow: request` to stderr, sleeps MS
+//!   milliseconds, then answers its input (a request to kill it during).
+//! - `flood`: writes to stdout without end and never answers.
 //! - `probe`: answers `key=value` lines describing what it can see: its pid,
 //!   the pids in /proc, its uid, root entries, network interfaces, hostname,
 //!   capabilities and seccomp state, and the result of reading each path given
@@ -41,6 +44,8 @@ fn main() {
         "thread" => thread(),
         "scribble" => scribble(&extra),
         "probe" => Ok(probe(input).into_bytes()),
+        "slow" => slow(&extra, input),
+        "flood" => flood(),
         other => Err(format!("unknown mode {other:?}")),
     })
 }
@@ -57,6 +62,23 @@ fn echo(input: &[u8]) -> Result<Vec<u8>, String> {
         return Ok(vec![b'x'; n]);
     }
     Ok(input.to_vec())
+}
+
+fn slow(ms: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+    let ms: u64 = ms.parse().map_err(|_| format!("slow: argv[2] must be milliseconds, got {ms:?}"))?;
+    eprintln!("testkit slow: request");
+    std::thread::sleep(Duration::from_millis(ms));
+    Ok(input.to_vec())
+}
+
+fn flood() -> Result<Vec<u8>, String> {
+    use std::io::Write as _;
+    let chunk = vec![b'f'; 64 << 10];
+    let mut out = std::io::stdout().lock();
+    loop {
+        // Errors (a closed stdout) do not stop the flood: only the time limit does.
+        let _ = out.write_all(&chunk);
+    }
 }
 
 fn alloc(input: &[u8]) -> Result<Vec<u8>, String> {
