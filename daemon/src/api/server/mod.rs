@@ -216,6 +216,8 @@ struct Conn {
     send_armed: bool,
     /// No more reading: close once answers are flushed.
     closing: bool,
+    /// The drain shut the socket's read side (what was sent before is still read).
+    read_shut: bool,
     /// Gone: free as soon as no ring operation refers to it.
     dead: bool,
 }
@@ -328,6 +330,20 @@ impl Worker {
                     )?;
                     self.accept_cancelled = true;
                 }
+                // Stop the clients' writes, but read what they already sent:
+                // every frame in a socket is answered (ShuttingDown) before it
+                // closes. A write after this fails with EPIPE at the client.
+                for slot in 0..self.conns.len() {
+                    if let Some(c) = self.conns[slot].as_deref_mut().filter(|c| !c.read_shut) {
+                        c.read_shut = true;
+                        // SAFETY: shutdown of the read side of a socket this connection owns.
+                        unsafe { libc::shutdown(c.out.raw_fd(), libc::SHUT_RD) };
+                        self.dirty.push(slot as u32);
+                    }
+                }
+                if !self.dirty.is_empty() {
+                    self.flush()?;
+                }
                 if self.drained() {
                     self.close_all();
                     return Ok(());
@@ -355,9 +371,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Draining and nothing left to answer or send.
+    /// Draining, every connection read to its end, and nothing left to answer or send.
     fn drained(&self) -> bool {
-        self.conns.iter().flatten().all(|c| !c.send_armed && c.sending.is_empty() && c.out.idle())
+        self.conns.iter().flatten().all(|c| c.closing && !c.send_armed && c.sending.is_empty() && c.out.idle())
     }
 
     fn close_all(&mut self) {
@@ -448,6 +464,7 @@ impl Worker {
             recv_armed: false,
             send_armed: false,
             closing: false,
+            read_shut: false,
             dead: false,
         });
         let slot = match self.free.pop() {
@@ -486,6 +503,13 @@ impl Worker {
             return;
         };
         c.recv_armed = false;
+        if res == 0 && c.read_shut {
+            // The end of what the client sent before the drain: answer, flush, close.
+            c.closing = true;
+            c.out.wake_when_idle.store(true, std::sync::atomic::Ordering::Release);
+            self.dirty.push(slot);
+            return;
+        }
         if res <= 0 {
             c.dead = true;
             self.dirty.push(slot);
