@@ -12,6 +12,8 @@ pub mod bench;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod eventfd;
+pub mod id;
 pub mod infer;
 pub mod liveness;
 pub mod node;

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{Client, ClientError};
-use crate::api::server::FLAG_CALIBRATE;
 use crate::api::wire::Dtype;
+use crate::api::wire::FLAG_CALIBRATE;
 
 /// Images of one calibration set.
 #[derive(Debug)]

@@ -11,7 +11,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 use gati_sdk::layout::{Layout, Shared};
 use memmap2::{MmapOptions, MmapRaw};
@@ -75,58 +75,5 @@ impl SharedRegion {
     }
 }
 
-/// An eventfd used as a doorbell.
-pub struct EventFd(OwnedFd);
-
-impl EventFd {
-    /// `nonblocking` sets `O_NONBLOCK` on the open file description, which the
-    /// function shares: use it only for the fd the daemon reads.
-    pub fn new(nonblocking: bool) -> Result<EventFd, SandboxError> {
-        let flags = libc::EFD_CLOEXEC | if nonblocking { libc::EFD_NONBLOCK } else { 0 };
-        // SAFETY: eventfd with constant flags has no memory-safety preconditions.
-        let fd = unsafe { libc::eventfd(0, flags) };
-        if fd < 0 {
-            return Err(SandboxError::sys("eventfd", io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    pub fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-
-    /// Adds 1 to the counter (wakes the reader).
-    pub fn signal(&self) -> Result<(), SandboxError> {
-        let one = 1u64;
-        loop {
-            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-            let n = unsafe { libc::write(self.fd(), (&raw const one).cast(), 8) };
-            if n == 8 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(SandboxError::sys("write(eventfd)", err));
-            }
-        }
-    }
-
-    /// Resets the counter without blocking; true if it was non-zero.
-    pub fn drain(&self) -> Result<bool, SandboxError> {
-        let mut value = 0u64;
-        loop {
-            // SAFETY: reads 8 bytes into a live, exclusively borrowed u64.
-            let n = unsafe { libc::read(self.fd(), (&raw mut value).cast(), 8) };
-            if n == 8 {
-                return Ok(value > 0);
-            }
-            let err = io::Error::last_os_error();
-            match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(false),
-                _ => return Err(SandboxError::sys("read(eventfd)", err)),
-            }
-        }
-    }
-}
+/// The daemon's eventfd, used as a doorbell.
+pub use crate::eventfd::EventFd;

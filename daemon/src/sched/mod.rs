@@ -12,7 +12,6 @@
 pub mod cores;
 pub mod dag;
 pub mod estimate;
-pub mod eventfd;
 pub mod function;
 pub mod lb;
 pub mod pool;

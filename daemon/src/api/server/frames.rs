@@ -60,19 +60,25 @@ impl Worker {
                 c.out.wake_when_idle.store(true, std::sync::atomic::Ordering::Release);
                 return;
             }
-            // The payload is charged to the node's budget before a byte of it is
-            // kept; the buffer itself grows only as bytes arrive.
-            if c.frame_charge.is_none() && len > 0 {
-                match self.ctx.budget.try_charge(len) {
-                    Some(charge) => c.frame_charge = Some(charge),
-                    None => {
-                        telemetry::request_refused("queued_bytes");
-                        let frame = Frame::plain(header.kind.get(), header.request_id.get(), Status::Busy, 0);
-                        c.respond(frame, b"queued_bytes: the node holds max_queued_bytes of requests");
-                        c.in_pos += HEADER_LEN;
-                        c.discard = len;
-                        continue;
-                    }
+            // The payload bytes buffered so far are charged to the node's budget
+            // (a header alone holds nothing: a client that declares a big frame
+            // and stalls holds only what it sent). When they do not fit, the
+            // frame is refused at once and the rest of it skipped as it arrives.
+            let buffered = (avail - HEADER_LEN).min(len);
+            let held = c.frame_charge.as_ref().map_or(0, Charge::bytes);
+            if buffered > held {
+                let fits = match &mut c.frame_charge {
+                    Some(charge) => charge.try_grow(buffered - held),
+                    None => self.ctx.budget.try_charge(buffered).map(|ch| c.frame_charge = Some(ch)).is_some(),
+                };
+                if !fits {
+                    telemetry::request_refused("queued_bytes");
+                    let frame = Frame::plain(header.kind.get(), header.request_id.get(), Status::Busy, 0);
+                    c.respond(frame, b"queued_bytes: the node holds max_queued_bytes of requests");
+                    c.frame_charge = None;
+                    c.in_pos += HEADER_LEN + buffered;
+                    c.discard = len - buffered;
+                    continue;
                 }
             }
             if avail < HEADER_LEN + len {

@@ -26,12 +26,7 @@ use super::wire::{Dtype, ResponseHeader, Status, HEADER_LEN};
 use super::ServeContext;
 use crate::telemetry;
 
-/// Header flag: skip admission control; queue even if the deadline looks unmeetable
-/// (the request is answered `DeadlineExpired` if it passes in the queue).
-pub const FLAG_BEST_EFFORT: u16 = 1;
-/// Request flag: a calibration row for the model's caches (runs the whole
-/// model, never answered from a cache, always added to the training window).
-pub const FLAG_CALIBRATE: u16 = 2;
+pub use super::wire::{FLAG_BEST_EFFORT, FLAG_CALIBRATE};
 
 const RECV_BUF: usize = 64 * 1024;
 /// Unsent answer bytes above which a connection is no longer read.
@@ -55,7 +50,7 @@ fn split(ud: u64) -> (u64, u32, u32) {
 /// Connections (slot, generation) whose queued bytes an I/O thread must flush.
 struct Mailbox {
     flush: Mutex<Vec<(u32, u32)>>,
-    wake: OwnedFd,
+    wake: crate::eventfd::EventFd,
 }
 
 impl Mailbox {
@@ -71,9 +66,7 @@ impl Mailbox {
     }
 
     fn ring(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&raw const one).cast(), 8) };
+        self.wake.signal();
     }
 }
 
@@ -105,13 +98,7 @@ impl Server {
     pub fn start(listen_fd: RawFd, threads: usize, ctx: Arc<ServeContext>) -> io::Result<Self> {
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
-            // SAFETY: plain eventfd(2); checked below.
-            let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-            if efd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: fresh fd owned by nobody else.
-            let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+            let wake = crate::eventfd::EventFd::new()?;
             let mailbox = Arc::new(Mailbox { flush: Mutex::new(Vec::new()), wake });
             let (mb, cx) = (Arc::clone(&mailbox), Arc::clone(&ctx));
             let (started_tx, started_rx) = std::sync::mpsc::channel();
@@ -238,7 +225,6 @@ struct Worker {
     conns: Vec<Option<Box<Conn>>>,
     free: Vec<u32>,
     next_gen: u32,
-    wake_buf: Box<u64>,
     accept_armed: bool,
     accept_cancelled: bool,
     dirty: Vec<u32>,
@@ -262,7 +248,6 @@ impl Worker {
             conns: Vec::new(),
             free: Vec::new(),
             next_gen: 1,
-            wake_buf: Box::new(0),
             accept_armed: false,
             accept_cancelled: false,
             dirty: Vec::new(),
@@ -393,7 +378,7 @@ impl Worker {
     fn arm_wake(&mut self) -> io::Result<()> {
         // Poll, then read without blocking: a plain read of an eventfd would be
         // handed to an io-wq worker, one more thread to wake per answer.
-        let sqe = opcode::PollAdd::new(types::Fd(self.mailbox.wake.as_raw_fd()), libc::POLLIN as u32)
+        let sqe = opcode::PollAdd::new(types::Fd(self.mailbox.wake.fd()), libc::POLLIN as u32)
             .build()
             .user_data(user_data(OP_WAKE, 0, 0));
         self.push(sqe)
@@ -522,8 +507,7 @@ impl Worker {
     }
 
     fn on_wake(&mut self) -> io::Result<()> {
-        // SAFETY: non-blocking 8-byte read from our eventfd into a live u64.
-        unsafe { libc::read(self.mailbox.wake.as_raw_fd(), (&raw mut *self.wake_buf).cast(), 8) };
+        self.mailbox.wake.drain();
         let flush = std::mem::take(&mut *self.mailbox.flush.lock().unwrap_or_else(|p| p.into_inner()));
         for (slot, gen) in flush {
             if self.conn(slot, gen).is_some() {

@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 
 use self::core::{Core, Msg};
 use super::cores::Cores;
-use super::eventfd::EventFd;
 use super::function::{Deployment, FnId};
 use super::request::{DagReply, DagRequest};
 use super::signals::SgsStats;
 use super::worker::WorkerFactory;
 use super::SchedError;
+use crate::eventfd::EventFd;
 
 /// Requests one SGS holds (queued or running, not yet answered) before new
 /// ones are refused `Busy`.

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Worker, WorkerError};
+use crate::eventfd::EventFd;
 use crate::infer::batcher::Rejected;
 use crate::infer::{Job, JobResult, ModelHandle, Reply};
-use crate::sched::eventfd::EventFd;
 
 type Slot = Arc<Mutex<Option<Result<Vec<u8>, WorkerError>>>>;
 
