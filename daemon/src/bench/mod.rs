@@ -9,3 +9,4 @@ pub mod loadgen;
 pub mod plot;
 pub mod selector;
 pub mod serving;
+pub mod soak;
