@@ -190,7 +190,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let start = monitor::Snapshot::take(pid, &mut monitor_conn)?;
+    let start = monitor::steady(pid, &mut monitor_conn)?;
     let progress = Arc::new(Progress {
         next: AtomicU64::new(0),
         valid_done: AtomicU64::new(0),
@@ -233,7 +233,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         hostile_tallies.merge(t.join().map_err(|_| anyhow::anyhow!("a hostile client panicked"))?);
     }
     let load_secs = load_started.elapsed().as_secs_f64();
-    let (end, settle_s) = monitor::settle(pid, &mut monitor_conn, start.fds)?;
+    let (end, settle_s, gone) = match monitor::settle(pid, &mut monitor_conn, start.fds) {
+        Ok((end, secs)) => (end, secs, None),
+        Err(e) => (monitor::Snapshot::gone(), 0.0, Some(format!("{e:#}"))),
+    };
     let cache_state = monitor::cache_state(&mut monitor_conn, "fmnist");
     let still_serving = inputs::still_serving(&daemon, &inputs);
     drop(monitor_conn);
@@ -246,6 +249,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         start,
         end,
         settle_s,
+        gone,
         series: &series,
         valid: &tallies,
         hostile: &hostile_tallies,

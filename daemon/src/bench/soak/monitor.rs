@@ -50,11 +50,16 @@ impl Snapshot {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("daemon gone")?;
         let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).context("daemon gone")?.count();
         Ok(Self {
-            rss_mb: status_mb(&status, "VmRSS:").context("no VmRSS")?,
-            hwm_mb: status_mb(&status, "VmHWM:").context("no VmHWM")?,
+            rss_mb: status_mb(&status, "VmRSS:").context("daemon gone (a zombie: no VmRSS)")?,
+            hwm_mb: status_mb(&status, "VmHWM:").context("daemon gone (a zombie: no VmHWM)")?,
             fds,
             queued_bytes: c.stats_text().ok().as_deref().and_then(queued_bytes),
         })
+    }
+
+    /// What is left of a daemon that exited: no memory, no fds.
+    pub fn gone() -> Self {
+        Self { rss_mb: f64::NAN, hwm_mb: f64::NAN, fds: 0, queued_bytes: None }
     }
 
     fn queued(&self) -> String {
@@ -126,6 +131,24 @@ pub(crate) fn watch(
             return series;
         }
     }
+}
+
+/// Before the load: waits (bounded) until the daemon's fd count has held
+/// still for a second (connections just closed on our side may still be
+/// open on its side), then reads its resources.
+pub(crate) fn steady(pid: u32, c: &mut Client) -> anyhow::Result<Snapshot> {
+    let t = Instant::now();
+    let (mut last, mut since) = (usize::MAX, Instant::now());
+    while t.elapsed() < SETTLE_MAX {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).context("daemon gone")?.count();
+        if fds != last {
+            (last, since) = (fds, Instant::now());
+        } else if since.elapsed() >= PERIOD {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Snapshot::take(pid, c)
 }
 
 /// After the load: waits (bounded) for the fds to come back to `fds_start`,

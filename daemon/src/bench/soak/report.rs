@@ -20,6 +20,8 @@ pub(crate) struct Report<'a> {
     pub start: Snapshot,
     pub end: Snapshot,
     pub settle_s: f64,
+    /// Why the daemon could not be read after the load (it exited).
+    pub gone: Option<String>,
     pub series: &'a Series,
     pub valid: &'a traffic::Tallies,
     pub hostile: &'a hostile::Tallies,
@@ -87,6 +89,7 @@ impl Report<'_> {
             "fds_end": self.end.fds,
             "queued_bytes_peak": queued_peak,
             "settle_s": self.settle_s,
+            "daemon_gone": self.gone,
             "still_serving": self.still_serving.as_ref().err(),
             "clean_stop": self.stopped.as_ref().err(),
             "per_class": { "valid": v.per_class, "hostile": self.hostile.per_class },
@@ -112,6 +115,9 @@ impl Report<'_> {
         }
         if self.end.fds != self.start.fds {
             failed.push(format!("fds {} at the end vs {} at the start", self.end.fds, self.start.fds));
+        }
+        if let Some(e) = &self.gone {
+            failed.push(format!("daemon gone after the load: {e}"));
         }
         if let Err(e) = &self.still_serving {
             failed.push(format!("not serving after the load: {e}"));
