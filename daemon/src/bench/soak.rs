@@ -51,11 +51,11 @@ pub struct Args {
     /// Config whose `fmnist` model is added (with a learned cache).
     #[arg(long, default_value = "configs/cpu.toml")]
     pub models_from: PathBuf,
-    /// Also send expanding-shape frames (u8 `[N,1,1,1]` that a resize would
-    /// blow up to GiBs of f32). Off until the daemon bounds sizes before
-    /// allocating: today one such frame ends the I/O thread.
+    /// Leave out the expanding-shape frames (u8 `[N,1,1,1]` that a resize
+    /// would blow up to GiBs of f32; before sizes were bounded before
+    /// allocation, one such frame aborted the daemon).
     #[arg(long)]
-    pub expanding: bool,
+    pub no_expanding: bool,
     #[arg(long, default_value = "bench/results/soak.json")]
     pub out: PathBuf,
     #[arg(long, default_value = "bench/results/soak.png")]
@@ -173,7 +173,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "gatid bench soak{}: {total} requests ({valid_total} valid on {} connections, ~{hostile_total} hostile{})",
         if args.quick { " (quick)" } else { "" },
         args.clients,
-        if args.expanding { ", expanding shapes on" } else { ", expanding shapes off (--expanding)" }
+        if args.no_expanding { ", no expanding shapes" } else { "" }
     );
     let daemon = Daemon::start_with(&args.config, |t| tweak(t, fmnist))?;
     let mut monitor_conn = daemon.client()?;
@@ -209,7 +209,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         share: HOSTILE_SHARE,
         quota: hostile_total,
         max_frame_bytes: max_frame,
-        expanding: args.expanding,
+        expanding: !args.no_expanding,
     });
     let bad: Vec<_> = (0..HOSTILE_THREADS)
         .map(|k| {

@@ -58,7 +58,7 @@ impl Report<'_> {
             "clients": self.args.clients,
             "window_per_client": super::WINDOW,
             "hostile_share": super::HOSTILE_SHARE,
-            "expanding_shapes": self.args.expanding,
+            "expanding_shapes": !self.args.no_expanding,
             "requests": requests,
             "valid": valid,
             "hostile": hostile,
