@@ -302,3 +302,85 @@ pub(crate) fn dag_class(payload: &[u8]) -> Option<usize> {
     let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
     v.get(0)?.get("class")?.as_u64().map(|c| c as usize)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAGES: u16 = 7;
+
+    fn answer(id: u64, status: Status, classes: &[usize], exit_stage: u16) -> Response {
+        let mut payload = Vec::new();
+        for &c in classes {
+            for k in 0..CLASSES {
+                payload.extend_from_slice(&(if k == c { 5.0f32 } else { 0.0 }).to_le_bytes());
+            }
+        }
+        Response {
+            kind: 1,
+            request_id: id,
+            status,
+            exit_stage,
+            server_us: 0,
+            dtype: Dtype::F32 as u8,
+            shape: vec![classes.len(), CLASSES],
+            payload,
+        }
+    }
+
+    fn sent(ids: &mut Ids, pending: &mut HashMap<u64, (Class, Expect)>, classes: &[usize], cached: bool) -> u64 {
+        let id = ids.take();
+        let class = if cached { Class::Fmnist } else { Class::Cifar10 };
+        pending.insert(id, (class, Expect::Infer { classes: classes.to_vec(), cached }));
+        id
+    }
+
+    #[test]
+    fn answers_are_sorted_into_ok_mismatched_disagreeing_duplicated_and_foreign() {
+        let mut t = Tallies::default();
+        let mut ids = Ids { prefix: 3 << SEQ_BITS, next: 0 };
+        let mut pending = HashMap::new();
+        let a = sent(&mut ids, &mut pending, &[2, 5], false);
+        assert!(t.check(&answer(a, Status::Ok, &[2, 5], STAGES), &mut pending, ids, STAGES));
+        // The same answer again, and an id this connection never sent.
+        assert!(!t.check(&answer(a, Status::Ok, &[2, 5], STAGES), &mut pending, ids, STAGES));
+        assert!(!t.check(&answer(4 << SEQ_BITS, Status::Ok, &[1], STAGES), &mut pending, ids, STAGES));
+        // Wrong class from the full model; wrong row count.
+        let b = sent(&mut ids, &mut pending, &[1], false);
+        t.check(&answer(b, Status::Ok, &[2], STAGES), &mut pending, ids, STAGES);
+        let c = sent(&mut ids, &mut pending, &[1, 1], false);
+        t.check(&answer(c, Status::Ok, &[1], STAGES), &mut pending, ids, STAGES);
+        // The cached model: a cache answer may disagree; a full-model one may not.
+        let d = sent(&mut ids, &mut pending, &[4], true);
+        t.check(&answer(d, Status::Ok, &[6], 2), &mut pending, ids, STAGES);
+        let e = sent(&mut ids, &mut pending, &[4], true);
+        t.check(&answer(e, Status::Ok, &[6], STAGES), &mut pending, ids, STAGES);
+        let f = sent(&mut ids, &mut pending, &[4], true);
+        t.check(&answer(f, Status::Busy, &[], 0), &mut pending, ids, STAGES);
+        assert!(pending.is_empty());
+
+        let cifar = &t.per_class["infer_cifar10"];
+        assert_eq!((cifar.ok, cifar.mismatched), (1, 2));
+        let fmnist = &t.per_class["infer_fmnist_cached"];
+        assert_eq!((fmnist.ok, fmnist.disagreements, fmnist.mismatched, fmnist.cache_answers), (0, 1, 1, 1));
+        assert_eq!(fmnist.errors.get("busy"), Some(&1));
+        assert_eq!((t.duplicated, t.foreign), (1, 1));
+    }
+
+    #[test]
+    fn the_mix_covers_every_class_and_dag_answers_parse() {
+        let mut seen = std::collections::BTreeSet::new();
+        for k in 0..1000 {
+            let pick = mix(k) % 100;
+            seen.insert(match pick {
+                0..40 => 0,
+                40..48 => 1,
+                48..93 => 2,
+                _ => 3,
+            });
+        }
+        assert_eq!(seen.len(), 4);
+        assert_eq!(dag_class(br#"[{"class":3,"p":0.81},{"class":5,"p":0.1}]"#), Some(3));
+        assert_eq!(dag_class(b"not json"), None);
+    }
+}
