@@ -23,7 +23,9 @@ const SETTLE_MIN: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct Snapshot {
     pub rss_mb: f64,
-    /// Peak RSS so far (VmHWM): catches spikes between samples.
+    /// Peak RSS so far (VmHWM): catches spikes between samples, though the
+    /// kernel raises it only at unmaps, so memory returned with madvise can
+    /// leave a sampled peak above it.
     pub hwm_mb: f64,
     pub fds: usize,
     pub queued_bytes: Option<f64>,
