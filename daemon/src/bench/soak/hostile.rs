@@ -4,6 +4,10 @@
 //! framing it must close on (bad magic or version, payloads over
 //! `max_frame_bytes`), and clients that hang up mid-request. Any `Ok`, and
 //! any frame left with neither an answer nor a close, is a violation.
+//! Optionally (`--stalled-headers`), headers that declare as large a payload
+//! as the node's byte budget still takes (up to `max_frame_bytes`) and then
+//! stall after its first byte, each thread holding the last [`STALLED_HELD`]
+//! of them open.
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
@@ -30,6 +34,8 @@ pub(crate) struct Plan {
     pub max_frame_bytes: u64,
     /// Include expanding-shape frames.
     pub expanding: bool,
+    /// Include stalled big headers.
+    pub stalled: bool,
 }
 
 /// One kind of hostile act.
@@ -49,9 +55,10 @@ enum Act {
     Expanding,
     HalfPayload,
     FullThenClose,
+    StalledHeader,
 }
 
-const ACTS: [Act; 14] = [
+const ACTS: [Act; 15] = [
     Act::BadMagic,
     Act::BadVersion,
     Act::UnknownKind,
@@ -66,6 +73,7 @@ const ACTS: [Act; 14] = [
     Act::Expanding,
     Act::HalfPayload,
     Act::FullThenClose,
+    Act::StalledHeader,
 ];
 
 impl Act {
@@ -85,12 +93,19 @@ impl Act {
             Self::Expanding => "expanding_shape",
             Self::HalfPayload => "disconnect_half_payload",
             Self::FullThenClose => "disconnect_before_answer",
+            Self::StalledHeader => "stalled_big_header",
         }
     }
 }
 
 /// Rows of an expanding-shape frame: u8 `[N,1,1,1]`, each resized to 32×32×3 f32 (12 KiB).
 const EXPANDING_ROWS: u64 = 8_000_000;
+/// Stalled big headers each hostile thread keeps open (the oldest is closed for a new one).
+pub(crate) const STALLED_HELD: usize = 8;
+/// A stalled header not refused within this long is held.
+const STALLED_REFUSAL_WAIT: Duration = Duration::from_millis(50);
+/// The smallest payload a stalled header declares.
+const STALLED_MIN: u32 = 4096;
 /// An answer or close not seen within this long is a violation.
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -106,6 +121,8 @@ enum Outcome {
     NoAnswer,
     /// We hung up ourselves (nothing to check but that the daemon copes).
     HungUp,
+    /// Left open mid-frame on purpose.
+    Held,
 }
 
 impl Outcome {
@@ -116,6 +133,7 @@ impl Outcome {
             Self::Closed => "closed".into(),
             Self::NoAnswer => "no_answer".into(),
             Self::HungUp => "hung_up".into(),
+            Self::Held => "held".into(),
         }
     }
 
@@ -255,10 +273,51 @@ fn frame(header: &RequestHeader, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Performs one act; `kept` is the connection the status acts share.
-fn act(a: Act, socket: &Path, inputs: &Inputs, plan: &Plan, kept: &mut Option<Client>) -> std::io::Result<Outcome> {
+/// Connections a hostile thread holds: the status acts' shared one, and the stalled frames.
+#[derive(Default)]
+struct Held {
+    kept: Option<Client>,
+    stalled: std::collections::VecDeque<UnixStream>,
+}
+
+/// Performs one act.
+fn act(a: Act, socket: &Path, inputs: &Inputs, plan: &Plan, held: &mut Held) -> std::io::Result<Outcome> {
     let pixels = &inputs.cifar[0].pixels;
+    let kept = &mut held.kept;
     match a {
+        Act::StalledHeader => {
+            // As large as the budget still takes: a refused size is halved.
+            let mut len = plan.max_frame_bytes.saturating_sub(HEADER_LEN as u64) as u32;
+            loop {
+                let mut h = Client::infer_header("cifar10", Dtype::U8, &[len, 1, 1, 1], 0);
+                h.payload_len.set(len);
+                let mut s = UnixStream::connect(socket)?;
+                s.set_write_timeout(Some(TIMEOUT))?;
+                s.set_read_timeout(Some(STALLED_REFUSAL_WAIT))?;
+                let _ = s.write_all(&frame(&h, &[0x80]));
+                let mut hb = [0u8; HEADER_LEN];
+                match s.read_exact(&mut hb) {
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        if held.stalled.len() >= STALLED_HELD {
+                            held.stalled.pop_front();
+                        }
+                        held.stalled.push_back(s);
+                        return Ok(Outcome::Held);
+                    }
+                    Err(_) => return Ok(Outcome::Closed),
+                    Ok(()) => {
+                        let status = ResponseHeader::parse(&hb)
+                            .ok()
+                            .and_then(|h| Status::from_u16(h.status.get()))
+                            .unwrap_or(Status::Internal);
+                        if status != Status::Busy || len <= STALLED_MIN {
+                            return Ok(Outcome::Status(status));
+                        }
+                        len /= 2;
+                    }
+                }
+            }
+        }
         Act::BadMagic => on_fresh(socket, &[0xAB; HEADER_LEN], true),
         Act::BadVersion => {
             let mut h = RequestHeader::new(Kind::Ping, 1, 0, Dtype::Bytes, &[], 0);
@@ -311,8 +370,11 @@ fn act(a: Act, socket: &Path, inputs: &Inputs, plan: &Plan, kept: &mut Option<Cl
 /// `(1 − share) / share` valid requests finished, until the valid load ends.
 pub(crate) fn client(k: usize, socket: &Path, inputs: &Inputs, progress: &Progress, plan: &Plan) -> Tallies {
     let mut t = Tallies::default();
-    let acts: Vec<Act> = ACTS.into_iter().filter(|a| plan.expanding || *a != Act::Expanding).collect();
-    let mut kept = None;
+    let acts: Vec<Act> = ACTS
+        .into_iter()
+        .filter(|a| (plan.expanding || *a != Act::Expanding) && (plan.stalled || *a != Act::StalledHeader))
+        .collect();
+    let mut held = Held::default();
     let mut turn = k;
     let per_valid = plan.share / (1.0 - plan.share);
     while !progress.abort.load(Ordering::Relaxed) && !progress.valid_over.load(Ordering::Relaxed) {
@@ -327,7 +389,7 @@ pub(crate) fn client(k: usize, socket: &Path, inputs: &Inputs, progress: &Progre
         progress.hostile_done.fetch_add(1, Ordering::Relaxed);
         let a = acts[turn % acts.len()];
         turn += 1;
-        match act(a, socket, inputs, plan, &mut kept) {
+        match act(a, socket, inputs, plan, &mut held) {
             Ok(outcome) => t.record(a, &outcome),
             Err(_) => {
                 // Could not even connect: the node stopped accepting.

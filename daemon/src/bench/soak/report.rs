@@ -59,6 +59,7 @@ impl Report<'_> {
             "window_per_client": super::WINDOW,
             "hostile_share": super::HOSTILE_SHARE,
             "expanding_shapes": !self.args.no_expanding,
+            "stalled_headers": self.args.stalled_headers,
             "requests": requests,
             "valid": valid,
             "hostile": hostile,
@@ -112,6 +113,15 @@ impl Report<'_> {
             if n > 0 {
                 failed.push(format!("{n} {what}"));
             }
+        }
+        if errored > 0 {
+            let by_class: Vec<String> = v
+                .per_class
+                .iter()
+                .filter(|(_, c)| !c.errors.is_empty())
+                .map(|(k, c)| format!("{k} {:?}", c.errors))
+                .collect();
+            failed.push(format!("errors by class: {}", by_class.join(", ")));
         }
         if self.end.fds != self.start.fds {
             failed.push(format!("fds {} at the end vs {} at the start", self.end.fds, self.start.fds));
