@@ -82,6 +82,12 @@ const DAG_DEADLINE_US: u32 = 30_000_000;
 /// follow the load.
 const WARM_WORKERS: i64 = 2;
 
+/// Time limit of every function. The soak checks answers, not latency: its
+/// closed-loop load keeps ~1000 rows queued at the cifar10 batcher, which the
+/// DAG's model step waits behind, so dag.toml's 500 ms limit would time it out
+/// (three times in a row now and then: `Internal`, "no attempts left").
+const FUNCTION_TIME_LIMIT_MS: i64 = 10_000;
+
 /// State shared by every load thread and the monitor.
 pub(crate) struct Progress {
     /// Next valid ticket to hand out.
@@ -103,7 +109,7 @@ impl Progress {
 }
 
 /// The soak deployment: dag.toml's cifar10 + classify, cpu.toml's fmnist with
-/// a learned cache, one SGS, fixed warm pools.
+/// a learned cache, one SGS, fixed warm pools, long function time limits.
 fn tweak(t: &mut toml::Table, fmnist: Value) {
     if let Some(Value::Array(models)) = t.get_mut("models") {
         models.retain(|m| m.get("name").and_then(Value::as_str) != Some("fmnist"));
@@ -113,6 +119,7 @@ fn tweak(t: &mut toml::Table, fmnist: Value) {
         for f in functions.iter_mut().filter_map(Value::as_table_mut) {
             f.insert("min_warm".into(), Value::Integer(WARM_WORKERS));
             f.insert("max_warm".into(), Value::Integer(WARM_WORKERS));
+            f.insert("time_limit_ms".into(), Value::Integer(FUNCTION_TIME_LIMIT_MS));
         }
     }
     if let Some(Value::Array(dags)) = t.get_mut("dags") {
