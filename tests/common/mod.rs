@@ -178,6 +178,18 @@ impl NotifySocket {
         }
         panic!("no `{needle}` notification within {within:?}; saw {seen:?}")
     }
+
+    /// Every message received until `until`.
+    pub fn until(&self, until: Instant) -> Vec<String> {
+        let mut buf = [0u8; 4096];
+        let mut seen = Vec::new();
+        while Instant::now() < until {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        seen
+    }
 }
 
 /// The 20 CIFAR-10 test images: (RGB pixels HWC, label).

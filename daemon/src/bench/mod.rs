@@ -10,3 +10,4 @@ pub mod plot;
 pub mod selector;
 pub mod serving;
 pub mod soak;
+mod trainer_p99;

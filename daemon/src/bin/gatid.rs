@@ -61,6 +61,7 @@ fn main() -> ExitCode {
                 NodeError::Config(_) => gatid::EXIT_CONFIG,
                 NodeError::Models(_) => gatid::EXIT_MODEL,
                 NodeError::Runtime(_) => gatid::EXIT_RUNTIME,
+                NodeError::ThreadDied(_) => gatid::EXIT_SOFTWARE,
                 _ => 1,
             })
         }

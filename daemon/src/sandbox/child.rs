@@ -247,8 +247,10 @@ fn steps(plan: &Plan, go_read: RawFd) -> Result<Infallible, Failure> {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0).into(),
         )?;
         check(Step::NoNewPrivs, libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0).into())?;
-        if !plan.filter.is_empty() {
-            let prog = libc::sock_fprog { len: plan.filter.len() as u16, filter: plan.filter.as_ptr().cast_mut() };
+        // Compiled in the parent (seccompiler); installed here in order, the
+        // clone3 → ENOSYS program first since the allowlist forbids `seccomp`.
+        for filter in &plan.filters {
+            let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
             check(Step::Seccomp, libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &raw const prog))?;
         }
         libc::execve(plan.exec.as_ptr(), plan.argv.as_ptr(), plan.env.as_ptr());

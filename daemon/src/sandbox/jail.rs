@@ -2,7 +2,7 @@
 //! needs, allocated up front), `clone3` into new namespaces with a pidfd, let
 //! the parent place the child in its cgroup (and write user-namespace id maps
 //! when unprivileged), then release it to run the jailer steps
-//! ([`super::child`]) and `execve`.
+//! (`child.rs`) and `execve`.
 //!
 //! As root: pid, mount, net, ipc and uts namespaces, a per-sandbox uid/gid.
 //! Unprivileged: the same plus a user namespace mapping the daemon's ids to 0.
@@ -54,7 +54,8 @@ pub struct Plan {
     pub ids: Option<(u32, u32)>,
     pub drop_bounding_set: bool,
     pub cap_last: u32,
-    pub filter: Vec<libc::sock_filter>,
+    /// Seccomp programs, in install order (see [`seccomp::compile`]).
+    pub filters: Vec<Vec<libc::sock_filter>>,
     pub exec: CString,
     pub argv: CStrings,
     pub env: CStrings,
@@ -146,7 +147,7 @@ fn spawn_with(
         ids,
         drop_bounding_set: privileged || user_ns,
         cap_last: cap_last(),
-        filter: seccomp::build(seccomp::AUDIT_ARCH, &seccomp::allowlist()),
+        filters: seccomp::compile()?,
         exec: cstring(exec_path.as_os_str().as_bytes().to_vec())?,
         argv: CStrings::new(argv),
         env: CStrings::new(env),

@@ -1,6 +1,12 @@
 //! The daemon side of a sandbox's shared memory and wake-ups: a sealed memfd
 //! mapped with `memmap2` and laid out by `gati_sdk::layout`, and the two
 //! eventfds (request: daemon → function, response: function → daemon).
+//!
+//! The function maps the whole region read-write and may write any byte of it
+//! at any time, so the daemon holds it as a raw mapping ([`MmapRaw`]) and never
+//! as `&[u8]`/`&mut [u8]`: every access goes through the `gati_sdk` ring API,
+//! which reads the control words and indices atomically, copies data with
+//! volatile accesses into daemon-owned buffers and checks what it read.
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -8,7 +14,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use gati_sdk::layout::{Layout, Shared};
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{MmapOptions, MmapRaw};
 
 use super::SandboxError;
 
@@ -16,7 +22,7 @@ use super::SandboxError;
 /// growing, so the function cannot truncate it under the daemon (SIGBUS).
 pub struct SharedRegion {
     memfd: File,
-    map: MmapMut,
+    map: MmapRaw,
     layout: Layout,
 }
 
@@ -38,12 +44,14 @@ impl SharedRegion {
         if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
             return Err(SandboxError::sys("fcntl(F_ADD_SEALS)", io::Error::last_os_error()));
         }
-        // SAFETY: the memfd is sealed against size changes, so the mapping stays
-        // fully backed; the function writes only the response ring and its
-        // `guest_*` fields, whose reads here are ordered by the ring's atomics.
-        let mut map = unsafe { MmapOptions::new().len(layout.total_len()).map_mut(&memfd) }
+        let map = MmapOptions::new()
+            .len(layout.total_len())
+            .map_raw(&memfd)
             .map_err(|e| SandboxError::sys("mmap(memfd)", e))?;
-        layout.init(&mut map).map_err(|e| SandboxError::Protocol(e.to_string()))?;
+        // SAFETY: `map` is `total_len` bytes of a memfd sealed against size
+        // changes (no SIGBUS), alive as long as `self`, and reached only
+        // through the layout's view; no function has it yet.
+        unsafe { layout.init_raw(map.as_mut_ptr(), map.len()) }.map_err(|e| SandboxError::Protocol(e.to_string()))?;
         Ok(SharedRegion { memfd, map, layout })
     }
 
@@ -55,9 +63,15 @@ impl SharedRegion {
         self.layout
     }
 
-    /// The control block and both rings.
+    /// The control block and both rings. `&mut self`: one view at a time.
     pub fn shared(&mut self) -> Result<Shared<'_>, SandboxError> {
-        self.layout.split(&mut self.map).map_err(|e| SandboxError::Protocol(e.to_string()))
+        // SAFETY: the mapping stays fully backed while `self` lives (sealed
+        // memfd, see `create`), the view borrows `self` exclusively so it is
+        // the only way this process reaches the bytes meanwhile, and the
+        // function's concurrent writes are what `split_raw` is built for:
+        // atomics for control words and indices, checked volatile copies for data.
+        unsafe { self.layout.split_raw(self.map.as_mut_ptr(), self.map.len()) }
+            .map_err(|e| SandboxError::Protocol(e.to_string()))
     }
 }
 

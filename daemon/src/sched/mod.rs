@@ -100,6 +100,13 @@ impl Scheduler {
         self.sgs[k].submit(req)
     }
 
+    /// Test hook: makes SGS 0 panic.
+    pub fn inject_panic(&self) {
+        if let Some(s) = self.sgs.first() {
+            s.inject_panic();
+        }
+    }
+
     /// Runs the LB's scaling rule; call every `LbPolicy::period`.
     pub fn rebalance(&self, now: Instant) -> Vec<Scale> {
         self.lb.rebalance(now, &self.stats)

@@ -107,6 +107,9 @@ impl Worker {
         if raw_kind == Kind::InvokeDag as u16 {
             return self.handle_invoke_dag(slot, header, payload, received, charge);
         }
+        if raw_kind == TEST_FAULT_KIND && test_hooks() {
+            return self.test_fault(slot, rid, payload);
+        }
         let ctx = Arc::clone(&self.ctx);
         let c = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
         match Kind::from_u16(raw_kind) {
@@ -182,6 +185,46 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Request kind of the fault-injection hook (tests only): honoured only when the
+/// daemon was started with `GATI_TEST_HOOKS=1`, otherwise `UnknownKind`.
+pub const TEST_FAULT_KIND: u16 = 0xFA17;
+
+/// Whether the fault-injection hook is on (read once, from the environment).
+fn test_hooks() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GATI_TEST_HOOKS").is_ok_and(|v| v == "1"))
+}
+
+impl Worker {
+    /// Injects the fault the payload names: `panic-io` (this I/O thread panics),
+    /// `stall-io MS` (it sleeps, up to 60 s), `panic-sgs` (SGS 0 panics).
+    fn test_fault(&mut self, slot: u32, rid: u64, payload: &[u8]) {
+        let what = String::from_utf8_lossy(payload).into_owned();
+        tracing::warn!(fault = %what, "test hook: injecting a fault");
+        let status = match what.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["panic-io"] => panic!("I/O thread asked to panic by a test hook"),
+            ["stall-io", ms] => match ms.parse::<u64>() {
+                Ok(ms) => {
+                    std::thread::sleep(Duration::from_millis(ms.min(60_000)));
+                    Status::Ok
+                }
+                Err(_) => Status::BadPayload,
+            },
+            ["panic-sgs"] => match self.ctx.dags.get() {
+                Some(s) => {
+                    s.inject_panic();
+                    Status::Ok
+                }
+                None => Status::UnknownModel,
+            },
+            _ => Status::BadPayload,
+        };
+        if let Some(c) = self.conns[slot as usize].as_deref_mut() {
+            c.respond(Frame::plain(TEST_FAULT_KIND, rid, status, 0), &[]);
         }
     }
 }

@@ -116,6 +116,7 @@ impl Server {
             let (mb, cx) = (Arc::clone(&mailbox), Arc::clone(&ctx));
             let (started_tx, started_rx) = std::sync::mpsc::channel();
             let thread = std::thread::Builder::new().name(format!("io-{i}")).spawn(move || {
+                let beat = crate::liveness::node().register(format!("io-{i}"), crate::liveness::Role::Io);
                 // The ring is made on the thread that submits to it (SINGLE_ISSUER).
                 let ring = match new_ring() {
                     Ok(r) => r,
@@ -125,10 +126,7 @@ impl Server {
                     }
                 };
                 let _ = started_tx.send(Ok(()));
-                let mut worker = Worker::new(ring, listen_fd, mb, cx);
-                if let Err(e) = worker.run() {
-                    tracing::error!(error = %e, "I/O thread failed");
-                }
+                supervise(Worker::new(ring, listen_fd, mb, cx, beat));
             })?;
             started_rx.recv().map_err(|_| io::Error::other("I/O thread died during start"))??;
             workers.push(WorkerHandle { mailbox, thread });
@@ -156,6 +154,43 @@ impl Server {
             let _ = w.thread.join();
         }
         true
+    }
+}
+
+/// Restarts after one failure at most this often; more means a fault that a
+/// new ring will not cure, and the thread dies (so the process exits for
+/// systemd to restart it).
+const MIN_RESTART_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs an I/O thread's loop; a panic or ring error closes that thread's
+/// connections (their clients see the close; other threads' clients nothing)
+/// and starts it again on a new ring, accepting as before.
+fn supervise(mut worker: Worker) {
+    let mut last_failure: Option<Instant> = None;
+    loop {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+        let why = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => format!("ring error: {e}"),
+            Err(p) => format!("panicked: {}", crate::liveness::panic_message(&*p)),
+        };
+        tracing::error!(thread = %worker.beat.name(), error = %why, "I/O thread failed; closing its connections");
+        worker.close_all();
+        if last_failure.is_some_and(|t| t.elapsed() < MIN_RESTART_INTERVAL) {
+            worker.beat.died(why);
+            return;
+        }
+        last_failure = Some(Instant::now());
+        let ring = match new_ring() {
+            Ok(r) => r,
+            Err(e) => {
+                worker.beat.died(format!("{why}; new ring: {e}"));
+                return;
+            }
+        };
+        worker.beat.restarted(why);
+        telemetry::thread_restarted("io");
+        worker = worker.renew(ring);
     }
 }
 
@@ -206,10 +241,17 @@ struct Worker {
     accept_cancelled: bool,
     dirty: Vec<u32>,
     models: HashMap<u32, Arc<str>>,
+    beat: crate::liveness::Heartbeat,
 }
 
 impl Worker {
-    fn new(ring: IoUring, listen_fd: RawFd, mailbox: Arc<Mailbox>, ctx: Arc<ServeContext>) -> Self {
+    fn new(
+        ring: IoUring,
+        listen_fd: RawFd,
+        mailbox: Arc<Mailbox>,
+        ctx: Arc<ServeContext>,
+        beat: crate::liveness::Heartbeat,
+    ) -> Self {
         Self {
             ring,
             listen_fd,
@@ -223,7 +265,16 @@ impl Worker {
             accept_cancelled: false,
             dirty: Vec::new(),
             models: HashMap::new(),
+            beat,
         }
+    }
+
+    /// The same thread's worker on a new ring, with no connections (after
+    /// `close_all`); the old ring is dropped only after the old buffers were
+    /// leaked by `close_all`, so the kernel never writes into freed memory.
+    fn renew(self, ring: IoUring) -> Self {
+        let Self { listen_fd, mailbox, ctx, beat, .. } = self;
+        Self::new(ring, listen_fd, mailbox, ctx, beat)
     }
 
     fn push(&mut self, sqe: squeue::Entry) -> io::Result<()> {
@@ -231,7 +282,15 @@ impl Worker {
         // the worker and outlives the operation: conns are freed only when no
         // operation is armed on them, and the worker outlives its ring.
         while unsafe { self.ring.submission().push(&sqe) }.is_err() {
-            self.ring.submit()?;
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {
+                    // The completion queue is full: make room before pushing more.
+                    self.ring.submit_and_wait(0).ok();
+                    std::thread::yield_now();
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -240,8 +299,14 @@ impl Worker {
         self.arm_wake()?;
         self.arm_accept()?;
         loop {
+            self.beat.beat();
             self.poll_briefly()?;
-            self.ring.submit_and_wait(1)?;
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                // Interrupted or the completion queue is full: reap and go on.
+                if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)) {
+                    return Err(e);
+                }
+            }
             let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
             for (ud, res) in cqes {
                 let (op, slot, gen) = split(ud);

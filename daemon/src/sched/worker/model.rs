@@ -56,6 +56,10 @@ impl Worker for ModelWorker {
                 self.handle.meta.row_shape
             ))
         })?;
+        let max = self.handle.target().max_batch;
+        if rows > max {
+            return Err(WorkerError::BadInput(format!("{rows} rows is more than the model's max_batch ({max})")));
+        }
         let (slot, wake) = (Arc::clone(&self.slot), Arc::clone(&self.wake));
         let reply = Reply::new(move |r| {
             let out = match r {
