@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::Progress;
 use crate::client::Client;
+use crate::telemetry::names;
 
 /// Between samples.
 const PERIOD: Duration = Duration::from_secs(1);
@@ -40,7 +41,7 @@ fn status_mb(status: &str, key: &str) -> Option<f64> {
 fn queued_bytes(metrics: &str) -> Option<f64> {
     let values: Vec<f64> = metrics
         .lines()
-        .filter(|l| l.strip_prefix("gati_queued_bytes").is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter(|l| l.strip_prefix(names::QUEUED_BYTES).is_some_and(|rest| rest.starts_with([' ', '{'])))
         .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
@@ -171,12 +172,13 @@ pub(crate) fn settle(pid: u32, c: &mut Client, fds_start: usize) -> anyhow::Resu
 pub(crate) fn cache_state(c: &mut Client, model: &str) -> serde_json::Value {
     let text = c.stats_text().unwrap_or_default();
     let v = |name| crate::telemetry::summary::model_value(&text, name, model);
+    let us = |name| v(name).map(|s| s * 1e6);
     serde_json::json!({
-        "generation": v("gati_cache_generation"),
-        "expected_us": v("gati_cache_expected_us"),
-        "baseline_us": v("gati_cache_baseline_us"),
-        "memory_bytes": v("gati_cache_memory_bytes"),
-        "live_disagreement": v("gati_cache_live_disagreement"),
+        "generation": v(names::CACHE_GENERATION),
+        "expected_us": us(names::CACHE_EXPECTED_LATENCY_SECONDS),
+        "baseline_us": us(names::CACHE_BASELINE_LATENCY_SECONDS),
+        "memory_bytes": v(names::CACHE_MEMORY_BYTES),
+        "live_disagreement": v(names::CACHE_LIVE_DISAGREEMENT),
     })
 }
 

@@ -154,6 +154,7 @@ impl Report<'_> {
             r["lost"], r["duplicated"], r["mismatched"], r["errored"], r["hostile_violations"]
         );
         let c = &r["cache"];
+        let us = |v: &serde_json::Value| v.as_f64().map_or_else(|| "n/a".into(), |x| format!("{x:.0}"));
         println!(
             "fmnist cache: {} of {} answers from a cache, {} disagree ({:.3} %, budget {:.1} %); generation {}, expected {} vs {} us/row",
             c["from_cache"],
@@ -162,8 +163,8 @@ impl Report<'_> {
             c["disagreement_rate"].as_f64().unwrap_or(0.0) * 100.0,
             self.budget * 100.0,
             c["after_load"]["generation"],
-            c["after_load"]["expected_us"],
-            c["after_load"]["baseline_us"],
+            us(&c["after_load"]["expected_us"]),
+            us(&c["after_load"]["baseline_us"]),
         );
         println!("{:<26} {:>8} {:>8} {:>6} {:>10}  errors", "valid class", "sent", "ok", "lost", "mismatched");
         for (k, n) in &self.valid.per_class {
