@@ -56,12 +56,12 @@ pub struct Args {
     /// allocation, one such frame aborted the daemon).
     #[arg(long)]
     pub no_expanding: bool,
-    /// Also send headers that declare a payload of nearly `max_frame_bytes`
-    /// and stall after its first byte, each hostile thread holding its last
-    /// few open. Off by default: today 16 of them hold the whole
-    /// `max_queued_bytes` budget and every other client is answered `Busy`.
+    /// Leave out the headers that declare a payload of nearly
+    /// `max_frame_bytes` and stall after its first byte, each hostile thread
+    /// holding its last few open (before payload bytes were charged as they
+    /// arrive, 16 of them held the whole budget and every other client got `Busy`).
     #[arg(long)]
-    pub stalled_headers: bool,
+    pub no_stalled_headers: bool,
     #[arg(long, default_value = "bench/results/soak.json")]
     pub out: PathBuf,
     #[arg(long, default_value = "bench/results/soak.png")]
@@ -187,7 +187,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if args.quick { " (quick)" } else { "" },
         args.clients,
         if args.no_expanding { ", no expanding shapes" } else { "" },
-        if args.stalled_headers { ", stalled big headers" } else { "" }
+        if !args.no_stalled_headers { ", stalled big headers" } else { "" }
     );
     let daemon = Daemon::start_with(&args.config, |t| tweak(t, fmnist))?;
     let mut monitor_conn = daemon.client()?;
@@ -224,7 +224,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         quota: hostile_total,
         max_frame_bytes: max_frame,
         expanding: !args.no_expanding,
-        stalled: args.stalled_headers,
+        stalled: !args.no_stalled_headers,
     });
     let bad: Vec<_> = (0..HOSTILE_THREADS)
         .map(|k| {

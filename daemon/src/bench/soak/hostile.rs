@@ -4,7 +4,7 @@
 //! framing it must close on (bad magic or version, payloads over
 //! `max_frame_bytes`), and clients that hang up mid-request. Any `Ok`, and
 //! any frame left with neither an answer nor a close, is a violation.
-//! Optionally (`--stalled-headers`), headers that declare as large a payload
+//! Unless `--no-stalled-headers`, headers that declare as large a payload
 //! as the node's byte budget still takes (up to `max_frame_bytes`) and then
 //! stall after its first byte, each thread holding the last [`STALLED_HELD`]
 //! of them open.

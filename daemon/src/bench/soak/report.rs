@@ -59,7 +59,7 @@ impl Report<'_> {
             "window_per_client": super::WINDOW,
             "hostile_share": super::HOSTILE_SHARE,
             "expanding_shapes": !self.args.no_expanding,
-            "stalled_headers": self.args.stalled_headers,
+            "stalled_headers": !self.args.no_stalled_headers,
             "requests": requests,
             "valid": valid,
             "hostile": hostile,
