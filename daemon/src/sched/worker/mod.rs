@@ -5,20 +5,25 @@
 //! fds the SGS polls on its io_uring ring: `fds()[0]` becomes readable when a
 //! response may be ready, `fds()[1]` (if any) when the worker has exited.
 //! Implementations: [`ModelWorker`] (a served model through its batcher),
-//! [`SandboxWorker`] (an exec function in a sandbox), [`ProcessWorker`] (a
-//! plain program over pipes; tests), [`ThreadWorker`] (a closure on a thread; tests and benches).
+//! [`SandboxWorker`] (an exec function in a sandbox), and, for the
+//! scheduler's unit tests only (not part of the library), `ProcessWorker` (a
+//! plain program over pipes) and `ThreadWorker` (a closure on a thread).
 
 mod model;
+#[cfg(test)]
 mod process;
 mod sandboxed;
+#[cfg(test)]
 mod thread;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 pub use model::ModelWorker;
+#[cfg(test)]
 pub use process::ProcessWorker;
 pub use sandboxed::SandboxWorker;
+#[cfg(test)]
 pub use thread::{Behaviour, ThreadWorker};
 
 use super::function::{FunctionBody, FunctionDef};
