@@ -64,8 +64,8 @@ impl<'a> Ring<'a> {
         }
         let frame = FrameHeader { seq, len: payload.len() as u32, status };
         self.copy_in(head, frame.as_bytes());
-        self.copy_in(head + FRAME_HEADER_BYTES as u64, payload);
-        self.header.head.store(head + need, Ordering::Release);
+        self.copy_in(head.wrapping_add(FRAME_HEADER_BYTES as u64), payload);
+        self.header.head.store(head.wrapping_add(need), Ordering::Release);
         Ok(())
     }
 
@@ -91,8 +91,8 @@ impl<'a> Ring<'a> {
         }
         out.clear();
         out.resize(frame.len as usize, 0);
-        self.copy_out(tail + FRAME_HEADER_BYTES as u64, out);
-        self.header.tail.store(tail + FRAME_HEADER_BYTES as u64 + len, Ordering::Release);
+        self.copy_out(tail.wrapping_add(FRAME_HEADER_BYTES as u64), out);
+        self.header.tail.store(tail.wrapping_add(FRAME_HEADER_BYTES as u64 + len), Ordering::Release);
         Ok(Some(frame))
     }
 
@@ -188,5 +188,25 @@ mod tests {
         // A consumer that ran ahead of the producer.
         shared.request.header.tail.store(50, Ordering::Relaxed);
         assert!(matches!(shared.request.push(1, 0, b"x"), Err(RingError::Corrupt(_))));
+    }
+
+    /// Found by fuzzing (fuzz/ `ring`): indices a hostile peer set near
+    /// `u64::MAX` overflowed `head + need` / `tail + len` (a panic with
+    /// overflow checks on); the indices wrap, as `wrapping_sub` already assumed.
+    #[test]
+    fn indices_near_u64_max_wrap_instead_of_overflowing() {
+        let layout = Layout::for_max_message(100);
+        let mut buf = region(&layout);
+        let mut shared = layout.split(buf.as_mut_bytes()).unwrap();
+        let mut out = Vec::new();
+        for ring in [&mut shared.request, &mut shared.response] {
+            ring.header.head.store(u64::MAX - 7, Ordering::Relaxed);
+            ring.header.tail.store(u64::MAX - 7, Ordering::Relaxed);
+            ring.push(9, 0, b"wraps").unwrap();
+            assert_eq!(ring.header.head.load(Ordering::Relaxed), (u64::MAX - 7).wrapping_add(16 + 5));
+            let f = ring.pop_into(&mut out).unwrap().unwrap();
+            assert_eq!((f.seq, out.as_slice()), (9, &b"wraps"[..]));
+            assert!(ring.is_empty());
+        }
     }
 }
