@@ -289,3 +289,114 @@ fn a_client_that_never_reads_is_throttled_not_buffered() {
         assert_eq!(Status::from_u16(h.status.get()), Some(Status::Ok));
     }
 }
+
+/// The daemon's resident set, MiB.
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb / 1024.0
+}
+
+#[test]
+fn a_frame_whose_shape_expands_past_memory_is_refused_and_the_node_keeps_serving() {
+    let dir = tempdir("expand");
+    let d = TestDaemon::start(&dir, &config(&dir, "", &[cifar_model("cifar10", "")]));
+    let (pixels, label) = cifar_images()[0].clone();
+    let mut good = d.client();
+    good_request(&mut good, &pixels, label);
+    let before = rss_mb(d.child.id());
+    let mut c = d.client();
+    // 4 Mi one-pixel images: 4 MiB on the wire, 48 GiB of f32 once resized to 32x32x3.
+    for n in [4u32 << 20, 33, 1 << 16] {
+        let r = c.infer("cifar10", Dtype::U8, &[n, 1, 1, 1], &vec![9u8; n as usize], 0).unwrap();
+        assert_eq!(r.status, Status::TooManyRows, "{n} images");
+        let r = c.infer("cifar10", Dtype::U8, &[n, 1, 1, 3], &vec![9u8; 3 * n as usize], 0).unwrap();
+        assert_eq!(r.status, Status::TooManyRows, "{n} RGB images");
+    }
+    // At max_batch (32) the same expansion is served.
+    let r = c.infer("cifar10", Dtype::U8, &[32, 1, 1, 3], &[9u8; 96], 0).unwrap().ok().unwrap();
+    assert_eq!(r.floats().len(), 32 * 10);
+    // A new connection is still accepted and served, and memory did not grow by
+    // anything like the expansion.
+    good_request(&mut d.client(), &pixels, label);
+    good_request(&mut good, &pixels, label);
+    let after = rss_mb(d.child.id());
+    assert!(after < before + 64.0, "RSS {before:.0} -> {after:.0} MiB");
+}
+
+#[test]
+fn over_the_node_byte_budget_requests_get_busy_at_once_and_service_resumes() {
+    let dir = tempdir("budget");
+    let server = "max_frame_bytes = 1048576\nmax_queued_bytes = 1048576";
+    let d = TestDaemon::start(&dir, &config(&dir, server, &[cifar_model("cifar10", "")]));
+    let (pixels, label) = cifar_images()[0].clone();
+    let mut good = d.client();
+    good_request(&mut good, &pixels, label);
+    // A client declares a 1 MiB frame and sends half of it: the whole frame is
+    // charged at its header, so the budget is spent while it dawdles.
+    let mut hog = UnixStream::connect(&d.socket).unwrap();
+    let n = 1 << 20;
+    let h =
+        RequestHeader::new(Kind::Infer, 77, gatid::api::wire::model_id("cifar10"), Dtype::U8, &[n as u32], n as u32);
+    hog.write_all(h.as_bytes()).unwrap();
+    hog.write_all(&vec![0u8; n / 2]).unwrap();
+    // Poll until the hog's header has been read (the budget is then spent).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let r = good.infer("cifar10", Dtype::U8, &[32, 32, 3], &pixels, 0).unwrap();
+        if r.status == Status::Busy {
+            break r;
+        }
+        assert_eq!(r.status, Status::Ok);
+        assert!(std::time::Instant::now() < deadline, "the budget never filled");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(String::from_utf8_lossy(&refused.payload).contains("queued_bytes"), "the refusal names its reason");
+    assert!(good.ping().is_ok(), "the refused client's connection still works");
+    // The hog finishes its frame: it is answered (a 1-D shape is not an image),
+    // its charge is given back, and service resumes.
+    hog.write_all(&vec![0u8; n / 2]).unwrap();
+    let mut buf = [0u8; HEADER_LEN];
+    hog.read_exact(&mut buf).unwrap();
+    let resp = gatid::api::wire::ResponseHeader::parse(&buf).unwrap();
+    assert_eq!(Status::from_u16(resp.status.get()), Some(Status::BadShape));
+    good_request(&mut good, &pixels, label);
+    let stats = good.stats_text().unwrap();
+    assert!(stats.contains("reason=\"queued_bytes\""), "refusals are counted by reason");
+}
+
+#[test]
+fn a_full_model_queue_answers_busy_whatever_the_deadline() {
+    let dir = tempdir("queue");
+    let d = TestDaemon::start(&dir, &config(&dir, "", &[cifar_model("cifar10", "max_batch = 8\nmax_queue_rows = 8")]));
+    let (pixels, label) = cifar_images()[0].clone();
+    // 64 pipelined 8-row requests without deadlines (no admission check): the
+    // queue holds one batch, so most are refused Busy at once; none is lost.
+    let mut c = d.client();
+    let batch: Vec<u8> = pixels.iter().copied().cycle().take(8 * pixels.len()).collect();
+    for _ in 0..64 {
+        c.send(Client::infer_header("cifar10", Dtype::U8, &[8, 32, 32, 3], 0), &batch).unwrap();
+    }
+    let mut busy = 0;
+    for _ in 0..64 {
+        let r = c.recv().unwrap();
+        match r.status {
+            Status::Ok => assert!(r.floats().chunks(10).all(|row| argmax(row) == label)),
+            Status::Busy => {
+                assert!(String::from_utf8_lossy(&r.payload).starts_with("model_queue"));
+                busy += 1;
+            }
+            s => panic!("unexpected {s:?}"),
+        }
+    }
+    assert!(busy > 0, "the queue was never full");
+    good_request(&mut c, &pixels, label);
+}

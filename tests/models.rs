@@ -15,6 +15,7 @@ fn fmnist_cfg(cuts: Cuts) -> ModelConfig {
         name: "fmnist".into(),
         path: model_path("fmnist_resnet.onnx"),
         cuts,
+        max_queue_rows: None,
         input: InputConfig {
             layout: Layout::NCHW,
             height: 28,

@@ -143,9 +143,9 @@ fn deadlines_rejected_at_admission_or_expired_in_queue() {
     // Build a backlog (several big batches), then a best-effort request with a short
     // deadline: admitted without the check, it expires in the queue and is not run.
     let mut backlog = d.client();
-    let big: Vec<f32> = (0..64 * 3072).map(|i| (i % 255) as f32).collect();
-    for _ in 0..6 {
-        backlog.send(Client::infer_header("cifar10", Dtype::F32, &[64, 32, 32, 3], 0), &f32_bytes(&big)).unwrap();
+    let big: Vec<f32> = (0..8 * 3072).map(|i| (i % 255) as f32).collect();
+    for _ in 0..48 {
+        backlog.send(Client::infer_header("cifar10", Dtype::F32, &[8, 32, 32, 3], 0), &f32_bytes(&big)).unwrap();
     }
     std::thread::sleep(Duration::from_millis(30));
     let mut h = Client::infer_header("cifar10", Dtype::U8, &[32, 32, 3], 2_000);
@@ -155,9 +155,12 @@ fn deadlines_rejected_at_admission_or_expired_in_queue() {
     // The same request with admission control is refused up front instead.
     let r = c.infer("cifar10", Dtype::U8, &[32, 32, 3], pixels, 2_000).unwrap();
     assert_eq!(r.status, Status::DeadlineUnmeetable);
-    for _ in 0..6 {
+    for _ in 0..48 {
         assert_eq!(backlog.recv().unwrap().status, Status::Ok);
     }
+    // More rows than max_batch in one request are refused before any decoding.
+    let r = c.infer("cifar10", Dtype::F32, &[9, 32, 32, 3], &f32_bytes(&vec![0.0; 9 * 3072]), 0).unwrap();
+    assert_eq!(r.status, Status::TooManyRows);
 }
 
 #[test]

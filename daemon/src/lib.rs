@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod infer;
 pub mod node;
+pub mod reply;
 pub mod sandbox;
 pub mod sched;
 pub mod telemetry;

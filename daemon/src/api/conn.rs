@@ -11,10 +11,11 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use zerocopy::IntoBytes;
 
+use super::budget::{ByteBudget, Charge};
 use super::wire::{Dtype, ResponseHeader, Status};
 
 /// Bytes waiting to be sent and who is sending them.
@@ -26,12 +27,26 @@ pub struct OutQueue {
     pub ring_owned: bool,
     /// The connection is gone: writes are dropped.
     pub closed: bool,
+    /// `pending`'s share of the node's byte budget.
+    pub charge: Option<Charge>,
+}
+
+impl OutQueue {
+    /// Queues bytes behind the pending ones, charging them to the budget.
+    fn queue(&mut self, budget: &Arc<ByteBudget>, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+        match &mut self.charge {
+            Some(c) => c.grow(bytes.len()),
+            None => self.charge = Some(budget.force(bytes.len())),
+        }
+    }
 }
 
 /// The shared sending side of one connection.
 #[derive(Debug)]
 pub struct ConnOut {
     fd: OwnedFd,
+    budget: Arc<ByteBudget>,
     queue: Mutex<OutQueue>,
     /// Inference requests submitted on this connection and not yet answered.
     pub inflight: AtomicU32,
@@ -72,9 +87,10 @@ impl Frame<'_> {
 }
 
 impl ConnOut {
-    pub fn new(fd: OwnedFd) -> Self {
+    pub fn new(fd: OwnedFd, budget: Arc<ByteBudget>) -> Self {
         Self {
             fd,
+            budget,
             queue: Mutex::new(OutQueue::default()),
             inflight: AtomicU32::new(0),
             wake_when_idle: AtomicBool::new(false),
@@ -99,13 +115,13 @@ impl ConnOut {
             return false;
         }
         if q.ring_owned || !q.pending.is_empty() {
-            q.pending.extend_from_slice(bytes);
+            q.queue(&self.budget, bytes);
             return !q.ring_owned;
         }
         match self.send_now(bytes) {
             Ok(n) if n == bytes.len() => false,
             Ok(n) => {
-                q.pending.extend_from_slice(&bytes[n..]);
+                q.queue(&self.budget, &bytes[n..]);
                 true
             }
             Err(_) => {

@@ -43,7 +43,10 @@ pub fn answer(ctx: &ServeContext, kind: Kind, header: &RequestHeader, payload: &
             }
         }
         Kind::Stats => match &ctx.metrics {
-            Some(h) => ControlAnswer { status: Status::Ok, dtype: Dtype::Bytes, body: h.render().into_bytes() },
+            Some(h) => {
+                crate::telemetry::queued_bytes(ctx.budget.used());
+                ControlAnswer { status: Status::Ok, dtype: Dtype::Bytes, body: h.render().into_bytes() }
+            }
             None => ControlAnswer {
                 status: Status::Ok,
                 dtype: Dtype::Bytes,
@@ -58,6 +61,8 @@ pub fn answer(ctx: &ServeContext, kind: Kind, header: &RequestHeader, payload: &
                 "uptime_s": ctx.state.started.elapsed().as_secs_f64(),
                 "models": ctx.registry.snapshot().len(),
                 "connections": ctx.state.connections.load(std::sync::atomic::Ordering::Relaxed),
+                "queued_bytes": ctx.budget.used(),
+                "max_queued_bytes": ctx.budget.limit(),
                 "ort_library": crate::infer::runtime::loaded_library().map(|p| p.display().to_string()),
                 "pid": std::process::id(),
             }),

@@ -5,6 +5,7 @@
 //! Promises: a malformed frame only ever affects its own connection; every
 //! accepted request gets exactly one response while its connection lives.
 
+pub mod budget;
 pub mod conn;
 pub mod control;
 pub mod listener;
@@ -88,4 +89,6 @@ pub struct ServeContext {
     pub limits: Limits,
     pub metrics: Option<PrometheusHandle>,
     pub state: Arc<NodeState>,
+    /// Request bytes the node holds (`[server] max_queued_bytes`).
+    pub budget: Arc<budget::ByteBudget>,
 }

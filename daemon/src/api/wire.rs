@@ -125,13 +125,15 @@ pub enum Status {
     TooManyConnections = 13,
     /// The payload is malformed for this request kind.
     BadPayload = 14,
+    /// More rows than the model's `max_batch` (send them as several requests).
+    TooManyRows = 15,
 }
 
 impl Status {
     /// Maps a header value to a status; `None` for values this build doesn't know.
     pub fn from_u16(v: u16) -> Option<Self> {
         use Status::*;
-        const ALL: [Status; 15] = [
+        const ALL: [Status; 16] = [
             Ok,
             UnknownKind,
             UnknownModel,
@@ -147,6 +149,7 @@ impl Status {
             Unauthorized,
             TooManyConnections,
             BadPayload,
+            TooManyRows,
         ];
         ALL.get(usize::from(v)).copied()
     }
@@ -170,6 +173,7 @@ impl Status {
             Unauthorized => "unauthorized",
             TooManyConnections => "too_many_connections",
             BadPayload => "bad_payload",
+            TooManyRows => "too_many_rows",
         }
     }
 }
@@ -330,9 +334,9 @@ mod tests {
 
     #[test]
     fn status_codes_roundtrip() {
-        for v in 0..15u16 {
+        for v in 0..16u16 {
             assert_eq!(Status::from_u16(v).unwrap() as u16, v);
         }
-        assert!(Status::from_u16(15).is_none());
+        assert!(Status::from_u16(16).is_none());
     }
 }

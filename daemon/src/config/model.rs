@@ -51,6 +51,10 @@ pub struct ServerConfig {
     pub max_inflight_per_conn: u32,
     /// Open connections before new ones are refused.
     pub max_connections: u32,
+    /// Node-wide budget for request bytes held in memory (payloads being
+    /// received, decoded inputs queued, answers waiting for slow readers);
+    /// a request that does not fit is answered `Busy` at once.
+    pub max_queued_bytes: u64,
     /// How long SIGTERM waits for in-flight work before exiting.
     pub drain_timeout_ms: u64,
     /// After handling traffic, an I/O thread polls its ring this long before
@@ -69,6 +73,7 @@ impl Default for ServerConfig {
             max_frame_bytes: 16 << 20,
             max_inflight_per_conn: 256,
             max_connections: 1024,
+            max_queued_bytes: 256 << 20,
             drain_timeout_ms: 10_000,
             busy_poll_us: 0,
         }
@@ -184,6 +189,10 @@ pub struct ModelConfig {
     /// How long the batcher waits for more rows after the first, microseconds.
     #[serde(default)]
     pub max_queue_delay_us: u64,
+    /// Rows that may wait in the model's queue before requests are answered
+    /// `Busy`; default 64 × `max_batch`.
+    #[serde(default)]
+    pub max_queue_rows: Option<usize>,
     /// ONNX Runtime intra-op threads per stage session.
     #[serde(default = "default_threads")]
     pub intra_threads: usize,

@@ -167,6 +167,15 @@ pub(super) fn check(c: &Config, text: &str) -> Vec<ConfigIssue> {
     if s.busy_poll_us > 1000 {
         bad(&sk("busy_poll_us"), format!("must be at most 1000 us, got {}", s.busy_poll_us));
     }
+    if s.max_queued_bytes < u64::from(s.max_frame_bytes) || s.max_queued_bytes > (1 << 40) {
+        bad(
+            &sk("max_queued_bytes"),
+            format!(
+                "must be at least max_frame_bytes ({}) and at most 1 TiB, got {}",
+                s.max_frame_bytes, s.max_queued_bytes
+            ),
+        );
+    }
     if s.max_connections == 0 {
         bad(&sk("max_connections"), "must be at least 1".into());
     }
@@ -222,6 +231,9 @@ fn check_model(m: &ModelConfig, bad: &mut dyn FnMut(&'static str, bool, String))
     }
     if !(1..=4096).contains(&m.max_batch) {
         bad("max_batch", false, format!("must be 1..=4096, got {}", m.max_batch));
+    }
+    if let Some(q) = m.max_queue_rows.filter(|&q| q < m.max_batch || q > 1 << 20) {
+        bad("max_queue_rows", false, format!("must be max_batch ({})..=1048576, got {q}", m.max_batch));
     }
     if m.max_queue_delay_us > 1_000_000 {
         bad("max_queue_delay_us", false, format!("must be at most 1 s, got {} us", m.max_queue_delay_us));

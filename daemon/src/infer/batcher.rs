@@ -33,32 +33,13 @@ pub enum JobResult {
     Failed(String),
 }
 
-/// Where a job's answer goes. Answered exactly once: if it is dropped
-/// unanswered (a batcher died), it answers `Failed`.
-pub struct Reply(Option<Box<dyn FnOnce(JobResult) + Send>>);
+/// Where a job's answer goes (answered `Failed` if dropped unanswered: a
+/// batcher died).
+pub type Reply = crate::reply::Reply<JobResult>;
 
-impl Reply {
-    pub fn new(f: impl FnOnce(JobResult) + Send + 'static) -> Self {
-        Self(Some(Box::new(f)))
-    }
-
-    /// Drops the reply without answering (the caller answers another way).
-    pub fn disarm(mut self) {
-        self.0.take();
-    }
-
-    pub fn send(mut self, r: JobResult) {
-        if let Some(f) = self.0.take() {
-            f(r);
-        }
-    }
-}
-
-impl Drop for Reply {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f(JobResult::Failed("request dropped before it ran".into()));
-        }
+impl crate::reply::Unanswered for JobResult {
+    fn unanswered() -> Self {
+        JobResult::Failed("request dropped before it ran".into())
     }
 }
 
@@ -91,6 +72,8 @@ pub enum Rejected {
     Unmeetable { estimate: Duration },
     /// The batcher is gone.
     Closed,
+    /// The queue holds `max_queue_rows` rows already.
+    QueueFull,
 }
 
 /// The serving side of a loaded model, shared by the I/O threads.
@@ -106,6 +89,7 @@ pub struct ModelHandle {
     tx: Sender<Job>,
     state: Arc<QueueState>,
     max_batch: usize,
+    max_queue_rows: usize,
 }
 
 /// Queue facts the batcher publishes for admission control.
@@ -171,6 +155,7 @@ impl ModelHandle {
             meta: model.meta,
             input: model.config.input.clone(),
             max_batch: model.config.max_batch,
+            max_queue_rows: model.config.max_queue_rows.unwrap_or(64 * model.config.max_batch),
             config: model.config,
             cost,
             tx,
@@ -199,12 +184,26 @@ impl ModelHandle {
             }
         }
         let rows = job.rows;
-        self.state.queued_rows.fetch_add(rows, Ordering::Relaxed);
+        // Bounded whatever the deadline (no deadline skips admission, not this).
+        let queued = self.state.queued_rows.fetch_add(rows, Ordering::Relaxed);
+        if queued + rows > self.max_queue_rows {
+            self.state.queued_rows.fetch_sub(rows, Ordering::Relaxed);
+            return Err((Rejected::QueueFull, job));
+        }
         telemetry::queue_depth(&self.meta.name, self.state.queued_rows.load(Ordering::Relaxed));
         self.tx.send(job).map_err(|e| {
             self.state.queued_rows.fetch_sub(rows, Ordering::Relaxed);
             (Rejected::Closed, e.0)
         })
+    }
+
+    /// What an Infer request for this model must fit (api::request checks it).
+    pub fn target(&self) -> crate::api::request::InferTarget<'_> {
+        crate::api::request::InferTarget {
+            input: &self.input,
+            row_shape: &self.meta.row_shape,
+            max_batch: self.max_batch,
+        }
     }
 
     /// Rows waiting in the queue.

@@ -14,7 +14,14 @@ pub enum PreprocessError {
     Size { h: usize, w: usize, mh: usize, mw: usize },
     #[error("image has a zero-sized dimension")]
     Empty,
+    #[error("image shape {shape:?} needs {want} bytes; got {got}")]
+    Length { shape: Vec<usize>, want: usize, got: usize },
+    #[error("{n} images of {h}x{w}x{c} is more input than this model takes at once")]
+    TooLarge { n: usize, h: usize, w: usize, c: usize },
 }
+
+/// Most floats one call may produce (1 GiB of f32), whatever the caller allowed.
+pub const MAX_OUTPUT_FLOATS: usize = 1 << 28;
 
 /// Converts `pixels` of `shape` (HWC or NHWC, u8) into `N` rows of model input.
 /// Returns the batch size and the f32 data in the model's layout.
@@ -27,6 +34,14 @@ pub fn image_to_input(cfg: &InputConfig, shape: &[usize], pixels: &[u8]) -> Resu
     if n == 0 || h == 0 || w == 0 || c == 0 {
         return Err(PreprocessError::Empty);
     }
+    let want = [n, h, w, c].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if want != Some(pixels.len()) {
+        return Err(PreprocessError::Length {
+            shape: shape.to_vec(),
+            want: want.unwrap_or(usize::MAX),
+            got: pixels.len(),
+        });
+    }
     let (mh, mw, mc) = (cfg.height, cfg.width, cfg.channels);
     let convertible = c == mc || (mc == 3 && c == 1) || (mc == 1 && (c == 3 || c == 4)) || (mc == 3 && c == 4);
     if !convertible {
@@ -35,7 +50,13 @@ pub fn image_to_input(cfg: &InputConfig, shape: &[usize], pixels: &[u8]) -> Resu
     if (h, w) != (mh, mw) && cfg.resize == Resize::None {
         return Err(PreprocessError::Size { h, w, mh, mw });
     }
-    let mut out = vec![0f32; n * mh * mw * mc];
+    // The caller bounds n (rows ≤ max_batch); the product is still checked, so a
+    // hostile shape can never wrap into a small allocation.
+    let floats = [n, mh, mw, mc].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let Some(floats) = floats.filter(|&f| f <= MAX_OUTPUT_FLOATS) else {
+        return Err(PreprocessError::TooLarge { n, h, w, c });
+    };
+    let mut out = vec![0f32; floats];
     let plane = mh * mw;
     let mut px = vec![0f32; mc];
     for b in 0..n {
@@ -148,5 +169,8 @@ mod tests {
         assert!(matches!(image_to_input(&c, &[4, 4], &[0; 16]), Err(PreprocessError::Rank(_))));
         assert!(matches!(image_to_input(&c, &[4, 4, 2], &[0; 32]), Err(PreprocessError::Channels { .. })));
         assert!(matches!(image_to_input(&c, &[0, 4, 3], &[]), Err(PreprocessError::Empty)));
+        assert!(matches!(image_to_input(&c, &[4, 4, 3], &[0; 47]), Err(PreprocessError::Length { .. })));
+        let n = 1 << 23;
+        assert!(matches!(image_to_input(&c, &[n, 1, 1, 1], &vec![0; n]), Err(PreprocessError::TooLarge { .. })));
     }
 }

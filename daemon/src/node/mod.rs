@@ -82,6 +82,7 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
         limits: Limits::from_config(&config.server),
         metrics: Some(metrics),
         state: Arc::clone(&state),
+        budget: crate::api::budget::ByteBudget::new(config.server.max_queued_bytes as usize),
     });
     let server = Server::start(std::os::fd::AsRawFd::as_raw_fd(&listener.fd), config.server.io_threads, ctx)
         .map_err(|source| NodeError::Io { what: "starting I/O threads", source })?;

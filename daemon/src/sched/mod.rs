@@ -84,15 +84,20 @@ impl Scheduler {
     /// answered `Failed` at once.
     pub fn invoke(&self, name: &str, input: Vec<u8>, deadline: Option<Instant>, reply: DagReply) {
         match self.deployment.dag(name) {
-            Some(dag) => self.submit(DagRequest { dag: Arc::clone(dag), input, deadline, reply }),
+            Some(dag) => {
+                if let Err(req) = self.submit(DagRequest { dag: Arc::clone(dag), input, deadline, reply }) {
+                    req.reply.send(DagResult::Failed("the DAG's scheduler is full".into()));
+                }
+            }
             None => reply.send(DagResult::Failed(format!("unknown DAG `{name}`"))),
         }
     }
 
-    /// Routes a request to one of its DAG's SGSs.
-    pub fn submit(&self, req: DagRequest) {
+    /// Routes a request to one of its DAG's SGSs; gives it back when that SGS
+    /// is full (`sgs::MAX_QUEUED`).
+    pub fn submit(&self, req: DagRequest) -> Result<(), DagRequest> {
         let k = self.lb.route(&req.dag);
-        self.sgs[k].submit(req);
+        self.sgs[k].submit(req)
     }
 
     /// Runs the LB's scaling rule; call every `LbPolicy::period`.

@@ -39,26 +39,11 @@ pub enum DagResult {
     Failed(String),
 }
 
-/// Where a request's answer goes. Answered exactly once: dropped unanswered
-/// (an SGS died), it answers `Failed`, so no client waits forever.
-pub struct DagReply(Option<Box<dyn FnOnce(DagResult) + Send>>);
+/// Where a request's answer goes (answered `Failed` if dropped unanswered).
+pub type DagReply = crate::reply::Reply<DagResult>;
 
-impl DagReply {
-    pub fn new(f: impl FnOnce(DagResult) + Send + 'static) -> Self {
-        Self(Some(Box::new(f)))
-    }
-
-    pub fn send(mut self, r: DagResult) {
-        if let Some(f) = self.0.take() {
-            f(r);
-        }
-    }
-}
-
-impl Drop for DagReply {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f(DagResult::Failed("request dropped by the scheduler".into()));
-        }
+impl crate::reply::Unanswered for DagResult {
+    fn unanswered() -> Self {
+        DagResult::Failed("request dropped by the scheduler".into())
     }
 }

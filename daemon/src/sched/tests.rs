@@ -81,7 +81,7 @@ fn diamond_dag_runs_with_fan_in_framing() {
     let dep = deployment(fs, vec![0, 1, 2, 3], &[(0, 1), (0, 2), (1, 3), (2, 3)], 2000);
     let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::ZERO)), budget(&dep)).unwrap();
     let (req, rx) = request(&dep, b"x", None);
-    sgs.submit(req);
+    assert!(sgs.submit(req).is_ok());
     let (res, _) = rx.recv_timeout(LONG).unwrap();
     let DagResult::Ok { output, timings } = res else { panic!("{res:?}") };
     // d's input: [len "xab"] "xab" [len "xac"] "xac", then d appends "d".
@@ -110,12 +110,12 @@ fn least_slack_request_is_dispatched_first() {
     wait_until("the warm worker", || workers(&sgs) == 1);
     let now = Instant::now();
     let (blocker, rx0) = request(&dep, b"0", Some(now + Duration::from_secs(5)));
-    sgs.submit(blocker);
+    assert!(sgs.submit(blocker).is_ok());
     wait_until("the blocker to run", || sgs.stats().dags[0].sample().dispatched == 1);
     let (loose, rx1) = request(&dep, b"1", Some(now + Duration::from_secs(3)));
     let (tight, rx2) = request(&dep, b"2", Some(now + Duration::from_millis(1000)));
-    sgs.submit(loose);
-    sgs.submit(tight);
+    assert!(sgs.submit(loose).is_ok());
+    assert!(sgs.submit(tight).is_ok());
     let (r0, t0) = rx0.recv_timeout(LONG).unwrap();
     let (r1, t1) = rx1.recv_timeout(LONG).unwrap();
     let (r2, t2) = rx2.recv_timeout(LONG).unwrap();
@@ -131,7 +131,7 @@ fn negative_slack_is_answered_without_running() {
     let dep = deployment(vec![func("slow", 50, 0, 1)], vec![0], &[], 5000);
     let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::ZERO)), budget(&dep)).unwrap();
     let (req, rx) = request(&dep, b"x", Some(Instant::now() + Duration::from_millis(10)));
-    sgs.submit(req);
+    assert!(sgs.submit(req).is_ok());
     let (res, _) = rx.recv_timeout(LONG).unwrap();
     assert_eq!(res, DagResult::DeadlineMissed);
     let c = sgs.stats().dags[0].sample();
@@ -156,7 +156,7 @@ fn killed_process_worker_is_replaced_and_the_request_retried() {
     };
     let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory), budget(&dep)).unwrap();
     let (req, rx) = request(&dep, b"hello", None);
-    sgs.submit(req);
+    assert!(sgs.submit(req).is_ok());
     wait_until("the first worker", || !pids.lock().unwrap().is_empty());
     wait_until("dispatch", || sgs.stats().dags[0].sample().dispatched == 1);
     let first = pids.lock().unwrap()[0];
@@ -188,7 +188,7 @@ fn crash_without_slack_fails_before_the_deadline() {
     wait_until("the warm worker", || workers(&sgs) == 1);
     let deadline = Instant::now() + Duration::from_millis(180);
     let (req, rx) = request(&dep, b"x", Some(deadline));
-    sgs.submit(req);
+    assert!(sgs.submit(req).is_ok());
     let (res, at) = rx.recv_timeout(LONG).unwrap();
     let DagResult::Failed(msg) = res else { panic!("{res:?}") };
     assert!(msg.contains("no slack left to retry"), "{msg}");
@@ -216,7 +216,7 @@ fn overdue_worker_is_killed_and_retried() {
     let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory), budget(&dep)).unwrap();
     let started = Instant::now();
     let (req, rx) = request(&dep, b"x", None);
-    sgs.submit(req);
+    assert!(sgs.submit(req).is_ok());
     let (res, at) = rx.recv_timeout(LONG).unwrap();
     assert!(matches!(&res, DagResult::Ok { timings, .. } if timings[0].attempts == 2), "{res:?}");
     assert!(at - started < Duration::from_millis(400), "did not wait for the hung worker");
@@ -248,7 +248,7 @@ fn failing_cold_start_answers_waiting_requests() {
         |_: &FunctionDef| -> Result<Box<dyn Worker>, WorkerError> { Err(WorkerError::Start("no such program".into())) };
     let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory), budget(&dep)).unwrap();
     let (req, rx) = request(&dep, b"x", None);
-    sgs.submit(req);
+    assert!(sgs.submit(req).is_ok());
     let (res, _) = rx.recv_timeout(LONG).unwrap();
     assert!(matches!(&res, DagResult::Failed(m) if m.contains("no such program")), "{res:?}");
     assert!(sgs.join(LONG));
@@ -260,11 +260,11 @@ fn stop_finishes_in_flight_work_and_refuses_the_rest() {
     let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(appender(Duration::from_millis(30))), budget(&dep)).unwrap();
     wait_until("the warm worker", || workers(&sgs) == 1);
     let (first, rx1) = request(&dep, b"1", None);
-    sgs.submit(first);
+    assert!(sgs.submit(first).is_ok());
     wait_until("dispatch", || sgs.stats().dags[0].sample().dispatched == 1);
     sgs.stop();
     let (late, rx2) = request(&dep, b"2", None);
-    sgs.submit(late);
+    assert!(sgs.submit(late).is_ok());
     assert!(matches!(rx1.recv_timeout(LONG).unwrap().0, DagResult::Ok { .. }), "in-flight work finishes");
     assert!(matches!(rx2.recv_timeout(LONG).unwrap().0, DagResult::Failed(_)), "late work is refused");
     assert!(sgs.join(LONG));
@@ -281,6 +281,7 @@ fn model_function_runs_on_the_served_model() {
         name: "fm".into(),
         path: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/fmnist_resnet.onnx"),
         cuts: Cuts::Mode("none".into()),
+        max_queue_rows: None,
         input: InputConfig {
             layout: Layout::NCHW,
             height: 28,
@@ -307,12 +308,12 @@ fn model_function_runs_on_the_served_model() {
     let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(NodeWorkers { registry }), budget(&dep)).unwrap();
     let input: Vec<u8> = (0..2 * 28 * 28).flat_map(|i| ((i % 7) as f32 / 7.0).to_le_bytes()).collect();
     let (req, rx) = request(&dep, &input, None);
-    sgs.submit(req);
+    assert!(sgs.submit(req).is_ok());
     let (res, _) = rx.recv_timeout(LONG).unwrap();
     let DagResult::Ok { output, .. } = res else { panic!("{res:?}") };
     assert_eq!(output.len(), 2 * 10 * 4, "two rows of 10 f32 logits");
     let (bad, rx) = request(&dep, &input[..10], None);
-    sgs.submit(bad);
+    assert!(sgs.submit(bad).is_ok());
     let (res, _) = rx.recv_timeout(LONG).unwrap();
     assert!(matches!(&res, DagResult::Failed(m) if m.contains("not a whole number")), "{res:?}");
     assert!(sgs.join(LONG));
@@ -332,18 +333,18 @@ fn baseline_policy_is_fifo_deadline_oblivious_and_starts_on_demand() {
     assert_eq!(workers(&sgs), 0, "on demand: min_warm is not prestarted");
     let now = Instant::now();
     let (blocker, rx0) = request(&dep, b"0", Some(now + Duration::from_secs(5)));
-    sgs.submit(blocker);
+    assert!(sgs.submit(blocker).is_ok());
     wait_until("the blocker to run", || sgs.stats().dags[0].sample().dispatched == 1);
     assert_eq!(sgs.stats().cold_starts.load(Relaxed), 1, "the on-demand start is a cold start");
     assert_eq!(sgs.stats().prestarts.load(Relaxed), 0);
     // The loose request arrives first, the tight one second: FIFO runs them in that order.
     let (loose, rx1) = request(&dep, b"1", Some(now + Duration::from_secs(3)));
     let (tight, rx2) = request(&dep, b"2", Some(now + Duration::from_millis(1000)));
-    sgs.submit(loose);
-    sgs.submit(tight);
+    assert!(sgs.submit(loose).is_ok());
+    assert!(sgs.submit(tight).is_ok());
     // A deadline already hopeless is still run and answered with its output (late).
     let (late, rx3) = request(&dep, b"3", Some(now));
-    sgs.submit(late);
+    assert!(sgs.submit(late).is_ok());
     let (_, t0) = rx0.recv_timeout(LONG).unwrap();
     let (r1, t1) = rx1.recv_timeout(LONG).unwrap();
     let (r2, t2) = rx2.recv_timeout(LONG).unwrap();
@@ -369,7 +370,7 @@ fn core_budget_is_shared_by_every_sgs() {
     let mut rxs = Vec::new();
     for k in 0..4u8 {
         let (req, rx) = request(&dep, &[k], None);
-        if k % 2 == 0 { &a } else { &b }.submit(req);
+        assert!(if k % 2 == 0 { &a } else { &b }.submit(req).is_ok());
         rxs.push(rx);
     }
     let t0 = Instant::now();
@@ -412,7 +413,7 @@ fn overload_is_shed_at_arrival_not_run_late() {
     let rxs: Vec<_> = (0..6u8)
         .map(|k| {
             let (req, rx) = request(&dep, &[k], None);
-            sgs.submit(req);
+            assert!(sgs.submit(req).is_ok());
             rx
         })
         .collect();

@@ -106,6 +106,17 @@ pub fn refused(reason: &'static str) {
     counter!("gati_connections_refused_total", "reason" => reason).increment(1);
 }
 
+/// A request was refused before it was queued, for `reason` (queued_bytes,
+/// model_queue, sgs_queue, inflight_per_conn, too_large).
+pub fn request_refused(reason: &'static str) {
+    counter!("gati_requests_refused_total", "reason" => reason).increment(1);
+}
+
+/// Request bytes the node holds against `[server] max_queued_bytes`.
+pub fn queued_bytes(bytes: usize) {
+    gauge!("gati_queued_bytes").set(bytes as f64);
+}
+
 /// A row of `model` was answered at `stage` (1-based; the last stage = full model).
 pub fn cache_exit(model: &str, stage: usize) {
     counter!("gati_exits_total", "model" => model.to_string(), "stage" => stage.to_string()).increment(1);

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use super::frames::{refusal, request_deadline, Answer};
 use super::{elapsed_us, Conn, Worker};
+use crate::api::budget::Charge;
 use crate::api::conn::Frame;
 use crate::api::wire::{Dtype, Kind, RequestHeader, Status};
 use crate::sched::{DagReply, DagResult};
@@ -30,7 +31,14 @@ fn check_payload(header: &RequestHeader, len: usize) -> Result<(), Status> {
 }
 
 impl Worker {
-    pub(super) fn handle_invoke_dag(&mut self, slot: u32, header: &RequestHeader, payload: &[u8], received: Instant) {
+    pub(super) fn handle_invoke_dag(
+        &mut self,
+        slot: u32,
+        header: &RequestHeader,
+        payload: &[u8],
+        received: Instant,
+        charge: Option<Charge>,
+    ) {
         let rid = header.request_id.get();
         let kind = Kind::InvokeDag as u16;
         let ctx = Arc::clone(&self.ctx);
@@ -38,26 +46,36 @@ impl Worker {
         let dag = sched.as_ref().and_then(|s| s.deployment.dag_by_id(header.target_id.get()).cloned());
         let name: Arc<str> = dag.as_ref().map_or_else(|| Arc::from("<unknown>"), |d| Arc::from(d.name.as_str()));
         let c: &mut Conn = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
-        let reject = |c: &mut Conn, status: Status| {
+        let reject = |c: &mut Conn, status: Status, why: &'static str| {
             telemetry::dag_request_done(&name, status.name(), received.elapsed());
-            c.respond(Frame::plain(kind, rid, status, elapsed_us(received)), &[]);
+            c.respond(Frame::plain(kind, rid, status, elapsed_us(received)), why.as_bytes());
         };
-        if let Some(status) = refusal(&ctx, c) {
-            return reject(c, status);
+        if let Some((status, why)) = refusal(&ctx, c) {
+            return reject(c, status, why);
         }
         let (Some(sched), Some(dag)) = (sched, dag) else {
-            return reject(c, Status::UnknownModel);
+            return reject(c, Status::UnknownModel, "");
         };
         if let Err(status) = check_payload(header, payload.len()) {
-            return reject(c, status);
+            return reject(c, status, "");
         }
         let deadline = request_deadline(header, received);
-        let answer = Answer::to(c, slot, &self.mailbox, &ctx.state, rid, name, received);
+        let mut answer = Answer::to(c, slot, &self.mailbox, &ctx.state, rid, Arc::clone(&name), received);
+        // The frame's charge covers the input copy until the DAG is answered.
+        answer.charge = charge;
         // Count it in flight before the scheduler can possibly answer it.
         c.out.inflight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        telemetry::inflight(1.0);
         let reply = DagReply::new(move |r| send(answer, r));
-        sched.submit(crate::sched::DagRequest { dag, input: payload.to_vec(), deadline, reply });
+        let req = crate::sched::DagRequest { dag, input: payload.to_vec(), deadline, reply };
+        match sched.submit(req) {
+            Ok(()) => telemetry::inflight(1.0),
+            Err(req) => {
+                req.reply.disarm();
+                c.out.inflight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                telemetry::request_refused("sgs_queue");
+                reject(c, Status::Busy, "sgs_queue: the DAG's scheduler holds its most queued requests");
+            }
+        }
     }
 }
 

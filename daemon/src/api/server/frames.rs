@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 use zerocopy::IntoBytes;
 
 use super::{elapsed_us, Conn, Mailbox, ServeContext, Worker, FLAG_BEST_EFFORT, FLAG_CALIBRATE};
+use crate::api::budget::Charge;
 use crate::api::conn::{ConnOut, Frame};
 use crate::api::control;
-use crate::api::request::decode_infer;
+use crate::api::request::check_infer;
 use crate::api::wire::{Dtype, Kind, RequestHeader, Status, HEADER_LEN};
 use crate::api::NodeState;
+use crate::infer::batcher::Rejected;
 use crate::infer::{Job, JobResult, Reply};
 use crate::telemetry;
 
@@ -27,6 +29,16 @@ impl Worker {
                 return;
             }
             let avail = c.inbuf.len() - c.in_pos;
+            if c.discard > 0 {
+                // The rest of a refused frame: dropped as it arrives, never kept.
+                let n = c.discard.min(avail);
+                c.in_pos += n;
+                c.discard -= n;
+                if c.discard > 0 {
+                    break;
+                }
+                continue;
+            }
             if avail < HEADER_LEN {
                 break;
             }
@@ -42,20 +54,37 @@ impl Worker {
             };
             let len = header.payload_len.get() as usize;
             if len > max_frame {
+                telemetry::request_refused("too_large");
                 c.respond(Frame::plain(header.kind.get(), header.request_id.get(), Status::TooLarge, 0), &[]);
                 c.closing = true;
                 c.out.wake_when_idle.store(true, std::sync::atomic::Ordering::Release);
                 return;
             }
+            // The payload is charged to the node's budget before a byte of it is
+            // kept; the buffer itself grows only as bytes arrive.
+            if c.frame_charge.is_none() && len > 0 {
+                match self.ctx.budget.try_charge(len) {
+                    Some(charge) => c.frame_charge = Some(charge),
+                    None => {
+                        telemetry::request_refused("queued_bytes");
+                        let frame = Frame::plain(header.kind.get(), header.request_id.get(), Status::Busy, 0);
+                        c.respond(frame, b"queued_bytes: the node holds max_queued_bytes of requests");
+                        c.in_pos += HEADER_LEN;
+                        c.discard = len;
+                        continue;
+                    }
+                }
+            }
             if avail < HEADER_LEN + len {
-                c.inbuf.reserve(HEADER_LEN + len - avail);
                 break;
             }
             let start = c.in_pos + HEADER_LEN;
             c.in_pos = start + len;
-            // Move the payload out so the handler can borrow the worker mutably.
+            // Move the payload out so the handler can borrow the worker mutably;
+            // the frame's charge covers the copy until the handler returns.
+            let charge = c.frame_charge.take();
             let payload = c.inbuf[start..start + len].to_vec();
-            self.handle_frame(slot, &header, &payload);
+            self.handle_frame(slot, &header, &payload, charge);
         }
         if let Some(c) = self.conns[slot as usize].as_deref_mut() {
             if c.in_pos == c.inbuf.len() {
@@ -68,7 +97,7 @@ impl Worker {
         }
     }
 
-    fn handle_frame(&mut self, slot: u32, header: &RequestHeader, payload: &[u8]) {
+    fn handle_frame(&mut self, slot: u32, header: &RequestHeader, payload: &[u8], charge: Option<Charge>) {
         let received = Instant::now();
         let rid = header.request_id.get();
         let raw_kind = header.kind.get();
@@ -76,7 +105,7 @@ impl Worker {
             return self.handle_infer(slot, header, payload, received);
         }
         if raw_kind == Kind::InvokeDag as u16 {
-            return self.handle_invoke_dag(slot, header, payload, received);
+            return self.handle_invoke_dag(slot, header, payload, received, charge);
         }
         let ctx = Arc::clone(&self.ctx);
         let c = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
@@ -102,22 +131,35 @@ impl Worker {
             None => Arc::from("<unknown>"),
         };
         let c = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
-        let reject = |c: &mut Conn, status: Status| {
+        let reject = |c: &mut Conn, status: Status, why: &'static str| {
             telemetry::request_done(&name, status.name(), received.elapsed());
-            c.respond(Frame::plain(kind, rid, status, elapsed_us(received)), &[]);
+            c.respond(Frame::plain(kind, rid, status, elapsed_us(received)), why.as_bytes());
         };
-        if let Some(status) = refusal(&ctx, c) {
-            return reject(c, status);
+        if let Some((status, why)) = refusal(&ctx, c) {
+            return reject(c, status, why);
         }
         let Some(model) = model else {
-            return reject(c, Status::UnknownModel);
+            return reject(c, Status::UnknownModel, "");
         };
-        let (rows, data) = match decode_infer(&model, header, payload) {
+        let target = model.target();
+        let plan = match check_infer(&target, header, payload) {
+            Ok(p) => p,
+            Err(status) => return reject(c, status, ""),
+        };
+        // The decoded input is charged before it is allocated (a resize can make
+        // it many times the payload), and held until the answer is written.
+        let Some(charge) = ctx.budget.try_charge(plan.floats(&target).saturating_mul(4)) else {
+            telemetry::request_refused("queued_bytes");
+            return reject(c, Status::Busy, "queued_bytes: the node holds max_queued_bytes of requests");
+        };
+        let data = match plan.decode(&target, payload) {
             Ok(v) => v,
-            Err(status) => return reject(c, status),
+            Err(status) => return reject(c, status, ""),
         };
+        let rows = plan.rows;
         let deadline = request_deadline(header, received);
-        let answer = Answer::to(c, slot, &self.mailbox, &ctx.state, rid, Arc::clone(&name), received);
+        let mut answer = Answer::to(c, slot, &self.mailbox, &ctx.state, rid, Arc::clone(&name), received);
+        answer.charge = Some(charge);
         // Count it in flight before the batcher can possibly answer it.
         c.out.inflight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let reply = Reply::new(move |result| answer.send(result));
@@ -131,28 +173,34 @@ impl Worker {
                 // Answer here, not through the reply.
                 job.reply.disarm();
                 c.out.inflight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                let status = match why {
-                    crate::infer::batcher::Rejected::Unmeetable { .. } => Status::DeadlineUnmeetable,
-                    crate::infer::batcher::Rejected::Closed => Status::ShuttingDown,
-                };
-                reject(c, status);
+                match why {
+                    Rejected::Unmeetable { .. } => reject(c, Status::DeadlineUnmeetable, ""),
+                    Rejected::Closed => reject(c, Status::ShuttingDown, ""),
+                    Rejected::QueueFull => {
+                        telemetry::request_refused("model_queue");
+                        reject(c, Status::Busy, "model_queue: the model's queue holds max_queue_rows rows")
+                    }
+                }
             }
         }
     }
 }
 
-/// The deadline a request header asks for (`deadline_us` after receipt; 0 = none).
 /// Why a new Infer or InvokeDag request is refused before its target is
 /// looked at: the node is draining, or the connection already has
 /// `max_inflight_per_conn` requests in flight.
-pub(super) fn refusal(ctx: &ServeContext, c: &Conn) -> Option<Status> {
+pub(super) fn refusal(ctx: &ServeContext, c: &Conn) -> Option<(Status, &'static str)> {
     if ctx.state.is_draining() {
-        return Some(Status::ShuttingDown);
+        return Some((Status::ShuttingDown, ""));
     }
-    (c.out.inflight.load(std::sync::atomic::Ordering::Acquire) >= ctx.limits.max_inflight_per_conn)
-        .then_some(Status::Busy)
+    if c.out.inflight.load(std::sync::atomic::Ordering::Acquire) >= ctx.limits.max_inflight_per_conn {
+        telemetry::request_refused("inflight_per_conn");
+        return Some((Status::Busy, "inflight_per_conn: max_inflight_per_conn requests in flight on this connection"));
+    }
+    None
 }
 
+/// The deadline a request header asks for (`deadline_us` after receipt; 0 = none).
 pub(super) fn request_deadline(header: &RequestHeader, received: Instant) -> Option<Instant> {
     match header.deadline_us.get() {
         0 => None,
@@ -170,6 +218,8 @@ pub(super) struct Answer {
     pub(super) request_id: u64,
     pub(super) model: Arc<str>,
     pub(super) received: Instant,
+    /// The request's share of the byte budget, given back once answered.
+    pub(super) charge: Option<Charge>,
 }
 
 impl Answer {
@@ -192,6 +242,7 @@ impl Answer {
             request_id,
             model,
             received,
+            charge: None,
         }
     }
 

@@ -19,6 +19,7 @@ use zerocopy::IntoBytes;
 mod dag;
 mod frames;
 
+use super::budget::Charge;
 use super::conn::{ConnOut, Frame};
 use super::listener::peer_cred;
 use super::wire::{Dtype, ResponseHeader, Status, HEADER_LEN};
@@ -167,9 +168,15 @@ struct Conn {
     /// Received bytes not yet parsed, from `in_pos`.
     inbuf: Vec<u8>,
     in_pos: usize,
+    /// Payload bytes still to drop: a frame refused for the byte budget.
+    discard: usize,
+    /// The budget's share for the frame being received (charged at its header).
+    frame_charge: Option<Charge>,
     /// Bytes the ring is sending (untouched while a send is in flight).
     sending: Vec<u8>,
     sent: usize,
+    /// `sending`'s share of the byte budget.
+    sending_charge: Option<Charge>,
     recv_armed: bool,
     send_armed: bool,
     /// No more reading: close once answers are flushed.
@@ -363,13 +370,16 @@ impl Worker {
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let conn = Box::new(Conn {
-            out: Arc::new(ConnOut::new(fd)),
+            out: Arc::new(ConnOut::new(fd, Arc::clone(&self.ctx.budget))),
             gen,
             rbuf: vec![0u8; RECV_BUF].into_boxed_slice(),
             inbuf: Vec::new(),
             in_pos: 0,
+            discard: 0,
+            frame_charge: None,
             sending: Vec::new(),
             sent: 0,
+            sending_charge: None,
             recv_armed: false,
             send_armed: false,
             closing: false,
@@ -446,6 +456,7 @@ impl Worker {
             if c.sent >= c.sending.len() {
                 c.sending.clear();
                 c.sent = 0;
+                c.sending_charge = None;
             }
         }
         self.dirty.push(slot);
@@ -478,6 +489,7 @@ impl Worker {
                         q.ring_owned = false;
                     } else {
                         std::mem::swap(&mut c.sending, &mut q.pending);
+                        c.sending_charge = q.charge.take();
                         q.ring_owned = true;
                         c.sent = 0;
                     }
@@ -495,6 +507,7 @@ impl Worker {
                     if c.sent >= c.sending.len() {
                         c.sending.clear();
                         c.sent = 0;
+                        c.sending_charge = None;
                         // Look again: more may have been queued meanwhile.
                         self.dirty.push(slot);
                         continue;

@@ -15,6 +15,7 @@ mod exec;
 mod shed;
 mod workers;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,14 +25,28 @@ use self::core::{Core, Msg};
 use super::cores::Cores;
 use super::eventfd::EventFd;
 use super::function::{Deployment, FnId};
-use super::request::DagRequest;
+use super::request::{DagReply, DagRequest};
 use super::signals::SgsStats;
 use super::worker::WorkerFactory;
 use super::SchedError;
 
+/// Requests one SGS holds (queued or running, not yet answered) before new
+/// ones are refused `Busy`.
+pub const MAX_QUEUED: usize = 4096;
+
+/// One request counted against an SGS's [`MAX_QUEUED`].
+struct QueuedSlot(Arc<AtomicUsize>);
+
+impl Drop for QueuedSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Handle of a running SGS.
 pub struct Sgs {
     index: usize,
+    queued: Arc<AtomicUsize>,
     tx: Sender<Msg>,
     wake: Arc<EventFd>,
     stats: Arc<SgsStats>,
@@ -90,18 +105,32 @@ impl Sgs {
             .recv()
             .map_err(|_| SchedError::Io { what: "SGS start", source: std::io::Error::other("thread died") })?
             .map_err(|e| SchedError::Io { what: "io_uring setup", source: e })?;
-        Ok(Self { index, tx, wake, stats, thread: Some(thread) })
+        Ok(Self { index, queued: Arc::new(AtomicUsize::new(0)), tx, wake, stats, thread: Some(thread) })
     }
 
     pub fn index(&self) -> usize {
         self.index
     }
 
-    /// Queues a request. Never blocks; if the SGS is gone the reply answers `Failed`.
-    pub fn submit(&self, req: DagRequest) {
+    /// Queues a request, or gives it back when the SGS already holds
+    /// [`MAX_QUEUED`] unanswered ones. Never blocks; if the SGS is gone the
+    /// reply answers `Failed`.
+    pub fn submit(&self, mut req: DagRequest) -> Result<(), DagRequest> {
+        let held = &self.queued;
+        if held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_QUEUED).then_some(n + 1)).is_err() {
+            return Err(req);
+        }
+        // The count drops when the request is answered, however that happens.
+        let slot = QueuedSlot(Arc::clone(held));
+        let inner = std::mem::replace(&mut req.reply, DagReply::new(|_| {}));
+        req.reply = DagReply::new(move |r| {
+            drop(slot);
+            inner.send(r);
+        });
         if self.tx.send(Msg::Request(req)).is_ok() {
             self.wake.signal();
         }
+        Ok(())
     }
 
     /// The counters this SGS publishes.

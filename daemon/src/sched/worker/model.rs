@@ -86,6 +86,7 @@ impl Worker for ModelWorker {
                 Err(match why {
                     Rejected::Closed => WorkerError::Crashed("the model's batcher is gone".into()),
                     Rejected::Unmeetable { estimate } => WorkerError::Failed(format!("unmeetable ({estimate:?})")),
+                    Rejected::QueueFull => WorkerError::Failed("the model's queue is full".into()),
                 })
             }
         }
