@@ -8,7 +8,8 @@
 #
 # Environment: FUZZ_RSS_MB (default 2048) caps a run's memory and FUZZ_MALLOC_MB
 # (default 1024) any single allocation (both count as crashes); FUZZ_SANITIZER
-# (default address; `none` runs faster). See docs/fuzzing.md.
+# (default address; `none` runs faster); FUZZ_RUNS stops each target after that
+# many executions (the time limit still applies). See docs/fuzzing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,7 @@ fi
 rss_mb=${FUZZ_RSS_MB:-2048}
 malloc_mb=${FUZZ_MALLOC_MB:-1024}
 sanitizer=${FUZZ_SANITIZER:-address}
+runs=${FUZZ_RUNS:-}
 
 # The tools, installed once (both steps are no-ops when already there).
 if ! rustup toolchain list | grep -q '^nightly'; then
@@ -61,6 +63,7 @@ if ! cargo +nightly fuzz build --sanitizer "$sanitizer" >"$log_dir/build.log" 2>
     tail -40 "$log_dir/build.log" >&2
     exit 2
 fi
+bin_dir=fuzz/target/$(rustc +nightly -vV | sed -n 's/^host: //p')/release
 printf '%-8s %12s %7s %10s\n' target executions crashes exec/s
 for t in "${targets[@]}"; do
     if [[ ! -f fuzz/fuzz_targets/$t.rs ]]; then
@@ -75,8 +78,8 @@ for t in "${targets[@]}"; do
             extra=(-max_len=65536)
             whole=()
             for m in models/*.onnx; do [[ -f $m ]] && whole+=("$m"); done
-            if ((${#whole[@]} > 0)) &&
-                ! cargo +nightly fuzz run --sanitizer "$sanitizer" onnx -- "${whole[@]}" >"$log_dir/onnx-models.log" 2>&1; then
+            # Files (not a directory) make libFuzzer run each once and stop.
+            if ((${#whole[@]} > 0)) && ! "$bin_dir/onnx" "${whole[@]}" >"$log_dir/onnx-models.log" 2>&1; then
                 echo "onnx: a real model crashed the target:" >&2
                 tail -30 "$log_dir/onnx-models.log" >&2
                 failed=1
@@ -86,6 +89,7 @@ for t in "${targets[@]}"; do
         ring) extra=(-max_len=2048) ;;
         *) extra=(-max_len=4096) ;;
     esac
+    if [[ -n $runs ]]; then extra+=(-runs="$runs"); fi
     before=$(find "fuzz/artifacts/$t" -type f | wc -l)
     log="$log_dir/$t.log"
     set +e

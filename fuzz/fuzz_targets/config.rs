@@ -38,6 +38,8 @@ fuzz_target!(|data: &[u8]| {
                 assert!((1..=8192).contains(&m.input.height) && (1..=8192).contains(&m.input.width));
                 assert!((1..=4).contains(&m.input.channels));
                 assert!(m.input.scale.is_finite() && m.input.scale != 0.0);
+                assert!(m.input.mean.iter().all(|v| v.is_finite()));
+                assert!(m.input.std.iter().all(|v| v.is_finite() && *v != 0.0));
             }
             for d in &c.dags {
                 assert!(d.deadline_ms.is_finite() && d.deadline_ms > 0.0);

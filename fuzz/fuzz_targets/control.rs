@@ -11,6 +11,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use gatid::api::budget::ByteBudget;
 use gatid::api::control::{answer, kind_name};
 use gatid::api::listener::Allowlist;
 use gatid::api::wire::{Kind, RequestHeader, Status, HEADER_LEN};
@@ -40,6 +41,7 @@ fn context(ready: bool, draining: bool) -> &'static ServeContext {
                 },
                 metrics: None,
                 state: Arc::new(state),
+                budget: ByteBudget::new(1 << 20),
             }
         })
     });

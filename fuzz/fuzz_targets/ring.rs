@@ -13,7 +13,10 @@
 
 use std::collections::VecDeque;
 
-use gati_sdk::layout::{Layout, Shared, DATA_OFFSET, FRAME_HEADER_BYTES, REQUEST_HEADER_OFFSET, RESPONSE_HEADER_OFFSET};
+use gati_fuzz::Input;
+use gati_sdk::layout::{
+    Layout, Shared, DATA_OFFSET, FRAME_HEADER_BYTES, REQUEST_HEADER_OFFSET, RESPONSE_HEADER_OFFSET,
+};
 use gati_sdk::ring::{Ring, RingError};
 use libfuzzer_sys::fuzz_target;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -22,32 +25,6 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 #[derive(IntoBytes, FromBytes, Immutable, KnownLayout, Clone, Copy)]
 #[repr(C, align(64))]
 struct Block([u8; 64]);
-
-/// Byte cursor over the fuzz input; reads past the end give zeros.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn u8(&mut self) -> u8 {
-        let (b, rest) = self.0.split_first().map_or((0, &[][..]), |(b, r)| (*b, r));
-        self.0 = rest;
-        b
-    }
-    fn u64(&mut self) -> u64 {
-        let mut v = [0u8; 8];
-        for b in &mut v {
-            *b = self.u8();
-        }
-        u64::from_le_bytes(v)
-    }
-    fn bytes(&mut self, n: usize) -> &[u8] {
-        let (a, b) = self.0.split_at(n.min(self.0.len()));
-        self.0 = b;
-        a
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
 
 /// What the fuzzer expects a ring to hold, while it is still trustworthy.
 #[derive(Default)]
@@ -65,7 +42,7 @@ fn ring<'r, 'a>(shared: &'r mut Shared<'a>, which: u8) -> &'r mut Ring<'a> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut input = Input(data);
+    let mut input = Input::new(data);
     // Small rings so that wrap-around and "full" are reached quickly.
     let layout = Layout::for_max_message(usize::from(input.u8()) * 4);
     let mut blocks = vec![Block([0; 64]); layout.total_len() / 64];
