@@ -50,7 +50,7 @@ seed_onnx() {
     for m in models/*.onnx; do
         [[ -f $m ]] || continue
         name=$(basename "$m" .onnx)
-        for n in 16 512 4096 65536; do
+        for n in 16 512 4096 16384; do
             head -c "$n" "$m" >"$dir/gen-$name-head$n"
         done
     done
@@ -75,7 +75,7 @@ for t in "${targets[@]}"; do
     case $t in
         onnx)
             seed_onnx
-            extra=(-max_len=65536)
+            extra=(-max_len=16384)
             whole=()
             for m in models/*.onnx; do [[ -f $m ]] && whole+=("$m"); done
             # Files (not a directory) make libFuzzer run each once and stop.
