@@ -9,8 +9,10 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # 1. Debian packages: the Fashion-MNIST data set; the real video of the cache
 #    workloads (opencv-doc ships vtest.avi); systemd tools for the unit tests
-#    (systemd-analyze, systemd-socket-activate).
-apt_pkgs=(dataset-fashion-mnist opencv-doc systemd)
+#    (systemd-analyze, systemd-socket-activate); promtool for the metrics test
+#    (tests/operator.rs; Debian ships it only in the server package, whose
+#    service is neither started nor needed).
+apt_pkgs=(dataset-fashion-mnist opencv-doc systemd prometheus)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

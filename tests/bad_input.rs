@@ -340,30 +340,42 @@ fn over_the_node_byte_budget_requests_get_busy_at_once_and_service_resumes() {
     let (pixels, label) = cifar_images()[0].clone();
     let mut good = d.client();
     good_request(&mut good, &pixels, label);
-    // A client declares a 1 MiB frame and sends half of it: the whole frame is
-    // charged at its header, so the budget is spent while it dawdles.
+    // Headers that declare big frames and stall hold nothing: only bytes sent count.
+    let stalled: Vec<UnixStream> = (0..16)
+        .map(|i| {
+            let mut s = UnixStream::connect(&d.socket).unwrap();
+            let n = (1 << 20) - 64;
+            let h = RequestHeader::new(Kind::Infer, i, gatid::api::wire::model_id("cifar10"), Dtype::U8, &[n], n);
+            s.write_all(h.as_bytes()).unwrap();
+            s.write_all(&[0]).unwrap();
+            s
+        })
+        .collect();
+    for _ in 0..20 {
+        good_request(&mut good, &pixels, label);
+    }
+    // A client that really sends almost a whole 1 MiB frame spends the budget
+    // (1 KiB is left: less than a request of the good client).
     let mut hog = UnixStream::connect(&d.socket).unwrap();
-    let n = 1 << 20;
+    let n = (1 << 20) - 1024;
     let h =
         RequestHeader::new(Kind::Infer, 77, gatid::api::wire::model_id("cifar10"), Dtype::U8, &[n as u32], n as u32);
     hog.write_all(h.as_bytes()).unwrap();
-    hog.write_all(&vec![0u8; n / 2]).unwrap();
-    // Poll until the hog's header has been read (the budget is then spent).
+    hog.write_all(&vec![0u8; n - 16]).unwrap();
+    // Poll (with control requests, which carry no payload) until the hog's bytes
+    // have been read: the budget is then spent.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let refused = loop {
-        let r = good.infer("cifar10", Dtype::U8, &[32, 32, 3], &pixels, 0).unwrap();
-        if r.status == Status::Busy {
-            break r;
-        }
-        assert_eq!(r.status, Status::Ok);
-        assert!(std::time::Instant::now() < deadline, "the budget never filled");
+    while good.control_json(Kind::Health, 0, &[]).unwrap()["queued_bytes"].as_u64().unwrap() < (n - 16) as u64 {
+        assert!(std::time::Instant::now() < deadline, "the hog's bytes were never all read");
         std::thread::sleep(Duration::from_millis(5));
-    };
+    }
+    let refused = good.infer("cifar10", Dtype::U8, &[32, 32, 3], &pixels, 0).unwrap();
+    assert_eq!(refused.status, Status::Busy);
     assert!(String::from_utf8_lossy(&refused.payload).contains("queued_bytes"), "the refusal names its reason");
     assert!(good.ping().is_ok(), "the refused client's connection still works");
     // The hog finishes its frame: it is answered (a 1-D shape is not an image),
     // its charge is given back, and service resumes.
-    hog.write_all(&vec![0u8; n / 2]).unwrap();
+    hog.write_all(&[0u8; 16]).unwrap();
     let mut buf = [0u8; HEADER_LEN];
     hog.read_exact(&mut buf).unwrap();
     let resp = gatid::api::wire::ResponseHeader::parse(&buf).unwrap();
@@ -371,6 +383,7 @@ fn over_the_node_byte_budget_requests_get_busy_at_once_and_service_resumes() {
     good_request(&mut good, &pixels, label);
     let stats = good.stats_text().unwrap();
     assert!(stats.contains("reason=\"queued_bytes\""), "refusals are counted by reason");
+    drop(stalled);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The daemon as systemd runs it: readiness and stopping notifications,
 //! watchdog, socket activation, SIGHUP reload under load, SIGTERM drain,
-//! config errors (exit 78), and the unit files themselves.
+//! config errors (exit 78), and the unit files themselves (verify, and the
+//! `systemd-analyze security` exposure budget).
 
 mod common;
 
@@ -277,9 +278,32 @@ fn systemd_units_verify() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && !text.contains("gatid.service:"), "systemd-analyze verify:\n{text}");
+    // The hardening budget: offline analysis of the file, so the same on every machine.
+    let exposure = security_exposure(&dir);
+    println!("systemd-analyze security gatid.service: {exposure}");
+    assert!(exposure <= 2.0, "gatid.service exposure {exposure} > 2.0 (it was 1.3)");
     // A broken unit is caught (the check can fail).
     std::fs::write(dir.join("gatid.service"), "[Service]\nType=notifyy\nExecStart=relative/path\n").unwrap();
     let out = Command::new("systemd-analyze").args(["verify", "gatid.service"]).current_dir(&dir).output().unwrap();
     assert!(!out.status.success() || !out.stderr.is_empty(), "verify accepted a broken unit");
+    // … and so is an unhardened one.
+    std::fs::write(dir.join("gatid.service"), format!("[Service]\nExecStart={}\n", env!("CARGO_BIN_EXE_gatid")))
+        .unwrap();
+    let bare = security_exposure(&dir);
+    assert!(bare > 2.0, "an unhardened unit rated {bare}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `systemd-analyze security --offline=true` of `dir`/gatid.service: the overall exposure.
+fn security_exposure(dir: &std::path::Path) -> f64 {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager", "gatid.service"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    text.lines()
+        .find_map(|l| l.split_once("Overall exposure level for gatid.service:"))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in systemd-analyze security output:\n{text}"))
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use gatid::api::server::FLAG_BEST_EFFORT;
+use gatid::api::wire::FLAG_BEST_EFFORT;
 use gatid::api::wire::{Dtype, Status};
 use gatid::client::Client;
 use gatid::config::{InputConfig, Layout, Resize};

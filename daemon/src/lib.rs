@@ -12,7 +12,10 @@ pub mod bench;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod eventfd;
+pub mod id;
 pub mod infer;
+pub mod liveness;
 pub mod node;
 pub mod reply;
 pub mod sandbox;
@@ -26,3 +29,6 @@ pub const EXIT_CONFIG: u8 = 78;
 pub const EXIT_MODEL: u8 = 65;
 /// Exit code when ONNX Runtime cannot be loaded (EX_UNAVAILABLE).
 pub const EXIT_RUNTIME: u8 = 69;
+/// Exit code when a data-plane thread died for good (EX_SOFTWARE): the node
+/// drained what it could and exits so that systemd restarts it.
+pub const EXIT_SOFTWARE: u8 = 70;

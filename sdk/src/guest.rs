@@ -60,12 +60,18 @@ where
     // SAFETY: by the fd convention (crate docs) `mem_fd` is the memfd the daemon
     // passed us and nothing else in this process owns it; we take it over once.
     let mem = unsafe { File::from_raw_fd(mem_fd) };
-    // SAFETY: the memfd is sealed against shrinking by the daemon, so the mapping
-    // cannot lose pages under us; concurrent writes by the daemon touch only the
-    // request ring and are ordered by its atomics (see `ring`).
-    let mut map = unsafe { MmapOptions::new().map_mut(&mem) }.map_err(ServeError::Map)?;
-    let layout = Layout::read_from(&mut map)?;
-    let mut shared = layout.split(&mut map)?;
+    // A raw mapping: it never hands out references to the bytes, which the
+    // daemon writes while we run.
+    let map = MmapOptions::new().map_raw(&mem).map_err(ServeError::Map)?;
+    // SAFETY: the memfd is sealed against shrinking by the daemon, so the
+    // mapping stays fully backed while `map` lives (to the end of this
+    // function, which never returns while serving); nothing else in this
+    // process reaches it. The daemon may write any byte at any time: the
+    // layout and the rings read it only atomically or with volatile copies
+    // and check what they read.
+    let layout = unsafe { Layout::read_from_raw(map.as_mut_ptr(), map.len()) }?;
+    // SAFETY: as above; this is the only view of the region.
+    let mut shared = unsafe { layout.split_raw(map.as_mut_ptr(), map.len()) }?;
     shared.control.guest_pid.store(std::process::id(), Ordering::Relaxed);
     shared.control.guest_state.store(GUEST_READY, Ordering::Release);
     signal(response_fd)?;

@@ -16,7 +16,18 @@
 //! of the data area. The daemon owns the layout (it creates the memfd and never
 //! reads the capacity back from shared memory); the guest validates what it
 //! finds before using it.
+//!
+//! Both processes map the whole region read-write, so each side must assume
+//! the other can change any byte at any time. Nothing here hands out a
+//! reference to plain bytes of a mapped region: the control block and ring
+//! headers are made only of atomics (so `&Control` and `&RingHeader` permit
+//! concurrent writes), and the data areas are reached through raw pointers
+//! with volatile copies into buffers the caller owns ([`crate::ring`]). A
+//! mapped region is entered through the `unsafe` [`Layout::split_raw`] (and
+//! [`Layout::read_from_raw`], [`Layout::init_raw`]); the safe `&mut [u8]`
+//! versions are for memory this process owns exclusively (tests, fuzzing).
 
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -56,11 +67,13 @@ pub const RESPONSE_HEADER_OFFSET: usize = REQUEST_HEADER_OFFSET + RING_HEADER_BY
 pub const DATA_OFFSET: usize = RESPONSE_HEADER_OFFSET + RING_HEADER_BYTES;
 
 /// The control block at offset 0. Written by the daemon before the guest
-/// starts (all but `guest_state`), then read-only except `guest_state`, which
-/// the guest sets to [`GUEST_READY`].
+/// starts (all but `guest_state`), then by protocol read-only except
+/// `guest_state`, which the guest sets to [`GUEST_READY`]. A hostile guest can
+/// write every word anyway: the daemon reads only `guest_state` back.
 ///
-/// Atomics are not `Immutable` in zerocopy 0.8, so both sides map this with
-/// `mut_from_prefix` and use it through a shared reference.
+/// Every field, the reserved words included, is an atomic: a shared reference
+/// to it asserts nothing about bytes that the other process may change.
+/// `FromBytes`: every bit pattern is a valid value.
 #[derive(FromBytes, IntoBytes, KnownLayout)]
 #[repr(C, align(64))]
 pub struct Control {
@@ -73,19 +86,21 @@ pub struct Control {
     pub guest_pid: AtomicU32,
     /// Largest payload either side may send (≤ `ring_capacity` − 16).
     pub max_message: AtomicU64,
-    _reserved: [u8; 32],
+    _reserved: [AtomicU64; 4],
 }
 
 /// One SPSC ring's indices: monotonically increasing byte counts, each on its
 /// own cache line. `head` is written only by the producer, `tail` only by the
-/// consumer; a frame is visible once `head` moves past it (release/acquire).
+/// consumer (by protocol: the ring checks both whenever it reads them); a frame
+/// is visible once `head` moves past it (release/acquire). All atomics, like
+/// [`Control`], padding included.
 #[derive(FromBytes, IntoBytes, KnownLayout)]
 #[repr(C, align(64))]
 pub struct RingHeader {
     pub head: AtomicU64,
-    _pad0: [u8; 56],
+    _pad0: [AtomicU64; 7],
     pub tail: AtomicU64,
-    _pad1: [u8; 56],
+    _pad1: [AtomicU64; 7],
 }
 
 /// The header in front of every frame's payload.
@@ -138,18 +153,29 @@ impl Layout {
 
     /// Offset of the response ring's data area.
     pub fn response_data_offset(&self) -> usize {
-        DATA_OFFSET + self.ring_capacity
+        DATA_OFFSET.saturating_add(self.ring_capacity)
     }
 
-    /// Bytes the memfd must have (rounded up to 4 KiB pages).
+    /// Bytes the memfd must have (rounded up to 4 KiB pages; saturates, so an
+    /// absurd layout needs more than any region has instead of wrapping).
     pub fn total_len(&self) -> usize {
-        (DATA_OFFSET + 2 * self.ring_capacity).div_ceil(4096) * 4096
+        let bytes = DATA_OFFSET.saturating_add(self.ring_capacity.saturating_mul(2));
+        bytes.div_ceil(4096).saturating_mul(4096)
     }
 
     /// Reads and validates the layout a daemon wrote into `region` (guest side).
     pub fn read_from(region: &mut [u8]) -> Result<Layout, LayoutError> {
-        let have = region.len();
-        let (control, _) = Control::mut_from_prefix(region).map_err(|e| cast_error(have, e))?;
+        // SAFETY: an exclusive borrow: valid, and nothing else touches it meanwhile.
+        unsafe { Layout::read_from_raw(region.as_mut_ptr(), region.len()) }
+    }
+
+    /// [`Layout::read_from`] on a mapped region (guest side).
+    ///
+    /// # Safety
+    /// As for [`Layout::split_raw`], for the duration of the call.
+    pub unsafe fn read_from_raw(base: *mut u8, len: usize) -> Result<Layout, LayoutError> {
+        // SAFETY: the caller's contract covers `len` bytes from `base`.
+        let control = unsafe { control(base, len)? };
         let magic = control.magic.load(Ordering::Acquire);
         if magic != MAGIC {
             return Err(LayoutError::BadMagic(magic));
@@ -167,15 +193,25 @@ impl Layout {
             return Err(LayoutError::BadCapacity(capacity));
         }
         let layout = Layout { ring_capacity: capacity as usize, max_message: max_message as usize };
-        if layout.total_len() > have {
-            return Err(LayoutError::TooSmall { have, need: layout.total_len() });
+        if layout.total_len() > len {
+            return Err(LayoutError::TooSmall { have: len, need: layout.total_len() });
         }
         Ok(layout)
     }
 
     /// Writes the control block into a fresh (zeroed) region (daemon side).
     pub fn init(&self, region: &mut [u8]) -> Result<(), LayoutError> {
-        let shared = self.split(region)?;
+        // SAFETY: an exclusive borrow: valid, and nothing else touches it meanwhile.
+        unsafe { self.init_raw(region.as_mut_ptr(), region.len()) }
+    }
+
+    /// [`Layout::init`] on a mapped region (daemon side).
+    ///
+    /// # Safety
+    /// As for [`Layout::split_raw`], for the duration of the call.
+    pub unsafe fn init_raw(&self, base: *mut u8, len: usize) -> Result<(), LayoutError> {
+        // SAFETY: the caller's contract.
+        let shared = unsafe { self.split_raw(base, len)? };
         shared.control.ring_capacity.store(self.ring_capacity as u64, Ordering::Relaxed);
         shared.control.max_message.store(self.max_message as u64, Ordering::Relaxed);
         shared.control.version.store(VERSION, Ordering::Relaxed);
@@ -185,21 +221,72 @@ impl Layout {
 
     /// Splits `region` into the control block and the two rings.
     pub fn split<'a>(&self, region: &'a mut [u8]) -> Result<Shared<'a>, LayoutError> {
-        let have = region.len();
-        if have < self.total_len() {
-            return Err(LayoutError::TooSmall { have, need: self.total_len() });
-        }
-        let (control, rest) = Control::mut_from_prefix(region).map_err(|e| cast_error(have, e))?;
-        let (request_header, rest) = RingHeader::mut_from_prefix(rest).map_err(|e| cast_error(have, e))?;
-        let (response_header, rest) = RingHeader::mut_from_prefix(rest).map_err(|e| cast_error(have, e))?;
-        let (request_data, rest) = rest.split_at_mut(self.ring_capacity);
-        let (response_data, _) = rest.split_at_mut(self.ring_capacity);
-        Ok(Shared {
-            control: &*control,
-            request: Ring::new(&*request_header, request_data),
-            response: Ring::new(&*response_header, response_data),
-        })
+        // SAFETY: an exclusive borrow for `'a`: valid for reads and writes, and
+        // only reached through the returned view while it lives.
+        unsafe { self.split_raw(region.as_mut_ptr(), region.len()) }
     }
+
+    /// Splits a mapped region into the control block and the two rings.
+    ///
+    /// # Safety
+    /// `base` must point to `len` bytes that stay mapped, readable and writable
+    /// for `'a` (a `MAP_SHARED` mapping of a memfd sealed against shrinking:
+    /// it cannot lose pages), and during `'a` this process must not reach
+    /// those bytes other than through the returned view (no `&[u8]`/`&mut
+    /// [u8]` over them, no second view used at the same time). Another
+    /// process may write any byte at any time: the view reads the control
+    /// words and ring indices atomically, copies data with volatile accesses
+    /// into buffers the caller owns and checks every index and length it read.
+    pub unsafe fn split_raw<'a>(&self, base: *mut u8, len: usize) -> Result<Shared<'a>, LayoutError> {
+        // SAFETY: the caller's contract; `control` checks alignment and size.
+        let control = unsafe { control(base, len)? };
+        if len < self.total_len() {
+            return Err(LayoutError::TooSmall { have: len, need: self.total_len() });
+        }
+        let at = |offset: usize| {
+            // SAFETY: offset ≤ total_len ≤ len, so this stays inside the region,
+            // whose base is not null (`control` checked it).
+            unsafe { NonNull::new_unchecked(base.add(offset)) }
+        };
+        // SAFETY: both headers lie inside the region (DATA_OFFSET ≤ total_len)
+        // at 64-byte aligned offsets of a 64-byte aligned base; RingHeader is
+        // FromBytes and made only of atomics, so any bytes are a valid value
+        // that the other process may change concurrently.
+        let (request_header, response_header) = unsafe {
+            (
+                at(REQUEST_HEADER_OFFSET).cast::<RingHeader>().as_ref(),
+                at(RESPONSE_HEADER_OFFSET).cast::<RingHeader>().as_ref(),
+            )
+        };
+        // SAFETY: each data area is `ring_capacity` bytes inside the region
+        // (DATA_OFFSET + 2 × capacity ≤ total_len ≤ len), disjoint from the
+        // headers and from each other; the caller's contract keeps them
+        // mapped and otherwise untouched for `'a`.
+        let (request, response) = unsafe {
+            (
+                Ring::new(request_header, at(DATA_OFFSET), self.ring_capacity),
+                Ring::new(response_header, at(self.response_data_offset()), self.ring_capacity),
+            )
+        };
+        Ok(Shared { control, request, response })
+    }
+}
+
+/// The control block at the start of `len` bytes at `base`.
+///
+/// # Safety
+/// `base` must be valid for reads and writes of `len` bytes for `'a`.
+unsafe fn control<'a>(base: *mut u8, len: usize) -> Result<&'a Control, LayoutError> {
+    if base.is_null() || !(base as usize).is_multiple_of(align_of::<Control>()) {
+        return Err(LayoutError::Misaligned);
+    }
+    if len < DATA_OFFSET {
+        return Err(LayoutError::TooSmall { have: len, need: DATA_OFFSET });
+    }
+    // SAFETY: aligned, in bounds (len ≥ 64) and valid per the caller; Control
+    // is FromBytes (any bytes are a valid value) and made only of atomics, so
+    // a shared reference stays sound while the other process writes it.
+    Ok(unsafe { &*base.cast::<Control>() })
 }
 
 /// The region seen through its layout.
@@ -209,13 +296,6 @@ pub struct Shared<'a> {
     pub request: Ring<'a>,
     /// Guest → daemon.
     pub response: Ring<'a>,
-}
-
-fn cast_error<A, S>(have: usize, e: zerocopy::ConvertError<A, S, std::convert::Infallible>) -> LayoutError {
-    match e {
-        zerocopy::ConvertError::Alignment(_) => LayoutError::Misaligned,
-        _ => LayoutError::TooSmall { have, need: DATA_OFFSET },
-    }
 }
 
 /// A 64-byte aligned block; tests build regions out of these.
@@ -261,5 +341,12 @@ mod tests {
         region[0] ^= 1;
         assert!(matches!(Layout::read_from(region), Err(LayoutError::BadMagic(_))));
         assert!(matches!(layout.split(&mut region[..100]), Err(LayoutError::TooSmall { .. })));
+        assert!(matches!(layout.split(&mut region[1..]), Err(LayoutError::Misaligned)));
+        // Absurd layouts saturate instead of overflowing and fit no region.
+        let huge = Layout::for_max_message(usize::MAX);
+        assert_eq!(huge.total_len(), usize::MAX);
+        assert!(matches!(huge.split(region), Err(LayoutError::TooSmall { .. })));
+        let odd = Layout { ring_capacity: usize::MAX, max_message: 0 };
+        assert!(matches!(odd.split(region), Err(LayoutError::TooSmall { .. })));
     }
 }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use gatid::client::Client;
 
+pub mod procs;
+
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
@@ -88,9 +90,24 @@ impl TestDaemon {
     }
 
     pub fn start_with(dir: &Path, config_text: &str, tweak: impl FnOnce(&mut Command)) -> Self {
+        Self::start_wrapped(dir, config_text, &[], tweak)
+    }
+
+    /// As [`TestDaemon::start_with`], with `gatid` run by the command `wrapper`
+    /// (e.g. `unshare -m sh -c '…; exec "$@"' sh`), which must `exec` it so
+    /// that the child's pid is the daemon's.
+    pub fn start_wrapped(dir: &Path, config_text: &str, wrapper: &[&str], tweak: impl FnOnce(&mut Command)) -> Self {
         let config = dir.join("gatid.toml");
         std::fs::write(&config, config_text).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gatid"));
+        let gatid = env!("CARGO_BIN_EXE_gatid");
+        let mut cmd = match wrapper {
+            [] => Command::new(gatid),
+            [program, args @ ..] => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(gatid);
+                cmd
+            }
+        };
         cmd.args(["serve", "--config"])
             .arg(&config)
             .env("GATI_LOG", std::env::var("GATI_TEST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -148,6 +165,20 @@ impl Drop for TestDaemon {
     }
 }
 
+/// Waits (bounded) until the text file at `path` (a daemon's stderr, say)
+/// contains `needle`; returns the whole text.
+pub fn wait_for_text(path: &Path, needle: &str, within: Duration) -> String {
+    let until = Instant::now() + within;
+    loop {
+        let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(Instant::now() < until, "no `{needle}` in {} within {within:?}; it has:\n{text}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A fake `NOTIFY_SOCKET` collecting sd_notify messages.
 pub struct NotifySocket {
     pub path: PathBuf,
@@ -177,6 +208,18 @@ impl NotifySocket {
             }
         }
         panic!("no `{needle}` notification within {within:?}; saw {seen:?}")
+    }
+
+    /// Every message received until `until`.
+    pub fn until(&self, until: Instant) -> Vec<String> {
+        let mut buf = [0u8; 4096];
+        let mut seen = Vec::new();
+        while Instant::now() < until {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        seen
     }
 }
 
@@ -267,5 +310,60 @@ pub fn fmnist_input() -> gatid::config::InputConfig {
         mean: vec![0.2860],
         std: vec![0.3530],
         resize: gatid::config::Resize::Bilinear,
+    }
+}
+
+/// An sdk function binary (`gati-fn-*`) next to this test's target dir
+/// (`<target>/<profile>/`). `cargo test -p gatid` does not rebuild another
+/// package's binaries: a missing one, or one older than its sources, fails here
+/// with the command that builds it.
+pub fn sdk_program(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let path = dir.join(name);
+    let hint = "build the sdk's function binaries first: cargo build --release -p gati-sdk";
+    let built = std::fs::metadata(&path).and_then(|m| m.modified());
+    let built = built.unwrap_or_else(|_| panic!("{} is missing: {hint}", path.display()));
+    let sources = root().join("sdk/src");
+    let mut newest = std::fs::metadata(sources.join("bin").join(format!("{name}.rs"))).and_then(|m| m.modified()).ok();
+    for entry in std::fs::read_dir(&sources).into_iter().flatten().flatten() {
+        if entry.path().is_file() {
+            newest = newest.max(entry.metadata().and_then(|m| m.modified()).ok());
+        }
+    }
+    if let Some(newest) = newest {
+        assert!(built >= newest, "{} is older than its sources: {hint}", path.display());
+    }
+    path
+}
+
+/// A `[[functions]]` entry running sdk program `prog` in a sandbox.
+pub fn exec_function(name: &str, prog: &str, args: &[&str], extra: &str) -> String {
+    let args: Vec<String> = args.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[[functions]]\nname = \"{name}\"\nkind = \"exec\"\nprogram = \"{}\"\nargs = [{}]\n{extra}\n",
+        sdk_program(prog).display(),
+        args.join(", ")
+    )
+}
+
+/// An unlabelled counter or gauge from metrics text (0 when absent).
+pub fn plain_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits (bounded) until the unlabelled metric `name` reaches `at_least`.
+pub fn wait_metric(c: &mut Client, name: &str, at_least: f64) -> f64 {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = plain_metric(&c.stats_text().unwrap(), name);
+        if v >= at_least {
+            return v;
+        }
+        assert!(Instant::now() < until, "{name} = {v}, want ≥ {at_least} within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

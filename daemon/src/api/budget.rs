@@ -1,9 +1,9 @@
 //! The node-wide budget for request bytes held in memory (`[server]
 //! max_queued_bytes`).
 //!
-//! A frame's payload is charged when its header arrives (before a byte of it
-//! is buffered), its decoded input when it is queued, and the charge is
-//! released when the request is answered. What does not fit is refused `Busy`
+//! A frame's payload is charged as its bytes are buffered (a header alone
+//! holds nothing), its decoded input before it is allocated, and the charge
+//! is released when the request is answered. What does not fit is refused `Busy`
 //! at once: the daemon never allocates for a request it has no room for.
 //! Answers waiting for a slow reader are charged without refusal (they cannot
 //! be dropped), so a backlog of them turns new requests away until it drains.
@@ -60,6 +60,20 @@ impl Charge {
         self.bytes
     }
 
+    /// Adds `bytes` to this charge if they fit under the limit.
+    pub fn try_grow(&mut self, bytes: usize) -> bool {
+        let limit = self.budget.limit;
+        let ok = self
+            .budget
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| u.checked_add(bytes).filter(|&n| n <= limit))
+            .is_ok();
+        if ok {
+            self.bytes += bytes;
+        }
+        ok
+    }
+
     /// Adds `bytes` to this charge, even past the limit.
     pub fn grow(&mut self, bytes: usize) {
         self.budget.used.fetch_add(bytes, Ordering::AcqRel);
@@ -93,6 +107,9 @@ mod tests {
         assert_eq!(b.used(), 100);
         c.shrink_to(10);
         assert_eq!(b.used(), 70);
+        assert!(c.try_grow(30) && !c.try_grow(1));
+        assert_eq!((b.used(), c.bytes()), (100, 40));
+        c.shrink_to(10);
         drop(a);
         let forced = b.force(1000);
         assert_eq!(b.used(), 1010);

@@ -53,20 +53,17 @@ pub fn answer(ctx: &ServeContext, kind: Kind, header: &RequestHeader, payload: &
                 body: b"# metrics recorder not installed\n".to_vec(),
             },
         },
-        Kind::Health => json_answer(
-            Status::Ok,
-            json!({
-                "status": if ctx.state.is_draining() { "draining" } else { "ok" },
-                "ready": ctx.state.is_ready(),
-                "uptime_s": ctx.state.started.elapsed().as_secs_f64(),
-                "models": ctx.registry.snapshot().len(),
-                "connections": ctx.state.connections.load(std::sync::atomic::Ordering::Relaxed),
-                "queued_bytes": ctx.budget.used(),
-                "max_queued_bytes": ctx.budget.limit(),
-                "ort_library": crate::infer::runtime::loaded_library().map(|p| p.display().to_string()),
-                "pid": std::process::id(),
-            }),
-        ),
+        Kind::Health => {
+            let stall = ctx.stall_period;
+            let liveness = crate::liveness::node();
+            let status = match liveness.check(stall) {
+                _ if ctx.state.is_draining() => "draining",
+                crate::liveness::Verdict::Alive => "ok",
+                crate::liveness::Verdict::Stalled(_) => "stalled",
+                crate::liveness::Verdict::Dead(_) => "failed",
+            };
+            health(ctx, status, liveness.report(stall))
+        }
         Kind::Ready => json_answer(Status::Ok, json!({ "ready": ctx.state.is_ready() })),
         Kind::CacheTrain => match ctx.registry.get(header.target_id.get()) {
             None => json_answer(Status::UnknownModel, json!({ "error": "no such model" })),
@@ -100,4 +97,24 @@ pub fn kind_name(kind: Kind) -> &'static str {
         Kind::Ready => "ready",
         Kind::CacheTrain => "cache_train",
     }
+}
+
+/// The `Health` answer: the node's state and every thread's liveness.
+fn health(ctx: &ServeContext, status: &str, threads: Vec<crate::liveness::ThreadReport>) -> ControlAnswer {
+    json_answer(
+        Status::Ok,
+        json!({
+            "status": status,
+            "ready": ctx.state.is_ready(),
+            "uptime_s": ctx.state.started.elapsed().as_secs_f64(),
+            "models": ctx.registry.snapshot().len(),
+            "connections": ctx.state.connections.load(std::sync::atomic::Ordering::Relaxed),
+            "queued_bytes": ctx.budget.used(),
+            "max_queued_bytes": ctx.budget.limit(),
+            "stall_period_ms": ctx.stall_period.as_millis() as u64,
+            "threads": threads,
+            "ort_library": crate::infer::runtime::loaded_library().map(|p| p.display().to_string()),
+            "pid": std::process::id(),
+        }),
+    )
 }

@@ -91,4 +91,6 @@ pub struct ServeContext {
     pub state: Arc<NodeState>,
     /// Request bytes the node holds (`[server] max_queued_bytes`).
     pub budget: Arc<budget::ByteBudget>,
+    /// A data-plane thread silent for longer is stalled (`Health`, watchdog).
+    pub stall_period: std::time::Duration,
 }

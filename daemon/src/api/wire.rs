@@ -178,6 +178,13 @@ impl Status {
     }
 }
 
+/// Request flag: skip admission control; queue even if the deadline looks unmeetable
+/// (the request is answered `DeadlineExpired` if it passes in the queue).
+pub const FLAG_BEST_EFFORT: u16 = 1;
+/// Request flag: a calibration row for the model's caches (runs the whole
+/// model, never answered from a cache, always added to the training window).
+pub const FLAG_CALIBRATE: u16 = 2;
+
 /// Request header (client → daemon), 64 bytes.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -305,16 +312,8 @@ impl ResponseHeader {
     }
 }
 
-/// Stable 32-bit id of a model name (FNV-1a), used as the header's target id.
-pub fn model_id(name: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in name.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    // 0 means "no target" on the wire.
-    h.max(1)
-}
+/// The header's target id of a model or DAG name.
+pub use crate::id::model_id;
 
 #[cfg(test)]
 mod tests {

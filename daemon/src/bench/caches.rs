@@ -126,7 +126,8 @@ fn run_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool, selector: 
         t.class.push(v.iter().enumerate().fold((0, f32::MIN), |b, (k, &x)| if x > b.1 { (k, x) } else { b }).0);
     }
     let stats = client.stats_text()?;
-    t.mem_bytes = crate::telemetry::summary::model_value(&stats, "gati_cache_memory_bytes", w.model).unwrap_or(0.0);
+    t.mem_bytes = crate::telemetry::summary::model_value(&stats, crate::telemetry::names::CACHE_MEMORY_BYTES, w.model)
+        .unwrap_or(0.0);
     drop(client);
     daemon.stop()?;
     Ok(t)
@@ -219,7 +220,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             f("mem_bytes_knn")
         );
     }
-    write_json(&args.out, &json!({ "quick": args.quick, "selector": selector, "workloads": results }))?;
+    // Serving p99 with the trainer idle vs flat out (whenever a Fashion-MNIST stream ran).
+    let trainer = match workloads.iter().find(|w| w.model == "fmnist") {
+        Some(w) => super::trainer_p99::run(&args.config, &root, w, args.quick)?,
+        None => serde_json::Value::Null,
+    };
+    write_json(
+        &args.out,
+        &json!({ "quick": args.quick, "selector": selector, "workloads": results, "trainer_p99": trainer }),
+    )?;
     plot(&args.plot, &workloads, &traces)?;
     println!("wrote {} and {}", args.out.display(), args.plot.display());
     if results.is_empty() {

@@ -9,3 +9,5 @@ pub mod loadgen;
 pub mod plot;
 pub mod selector;
 pub mod serving;
+pub mod soak;
+mod trainer_p99;

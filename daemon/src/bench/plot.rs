@@ -72,3 +72,32 @@ pub fn dispatch(path: &Path, points: impl Iterator<Item = (f64, [(f64, f64); 2])
     img.save(path)?;
     Ok(())
 }
+
+/// `gatid bench soak`: one series against time (blue, dots joined), y from 0
+/// to 1.2 × its largest value or `limit`; a grey line at `limit` (the soak:
+/// RSS in MB, the limit 1.1 × RSS after warm-up).
+pub fn over_time(path: &Path, points: &[(f64, f64)], limit: f64) -> anyhow::Result<()> {
+    const W: i64 = 640;
+    const H: i64 = 320;
+    const M: i64 = 20;
+    let mut img = RgbImage::from_pixel(W as u32, H as u32, Rgb([255, 255, 255]));
+    let t_max = points.iter().map(|p| p.0).fold(1e-9, f64::max);
+    let y_max = 1.2 * points.iter().map(|p| p.1).fold(limit, f64::max).max(1e-9);
+    let x_of = |t: f64| M + (t / t_max * (W - 2 * M) as f64) as i64;
+    let y_of = |v: f64| H - M - ((v / y_max).clamp(0.0, 1.0) * (H - 2 * M) as f64) as i64;
+    line(&mut img, (M, H - M), (W - M, H - M), BLACK);
+    line(&mut img, (M, M), (M, H - M), BLACK);
+    line(&mut img, (M, y_of(limit)), (W - M, y_of(limit)), GREY);
+    let pts: Vec<(i64, i64)> = points.iter().map(|&(t, v)| (x_of(t), y_of(v))).collect();
+    for w in pts.windows(2) {
+        line(&mut img, w[0], w[1], BLUE);
+    }
+    for &(x, y) in &pts {
+        dot(&mut img, x, y, 2, BLUE);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    img.save(path)?;
+    Ok(())
+}

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use gatid::api::wire::{Dtype, Kind};
 use gatid::client::Client;
+use gatid::telemetry::names;
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -359,16 +360,16 @@ fn cache_train(client: &mut Client, model: &str, data: &Path, limit: usize, time
     }
     let until = Instant::now() + std::time::Duration::from_secs(timeout_s);
     let t1 = Instant::now();
-    while model_gauge(client, "gati_cache_generation", model)? <= generation as f64 {
+    while model_gauge(client, names::CACHE_GENERATION, model)? <= generation as f64 {
         if Instant::now() > until {
             bail!("no new training within {timeout_s} s (the trainer runs at low priority; try again later)");
         }
         eprint!("\rtraining on {rows} rows... {:.0} s", t1.elapsed().as_secs_f64());
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    let expected = model_gauge(client, "gati_cache_expected_us", model)?;
-    let baseline = model_gauge(client, "gati_cache_baseline_us", model)?;
-    let mem = model_gauge(client, "gati_cache_memory_bytes", model)?;
+    let expected = model_gauge(client, names::CACHE_EXPECTED_LATENCY_SECONDS, model)? * 1e6;
+    let baseline = model_gauge(client, names::CACHE_BASELINE_LATENCY_SECONDS, model)? * 1e6;
+    let mem = model_gauge(client, names::CACHE_MEMORY_BYTES, model)?;
     eprintln!();
     println!(
         "{model}: caches trained on {rows} rows; expected {expected:.0} us per request vs {baseline:.0} us without ({:.2}x), {mem:.0} bytes",

@@ -39,6 +39,8 @@ enum BenchCommand {
     Dispatch(gatid::bench::dispatch::Args),
     /// Max-softmax vs the learned selector, replaying recorded streams offline.
     Selector(gatid::bench::selector::Args),
+    /// A long mixed load with hostile clients: every answer checked, RSS and fds watched.
+    Soak(gatid::bench::soak::Args),
     /// The socket-floor echo server the serving benchmark starts (internal).
     #[command(hide = true)]
     EchoServer {
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
                 NodeError::Config(_) => gatid::EXIT_CONFIG,
                 NodeError::Models(_) => gatid::EXIT_MODEL,
                 NodeError::Runtime(_) => gatid::EXIT_RUNTIME,
+                NodeError::ThreadDied(_) => gatid::EXIT_SOFTWARE,
                 _ => 1,
             })
         }
@@ -94,6 +97,7 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
         Command::Bench { which: BenchCommand::Selector(args) } => {
             gatid::bench::selector::run(args).map_err(MainError::Other)
         }
+        Command::Bench { which: BenchCommand::Soak(args) } => gatid::bench::soak::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::EchoServer { socket } } => {
             gatid::bench::serving::echo_server(&socket).map_err(MainError::Other)
         }

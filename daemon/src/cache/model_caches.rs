@@ -144,7 +144,24 @@ impl ModelCaches {
         });
         me.restore();
         let weak = Arc::downgrade(&me);
-        std::thread::Builder::new().name(format!("train-{name}")).spawn(move || trainer(weak))?;
+        let thread = format!("train-{name}");
+        std::thread::Builder::new().name(thread.clone()).spawn(move || {
+            let beat = crate::liveness::node().register(thread, crate::liveness::Role::Trainer);
+            // A panic in a training round loses that round only: the trainer
+            // owns nothing but copies, so it starts again from the window.
+            loop {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| trainer(weak.clone(), &beat))) {
+                    Ok(()) => return,
+                    Err(p) => {
+                        let why = crate::liveness::panic_message(&*p);
+                        tracing::error!(thread = %beat.name(), error = %why, "cache trainer panicked; restarting it");
+                        crate::telemetry::thread_restarted("trainer");
+                        beat.restarted(why);
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                    }
+                }
+            }
+        })?;
         Ok(me)
     }
 
@@ -432,7 +449,7 @@ impl Drop for ModelCaches {
 
 /// The background trainer: waits for fresh samples, trains off the serving
 /// path at low priority, swaps the result in. Ends when the model is dropped.
-fn trainer(me: std::sync::Weak<ModelCaches>) {
+fn trainer(me: std::sync::Weak<ModelCaches>, beat: &crate::liveness::Beat) {
     // SCHED_IDLE: any serving thread that wakes preempts the trainer at once.
     // (nice 10 was not enough: on 2 vCPUs a busy nice-10 trainer raised serving
     // p99 from 0.7 to 3.1 ms — a woken thread waited out the trainer's slice.)
@@ -444,6 +461,7 @@ fn trainer(me: std::sync::Weak<ModelCaches>) {
     }
     let mut last_save: Option<Instant> = None;
     loop {
+        beat.beat();
         let Some(caches) = me.upgrade() else { return };
         // A deep copy: the trainer must not end up freeing serving's allocations.
         let samples: Vec<Sample> = {

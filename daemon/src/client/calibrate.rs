@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{Client, ClientError};
-use crate::api::server::FLAG_CALIBRATE;
 use crate::api::wire::Dtype;
+use crate::api::wire::FLAG_CALIBRATE;
 
 /// Images of one calibration set.
 #[derive(Debug)]
@@ -54,7 +54,10 @@ pub fn wait_trained(client: &mut Client, model: &str, after: u64, timeout: Durat
     let until = Instant::now() + timeout;
     loop {
         let text = client.stats_text()?;
-        if crate::telemetry::summary::model_value(&text, "gati_cache_generation", model).unwrap_or(0.0) > after as f64 {
+        if crate::telemetry::summary::model_value(&text, crate::telemetry::names::CACHE_GENERATION, model)
+            .unwrap_or(0.0)
+            > after as f64
+        {
             return Ok(true);
         }
         if Instant::now() > until {

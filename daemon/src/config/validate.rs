@@ -206,7 +206,7 @@ pub(super) fn check(c: &Config, text: &str) -> Vec<ConfigIssue> {
         });
         if let Some(prev) = names.insert(&m.name, i) {
             bad(&at("name"), format!("duplicate model name `{}` (also models[{prev}])", m.name));
-        } else if let Some(other) = ids.insert(crate::api::wire::model_id(&m.name), &m.name) {
+        } else if let Some(other) = ids.insert(crate::id::model_id(&m.name), &m.name) {
             bad(&at("name"), format!("model id of `{}` collides with `{other}`; rename one", m.name));
         }
     }

@@ -146,6 +146,7 @@ impl ModelHandle {
             caches: caches.clone(),
             logits: model.config.output == crate::config::OutputKind::Logits,
             rng: 0x9e37_79b9_7f4a_7c15,
+            beat: None,
         };
         std::thread::Builder::new()
             .name(format!("batch-{}", model.meta.name))
@@ -228,15 +229,36 @@ struct Batcher {
     caches: Option<Arc<ModelCaches>>,
     logits: bool,
     rng: u64,
+    beat: Option<crate::liveness::Heartbeat>,
 }
 
 impl Batcher {
     fn run(mut self) {
         tracing::debug!(model = %self.name, "batcher started");
+        self.beat =
+            Some(crate::liveness::node().register(format!("batch-{}", self.name), crate::liveness::Role::Batcher));
         while let Some(batch) = self.gather() {
-            self.execute(batch);
+            self.beat();
+            // A panic in one batch answers that batch's jobs `Failed` (their
+            // replies are dropped while unwinding); the sessions stay and the
+            // batcher goes on with the next batch.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.execute(batch)));
+            if let Err(p) = ran {
+                let why = crate::liveness::panic_message(&*p);
+                tracing::error!(model = %self.name, error = %why, "batch panicked; its requests were answered Failed");
+                telemetry::thread_restarted("batcher");
+                if let Some(b) = &self.beat {
+                    b.restarted(why);
+                }
+            }
         }
         tracing::debug!(model = %self.name, "batcher drained and stopped");
+    }
+
+    fn beat(&self) {
+        if let Some(b) = &self.beat {
+            b.beat();
+        }
     }
 
     /// Next batch, or `None` once every sender is gone and the queue is empty.
@@ -294,7 +316,14 @@ impl Batcher {
                 }
             }
         }
-        self.rx.recv().ok()
+        // Idle, it still beats: a silent batcher is a stuck one.
+        loop {
+            match self.rx.recv_timeout(crate::liveness::IDLE_BEAT) {
+                Ok(j) => return Some(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => self.beat(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
     }
 
     /// Latest moment the job can start and still meet its deadline.

@@ -98,7 +98,7 @@ impl LoadedModel {
             .collect();
         let meta = ModelMeta {
             name: cfg.name.clone(),
-            id: crate::api::wire::model_id(&cfg.name),
+            id: crate::id::model_id(&cfg.name),
             path: cfg.path.display().to_string(),
             row_shape,
             layout: format!("{:?}", cfg.input.layout),

@@ -31,7 +31,7 @@ impl Registry {
 
     /// The model named `name`.
     pub fn by_name(&self, name: &str) -> Option<Arc<ModelHandle>> {
-        self.get(crate::api::wire::model_id(name)).filter(|m| m.meta.name == name)
+        self.get(crate::id::model_id(name)).filter(|m| m.meta.name == name)
     }
 
     /// Replaces the whole set.

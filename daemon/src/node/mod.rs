@@ -17,6 +17,7 @@ use crate::api::server::Server;
 use crate::api::{Limits, NodeState, ServeContext};
 use crate::config::{self, Config, ConfigError};
 use crate::infer::{self, InferError, Registry};
+use crate::liveness::{self, Verdict};
 use crate::sched::{self, DagService, SchedError};
 use crate::telemetry;
 use models::ModelLoadError;
@@ -36,6 +37,8 @@ pub enum NodeError {
     Telemetry(#[from] telemetry::TelemetryError),
     #[error("starting the DAG scheduler: {0}")]
     Sched(#[from] SchedError),
+    #[error("a data-plane thread died: {0}")]
+    ThreadDied(String),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -76,13 +79,15 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
 
     let listener = Listener::open(&config.server.socket, config.server.socket_mode_bits())?;
     let state = Arc::new(NodeState::default());
+    let ctx_budget = crate::api::budget::ByteBudget::new(config.server.max_queued_bytes as usize);
     let ctx = Arc::new(ServeContext {
         registry: Arc::clone(&registry),
         dags: Arc::clone(&dags),
         limits: Limits::from_config(&config.server),
         metrics: Some(metrics),
         state: Arc::clone(&state),
-        budget: crate::api::budget::ByteBudget::new(config.server.max_queued_bytes as usize),
+        budget: Arc::clone(&ctx_budget),
+        stall_period: stall_period(),
     });
     let server = Server::start(std::os::fd::AsRawFd::as_raw_fd(&listener.fd), config.server.io_threads, ctx)
         .map_err(|source| NodeError::Io { what: "starting I/O threads", source })?;
@@ -99,9 +104,12 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
         signal(SignalKind::terminate()).map_err(|source| NodeError::Io { what: "SIGTERM handler", source })?;
     let mut int = signal(SignalKind::interrupt()).map_err(|source| NodeError::Io { what: "SIGINT handler", source })?;
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    let stall = stall_period();
     let mut rebalance = tokio::time::interval(Duration::from_secs(1));
     rebalance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut current = config;
+    let mut fatal = None;
+    let mut last_stall_log: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -114,11 +122,39 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
                     }
                     sched::service::publish_metrics(&s);
                 }
+                telemetry::queued_bytes(ctx_budget.used());
+                // Idle I/O threads sleep in their ring: wake them so they beat.
+                server.wake_all();
+                if let Verdict::Dead(why) = liveness::node().check(stall) {
+                    fatal = Some(why);
+                    break;
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => systemd::watchdog(),
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                // Fed only while every data-plane thread makes progress: a node
+                // whose threads are stuck must look dead to systemd.
+                match liveness::node().check(stall) {
+                    Verdict::Alive => systemd::watchdog(),
+                    Verdict::Stalled(why) => {
+                        if last_stall_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                            tracing::error!(why = %why, "watchdog not fed: a data-plane thread is stalled");
+                            last_stall_log = Some(Instant::now());
+                        }
+                        systemd::status(&format!("stalled: {why}"));
+                    }
+                    Verdict::Dead(why) => {
+                        fatal = Some(why);
+                        break;
+                    }
+                }
+            }
         }
+    }
+    if let Some(why) = &fatal {
+        tracing::error!(why = %why, "a data-plane thread died; draining and exiting for a restart");
+        systemd::status(&format!("failed: {why}"));
     }
 
     tracing::info!("stopping: draining in-flight requests");
@@ -148,7 +184,16 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
         }
     }
     drop(listener);
-    Ok(())
+    match fatal {
+        Some(why) => Err(NodeError::ThreadDied(why)),
+        None => Ok(()),
+    }
+}
+
+/// How long a data-plane thread may go without progress before the watchdog
+/// is no longer fed: half `WatchdogSec` (systemd's ping interval), at least 2 s.
+pub fn stall_period() -> Duration {
+    systemd::watchdog_interval().unwrap_or(Duration::from_secs(5)).max(Duration::from_secs(2))
 }
 
 /// Keeps freed memory in the allocator instead of returning it to the kernel.

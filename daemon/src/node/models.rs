@@ -45,7 +45,7 @@ pub fn build(
     let mut new_stamps = std::collections::HashMap::new();
     for cfg in configs {
         let stamp = file_stamp(cfg);
-        let id = crate::api::wire::model_id(&cfg.name);
+        let id = crate::id::model_id(&cfg.name);
         let previous = old.get(&id).filter(|h| h.meta.name == cfg.name);
         if let Some(h) = previous {
             if h.config == *cfg && stamps.get(&cfg.name) == Some(&stamp) {

@@ -91,7 +91,7 @@ impl Step {
             Step::Chdir => "chdir",
             Step::UnmountOldRoot => "umount2 (old root)",
             Step::SetHostname => "sethostname",
-            Step::Dup => "dup2 (fds 0, 3, 4, 5)",
+            Step::Dup => "dup2 (fds 0, 1, 3, 4, 5)",
             Step::SetRlimit => "setrlimit",
             Step::DropBoundingSet => "prctl (PR_CAPBSET_DROP)",
             Step::SetGroups => "setgroups",
@@ -130,13 +130,15 @@ pub struct ChildPipes {
 /// Entry point in the new process. Never returns.
 pub fn run(plan: &Plan, pipes: &ChildPipes) -> ! {
     // SAFETY: closing the parent's pipe ends in this process only; moving the
-    // error pipe to a high descriptor so that the dup2s below cannot clobber it.
-    let err_write = unsafe {
+    // error pipe and the go pipe to high descriptors so that the dup2s below
+    // cannot clobber them.
+    let (err_write, go_read) = unsafe {
         libc::close(pipes.go_write);
         libc::close(pipes.err_read);
-        libc::fcntl(pipes.err_write, libc::F_DUPFD_CLOEXEC, 10)
+        let go_read = libc::fcntl(pipes.go_read, libc::F_DUPFD_CLOEXEC, 10);
+        (libc::fcntl(pipes.err_write, libc::F_DUPFD_CLOEXEC, 10), if go_read >= 0 { go_read } else { pipes.go_read })
     };
-    let Err((step, errno)) = steps(plan, pipes.go_read);
+    let Err((step, errno)) = steps(plan, go_read);
     let report = [step as u32, errno as u32];
     // SAFETY: writes 8 bytes from a live array, then exits without running
     // any of the parent's atexit handlers or destructors.
@@ -162,7 +164,8 @@ fn steps(plan: &Plan, go_read: RawFd) -> Result<Infallible, Failure> {
             // The daemon gave up on us (or failed); leave quietly.
             libc::_exit(126);
         }
-        libc::close(go_read);
+        // `go_read` stays open: the daemon holds the write end until we exec,
+        // so its hang-up below says the daemon died before PDEATHSIG was set.
 
         if let Some(root) = &plan.root {
             let none = std::ptr::null::<libc::c_char>();
@@ -212,14 +215,17 @@ fn steps(plan: &Plan, go_read: RawFd) -> Result<Infallible, Failure> {
             check(Step::SetHostname, libc::sethostname(name.as_ptr(), name.as_bytes().len()).into())?;
         }
 
-        // stdin from /dev/null; memfd, request and response eventfds at 3, 4, 5.
-        let sources = [plan.devnull, plan.fds[0], plan.fds[1], plan.fds[2]];
-        let mut high = [-1; 4];
+        // stdin and stdout to /dev/null (a function's stdout would otherwise be
+        // the daemon's: under systemd the journal stream that the daemon's own
+        // logs share); memfd, request and response eventfds at 3, 4, 5.
+        // stderr stays the daemon's, for a function's diagnostics.
+        let sources = [plan.devnull, plan.devnull, plan.fds[0], plan.fds[1], plan.fds[2]];
+        let mut high = [-1; 5];
         for (h, fd) in high.iter_mut().zip(sources) {
             *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
             check(Step::Dup, (*h).into())?;
         }
-        for (h, target) in high.into_iter().zip([0, 3, 4, 5]) {
+        for (h, target) in high.into_iter().zip([0, 1, 3, 4, 5]) {
             check(Step::Dup, libc::dup2(h, target).into())?;
         }
         // Anything else the daemon left open without CLOEXEC closes on exec.
@@ -242,13 +248,22 @@ fn steps(plan: &Plan, go_read: RawFd) -> Result<Infallible, Failure> {
         let mut header = CapHeader { version: 0x2008_0522, pid: 0 }; // _LINUX_CAPABILITY_VERSION_3
         let data = [CapData::default(); 2];
         check(Step::Capset, libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()))?;
+        // Set after the uid change, which clears it. A daemon that died before
+        // this line sends no signal: its end of the go pipe is then closed.
         check(
             Step::ParentDeathSignal,
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0).into(),
         )?;
+        let mut daemon = libc::pollfd { fd: go_read, events: 0, revents: 0 };
+        if libc::poll(&mut daemon, 1, 0) > 0 && daemon.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            libc::_exit(126);
+        }
+        libc::close(go_read);
         check(Step::NoNewPrivs, libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0).into())?;
-        if !plan.filter.is_empty() {
-            let prog = libc::sock_fprog { len: plan.filter.len() as u16, filter: plan.filter.as_ptr().cast_mut() };
+        // Compiled in the parent (seccompiler); installed here in order, the
+        // clone3 → ENOSYS program first since the allowlist forbids `seccomp`.
+        for filter in &plan.filters {
+            let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
             check(Step::Seccomp, libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &raw const prog))?;
         }
         libc::execve(plan.exec.as_ptr(), plan.argv.as_ptr(), plan.env.as_ptr());

@@ -2,7 +2,7 @@
 //! needs, allocated up front), `clone3` into new namespaces with a pidfd, let
 //! the parent place the child in its cgroup (and write user-namespace id maps
 //! when unprivileged), then release it to run the jailer steps
-//! ([`super::child`]) and `execve`.
+//! (`child.rs`) and `execve`.
 //!
 //! As root: pid, mount, net, ipc and uts namespaces, a per-sandbox uid/gid.
 //! Unprivileged: the same plus a user namespace mapping the daemon's ids to 0.
@@ -54,7 +54,8 @@ pub struct Plan {
     pub ids: Option<(u32, u32)>,
     pub drop_bounding_set: bool,
     pub cap_last: u32,
-    pub filter: Vec<libc::sock_filter>,
+    /// Seccomp programs, in install order (see [`seccomp::compile`]).
+    pub filters: Vec<Vec<libc::sock_filter>>,
     pub exec: CString,
     pub argv: CStrings,
     pub env: CStrings,
@@ -116,7 +117,12 @@ fn spawn_with(
 
     let root = if mount_ns { Some(root_plan(contents, pid_ns)?) } else { None };
     let exec_path = if mount_ns { &contents.program_in_root } else { &contents.program };
-    let devnull = File::open("/dev/null").map_err(|e| SandboxError::sys("open(/dev/null)", e))?;
+    // Read-write: the function's stdin and stdout (writes succeed and vanish).
+    let devnull = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| SandboxError::sys("open(/dev/null)", e))?;
     let mut rlimits = vec![(libc::RLIMIT_NOFILE, limit(64)), (libc::RLIMIT_CORE, limit(0))];
     let mut rlimit_names = vec!["NOFILE=64", "CORE=0"];
     if ids.is_some() {
@@ -146,7 +152,7 @@ fn spawn_with(
         ids,
         drop_bounding_set: privileged || user_ns,
         cap_last: cap_last(),
-        filter: seccomp::build(seccomp::AUDIT_ARCH, &seccomp::allowlist()),
+        filters: seccomp::compile()?,
         exec: cstring(exec_path.as_os_str().as_bytes().to_vec())?,
         argv: CStrings::new(argv),
         env: CStrings::new(env),
@@ -207,7 +213,9 @@ fn spawn_with(
         kill_and_reap(&pidfd);
         return Err(e);
     }
-    drop(go_write);
+    // `go_write` stays open until the child has exec'd: the child checks, once
+    // its parent-death signal is set, that this end is still open (that we
+    // live); a daemon that dies mid-start must not leave the sandbox running.
     let mut report = [0u8; 8];
     let mut err_read = File::from(err_read);
     match read_report(&mut err_read, &mut report) {
@@ -224,6 +232,7 @@ fn spawn_with(
             return Err(SandboxError::sys("read(error pipe)", e));
         }
     }
+    drop(go_write);
 
     let namespaces = NAMESPACES.iter().filter(|(f, _)| flags & f != 0).map(|(_, n)| *n);
     let isolation = Isolation {

@@ -80,7 +80,8 @@ pub struct Isolation {
     pub capabilities_dropped: bool,
     /// Bounding set emptied (needs privilege in the process's namespace).
     pub bounding_set_dropped: bool,
-    /// Seccomp allowlist installed (forbidden syscalls kill with SIGSYS).
+    /// Seccomp filters installed (forbidden syscalls and namespace flags kill
+    /// with SIGSYS, `clone3` fails with ENOSYS; see `seccomp`).
     pub seccomp: bool,
     /// The cgroup holding the CPU, memory and pids limits, if any.
     pub cgroup: Option<CgroupVersion>,
@@ -110,6 +111,9 @@ pub enum SandboxError {
     Program(String),
     #[error("sandbox cgroup")]
     Cgroup(#[from] CgroupError),
+    /// The seccomp filters did not compile (a bug in the rules).
+    #[error("sandbox seccomp filter")]
+    Seccomp(#[from] seccomp::SeccompError),
     /// The worker did not become ready.
     #[error("sandbox did not become ready: {0}")]
     NotReady(String),

@@ -1,14 +1,20 @@
 //! The daemon side of a sandbox's shared memory and wake-ups: a sealed memfd
 //! mapped with `memmap2` and laid out by `gati_sdk::layout`, and the two
 //! eventfds (request: daemon → function, response: function → daemon).
+//!
+//! The function maps the whole region read-write and may write any byte of it
+//! at any time, so the daemon holds it as a raw mapping ([`MmapRaw`]) and never
+//! as `&[u8]`/`&mut [u8]`: every access goes through the `gati_sdk` ring API,
+//! which reads the control words and indices atomically, copies data with
+//! volatile accesses into daemon-owned buffers and checks what it read.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 use gati_sdk::layout::{Layout, Shared};
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{MmapOptions, MmapRaw};
 
 use super::SandboxError;
 
@@ -16,7 +22,7 @@ use super::SandboxError;
 /// growing, so the function cannot truncate it under the daemon (SIGBUS).
 pub struct SharedRegion {
     memfd: File,
-    map: MmapMut,
+    map: MmapRaw,
     layout: Layout,
 }
 
@@ -38,12 +44,14 @@ impl SharedRegion {
         if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
             return Err(SandboxError::sys("fcntl(F_ADD_SEALS)", io::Error::last_os_error()));
         }
-        // SAFETY: the memfd is sealed against size changes, so the mapping stays
-        // fully backed; the function writes only the response ring and its
-        // `guest_*` fields, whose reads here are ordered by the ring's atomics.
-        let mut map = unsafe { MmapOptions::new().len(layout.total_len()).map_mut(&memfd) }
+        let map = MmapOptions::new()
+            .len(layout.total_len())
+            .map_raw(&memfd)
             .map_err(|e| SandboxError::sys("mmap(memfd)", e))?;
-        layout.init(&mut map).map_err(|e| SandboxError::Protocol(e.to_string()))?;
+        // SAFETY: `map` is `total_len` bytes of a memfd sealed against size
+        // changes (no SIGBUS), alive as long as `self`, and reached only
+        // through the layout's view; no function has it yet.
+        unsafe { layout.init_raw(map.as_mut_ptr(), map.len()) }.map_err(|e| SandboxError::Protocol(e.to_string()))?;
         Ok(SharedRegion { memfd, map, layout })
     }
 
@@ -55,64 +63,17 @@ impl SharedRegion {
         self.layout
     }
 
-    /// The control block and both rings.
+    /// The control block and both rings. `&mut self`: one view at a time.
     pub fn shared(&mut self) -> Result<Shared<'_>, SandboxError> {
-        self.layout.split(&mut self.map).map_err(|e| SandboxError::Protocol(e.to_string()))
+        // SAFETY: the mapping stays fully backed while `self` lives (sealed
+        // memfd, see `create`), the view borrows `self` exclusively so it is
+        // the only way this process reaches the bytes meanwhile, and the
+        // function's concurrent writes are what `split_raw` is built for:
+        // atomics for control words and indices, checked volatile copies for data.
+        unsafe { self.layout.split_raw(self.map.as_mut_ptr(), self.map.len()) }
+            .map_err(|e| SandboxError::Protocol(e.to_string()))
     }
 }
 
-/// An eventfd used as a doorbell.
-pub struct EventFd(OwnedFd);
-
-impl EventFd {
-    /// `nonblocking` sets `O_NONBLOCK` on the open file description, which the
-    /// function shares: use it only for the fd the daemon reads.
-    pub fn new(nonblocking: bool) -> Result<EventFd, SandboxError> {
-        let flags = libc::EFD_CLOEXEC | if nonblocking { libc::EFD_NONBLOCK } else { 0 };
-        // SAFETY: eventfd with constant flags has no memory-safety preconditions.
-        let fd = unsafe { libc::eventfd(0, flags) };
-        if fd < 0 {
-            return Err(SandboxError::sys("eventfd", io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    pub fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-
-    /// Adds 1 to the counter (wakes the reader).
-    pub fn signal(&self) -> Result<(), SandboxError> {
-        let one = 1u64;
-        loop {
-            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-            let n = unsafe { libc::write(self.fd(), (&raw const one).cast(), 8) };
-            if n == 8 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(SandboxError::sys("write(eventfd)", err));
-            }
-        }
-    }
-
-    /// Resets the counter without blocking; true if it was non-zero.
-    pub fn drain(&self) -> Result<bool, SandboxError> {
-        let mut value = 0u64;
-        loop {
-            // SAFETY: reads 8 bytes into a live, exclusively borrowed u64.
-            let n = unsafe { libc::read(self.fd(), (&raw mut value).cast(), 8) };
-            if n == 8 {
-                return Ok(value > 0);
-            }
-            let err = io::Error::last_os_error();
-            match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Ok(false),
-                _ => return Err(SandboxError::sys("read(eventfd)", err)),
-            }
-        }
-    }
-}
+/// The daemon's eventfd, used as a doorbell.
+pub use crate::eventfd::EventFd;

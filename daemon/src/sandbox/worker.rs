@@ -58,8 +58,8 @@ impl Sandbox {
     pub fn start(spec: &FunctionSpec) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
         let region = SharedRegion::create(spec.limits.max_message_bytes)?;
-        let request = EventFd::new(false)?; // the function blocks reading it
-        let response = EventFd::new(true)?; // the daemon polls it
+        let request = EventFd::blocking().map_err(|e| SandboxError::sys("eventfd", e))?; // the function blocks reading it
+        let response = EventFd::new().map_err(|e| SandboxError::sys("eventfd", e))?; // the daemon polls it
         let group_name = format!("{}-{}-{}", sanitize(&spec.name), std::process::id(), next_serial());
         let (cgroup, cgroup_note) = match Cgroup::create(&group_name, &spec.limits) {
             Ok(group) => (Some(group), None),
@@ -100,7 +100,7 @@ impl Sandbox {
 
     fn wait_ready(&mut self, deadline: Instant) -> Result<(), SandboxError> {
         loop {
-            if self.response.drain()? {
+            if self.response.drain() {
                 let state = self.region.shared()?.control.guest_state.load(Ordering::Acquire);
                 if state == GUEST_READY {
                     return Ok(());
@@ -156,7 +156,7 @@ impl Sandbox {
             self.kill();
             return Err(SandboxError::Protocol(format!("request ring: {e}")));
         }
-        self.request.signal()?;
+        self.request.signal();
         self.state = State::Busy { seq, since: Instant::now() };
         Ok(())
     }
@@ -180,9 +180,7 @@ impl Sandbox {
             }
             return None;
         };
-        if let Err(e) = self.response.drain() {
-            return Some(Err(e));
-        }
+        self.response.drain();
         match self.take_response(seq) {
             Ok(Some(outcome)) => {
                 self.state = State::Idle;

@@ -13,7 +13,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::eventfd::EventFd;
+use crate::eventfd::EventFd;
 
 /// Leases on the node's cores for running invocations.
 pub struct Cores {

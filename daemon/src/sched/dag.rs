@@ -166,7 +166,7 @@ impl Dag {
         Ok(Self {
             name: name.to_string(),
             index,
-            id: crate::api::wire::model_id(name),
+            id: crate::id::model_id(name),
             deadline,
             sources: graph.sources(),
             nodes,

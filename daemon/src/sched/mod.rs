@@ -12,7 +12,6 @@
 pub mod cores;
 pub mod dag;
 pub mod estimate;
-pub mod eventfd;
 pub mod function;
 pub mod lb;
 pub mod pool;
@@ -98,6 +97,13 @@ impl Scheduler {
     pub fn submit(&self, req: DagRequest) -> Result<(), DagRequest> {
         let k = self.lb.route(&req.dag);
         self.sgs[k].submit(req)
+    }
+
+    /// Test hook: makes SGS 0 panic.
+    pub fn inject_panic(&self) {
+        if let Some(s) = self.sgs.first() {
+            s.inject_panic();
+        }
     }
 
     /// Runs the LB's scaling rule; call every `LbPolicy::period`.

@@ -301,7 +301,7 @@ fn model_function_runs_on_the_served_model() {
     };
     let handle = ModelHandle::start(LoadedModel::load(&cfg).unwrap(), Duration::ZERO).unwrap();
     let registry = Arc::new(Registry::default());
-    registry.replace([(crate::api::wire::model_id("fm"), Arc::new(handle))].into_iter().collect());
+    registry.replace([(crate::id::model_id("fm"), Arc::new(handle))].into_iter().collect());
     let mut f = func("classify", 5, 1, 1);
     f.body = FunctionBody::Model("fm".into());
     let dep = deployment(vec![f], vec![0], &[], 5000);

@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
+use super::names;
+use super::table::{Align::Left, Align::Right, Table};
+
 /// One sample line: metric name, labels, value.
 struct Sample {
     name: String,
@@ -114,7 +117,7 @@ fn histograms(samples: &[Sample], name: &str, keys: &[&str], scale: f64) -> Vec<
         .map(|(key, (mut buckets, sum, count))| {
             buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
             let mut v = json!({
-                "count": count,
+                "count": number(count),
                 "mean": if count > 0.0 { sum / count * scale } else { 0.0 },
                 "p50": quantile(&buckets, 0.5).map(|x| x * scale),
                 "p99": quantile(&buckets, 0.99).map(|x| x * scale),
@@ -127,15 +130,26 @@ fn histograms(samples: &[Sample], name: &str, keys: &[&str], scale: f64) -> Vec<
         .collect()
 }
 
-/// The summary shown by `gatictl stats` (latencies in ms, batch sizes in rows).
+/// A count as a JSON integer (Prometheus exports every value as a float);
+/// anything that is not a whole number stays a float.
+fn number(x: f64) -> Value {
+    if x.is_finite() && x.fract() == 0.0 && x.abs() < 9.0e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    }
+}
+
+/// The summary shown by `gatictl stats` (latencies in ms, batch sizes in
+/// rows; counts are integers).
 pub fn summarize(text: &str) -> Value {
     let samples = parse(text);
-    let counters = |name: &str, keys: &[&str]| -> Vec<Value> {
+    let rows = |name: &str, keys: &[&str], value: fn(f64) -> Value| -> Vec<Value> {
         samples
             .iter()
             .filter(|s| s.name == name)
             .map(|s| {
-                let mut v = json!({ "count": s.value });
+                let mut v = json!({ "count": value(s.value) });
                 for k in keys {
                     v[*k] = json!(s.labels.get(*k).cloned().unwrap_or_default());
                 }
@@ -143,24 +157,26 @@ pub fn summarize(text: &str) -> Value {
             })
             .collect()
     };
-    let gauge = |name: &str| samples.iter().filter(|s| s.name == name).map(|s| s.value).sum::<f64>();
+    let counts = |name: &str, keys: &[&str]| rows(name, keys, number);
+    let total = |name: &str| number(samples.iter().filter(|s| s.name == name).map(|s| s.value).sum::<f64>());
     json!({
-        "requests": counters("gati_requests_total", &["model", "status"]),
-        "latency_ms": histograms(&samples, "gati_request_duration_seconds", &["model"], 1e3),
-        "stage_ms": histograms(&samples, "gati_stage_duration_seconds", &["model", "stage"], 1e3),
-        "batch_rows": histograms(&samples, "gati_batch_rows", &["model"], 1.0),
-        "queue_rows": counters("gati_queue_rows", &["model"]),
-        "inflight": gauge("gati_inflight_requests"),
-        "connections": gauge("gati_connections"),
-        "control": counters("gati_control_requests_total", &["kind"]),
-        "exits": counters("gati_exits_total", &["model", "stage"]),
-        "cache_live_disagreement": counters("gati_cache_live_disagreement", &["model"]),
-        "cache_memory_bytes": counters("gati_cache_memory_bytes", &["model"]),
+        "requests": counts(names::REQUESTS_TOTAL, &["model", "status"]),
+        "latency_ms": histograms(&samples, names::REQUEST_DURATION_SECONDS, &["model"], 1e3),
+        "stage_ms": histograms(&samples, names::STAGE_DURATION_SECONDS, &["model", "stage"], 1e3),
+        "batch_rows": histograms(&samples, names::BATCH_ROWS, &["model"], 1.0),
+        "queue_rows": counts(names::QUEUE_ROWS, &["model"]),
+        "inflight": total(names::INFLIGHT_REQUESTS),
+        "connections": total(names::CONNECTIONS),
+        "refused": counts(names::CONNECTIONS_REFUSED_TOTAL, &["reason"]),
+        "control": counts(names::CONTROL_REQUESTS_TOTAL, &["kind"]),
+        "exits": counts(names::EXITS_TOTAL, &["model", "stage"]),
+        "cache_live_disagreement": rows(names::CACHE_LIVE_DISAGREEMENT, &["model"], |x| json!(x)),
+        "cache_memory_bytes": counts(names::CACHE_MEMORY_BYTES, &["model"]),
         "dags": dag_rows(&samples),
-        "dag_latency_ms": histograms(&samples, "gati_dag_request_duration_seconds", &["dag"], 1e3),
-        "function_workers": counters("gati_sched_function_workers", &["function"]),
-        "cold_starts": gauge("gati_sched_cold_starts_total"),
-        "prestarts": gauge("gati_sched_prestarts_total"),
+        "dag_latency_ms": histograms(&samples, names::DAG_REQUEST_DURATION_SECONDS, &["dag"], 1e3),
+        "function_workers": counts(names::SCHED_FUNCTION_WORKERS, &["function"]),
+        "cold_starts": total(names::SCHED_COLD_STARTS_TOTAL),
+        "prestarts": total(names::SCHED_PRESTARTS_TOTAL),
     })
 }
 
@@ -169,136 +185,165 @@ fn dag_rows(samples: &[Sample]) -> Vec<Value> {
     let mut rows: BTreeMap<String, Value> = BTreeMap::new();
     for s in samples {
         let field = match s.name.as_str() {
-            "gati_dag_deadline_met_total" => "met",
-            "gati_dag_deadline_missed_total" => "missed",
-            "gati_dag_failed_total" => "failed",
-            "gati_dag_sgs" => "sgs",
+            names::DAG_DEADLINE_MET_TOTAL => "met",
+            names::DAG_DEADLINE_MISSED_TOTAL => "missed",
+            names::DAG_FAILED_TOTAL => "failed",
+            names::DAG_SGS => "sgs",
             _ => continue,
         };
         let Some(dag) = s.labels.get("dag") else { continue };
-        rows.entry(dag.clone()).or_insert_with(|| json!({ "dag": dag }))[field] = json!(s.value);
+        rows.entry(dag.clone()).or_insert_with(|| json!({ "dag": dag }))[field] = number(s.value);
     }
     rows.into_values().collect()
 }
 
+/// A summary field as table text: integers without a fraction, `-` when absent.
+fn count(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x.fract() == 0.0 => format!("{x:.0}"),
+        Some(x) => format!("{x:.3}"),
+        None => "-".into(),
+    }
+}
+
+/// Milliseconds (or mean rows) with three decimals, `-` when absent.
+fn millis(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |x| format!("{x:.3}"))
+}
+
+/// The string field `key` of a summary row.
+fn text(v: &Value, key: &str) -> String {
+    v[key].as_str().unwrap_or("").to_string()
+}
+
+/// The rows of summary list `key`.
+fn list<'a>(s: &'a Value, key: &str) -> &'a [Value] {
+    s[key].as_array().map_or(&[][..], Vec::as_slice)
+}
+
+/// The first row of list `key` whose `field` is `value`.
+fn find<'a>(s: &'a Value, key: &str, field: &str, value: &str) -> Option<&'a Value> {
+    list(s, key).iter().find(|r| r[field] == value)
+}
+
 /// The DAG section of [`render`] (empty without DAGs).
 fn render_dags(s: &Value, out: &mut String) {
-    let dags = s["dags"].as_array().map_or(&[][..], Vec::as_slice);
-    if dags.is_empty() {
+    let mut t = Table::new(&[
+        ("dag", Left),
+        ("met", Right),
+        ("missed", Right),
+        ("failed", Right),
+        ("met %", Right),
+        ("sgs", Right),
+        ("p50 ms", Right),
+        ("p99 ms", Right),
+    ]);
+    for d in list(s, "dags") {
+        let name = text(d, "dag");
+        let n = |k: &str| d[k].as_f64().unwrap_or(0.0);
+        let total = n("met") + n("missed") + n("failed");
+        let lat = find(s, "dag_latency_ms", "dag", &name);
+        let q = |k: &str| lat.map_or("-".into(), |l| millis(&l[k]));
+        t.row(vec![
+            name.clone(),
+            count(&d["met"]),
+            count(&d["missed"]),
+            count(&d["failed"]),
+            if total > 0.0 { format!("{:.2}", 100.0 * n("met") / total) } else { "-".into() },
+            count(&d["sgs"]),
+            q("p50"),
+            q("p99"),
+        ]);
+    }
+    if t.is_empty() {
         return;
     }
-    let n = |v: &Value| v.as_f64().unwrap_or(0.0);
-    out.push_str(&format!(
-        "\n{:<16} {:>10} {:>10} {:>8} {:>8} {:>5} {:>10} {:>10}\n",
-        "dag", "met", "missed", "failed", "met %", "sgs", "p50 ms", "p99 ms"
-    ));
-    for d in dags {
-        let name = d["dag"].as_str().unwrap_or("");
-        let (met, missed, failed) = (n(&d["met"]), n(&d["missed"]), n(&d["failed"]));
-        let total = met + missed + failed;
-        let lat = s["dag_latency_ms"].as_array().into_iter().flatten().find(|l| l["dag"] == name);
-        let q = |k: &str| lat.and_then(|l| l[k].as_f64()).map_or("-".to_string(), |x| format!("{x:.3}"));
-        out.push_str(&format!(
-            "{name:<16} {met:>10} {missed:>10} {failed:>8} {:>8} {:>5} {:>10} {:>10}\n",
-            if total > 0.0 { format!("{:.2}", 100.0 * met / total) } else { "-".into() },
-            n(&d["sgs"]),
-            q("p50"),
-            q("p99")
-        ));
-    }
-    let workers: Vec<String> = s["function_workers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|w| format!("{}={}", w["function"].as_str().unwrap_or("?"), w["count"]))
+    out.push('\n');
+    t.render(out);
+    let workers: Vec<String> = list(s, "function_workers")
+        .iter()
+        .map(|w| format!("{}={}", w["function"].as_str().unwrap_or("?"), count(&w["count"])))
         .collect();
     out.push_str(&format!(
         "workers: {}  cold starts: {}  prestarts: {}\n",
         workers.join(" "),
-        s["cold_starts"],
-        s["prestarts"]
+        count(&s["cold_starts"]),
+        count(&s["prestarts"])
     ));
 }
 
-/// Human-readable table of a summary.
+/// The cache section of [`render`] (empty without caches).
+fn render_caches(s: &Value, out: &mut String) {
+    let mut exits = Table::new(&[("exits", Left), ("stage", Right), ("rows", Right)]);
+    for r in list(s, "exits") {
+        exits.row(vec![text(r, "model"), text(r, "stage"), count(&r["count"])]);
+    }
+    if exits.is_empty() {
+        return;
+    }
+    out.push_str("\n(exit stage 0 = the input cut; the last stage = the full model)\n");
+    exits.render(out);
+    let mut caches = Table::new(&[("caches", Left), ("live disagreement", Right), ("memory bytes", Right)]);
+    for r in list(s, "cache_live_disagreement") {
+        let model = text(r, "model");
+        let mem = find(s, "cache_memory_bytes", "model", &model).map_or("-".into(), |m| count(&m["count"]));
+        caches.row(vec![model, r["count"].as_f64().map_or("-".into(), |x| format!("{x:.4}")), mem]);
+    }
+    if !caches.is_empty() {
+        out.push('\n');
+        caches.render(out);
+    }
+}
+
+/// Human-readable tables of a summary.
 pub fn render(s: &Value) -> String {
     let mut out = String::new();
-    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
-    out.push_str(&format!("connections: {}  in flight: {}\n\n", s["connections"], s["inflight"]));
-    out.push_str(&format!("{:<16} {:<22} {:>10}\n", "model", "status", "requests"));
-    for r in s["requests"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "{:<16} {:<22} {:>10}\n",
-            r["model"].as_str().unwrap_or(""),
-            r["status"].as_str().unwrap_or(""),
-            r["count"]
-        ));
+    out.push_str(&format!("connections: {}  in flight: {}", count(&s["connections"]), count(&s["inflight"])));
+    let refused: Vec<String> =
+        list(s, "refused").iter().map(|r| format!("{}={}", text(r, "reason"), count(&r["count"]))).collect();
+    if !refused.is_empty() {
+        out.push_str(&format!("  refused: {}", refused.join(" ")));
     }
-    out.push_str(&format!(
-        "\n{:<16} {:>6} {:>10} {:>10} {:>10} {:>10}\n",
-        "latency (ms)", "stage", "count", "mean", "p50", "p99"
-    ));
-    for r in s["latency_ms"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "{:<16} {:>6} {:>10} {:>10} {:>10} {:>10}\n",
-            r["model"].as_str().unwrap_or(""),
-            "all",
-            r["count"],
-            f(&r["mean"]),
-            f(&r["p50"]),
-            f(&r["p99"])
-        ));
+    out.push_str("\n\n");
+
+    let mut requests = Table::new(&[("model", Left), ("status", Left), ("requests", Right)]);
+    for r in list(s, "requests") {
+        requests.row(vec![text(r, "model"), text(r, "status"), count(&r["count"])]);
     }
-    for r in s["stage_ms"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "{:<16} {:>6} {:>10} {:>10} {:>10} {:>10}\n",
-            r["model"].as_str().unwrap_or(""),
-            r["stage"].as_str().unwrap_or(""),
-            r["count"],
-            f(&r["mean"]),
-            f(&r["p50"]),
-            f(&r["p99"])
-        ));
+    requests.render(&mut out);
+
+    let mut latency = Table::new(&[
+        ("latency (ms)", Left),
+        ("stage", Right),
+        ("count", Right),
+        ("mean", Right),
+        ("p50", Right),
+        ("p99", Right),
+    ]);
+    let all = list(s, "latency_ms").iter().map(|r| (r, "all".to_string()));
+    for (r, stage) in all.chain(list(s, "stage_ms").iter().map(|r| (r, text(r, "stage")))) {
+        latency.row(vec![
+            text(r, "model"),
+            stage,
+            count(&r["count"]),
+            millis(&r["mean"]),
+            millis(&r["p50"]),
+            millis(&r["p99"]),
+        ]);
     }
-    out.push_str(&format!("\n{:<16} {:>10} {:>10} {:>10}\n", "batches", "count", "mean rows", "queued"));
-    for r in s["batch_rows"].as_array().into_iter().flatten() {
-        let model = r["model"].as_str().unwrap_or("");
-        let queued = s["queue_rows"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|q| q["model"] == model)
-            .map_or(json!(0), |q| q["count"].clone());
-        out.push_str(&format!("{:<16} {:>10} {:>10} {:>10}\n", model, r["count"], f(&r["mean"]), queued));
+    out.push('\n');
+    latency.render(&mut out);
+
+    let mut batches = Table::new(&[("batches", Left), ("count", Right), ("mean rows", Right), ("queued rows", Right)]);
+    for r in list(s, "batch_rows") {
+        let model = text(r, "model");
+        let queued = find(s, "queue_rows", "model", &model).map_or("0".into(), |q| count(&q["count"]));
+        batches.row(vec![model, count(&r["count"]), millis(&r["mean"]), queued]);
     }
-    let exits = s["exits"].as_array().map_or(&[][..], Vec::as_slice);
-    if !exits.is_empty() {
-        out.push_str(&format!(
-            "\n{:<16} {:>6} {:>10}   (stage 0 = input cut; the last stage = full model)\n",
-            "exits", "stage", "rows"
-        ));
-        for r in exits {
-            out.push_str(&format!(
-                "{:<16} {:>6} {:>10}\n",
-                r["model"].as_str().unwrap_or(""),
-                r["stage"].as_str().unwrap_or(""),
-                r["count"]
-            ));
-        }
-        for r in s["cache_live_disagreement"].as_array().into_iter().flatten() {
-            let model = r["model"].as_str().unwrap_or("");
-            let mem = s["cache_memory_bytes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|m| m["model"] == model)
-                .map_or(json!(0), |m| m["count"].clone());
-            out.push_str(&format!(
-                "{model:<16} live disagreement {:.4}, cache memory {mem} bytes\n",
-                r["count"].as_f64().unwrap_or(0.0)
-            ));
-        }
-    }
+    out.push('\n');
+    batches.render(&mut out);
+
+    render_caches(s, &mut out);
     render_dags(s, &mut out);
     out
 }
@@ -338,5 +383,29 @@ mod tests {
         assert_eq!(s["cold_starts"], 4.0);
         let r = render(&s);
         assert!(r.contains("classify") && r.contains("99.00") && r.contains("preprocess=3"), "{r}");
+    }
+
+    #[test]
+    fn counts_render_as_integers_in_aligned_columns() {
+        let text = "gati_requests_total{model=\"m\",status=\"ok\"} 12\n\
+            gati_requests_total{model=\"a-much-longer-model-name\",status=\"deadline_unmeetable\"} 3\n\
+            gati_connections 2\n\
+            gati_inflight_requests 0\n\
+            gati_batch_rows_bucket{model=\"m\",le=\"1\"} 4\n\
+            gati_batch_rows_bucket{model=\"m\",le=\"+Inf\"} 4\n\
+            gati_batch_rows_sum{model=\"m\"} 4\n\
+            gati_batch_rows_count{model=\"m\"} 4\n\
+            gati_queue_rows{model=\"m\"} 0\n";
+        let s = summarize(text);
+        assert!(s["requests"][0]["count"].is_u64() && s["connections"].is_u64(), "{s}");
+        assert!(s["batch_rows"][0]["count"].is_u64(), "{s}");
+        let r = render(&s);
+        assert!(!r.contains(".0 ") && !r.contains(".0\n"), "a count printed as a float:\n{r}");
+        assert!(r.starts_with("connections: 2  in flight: 0\n"), "{r}");
+        let lines: Vec<&str> = r.lines().skip_while(|l| !l.starts_with("model")).take(3).collect();
+        let end = lines[0].len();
+        assert!(lines.iter().all(|l| l.len() == end), "requests column not aligned:\n{r}");
+        assert!(lines[1].ends_with(" 12") && lines[2].ends_with(" 3"), "{r}");
+        assert_eq!(lines[0].find("status"), lines[2].find("deadline_unmeetable"), "{r}");
     }
 }

@@ -1,4 +1,4 @@
-//! Test-only function for the sandbox tests. argv[1] picks the behaviour:
+//! Test-only function for the sandbox tests. `argv[1]` picks the behaviour:
 //!
 //! - `echo` (default): returns the input; `!err MSG` → handler error MSG,
 //!   `!panic` → handler panic, `!big N` → an N-byte response.
@@ -6,8 +6,21 @@
 //! - `sleep`: never answers (sleeps).
 //! - `alloc`: input is a MiB count as text; allocates and touches that much,
 //!   answers `allocated N MiB` (or an error when the allocation is refused).
-//! - `syscall NAME`: makes a syscall the sandbox forbids (`socket`, `ptrace`)
-//!   on the first request, and answers what it returned if it survives.
+//! - `syscall NAME`: makes a syscall the sandbox forbids or refuses on the
+//!   first request, and answers what it returned if it survives: `socket`,
+//!   `ptrace`, `unshare` (`CLONE_NEWUSER`), `clone-newuser` (raw
+//!   `clone(CLONE_NEWUSER | SIGCHLD)`), `clone3` (raw, with `CLONE_NEWUSER`;
+//!   the sandbox answers `ENOSYS`). A child that a clone did create exits at once.
+//! - `scribble WHAT`: a hostile guest. Maps the shared memfd (fd 3) a second
+//!   time and, before answering `scribbled`, overwrites `control` (magic,
+//!   capacity, max message, reserved words: the daemon must not care) or
+//!   `indices` (the request ring's tail, which the daemon checks on its next
+//!   push).
+//! - `thread`: spawns a `std::thread`, joins it and answers `thread N joined`
+//!   with the value it returned (threads are allowed).
+//! - `slow MS`: writes `testkit slow: request` to stderr, sleeps MS
+//!   milliseconds, then answers its input (a request to kill it during).
+//! - `flood`: writes to stdout without end and never answers.
 //! - `probe`: answers `key=value` lines describing what it can see: its pid,
 //!   the pids in /proc, its uid, root entries, network interfaces, hostname,
 //!   capabilities and seccomp state, and the result of reading each path given
@@ -28,7 +41,11 @@ fn main() {
         },
         "alloc" => alloc(input),
         "syscall" => Ok(forbidden(&extra).into_bytes()),
+        "thread" => thread(),
+        "scribble" => scribble(&extra),
         "probe" => Ok(probe(input).into_bytes()),
+        "slow" => slow(&extra, input),
+        "flood" => flood(),
         other => Err(format!("unknown mode {other:?}")),
     })
 }
@@ -47,6 +64,23 @@ fn echo(input: &[u8]) -> Result<Vec<u8>, String> {
     Ok(input.to_vec())
 }
 
+fn slow(ms: &str, input: &[u8]) -> Result<Vec<u8>, String> {
+    let ms: u64 = ms.parse().map_err(|_| format!("slow: argv[2] must be milliseconds, got {ms:?}"))?;
+    eprintln!("testkit slow: request");
+    std::thread::sleep(Duration::from_millis(ms));
+    Ok(input.to_vec())
+}
+
+fn flood() -> Result<Vec<u8>, String> {
+    use std::io::Write as _;
+    let chunk = vec![b'f'; 64 << 10];
+    let mut out = std::io::stdout().lock();
+    loop {
+        // Errors (a closed stdout) do not stop the flood: only the time limit does.
+        let _ = out.write_all(&chunk);
+    }
+}
+
 fn alloc(input: &[u8]) -> Result<Vec<u8>, String> {
     let mib: usize = String::from_utf8_lossy(input).trim().parse().map_err(|_| "input must be a MiB count")?;
     let mut chunks: Vec<Vec<u8>> = Vec::new();
@@ -61,15 +95,75 @@ fn alloc(input: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 fn forbidden(name: &str) -> String {
-    // SAFETY: plain syscalls with valid constant arguments; the point is that
-    // the sandbox's seccomp filter kills us before they return.
+    let ns_fork = (libc::CLONE_NEWUSER | libc::SIGCHLD) as u64;
+    let args =
+        CloneArgs { flags: libc::CLONE_NEWUSER as u64, exit_signal: libc::SIGCHLD as u64, ..CloneArgs::default() };
+    // SAFETY: plain syscalls with valid arguments (`args` outlives clone3); the
+    // point is that the sandbox's seccomp filter kills us or refuses them. A
+    // clone without CLONE_VM and with a null stack is a fork: the child runs
+    // on a copy of this stack and exits at once below.
     let rc = unsafe {
         match name {
             "ptrace" => libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0),
-            _ => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as libc::c_long,
+            "unshare" => libc::unshare(libc::CLONE_NEWUSER).into(),
+            "clone-newuser" => libc::syscall(libc::SYS_clone, ns_fork, 0, 0, 0, 0),
+            "clone3" => libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()),
+            _ => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0).into(),
         }
     };
-    format!("{name} returned {rc} ({})", std::io::Error::last_os_error())
+    let err = std::io::Error::last_os_error();
+    if rc == 0 && name.starts_with("clone") {
+        // SAFETY: the new process leaves without running anything of ours.
+        unsafe { libc::_exit(0) };
+    }
+    format!("{name} returned {rc} ({err})")
+}
+
+fn scribble(what: &str) -> Result<Vec<u8>, String> {
+    use gati_sdk::layout::{CONTROL_BYTES, REQUEST_HEADER_OFFSET};
+    let mem_fd = gati_sdk::DEFAULT_FDS[0];
+    // SAFETY: a new shared mapping of the memfd (at least one page long) at an
+    // address the kernel picks; nothing else refers to it.
+    let base = unsafe {
+        libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, mem_fd, 0)
+    };
+    if base == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    let words: Vec<(usize, u64)> = match what {
+        "control" => (0..CONTROL_BYTES / 8).map(|i| (8 * i, 0xdead_beef_dead_beef)).collect(),
+        "indices" => vec![(REQUEST_HEADER_OFFSET + 64, u64::MAX / 3)],
+        other => return Err(format!("scribble what? {other:?}")),
+    };
+    for (offset, value) in words {
+        // SAFETY: an aligned u64 inside the first page of our own mapping; the
+        // daemon's reads of these words are atomic, the point is what it does
+        // with the values.
+        unsafe { base.cast::<u8>().add(offset).cast::<u64>().write_volatile(value) };
+    }
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(base, 4096) };
+    Ok(b"scribbled".to_vec())
+}
+
+/// `struct clone_args` up to `tls` (CLONE_ARGS_SIZE_VER0).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+fn thread() -> Result<Vec<u8>, String> {
+    let worker = std::thread::Builder::new().name("testkit".into()).spawn(|| (1..=6u64).product::<u64>());
+    let value = worker.map_err(|e| format!("spawn: {e}"))?.join().map_err(|_| "thread panicked".to_string())?;
+    Ok(format!("thread {value} joined").into_bytes())
 }
 
 fn probe(input: &[u8]) -> String {

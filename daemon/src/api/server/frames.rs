@@ -60,19 +60,25 @@ impl Worker {
                 c.out.wake_when_idle.store(true, std::sync::atomic::Ordering::Release);
                 return;
             }
-            // The payload is charged to the node's budget before a byte of it is
-            // kept; the buffer itself grows only as bytes arrive.
-            if c.frame_charge.is_none() && len > 0 {
-                match self.ctx.budget.try_charge(len) {
-                    Some(charge) => c.frame_charge = Some(charge),
-                    None => {
-                        telemetry::request_refused("queued_bytes");
-                        let frame = Frame::plain(header.kind.get(), header.request_id.get(), Status::Busy, 0);
-                        c.respond(frame, b"queued_bytes: the node holds max_queued_bytes of requests");
-                        c.in_pos += HEADER_LEN;
-                        c.discard = len;
-                        continue;
-                    }
+            // The payload bytes buffered so far are charged to the node's budget
+            // (a header alone holds nothing: a client that declares a big frame
+            // and stalls holds only what it sent). When they do not fit, the
+            // frame is refused at once and the rest of it skipped as it arrives.
+            let buffered = (avail - HEADER_LEN).min(len);
+            let held = c.frame_charge.as_ref().map_or(0, Charge::bytes);
+            if buffered > held {
+                let fits = match &mut c.frame_charge {
+                    Some(charge) => charge.try_grow(buffered - held),
+                    None => self.ctx.budget.try_charge(buffered).map(|ch| c.frame_charge = Some(ch)).is_some(),
+                };
+                if !fits {
+                    telemetry::request_refused("queued_bytes");
+                    let frame = Frame::plain(header.kind.get(), header.request_id.get(), Status::Busy, 0);
+                    c.respond(frame, b"queued_bytes: the node holds max_queued_bytes of requests");
+                    c.frame_charge = None;
+                    c.in_pos += HEADER_LEN + buffered;
+                    c.discard = len - buffered;
+                    continue;
                 }
             }
             if avail < HEADER_LEN + len {
@@ -106,6 +112,9 @@ impl Worker {
         }
         if raw_kind == Kind::InvokeDag as u16 {
             return self.handle_invoke_dag(slot, header, payload, received, charge);
+        }
+        if raw_kind == TEST_FAULT_KIND && test_hooks() {
+            return self.test_fault(slot, rid, payload);
         }
         let ctx = Arc::clone(&self.ctx);
         let c = self.conns[slot as usize].as_deref_mut().expect("slot is live while parsing");
@@ -182,6 +191,46 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Request kind of the fault-injection hook (tests only): honoured only when the
+/// daemon was started with `GATI_TEST_HOOKS=1`, otherwise `UnknownKind`.
+pub const TEST_FAULT_KIND: u16 = 0xFA17;
+
+/// Whether the fault-injection hook is on (read once, from the environment).
+fn test_hooks() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GATI_TEST_HOOKS").is_ok_and(|v| v == "1"))
+}
+
+impl Worker {
+    /// Injects the fault the payload names: `panic-io` (this I/O thread panics),
+    /// `stall-io MS` (it sleeps, up to 60 s), `panic-sgs` (SGS 0 panics).
+    fn test_fault(&mut self, slot: u32, rid: u64, payload: &[u8]) {
+        let what = String::from_utf8_lossy(payload).into_owned();
+        tracing::warn!(fault = %what, "test hook: injecting a fault");
+        let status = match what.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["panic-io"] => panic!("I/O thread asked to panic by a test hook"),
+            ["stall-io", ms] => match ms.parse::<u64>() {
+                Ok(ms) => {
+                    std::thread::sleep(Duration::from_millis(ms.min(60_000)));
+                    Status::Ok
+                }
+                Err(_) => Status::BadPayload,
+            },
+            ["panic-sgs"] => match self.ctx.dags.get() {
+                Some(s) => {
+                    s.inject_panic();
+                    Status::Ok
+                }
+                None => Status::UnknownModel,
+            },
+            _ => Status::BadPayload,
+        };
+        if let Some(c) = self.conns[slot as usize].as_deref_mut() {
+            c.respond(Frame::plain(TEST_FAULT_KIND, rid, status, 0), &[]);
         }
     }
 }

@@ -26,12 +26,7 @@ use super::wire::{Dtype, ResponseHeader, Status, HEADER_LEN};
 use super::ServeContext;
 use crate::telemetry;
 
-/// Header flag: skip admission control; queue even if the deadline looks unmeetable
-/// (the request is answered `DeadlineExpired` if it passes in the queue).
-pub const FLAG_BEST_EFFORT: u16 = 1;
-/// Request flag: a calibration row for the model's caches (runs the whole
-/// model, never answered from a cache, always added to the training window).
-pub const FLAG_CALIBRATE: u16 = 2;
+pub use super::wire::{FLAG_BEST_EFFORT, FLAG_CALIBRATE};
 
 const RECV_BUF: usize = 64 * 1024;
 /// Unsent answer bytes above which a connection is no longer read.
@@ -55,7 +50,7 @@ fn split(ud: u64) -> (u64, u32, u32) {
 /// Connections (slot, generation) whose queued bytes an I/O thread must flush.
 struct Mailbox {
     flush: Mutex<Vec<(u32, u32)>>,
-    wake: OwnedFd,
+    wake: crate::eventfd::EventFd,
 }
 
 impl Mailbox {
@@ -71,9 +66,7 @@ impl Mailbox {
     }
 
     fn ring(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&raw const one).cast(), 8) };
+        self.wake.signal();
     }
 }
 
@@ -105,17 +98,12 @@ impl Server {
     pub fn start(listen_fd: RawFd, threads: usize, ctx: Arc<ServeContext>) -> io::Result<Self> {
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
-            // SAFETY: plain eventfd(2); checked below.
-            let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-            if efd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: fresh fd owned by nobody else.
-            let wake = unsafe { OwnedFd::from_raw_fd(efd) };
+            let wake = crate::eventfd::EventFd::new()?;
             let mailbox = Arc::new(Mailbox { flush: Mutex::new(Vec::new()), wake });
             let (mb, cx) = (Arc::clone(&mailbox), Arc::clone(&ctx));
             let (started_tx, started_rx) = std::sync::mpsc::channel();
             let thread = std::thread::Builder::new().name(format!("io-{i}")).spawn(move || {
+                let beat = crate::liveness::node().register(format!("io-{i}"), crate::liveness::Role::Io);
                 // The ring is made on the thread that submits to it (SINGLE_ISSUER).
                 let ring = match new_ring() {
                     Ok(r) => r,
@@ -125,10 +113,7 @@ impl Server {
                     }
                 };
                 let _ = started_tx.send(Ok(()));
-                let mut worker = Worker::new(ring, listen_fd, mb, cx);
-                if let Err(e) = worker.run() {
-                    tracing::error!(error = %e, "I/O thread failed");
-                }
+                supervise(Worker::new(ring, listen_fd, mb, cx, beat));
             })?;
             started_rx.recv().map_err(|_| io::Error::other("I/O thread died during start"))??;
             workers.push(WorkerHandle { mailbox, thread });
@@ -159,6 +144,43 @@ impl Server {
     }
 }
 
+/// Restarts after one failure at most this often; more means a fault that a
+/// new ring will not cure, and the thread dies (so the process exits for
+/// systemd to restart it).
+const MIN_RESTART_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs an I/O thread's loop; a panic or ring error closes that thread's
+/// connections (their clients see the close; other threads' clients nothing)
+/// and starts it again on a new ring, accepting as before.
+fn supervise(mut worker: Worker) {
+    let mut last_failure: Option<Instant> = None;
+    loop {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
+        let why = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => format!("ring error: {e}"),
+            Err(p) => format!("panicked: {}", crate::liveness::panic_message(&*p)),
+        };
+        tracing::error!(thread = %worker.beat.name(), error = %why, "I/O thread failed; closing its connections");
+        worker.close_all();
+        if last_failure.is_some_and(|t| t.elapsed() < MIN_RESTART_INTERVAL) {
+            worker.beat.died(why);
+            return;
+        }
+        last_failure = Some(Instant::now());
+        let ring = match new_ring() {
+            Ok(r) => r,
+            Err(e) => {
+                worker.beat.died(format!("{why}; new ring: {e}"));
+                return;
+            }
+        };
+        worker.beat.restarted(why);
+        telemetry::thread_restarted("io");
+        worker = worker.renew(ring);
+    }
+}
+
 /// One client connection on an I/O thread.
 struct Conn {
     /// The sending side, shared with in-flight answers.
@@ -181,6 +203,8 @@ struct Conn {
     send_armed: bool,
     /// No more reading: close once answers are flushed.
     closing: bool,
+    /// The drain shut the socket's read side (what was sent before is still read).
+    read_shut: bool,
     /// Gone: free as soon as no ring operation refers to it.
     dead: bool,
 }
@@ -201,15 +225,21 @@ struct Worker {
     conns: Vec<Option<Box<Conn>>>,
     free: Vec<u32>,
     next_gen: u32,
-    wake_buf: Box<u64>,
     accept_armed: bool,
     accept_cancelled: bool,
     dirty: Vec<u32>,
     models: HashMap<u32, Arc<str>>,
+    beat: crate::liveness::Heartbeat,
 }
 
 impl Worker {
-    fn new(ring: IoUring, listen_fd: RawFd, mailbox: Arc<Mailbox>, ctx: Arc<ServeContext>) -> Self {
+    fn new(
+        ring: IoUring,
+        listen_fd: RawFd,
+        mailbox: Arc<Mailbox>,
+        ctx: Arc<ServeContext>,
+        beat: crate::liveness::Heartbeat,
+    ) -> Self {
         Self {
             ring,
             listen_fd,
@@ -218,12 +248,20 @@ impl Worker {
             conns: Vec::new(),
             free: Vec::new(),
             next_gen: 1,
-            wake_buf: Box::new(0),
             accept_armed: false,
             accept_cancelled: false,
             dirty: Vec::new(),
             models: HashMap::new(),
+            beat,
         }
+    }
+
+    /// The same thread's worker on a new ring, with no connections (after
+    /// `close_all`); the old ring is dropped only after the old buffers were
+    /// leaked by `close_all`, so the kernel never writes into freed memory.
+    fn renew(self, ring: IoUring) -> Self {
+        let Self { listen_fd, mailbox, ctx, beat, .. } = self;
+        Self::new(ring, listen_fd, mailbox, ctx, beat)
     }
 
     fn push(&mut self, sqe: squeue::Entry) -> io::Result<()> {
@@ -231,7 +269,15 @@ impl Worker {
         // the worker and outlives the operation: conns are freed only when no
         // operation is armed on them, and the worker outlives its ring.
         while unsafe { self.ring.submission().push(&sqe) }.is_err() {
-            self.ring.submit()?;
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {
+                    // The completion queue is full: make room before pushing more.
+                    self.ring.submit_and_wait(0).ok();
+                    std::thread::yield_now();
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -240,8 +286,14 @@ impl Worker {
         self.arm_wake()?;
         self.arm_accept()?;
         loop {
+            self.beat.beat();
             self.poll_briefly()?;
-            self.ring.submit_and_wait(1)?;
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                // Interrupted or the completion queue is full: reap and go on.
+                if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)) {
+                    return Err(e);
+                }
+            }
             let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
             for (ud, res) in cqes {
                 let (op, slot, gen) = split(ud);
@@ -262,6 +314,20 @@ impl Worker {
                             .user_data(user_data(OP_CANCEL, 0, 0)),
                     )?;
                     self.accept_cancelled = true;
+                }
+                // Stop the clients' writes, but read what they already sent:
+                // every frame in a socket is answered (ShuttingDown) before it
+                // closes. A write after this fails with EPIPE at the client.
+                for slot in 0..self.conns.len() {
+                    if let Some(c) = self.conns[slot].as_deref_mut().filter(|c| !c.read_shut) {
+                        c.read_shut = true;
+                        // SAFETY: shutdown of the read side of a socket this connection owns.
+                        unsafe { libc::shutdown(c.out.raw_fd(), libc::SHUT_RD) };
+                        self.dirty.push(slot as u32);
+                    }
+                }
+                if !self.dirty.is_empty() {
+                    self.flush()?;
                 }
                 if self.drained() {
                     self.close_all();
@@ -290,9 +356,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Draining and nothing left to answer or send.
+    /// Draining, every connection read to its end, and nothing left to answer or send.
     fn drained(&self) -> bool {
-        self.conns.iter().flatten().all(|c| !c.send_armed && c.sending.is_empty() && c.out.idle())
+        self.conns.iter().flatten().all(|c| c.closing && !c.send_armed && c.sending.is_empty() && c.out.idle())
     }
 
     fn close_all(&mut self) {
@@ -312,7 +378,7 @@ impl Worker {
     fn arm_wake(&mut self) -> io::Result<()> {
         // Poll, then read without blocking: a plain read of an eventfd would be
         // handed to an io-wq worker, one more thread to wake per answer.
-        let sqe = opcode::PollAdd::new(types::Fd(self.mailbox.wake.as_raw_fd()), libc::POLLIN as u32)
+        let sqe = opcode::PollAdd::new(types::Fd(self.mailbox.wake.fd()), libc::POLLIN as u32)
             .build()
             .user_data(user_data(OP_WAKE, 0, 0));
         self.push(sqe)
@@ -383,6 +449,7 @@ impl Worker {
             recv_armed: false,
             send_armed: false,
             closing: false,
+            read_shut: false,
             dead: false,
         });
         let slot = match self.free.pop() {
@@ -421,6 +488,13 @@ impl Worker {
             return;
         };
         c.recv_armed = false;
+        if res == 0 && c.read_shut {
+            // The end of what the client sent before the drain: answer, flush, close.
+            c.closing = true;
+            c.out.wake_when_idle.store(true, std::sync::atomic::Ordering::Release);
+            self.dirty.push(slot);
+            return;
+        }
         if res <= 0 {
             c.dead = true;
             self.dirty.push(slot);
@@ -433,8 +507,7 @@ impl Worker {
     }
 
     fn on_wake(&mut self) -> io::Result<()> {
-        // SAFETY: non-blocking 8-byte read from our eventfd into a live u64.
-        unsafe { libc::read(self.mailbox.wake.as_raw_fd(), (&raw mut *self.wake_buf).cast(), 8) };
+        self.mailbox.wake.drain();
         let flush = std::mem::take(&mut *self.mailbox.flush.lock().unwrap_or_else(|p| p.into_inner()));
         for (slot, gen) in flush {
             if self.conn(slot, gen).is_some() {

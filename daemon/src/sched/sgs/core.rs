@@ -10,9 +10,9 @@ use io_uring::{opcode, squeue, types, IoUring};
 use super::exec::Inflight;
 use super::workers::WSlot;
 use crate::config::{DispatchOrder, PoolMode};
+use crate::eventfd::EventFd;
 use crate::sched::cores::Cores;
 use crate::sched::estimate::Estimator;
-use crate::sched::eventfd::EventFd;
 use crate::sched::function::{Deployment, FnId};
 use crate::sched::pool::FunctionPool;
 use crate::sched::request::DagRequest;
@@ -46,6 +46,8 @@ pub(crate) enum Msg {
         worker: Result<Box<dyn Worker>, WorkerError>,
     },
     Stop,
+    /// A test hook: panic on the SGS thread (only sent with `GATI_TEST_HOOKS=1`).
+    Panic,
 }
 
 pub(super) struct Core {
@@ -146,8 +148,10 @@ impl Core {
         self.push(opcode::PollRemove::new(ud).build().user_data(user_data(OP_CANCEL, 0, 0, 0)))
     }
 
-    pub fn run(&mut self) -> io::Result<()> {
+    pub fn run(&mut self, beat: &crate::liveness::Beat) -> io::Result<()> {
         loop {
+            // The wait below ends at least every MAINTENANCE, so an idle SGS beats too.
+            beat.beat();
             if !self.inbox_armed {
                 self.poll_fd(self.wake.fd(), user_data(OP_INBOX, 0, 0, 0))?;
                 self.inbox_armed = true;
@@ -193,6 +197,7 @@ impl Core {
                 }
                 // Requests queued behind the stop are still drained (answered `Failed`).
                 Ok(Msg::Stop) => self.stopping = true,
+                Ok(Msg::Panic) => panic!("SGS {} asked to panic by a test hook", self.index),
                 Err(TryRecvError::Disconnected) => {
                     self.stopping = true;
                     return;

@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 
 use self::core::{Core, Msg};
 use super::cores::Cores;
-use super::eventfd::EventFd;
 use super::function::{Deployment, FnId};
 use super::request::{DagReply, DagRequest};
 use super::signals::SgsStats;
 use super::worker::WorkerFactory;
 use super::SchedError;
+use crate::eventfd::EventFd;
 
 /// Requests one SGS holds (queued or running, not yet answered) before new
 /// ones are refused `Busy`.
@@ -96,8 +96,22 @@ impl Sgs {
                     }
                 };
                 let _ = started_tx.send(Ok(()));
-                if let Err(e) = core.run() {
-                    tracing::error!(sgs = index, error = %e, "SGS ring failed");
+                // An SGS that fails is not restarted in place (its requests,
+                // workers and leases would have to be rebuilt consistently):
+                // its replies answer `Failed` as the core unwinds, the thread
+                // is marked dead, and the node exits for systemd to restart it.
+                let beat = crate::liveness::node().register(format!("sgs-{index}"), crate::liveness::Role::Sgs);
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.run(&beat))) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(sgs = index, error = %e, "SGS ring failed");
+                        beat.died(format!("ring error: {e}"));
+                    }
+                    Err(p) => {
+                        let why = crate::liveness::panic_message(&*p);
+                        tracing::error!(sgs = index, error = %why, "SGS panicked");
+                        beat.died(format!("panicked: {why}"));
+                    }
                 }
             })
             .map_err(|e| SchedError::Io { what: "SGS thread", source: e })?;
@@ -131,6 +145,12 @@ impl Sgs {
             self.wake.signal();
         }
         Ok(())
+    }
+
+    /// Test hook: makes the SGS thread panic.
+    pub fn inject_panic(&self) {
+        let _ = self.tx.send(Msg::Panic);
+        self.wake.signal();
     }
 
     /// The counters this SGS publishes.

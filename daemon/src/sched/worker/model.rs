@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Worker, WorkerError};
+use crate::eventfd::EventFd;
 use crate::infer::batcher::Rejected;
 use crate::infer::{Job, JobResult, ModelHandle, Reply};
-use crate::sched::eventfd::EventFd;
 
 type Slot = Arc<Mutex<Option<Result<Vec<u8>, WorkerError>>>>;
 
@@ -56,6 +56,10 @@ impl Worker for ModelWorker {
                 self.handle.meta.row_shape
             ))
         })?;
+        let max = self.handle.target().max_batch;
+        if rows > max {
+            return Err(WorkerError::BadInput(format!("{rows} rows is more than the model's max_batch ({max})")));
+        }
         let (slot, wake) = (Arc::clone(&self.slot), Arc::clone(&self.wake));
         let reply = Reply::new(move |r| {
             let out = match r {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Worker, WorkerError};
-use crate::sched::eventfd::EventFd;
+use crate::eventfd::EventFd;
 
 /// What the closure asks the worker to do with one input.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,424 @@
+//! Every metric family the daemon exports: its name, type, unit and HELP text,
+//! in one table ([`FAMILIES`]) that [`describe_all`] hands to the recorder at
+//! install.
+//!
+//! A metric is recorded with one of these constants (or the same literal);
+//! the unit tests read the daemon's sources and fail on any `counter!`,
+//! `gauge!` or `histogram!` whose name is not in the table or is recorded as
+//! another type, so a new family cannot ship without its HELP text. Units are
+//! metadata only: the exporter does not append them (names already end in
+//! `_seconds`, `_bytes`, `_total`, as the Prometheus naming rules want).
+
+use metrics::{KeyName, SharedString, Unit};
+
+/// Infer requests answered.
+pub const REQUESTS_TOTAL: &str = "gati_requests_total";
+/// Time from receipt to answer of successful infer requests.
+pub const REQUEST_DURATION_SECONDS: &str = "gati_request_duration_seconds";
+/// Control requests answered.
+pub const CONTROL_REQUESTS_TOTAL: &str = "gati_control_requests_total";
+/// Time one pipeline stage took for one batch.
+pub const STAGE_DURATION_SECONDS: &str = "gati_stage_duration_seconds";
+/// Rows per batch.
+pub const BATCH_ROWS: &str = "gati_batch_rows";
+/// Rows waiting in a model's queue.
+pub const QUEUE_ROWS: &str = "gati_queue_rows";
+/// Requests in flight.
+pub const INFLIGHT_REQUESTS: &str = "gati_inflight_requests";
+/// Open client connections.
+pub const CONNECTIONS: &str = "gati_connections";
+/// Connections refused.
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "gati_connections_refused_total";
+/// Requests refused before they were queued.
+pub const REQUESTS_REFUSED_TOTAL: &str = "gati_requests_refused_total";
+/// Request bytes the node holds against its budget.
+pub const QUEUED_BYTES: &str = "gati_queued_bytes";
+/// Data-plane threads restarted after a failure.
+pub const THREAD_RESTARTS_TOTAL: &str = "gati_thread_restarts_total";
+/// Rows answered, by the stage that answered them.
+pub const EXITS_TOTAL: &str = "gati_exits_total";
+/// Shadow-checked disagreement of cache answers with the full model.
+pub const CACHE_LIVE_DISAGREEMENT: &str = "gati_cache_live_disagreement";
+/// Memory held by a model's active caches.
+pub const CACHE_MEMORY_BYTES: &str = "gati_cache_memory_bytes";
+/// Training generation of a model's live caches.
+pub const CACHE_GENERATION: &str = "gati_cache_generation";
+/// Expected per-request latency with the live cache placement.
+pub const CACHE_EXPECTED_LATENCY_SECONDS: &str = "gati_cache_expected_latency_seconds";
+/// Per-request latency the same placement estimate gives without caches.
+pub const CACHE_BASELINE_LATENCY_SECONDS: &str = "gati_cache_baseline_latency_seconds";
+/// DAG invocations answered.
+pub const DAG_REQUESTS_TOTAL: &str = "gati_dag_requests_total";
+/// Time from receipt to answer of successful DAG invocations.
+pub const DAG_REQUEST_DURATION_SECONDS: &str = "gati_dag_request_duration_seconds";
+/// DAG invocations answered within their deadline.
+pub const DAG_DEADLINE_MET_TOTAL: &str = "gati_dag_deadline_met_total";
+/// DAG invocations that missed their deadline.
+pub const DAG_DEADLINE_MISSED_TOTAL: &str = "gati_dag_deadline_missed_total";
+/// DAG invocations that failed.
+pub const DAG_FAILED_TOTAL: &str = "gati_dag_failed_total";
+/// SGSs a DAG is routed to.
+pub const DAG_SGS: &str = "gati_dag_sgs";
+/// Workers started on the request path.
+pub const SCHED_COLD_STARTS_TOTAL: &str = "gati_sched_cold_starts_total";
+/// Workers started ahead of demand.
+pub const SCHED_PRESTARTS_TOTAL: &str = "gati_sched_prestarts_total";
+/// Workers that died.
+pub const SCHED_WORKER_CRASHES_TOTAL: &str = "gati_sched_worker_crashes_total";
+/// Function runs retried.
+pub const SCHED_RETRIES_TOTAL: &str = "gati_sched_retries_total";
+/// Live workers per function.
+pub const SCHED_FUNCTION_WORKERS: &str = "gati_sched_function_workers";
+
+/// The Prometheus type of a family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One metric family: what the recorder is told about it.
+#[derive(Debug)]
+pub struct Family {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub unit: Option<Unit>,
+    pub help: &'static str,
+}
+
+const fn family(name: &'static str, kind: Kind, unit: Option<Unit>, help: &'static str) -> Family {
+    Family { name, kind, unit, help }
+}
+
+use Kind::{Counter, Gauge, Histogram};
+
+/// Every family the daemon records.
+pub const FAMILIES: &[Family] = &[
+    family(
+        REQUESTS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Infer requests answered, by model and wire status (ok, busy, deadline_exceeded, bad_request, ...).",
+    ),
+    family(
+        REQUEST_DURATION_SECONDS,
+        Histogram,
+        Some(Unit::Seconds),
+        "Time in the daemon from receipt to answer of infer requests answered ok, by model.",
+    ),
+    family(
+        CONTROL_REQUESTS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Control requests answered on the socket (ping, list, info, stats, health, ready, ...), by kind.",
+    ),
+    family(
+        STAGE_DURATION_SECONDS,
+        Histogram,
+        Some(Unit::Seconds),
+        "Time one pipeline stage took to run one batch, by model and stage (1-based).",
+    ),
+    family(BATCH_ROWS, Histogram, Some(Unit::Count), "Rows in each batch a model's batcher ran, by model."),
+    family(QUEUE_ROWS, Gauge, Some(Unit::Count), "Rows waiting in a model's queue for its batcher, by model."),
+    family(
+        INFLIGHT_REQUESTS,
+        Gauge,
+        Some(Unit::Count),
+        "Infer and DAG requests received and not yet answered, over all connections.",
+    ),
+    family(CONNECTIONS, Gauge, Some(Unit::Count), "Open client connections on the daemon's socket."),
+    family(
+        CONNECTIONS_REFUSED_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Client connections closed at accept, by reason (too_many_connections, unauthorized).",
+    ),
+    family(
+        REQUESTS_REFUSED_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Requests answered Busy or TooLarge before anything was queued for them, by reason (queued_bytes, \
+         model_queue, sgs_queue, inflight_per_conn, too_large).",
+    ),
+    family(
+        QUEUED_BYTES,
+        Gauge,
+        Some(Unit::Bytes),
+        "Request bytes the node holds (payloads being received, decoded inputs queued, answers awaiting slow \
+         readers) against [server] max_queued_bytes.",
+    ),
+    family(
+        THREAD_RESTARTS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Data-plane threads restarted after a panic or ring error, by role (io, batcher: the batch that panicked \
+         was answered Failed, trainer).",
+    ),
+    family(
+        EXITS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Rows of models with caches answered, by model and stage: the cut whose cache answered (0 = the input), or the \
+         stage count for a full-model answer.",
+    ),
+    family(
+        CACHE_LIVE_DISAGREEMENT,
+        Gauge,
+        None,
+        "Share (0-1) of shadow-checked cache answers that disagreed with the full model, by model.",
+    ),
+    family(CACHE_MEMORY_BYTES, Gauge, Some(Unit::Bytes), "Memory held by a model's live caches, by model."),
+    family(
+        CACHE_GENERATION,
+        Gauge,
+        Some(Unit::Count),
+        "Training generation of a model's live caches (0 = never trained; grows by one per training), by model.",
+    ),
+    family(
+        CACHE_EXPECTED_LATENCY_SECONDS,
+        Gauge,
+        Some(Unit::Seconds),
+        "Expected compute time per request row with the live cache placement, by model.",
+    ),
+    family(
+        CACHE_BASELINE_LATENCY_SECONDS,
+        Gauge,
+        Some(Unit::Seconds),
+        "Compute time per request row the same cost model gives without caches, by model.",
+    ),
+    family(DAG_REQUESTS_TOTAL, Counter, Some(Unit::Count), "DAG invocations answered, by DAG and wire status."),
+    family(
+        DAG_REQUEST_DURATION_SECONDS,
+        Histogram,
+        Some(Unit::Seconds),
+        "Time in the daemon from receipt to answer of DAG invocations answered ok, by DAG.",
+    ),
+    family(
+        DAG_DEADLINE_MET_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "DAG invocations answered within their deadline (scheduler counters; restart from 0 when a reload replaces the \
+         scheduler), by DAG.",
+    ),
+    family(
+        DAG_DEADLINE_MISSED_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "DAG invocations shed, refused at arrival or answered late (scheduler counters; restart from 0 when a reload \
+         replaces the scheduler), by DAG.",
+    ),
+    family(
+        DAG_FAILED_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "DAG invocations that failed (a function error or crash past its retries; scheduler counters), by DAG.",
+    ),
+    family(DAG_SGS, Gauge, Some(Unit::Count), "SGSs the load balancer routes a DAG to now, by DAG."),
+    family(
+        SCHED_COLD_STARTS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Function workers started because a request found none idle (all SGSs).",
+    ),
+    family(
+        SCHED_PRESTARTS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Function workers started ahead of demand by the warm pools (all SGSs).",
+    ),
+    family(
+        SCHED_WORKER_CRASHES_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Function workers that died or were killed (crash, time limit, protocol error; all SGSs).",
+    ),
+    family(
+        SCHED_RETRIES_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Function runs retried after a worker was lost (all SGSs).",
+    ),
+    family(
+        SCHED_FUNCTION_WORKERS,
+        Gauge,
+        Some(Unit::Count),
+        "Live workers (idle + busy) of a function over all SGSs, by function.",
+    ),
+];
+
+/// Tells the installed recorder every family's type, unit and HELP text.
+pub fn describe_all() {
+    metrics::with_recorder(|recorder| {
+        for f in FAMILIES {
+            let (name, help) = (KeyName::from_const_str(f.name), SharedString::const_str(f.help));
+            match f.kind {
+                Kind::Counter => recorder.describe_counter(name, f.unit, help),
+                Kind::Gauge => recorder.describe_gauge(name, f.unit, help),
+                Kind::Histogram => recorder.describe_histogram(name, f.unit, help),
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use super::*;
+
+    /// `pub const NAME: &str = "value";` lines of this file: constant → metric name.
+    fn constants() -> BTreeMap<String, String> {
+        include_str!("names.rs")
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub const ")?.split_once(": &str = \""))
+            .map(|(ident, rest)| (ident.to_string(), rest.trim_end_matches("\";").to_string()))
+            .collect()
+    }
+
+    /// Every `counter!`/`gauge!`/`histogram!` in `src`: (file:line, kind, first argument).
+    fn recorded(src: &Path) -> Vec<(String, Kind, String)> {
+        let mut out = Vec::new();
+        let mut dirs = vec![src.to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                // This file records from the table itself (the exporter test).
+                if path.extension().is_none_or(|e| e != "rs") || path.ends_with("telemetry/names.rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (at, kind, arg) in macro_calls(&text) {
+                    let line = text[..at].matches('\n').count() + 1;
+                    out.push((format!("{}:{line}", path.display()), kind, arg));
+                }
+            }
+        }
+        out
+    }
+
+    /// (byte offset, kind, first argument) of each metric macro call in `text`,
+    /// outside `//` comments; `describe_counter!` and the like are not calls.
+    fn macro_calls(text: &str) -> Vec<(usize, Kind, String)> {
+        let mut out = Vec::new();
+        let mut offset = 0;
+        for line in text.split_inclusive('\n') {
+            let code = line.find("//").map_or(line, |i| &line[..i]);
+            for (mac, kind) in
+                [("counter!(", Kind::Counter), ("gauge!(", Kind::Gauge), ("histogram!(", Kind::Histogram)]
+            {
+                for (i, _) in code.match_indices(mac) {
+                    let before = code[..i].chars().next_back();
+                    if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                        continue;
+                    }
+                    let rest = text[offset + i + mac.len()..].trim_start();
+                    let arg = match rest.strip_prefix('"') {
+                        Some(lit) => format!("\"{}\"", &lit[..lit.find('"').unwrap_or(0)]),
+                        None => rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':').collect(),
+                    };
+                    out.push((offset + i, kind, arg));
+                }
+            }
+            offset += line.len();
+        }
+        out
+    }
+
+    #[test]
+    fn every_recorded_family_is_described_with_its_type() {
+        let consts = constants();
+        let table: BTreeMap<&str, &Family> = FAMILIES.iter().map(|f| (f.name, f)).collect();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let calls = recorded(&src);
+        assert!(calls.len() >= FAMILIES.len(), "the scan found only {} metric calls", calls.len());
+        let mut problems = Vec::new();
+        for (at, kind, arg) in &calls {
+            let name = match arg.strip_prefix('"') {
+                Some(lit) => lit.trim_end_matches('"').to_string(),
+                None => match consts.get(arg.rsplit("::").next().unwrap_or(arg)) {
+                    Some(v) => v.clone(),
+                    None => {
+                        problems.push(format!(
+                            "{at}: metric name `{arg}` is neither a literal nor a telemetry::names constant"
+                        ));
+                        continue;
+                    }
+                },
+            };
+            match table.get(name.as_str()) {
+                None => problems.push(format!("{at}: `{name}` has no entry (HELP text) in telemetry::names::FAMILIES")),
+                Some(f) if f.kind != *kind => {
+                    problems.push(format!("{at}: `{name}` is recorded as a {kind:?} but described as a {:?}", f.kind))
+                }
+                Some(_) => {}
+            }
+        }
+        assert!(problems.is_empty(), "undescribed metrics:\n{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn the_scan_sees_literals_constants_and_skips_describes_and_comments() {
+        let text = "counter!(\"gati_a_total\", \"k\" => v).increment(1);\n\
+            gauge!(\n    names::QUEUE_ROWS).set(1.0);\n\
+            metrics::histogram!(BATCH_ROWS).record(1.0);\n\
+            describe_counter!(\"gati_b_total\", \"x\");\n\
+            // counter!(\"gati_c_total\")\n";
+        let calls: Vec<(Kind, String)> = macro_calls(text).into_iter().map(|(_, k, a)| (k, a)).collect();
+        assert_eq!(
+            calls,
+            vec![
+                (Kind::Counter, "\"gati_a_total\"".to_string()),
+                (Kind::Gauge, "names::QUEUE_ROWS".to_string()),
+                (Kind::Histogram, "BATCH_ROWS".to_string()),
+            ]
+        );
+        assert_eq!(constants().get("QUEUE_ROWS").map(String::as_str), Some("gati_queue_rows"));
+        assert_eq!(constants().len(), FAMILIES.len(), "one constant per family");
+    }
+
+    #[test]
+    fn names_follow_the_prometheus_conventions() {
+        let mut seen = std::collections::BTreeSet::new();
+        for f in FAMILIES {
+            assert!(seen.insert(f.name), "{} described twice", f.name);
+            assert!(f.name.starts_with("gati_"), "{}", f.name);
+            assert!(f.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'), "{}", f.name);
+            assert_eq!(f.kind == Kind::Counter, f.name.ends_with("_total"), "{}: only counters end in _total", f.name);
+            assert!(f.help.len() > 20 && f.help.ends_with('.'), "{}: HELP `{}`", f.name, f.help);
+            if f.name.ends_with("_seconds") {
+                assert_eq!(f.unit, Some(Unit::Seconds), "{}", f.name);
+            }
+            if f.name.ends_with("_bytes") {
+                assert_eq!(f.unit, Some(Unit::Bytes), "{}", f.name);
+            }
+        }
+    }
+
+    #[test]
+    fn the_exporter_renders_help_for_every_family() {
+        let recorder = super::super::builder().unwrap().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe_all();
+            for f in FAMILIES {
+                match f.kind {
+                    Kind::Counter => metrics::counter!(f.name, "model" => "m").increment(1),
+                    Kind::Gauge => metrics::gauge!(f.name, "model" => "m").set(1.0),
+                    Kind::Histogram => metrics::histogram!(f.name, "model" => "m").record(1.0),
+                }
+            }
+        });
+        let text = handle.render();
+        for f in FAMILIES {
+            let kind = format!("{:?}", f.kind).to_lowercase();
+            assert!(text.contains(&format!("# HELP {} {}\n", f.name, f.help)), "no HELP for {}:\n{text}", f.name);
+            assert!(text.contains(&format!("# TYPE {} {kind}\n", f.name)), "no TYPE for {}:\n{text}", f.name);
+        }
+    }
+}
