@@ -118,8 +118,25 @@ impl DagConfig {
         (nodes, edges)
     }
 
+    /// The default deadline; out-of-range values (refused by [`check`]) are
+    /// clamped to `0..=`[`MAX_DEADLINE_MS`] rather than panicking.
     pub fn deadline(&self) -> Duration {
-        Duration::from_secs_f64(self.deadline_ms.max(0.0) / 1e3)
+        let ms = if self.deadline_ms > 0.0 { self.deadline_ms.min(MAX_DEADLINE_MS) } else { 0.0 };
+        Duration::from_secs_f64(ms / 1e3)
+    }
+}
+
+/// Longest DAG deadline a config may carry (1 h): a request's deadline is its
+/// receipt time plus this, which must stay a representable `Instant`.
+pub const MAX_DEADLINE_MS: f64 = 3_600_000.0;
+
+impl FunctionConfig {
+    /// `expected_ms` when it passes [`check`]'s range (finite, 0..=time_limit_ms,
+    /// time_limit_ms itself in range); `None` otherwise.
+    fn valid_expected_ms(&self) -> Option<f64> {
+        self.expected_ms.filter(|&e| {
+            e.is_finite() && e >= 0.0 && e <= self.time_limit_ms as f64 && (1..=60_000).contains(&self.time_limit_ms)
+        })
     }
 }
 
@@ -189,6 +206,8 @@ pub(super) fn check(c: &Config, lines: &Lines, out: &mut Vec<ConfigIssue>) {
         dag_names.entry(&d.name).or_insert(i);
         if !(d.deadline_ms.is_finite() && d.deadline_ms > 0.0) {
             bad("deadline_ms", format!("impossible deadline: must be > 0, got {}", d.deadline_ms));
+        } else if d.deadline_ms > MAX_DEADLINE_MS {
+            bad("deadline_ms", format!("must be at most 1 h ({MAX_DEADLINE_MS} ms), got {}", d.deadline_ms));
         }
         if d.min_sgs == 0 || d.min_sgs > d.max_sgs || d.max_sgs > 64 {
             bad("max_sgs", format!("need 1 <= min_sgs <= max_sgs <= 64, got {}..={}", d.min_sgs, d.max_sgs));
@@ -296,13 +315,14 @@ fn check_graph(
         );
         return;
     }
-    if !(d.deadline_ms.is_finite() && d.deadline_ms > 0.0) {
+    if !(d.deadline_ms.is_finite() && d.deadline_ms > 0.0 && d.deadline_ms <= MAX_DEADLINE_MS) {
         return;
     }
-    // Only functions with `expected_ms` count: model times are only known once
-    // loaded (unknown functions, already reported, count 0 too).
+    // Only functions with a valid `expected_ms` count: model times are only
+    // known once loaded (unknown functions and out-of-range values, already
+    // reported, count 0 too).
     let cost = |i: usize| {
-        let ms = by_name.get(nodes[i]).and_then(|&f| functions[f].expected_ms).unwrap_or(0.0);
+        let ms = by_name.get(nodes[i]).and_then(|&f| functions[f].valid_expected_ms()).unwrap_or(0.0);
         Duration::from_secs_f64(ms / 1e3)
     };
     let Some(topo) = graph.topo_order() else { return };
@@ -324,6 +344,7 @@ fn check_graph(
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::time::Duration;
 
     use crate::config::parse;
 
@@ -433,5 +454,39 @@ chain = ["b"]
             line("functions[2].model"),
             Some(text.lines().position(|l| l == r#"model = "resnet""#).unwrap() + 1)
         );
+    }
+
+    /// Found by fuzzing (fuzz/ `config`): a negative, NaN or huge `expected_ms`,
+    /// and a huge `deadline_ms`, made the deadline check panic in
+    /// `Duration::from_secs_f64` instead of being reported.
+    #[test]
+    fn out_of_range_times_are_reported_not_panics() {
+        let dag = |expected: &str, deadline: &str| {
+            format!(
+                r#"
+[[functions]]
+name = "f"
+kind = "exec"
+program = "/bin/sh"
+expected_ms = {expected}
+
+[[dags]]
+name = "d"
+deadline_ms = {deadline}
+chain = ["f"]
+"#
+            )
+        };
+        let base = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for expected in ["-1.0", "nan", "inf", "1e300"] {
+            let issues = parse(&dag(expected, "50"), base).unwrap_err();
+            assert!(issues.iter().any(|i| i.key == "functions[0].expected_ms"), "{expected}: {issues:?}");
+        }
+        for deadline in ["1e300", "inf", "3600000.5"] {
+            let issues = parse(&dag("1.0", deadline), base).unwrap_err();
+            assert!(issues.iter().any(|i| i.key == "dags[0].deadline_ms"), "{deadline}: {issues:?}");
+        }
+        let c = parse(&dag("1.0", "3600000"), base).unwrap();
+        assert_eq!(c.dags[0].deadline(), Duration::from_secs(3600));
     }
 }

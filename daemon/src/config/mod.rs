@@ -215,6 +215,17 @@ input = { layout = "NCHW", height = 28, width = 28, channels = 1 }
         assert_eq!(issues[0].key, "dispatch.cores", "{issues:?}");
     }
 
+    /// Seen with the wire fuzz target: `mean = [nan]` was accepted and turned
+    /// every image into NaN rows.
+    #[test]
+    fn non_finite_mean_is_refused() {
+        for mean in ["nan", "inf", "-inf"] {
+            let text = GOOD.replace("channels = 3 }", &format!("channels = 3, mean = [0.0, {mean}, 0.0] }}"));
+            let issues = parse(&text, Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap_err();
+            assert!(issues.iter().any(|i| i.key == "models[0].input.mean"), "{mean}: {issues:?}");
+        }
+    }
+
     #[test]
     fn syntax_error_has_line() {
         let issues = parse("[server\nsocket=1", Path::new("/")).unwrap_err();

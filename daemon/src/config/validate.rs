@@ -281,6 +281,9 @@ fn check_model(m: &ModelConfig, bad: &mut dyn FnMut(&'static str, bool, String))
             bad(k, true, format!("has {} values for {} channels", v.len(), inp.channels));
         }
     }
+    if inp.mean.iter().any(|m| !m.is_finite()) {
+        bad("mean", true, "values must be finite".into());
+    }
     if inp.std.iter().any(|s| !s.is_finite() || *s == 0.0) {
         bad("std", true, "values must be finite and non-zero".into());
     }

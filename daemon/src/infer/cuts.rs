@@ -30,6 +30,8 @@ pub enum CutError {
     NotSeparator { cut: String, node: String, tensor: String },
     #[error("cut `{0}` is a graph output; nothing would run after it")]
     IsOutput(String),
+    #[error("model has no graph outputs")]
+    NoOutputs,
 }
 
 const POOLS: &[&str] = &["MaxPool", "AveragePool"];
@@ -142,6 +144,9 @@ pub fn auto_cuts(model: &OnnxModel) -> Result<Vec<String>, CutError> {
 pub fn plan_stages(model: &OnnxModel, cuts: &[String]) -> Result<Vec<StagePlan>, CutError> {
     let flow = Flow::new(model)?;
     let graph_outputs: Vec<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
+    if graph_outputs.is_empty() {
+        return Err(CutError::NoOutputs);
+    }
     let mut last_pos = None;
     for c in cuts {
         let &pos = flow.producer.get(c.as_str()).ok_or_else(|| CutError::UnknownTensor(c.clone()))?;
@@ -201,4 +206,28 @@ fn reach_back(flow: &Flow<'_>, input: &str, outputs: &[String]) -> Result<Vec<us
     let mut nodes: Vec<usize> = seen.into_iter().collect();
     nodes.sort_unstable();
     Ok(nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A length-delimited protobuf field (tags < 16, lengths < 128 suffice here).
+    fn field(number: u8, bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![(number << 3) | 2, bytes.len() as u8];
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    /// Found by fuzzing (fuzz/ `onnx`): a graph with a node and an input but no
+    /// outputs made `plan_stages` index the empty output list.
+    #[test]
+    fn a_graph_without_outputs_is_an_error_not_a_panic() {
+        let node = [field(1, b"x"), field(2, b"y"), field(4, b"Relu")].concat();
+        let graph = [field(1, &node), field(11, &field(1, b"x"))].concat();
+        let model = OnnxModel::decode(&field(7, &graph)).unwrap();
+        assert_eq!(plan_stages(&model, &[]), Err(CutError::NoOutputs));
+        assert_eq!(plan_stages(&model, &["y".into()]), Err(CutError::NoOutputs));
+        assert!(auto_cuts(&model).is_ok());
+    }
 }
