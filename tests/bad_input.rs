@@ -354,6 +354,14 @@ fn over_the_node_byte_budget_requests_get_busy_at_once_and_service_resumes() {
     for _ in 0..20 {
         good_request(&mut good, &pixels, label);
     }
+    // An answered request gives its share back just after its answer is written:
+    // wait until only the stalled bytes are held, so the hog below races nobody.
+    let queued = |c: &mut Client| c.control_json(Kind::Health, 0, &[]).unwrap()["queued_bytes"].as_u64().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while queued(&mut good) != 16 {
+        assert!(std::time::Instant::now() < deadline, "stalled headers hold {} bytes, not 16", queued(&mut good));
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // A client that really sends almost a whole 1 MiB frame spends the budget
     // (1 KiB is left: less than a request of the good client).
     let mut hog = UnixStream::connect(&d.socket).unwrap();
@@ -365,7 +373,7 @@ fn over_the_node_byte_budget_requests_get_busy_at_once_and_service_resumes() {
     // Poll (with control requests, which carry no payload) until the hog's bytes
     // have been read: the budget is then spent.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while good.control_json(Kind::Health, 0, &[]).unwrap()["queued_bytes"].as_u64().unwrap() < (n - 16) as u64 {
+    while queued(&mut good) < (n - 16) as u64 {
         assert!(std::time::Instant::now() < deadline, "the hog's bytes were never all read");
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -80,7 +80,9 @@ impl Worker {
 }
 
 /// Runs on the SGS thread: the DAG's answer as a response frame.
-fn send(a: Answer, result: DagResult) {
+fn send(mut a: Answer, result: DagResult) {
+    // The input was consumed by the DAG: give its bytes back before the answer goes out.
+    drop(a.charge.take());
     let (status, body) = match result {
         DagResult::Ok { output, .. } => (Status::Ok, output),
         DagResult::DeadlineMissed => (Status::DeadlineExpired, Vec::new()),

@@ -297,7 +297,10 @@ impl Answer {
 
     /// Runs on the batcher thread: writes the answer to the socket (or queues it)
     /// and wakes the I/O thread only if it has something to do.
-    fn send(self, result: JobResult) {
+    fn send(mut self, result: JobResult) {
+        // The request's bytes are freed by now: give them back before the
+        // client can see its answer and send the next one.
+        drop(self.charge.take());
         let (status, body, shape, exit_stage) = match result {
             JobResult::Answer { data, shape, exit_stage } => (Status::Ok, data.as_bytes().to_vec(), shape, exit_stage),
             JobResult::Expired => (Status::DeadlineExpired, Vec::new(), Vec::new(), 0),
