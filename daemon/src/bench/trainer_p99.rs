@@ -70,7 +70,8 @@ fn measure(
 
 /// Measures, prints the line and returns its JSON.
 pub(super) fn run(config: &Path, root: &Path, fmnist: &Workload, quick: bool) -> anyhow::Result<Value> {
-    let n = if quick { 1500 } else { 4000 };
+    // Long enough for the flat-out side to finish several trainings (one takes ~0.5-1 s here).
+    let n = if quick { 6000 } else { 20_000 };
     let (idle, idle_trainings) = measure(config, root, &fmnist.images, 1_000_000, n)?;
     let (busy, busy_trainings) = measure(config, root, &fmnist.images, 16, n)?;
     println!(
