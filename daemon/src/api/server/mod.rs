@@ -18,6 +18,11 @@ use zerocopy::IntoBytes;
 
 mod dag;
 mod frames;
+mod mailbox;
+mod supervise;
+
+use mailbox::Mailbox;
+use supervise::supervise;
 
 use super::budget::Charge;
 use super::conn::{ConnOut, Frame};
@@ -45,29 +50,6 @@ fn user_data(op: u64, slot: u32, gen: u32) -> u64 {
 
 fn split(ud: u64) -> (u64, u32, u32) {
     (ud >> 56, ((ud >> 32) & 0x00ff_ffff) as u32, ud as u32)
-}
-
-/// Connections (slot, generation) whose queued bytes an I/O thread must flush.
-struct Mailbox {
-    flush: Mutex<Vec<(u32, u32)>>,
-    wake: crate::eventfd::EventFd,
-}
-
-impl Mailbox {
-    fn post(&self, slot: u32, gen: u32) {
-        let was_empty = {
-            let mut q = self.flush.lock().unwrap_or_else(|p| p.into_inner());
-            q.push((slot, gen));
-            q.len() == 1
-        };
-        if was_empty {
-            self.ring();
-        }
-    }
-
-    fn ring(&self) {
-        self.wake.signal();
-    }
 }
 
 /// A ring for one I/O thread: completions are processed only when the thread
@@ -141,43 +123,6 @@ impl Server {
             let _ = w.thread.join();
         }
         true
-    }
-}
-
-/// Restarts after one failure at most this often; more means a fault that a
-/// new ring will not cure, and the thread dies (so the process exits for
-/// systemd to restart it).
-const MIN_RESTART_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Runs an I/O thread's loop; a panic or ring error closes that thread's
-/// connections (their clients see the close; other threads' clients nothing)
-/// and starts it again on a new ring, accepting as before.
-fn supervise(mut worker: Worker) {
-    let mut last_failure: Option<Instant> = None;
-    loop {
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
-        let why = match outcome {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => format!("ring error: {e}"),
-            Err(p) => format!("panicked: {}", crate::liveness::panic_message(&*p)),
-        };
-        tracing::error!(thread = %worker.beat.name(), error = %why, "I/O thread failed; closing its connections");
-        worker.close_all();
-        if last_failure.is_some_and(|t| t.elapsed() < MIN_RESTART_INTERVAL) {
-            worker.beat.died(why);
-            return;
-        }
-        last_failure = Some(Instant::now());
-        let ring = match new_ring() {
-            Ok(r) => r,
-            Err(e) => {
-                worker.beat.died(format!("{why}; new ring: {e}"));
-                return;
-            }
-        };
-        worker.beat.restarted(why);
-        telemetry::thread_restarted("io");
-        worker = worker.renew(ring);
     }
 }
 
