@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use gatid::api::wire::{model_id, Dtype, Kind};
-use gatid::client::{calibrate, Client};
+use gatid::client::calibrate;
 use gatid::infer::preprocess::image_to_input;
 
 const LAST: u16 = 7;
@@ -25,27 +25,6 @@ fn with_state_dir(text: &str, state: &std::path::Path) -> String {
     text.replace("[runtime]\n", &format!("[runtime]\nstate_dir = \"{}\"\n", state.display()))
 }
 
-/// Sends the first `n` calibration images and waits for the training they trigger.
-fn warm_start(c: &mut Client, n: usize) {
-    let mut set = calibrate::read(&root().join("data/fashion-mnist/calib-images-idx3-ubyte"), [28, 28, 1])
-        .expect("run scripts/setup.sh");
-    set.images.truncate(n);
-    assert_eq!(calibrate::send(c, "fmnist", &set, 16, |_| {}).unwrap(), n);
-    let v = c.control_json(Kind::CacheTrain, model_id("fmnist"), &[]).unwrap();
-    assert!(v["window_rows"].as_u64().unwrap() >= v["rows_needed"].as_u64().unwrap(), "{v}");
-    wait_cache_generation(c, "fmnist", v["generation"].as_u64().unwrap() + 1);
-}
-
-fn answers(c: &mut Client, images: &[(Vec<u8>, usize)]) -> Vec<(u16, usize)> {
-    images
-        .iter()
-        .map(|(px, _)| {
-            let r = c.infer("fmnist", Dtype::U8, &[28, 28, 1], px, 0).unwrap().ok().unwrap();
-            (r.exit_stage, argmax(&r.floats()))
-        })
-        .collect()
-}
-
 #[test]
 fn warm_started_caches_survive_a_restart_unchanged() {
     let _serial = serial();
@@ -56,10 +35,10 @@ fn warm_started_caches_survive_a_restart_unchanged() {
     let text = with_state_dir(&config(&dir, "", &[fmnist_model("fmnist", cache)]), &state);
     let mut d = TestDaemon::start(&dir, &text);
     let mut c = d.client();
-    warm_start(&mut c, 4096);
+    warm_start_fmnist(&mut c, 4096);
     let generation = model_metric(&mut c, "gati_cache_generation", "fmnist");
     let test = fmnist_test(300);
-    let before = answers(&mut c, &test);
+    let before = fmnist_answers(&mut c, &test);
     let hits = before.iter().filter(|a| a.0 < LAST).count();
     assert!(hits >= 30, "warm-started caches answered only {hits} of 300 test images");
     d.signal(libc::SIGTERM);
@@ -72,7 +51,11 @@ fn warm_started_caches_survive_a_restart_unchanged() {
     let d = TestDaemon::start(&dir, &with_state_dir(&config(&dir, "", &[fmnist_model("fmnist", cache)]), &state));
     let mut c = d.client();
     assert_eq!(model_metric(&mut c, "gati_cache_generation", "fmnist"), generation, "restored, not retrained");
-    assert_eq!(answers(&mut c, &test), before, "every answer (exit cut and class) is the same after the restart");
+    assert_eq!(
+        fmnist_answers(&mut c, &test),
+        before,
+        "every answer (exit cut and class) is the same after the restart"
+    );
     drop(d);
 
     // State saved for other cache settings is not used: that daemon starts cold.
@@ -81,7 +64,7 @@ fn warm_started_caches_survive_a_restart_unchanged() {
     let d = TestDaemon::start(&dir, &with_state_dir(&config(&dir, "", &[fmnist_model("fmnist", &other)]), &state));
     let mut c = d.client();
     assert_eq!(model_metric(&mut c, "gati_cache_generation", "fmnist"), 0.0);
-    assert!(answers(&mut c, &test[..50]).iter().all(|a| a.0 == LAST), "cold caches answer nothing early");
+    assert!(fmnist_answers(&mut c, &test[..50]).iter().all(|a| a.0 == LAST), "cold caches answer nothing early");
     drop(d);
     let _ = std::fs::remove_dir_all(&state);
 }

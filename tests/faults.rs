@@ -455,26 +455,6 @@ fn sigterm_under_load_answers_every_accepted_request_and_exits_zero() {
     }
 }
 
-/// Sends the first `n` calibration images and waits for the training they trigger.
-fn warm_start(c: &mut Client, n: usize) {
-    let mut set = calibrate::read(&root().join("data/fashion-mnist/calib-images-idx3-ubyte"), [28, 28, 1])
-        .expect("run scripts/setup.sh");
-    set.images.truncate(n);
-    assert_eq!(calibrate::send(c, "fmnist", &set, 16, |_| {}).unwrap(), n);
-    let v = c.control_json(Kind::CacheTrain, model_id("fmnist"), &[]).unwrap();
-    wait_cache_generation(c, "fmnist", v["generation"].as_u64().unwrap() + 1);
-}
-
-fn answers(c: &mut Client, images: &[(Vec<u8>, usize)]) -> Vec<(u16, usize)> {
-    images
-        .iter()
-        .map(|(px, _)| {
-            let r = c.infer("fmnist", Dtype::U8, &[28, 28, 1], px, 0).unwrap().ok().unwrap();
-            (r.exit_stage, argmax(&r.floats()))
-        })
-        .collect()
-}
-
 fn wait_file(path: &Path) {
     let until = Instant::now() + Duration::from_secs(60);
     while !path.metadata().is_ok_and(|m| m.len() > 1000) {
@@ -491,12 +471,12 @@ fn a_daemon_killed_with_sigkill_gives_clean_errors_and_restarts_from_its_state()
     let dir = tempdir("faults-sigkill");
     let mut d = TestDaemon::start(&dir, &with_state_dir(&config(&dir, "", &[fmnist_model("fmnist", cache)]), &state));
     let mut c = d.client();
-    warm_start(&mut c, 4096);
+    warm_start_fmnist(&mut c, 4096);
     let generation = model_metric(&mut c, "gati_cache_generation", "fmnist");
     // SIGKILL skips every exit path: what survives is what the trainer saved.
     wait_file(&state.join("caches/fmnist.bin"));
     let test = fmnist_test(300);
-    let before = answers(&mut c, &test);
+    let before = fmnist_answers(&mut c, &test);
     let hits = before.iter().filter(|a| a.0 < LAST).count();
     assert!(hits >= 30, "warm-started caches answered only {hits} of 300 test images");
 
@@ -552,7 +532,11 @@ fn a_daemon_killed_with_sigkill_gives_clean_errors_and_restarts_from_its_state()
     let d = TestDaemon::start(&dir, &with_state_dir(&config(&dir, "", &[fmnist_model("fmnist", cache)]), &state));
     let mut c = d.client();
     assert_eq!(model_metric(&mut c, "gati_cache_generation", "fmnist"), generation, "restored, not retrained");
-    assert_eq!(answers(&mut c, &test), before, "every answer (exit cut and class) is the same after the restart");
+    assert_eq!(
+        fmnist_answers(&mut c, &test),
+        before,
+        "every answer (exit cut and class) is the same after the restart"
+    );
     drop(d);
     let _ = std::fs::remove_dir_all(&state);
 }

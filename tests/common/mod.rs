@@ -367,3 +367,27 @@ pub fn wait_metric(c: &mut Client, name: &str, at_least: f64) -> f64 {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Sends the first `n` Fashion-MNIST calibration images to `fmnist` and waits
+/// for the training they trigger.
+pub fn warm_start_fmnist(c: &mut Client, n: usize) {
+    use gatid::client::calibrate;
+    let mut set = calibrate::read(&root().join("data/fashion-mnist/calib-images-idx3-ubyte"), [28, 28, 1])
+        .expect("run scripts/setup.sh");
+    set.images.truncate(n);
+    assert_eq!(calibrate::send(c, "fmnist", &set, 16, |_| {}).unwrap(), n);
+    let v = c.control_json(gatid::api::wire::Kind::CacheTrain, gatid::api::wire::model_id("fmnist"), &[]).unwrap();
+    assert!(v["window_rows"].as_u64().unwrap() >= v["rows_needed"].as_u64().unwrap(), "{v}");
+    wait_cache_generation(c, "fmnist", v["generation"].as_u64().unwrap() + 1);
+}
+
+/// `fmnist`'s (exit stage, class) for each image.
+pub fn fmnist_answers(c: &mut Client, images: &[(Vec<u8>, usize)]) -> Vec<(u16, usize)> {
+    images
+        .iter()
+        .map(|(px, _)| {
+            let r = c.infer("fmnist", gatid::api::wire::Dtype::U8, &[28, 28, 1], px, 0).unwrap().ok().unwrap();
+            (r.exit_stage, argmax(&r.floats()))
+        })
+        .collect()
+}
