@@ -8,10 +8,10 @@ use std::path::Path;
 use anyhow::{bail, Context};
 
 use super::traffic::{argmax, dag_class, DAG};
-use crate::api::server::FLAG_CALIBRATE;
-use crate::api::wire::{Dtype, Kind};
+use gatid::api::server::FLAG_CALIBRATE;
+use gatid::api::wire::{Dtype, Kind};
 use crate::bench::harness::Daemon;
-use crate::client::Client;
+use gatid::client::Client;
 
 /// One CIFAR-10 image: RGB HWC pixels, the PNG file, the full model's class.
 pub(crate) struct CifarImage {
@@ -93,7 +93,7 @@ pub(crate) fn load(root: &Path, daemon: &Daemon, quick: bool) -> anyhow::Result<
     }
     // The calibration rows filled the cache's window: let its first training
     // finish before the load (the trainer runs at SCHED_IDLE; the load leaves it no idle CPU).
-    let trained = crate::client::calibrate::wait_trained(&mut c, "fmnist", 0, TRAIN_WAIT)?;
+    let trained = gatid::client::calibrate::wait_trained(&mut c, "fmnist", 0, TRAIN_WAIT)?;
     Ok(Inputs { cifar, fmnist, fmnist_stages: stages, trained_before_load: trained })
 }
 

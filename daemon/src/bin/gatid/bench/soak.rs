@@ -31,7 +31,7 @@ use anyhow::Context;
 use toml::Value;
 
 use super::harness::Daemon;
-use crate::api::wire::Kind;
+use gatid::api::wire::Kind;
 
 /// Options of `gatid bench soak`.
 #[derive(Debug, clap::Args)]
