@@ -180,6 +180,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     v["connections"],
                     v["pid"]
                 );
+                print_threads(&v["threads"]);
+                if let Some(r) = v["last_reload"].as_object() {
+                    let age = r.get("age_s").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+                    match r.get("error").and_then(serde_json::Value::as_str) {
+                        None => println!("last reload: applied {age:.0} s ago"),
+                        Some(e) => println!("last reload: REFUSED {age:.0} s ago (serving the previous config): {e}"),
+                    }
+                }
             }
         }
         Command::Ready => {
@@ -194,6 +202,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One aligned line per data-plane thread of a `Health` answer.
+fn print_threads(threads: &serde_json::Value) {
+    let Some(threads) = threads.as_array() else { return };
+    let rows: Vec<[String; 5]> = threads
+        .iter()
+        .map(|t| {
+            let s = |k: &str| t[k].as_str().unwrap_or("").to_string();
+            [s("name"), s("state"), format!("{} ms", t["last_progress_ms"]), t["restarts"].to_string(), s("last_error")]
+        })
+        .collect();
+    let head = ["thread", "state", "last progress", "restarts", "last error"];
+    let width = |i: usize| rows.iter().map(|r| r[i].len()).chain([head[i].len()]).max().unwrap_or(0);
+    let w = [width(0), width(1), width(2), width(3)];
+    println!(
+        "{:<a$}  {:<b$}  {:>c$}  {:>d$}  {}",
+        head[0],
+        head[1],
+        head[2],
+        head[3],
+        head[4],
+        a = w[0],
+        b = w[1],
+        c = w[2],
+        d = w[3]
+    );
+    for r in rows {
+        println!(
+            "{:<a$}  {:<b$}  {:>c$}  {:>d$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            a = w[0],
+            b = w[1],
+            c = w[2],
+            d = w[3]
+        );
+    }
 }
 
 /// Reads the file as the wire expects it: images as u8 HWC, .npy as f32.

@@ -87,18 +87,10 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
             println!("{}: OK ({} model(s))", config.display(), c.models.len());
             Ok(())
         }
-        Command::Bench { which: BenchCommand::Serving(args) } => {
-            bench::serving::run(args).map_err(MainError::Other)
-        }
-        Command::Bench { which: BenchCommand::Caches(args) } => {
-            bench::caches::run(args).map_err(MainError::Other)
-        }
-        Command::Bench { which: BenchCommand::Dispatch(args) } => {
-            bench::dispatch::run(args).map_err(MainError::Other)
-        }
-        Command::Bench { which: BenchCommand::Selector(args) } => {
-            bench::selector::run(args).map_err(MainError::Other)
-        }
+        Command::Bench { which: BenchCommand::Serving(args) } => bench::serving::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Caches(args) } => bench::caches::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Dispatch(args) } => bench::dispatch::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Selector(args) } => bench::selector::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::Soak(args) } => bench::soak::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::EchoServer { socket } } => {
             bench::serving::echo_server(&socket).map_err(MainError::Other)

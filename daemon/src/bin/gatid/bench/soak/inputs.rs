@@ -8,9 +8,9 @@ use std::path::Path;
 use anyhow::{bail, Context};
 
 use super::traffic::{argmax, dag_class, DAG};
+use crate::bench::harness::Daemon;
 use gatid::api::server::FLAG_CALIBRATE;
 use gatid::api::wire::{Dtype, Kind};
-use crate::bench::harness::Daemon;
 use gatid::client::Client;
 
 /// One CIFAR-10 image: RGB HWC pixels, the PNG file, the full model's class.
