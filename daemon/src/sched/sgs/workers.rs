@@ -13,6 +13,11 @@ use crate::sched::worker::{Worker, WorkerError};
 /// New starts of a function wait this long after a failed one.
 const START_BACKOFF: Duration = Duration::from_millis(500);
 
+/// Requests waiting for a function with no worker are failed only after this
+/// many starts failed in a row: one transient failure (a fork under memory
+/// pressure, a busy cgroup) costs them the back-off, not their answer.
+pub(super) const START_ATTEMPTS: u32 = 3;
+
 /// An invocation running on a worker.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Running {
@@ -44,8 +49,8 @@ impl Core {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(sgs = self.index, function = %self.dep.functions[func].name, error = %e, "worker start failed");
-                self.pools[func].start_failed(now, START_BACKOFF);
-                if self.pools[func].total() == 0 {
+                let failed = self.pools[func].start_failed(now, START_BACKOFF);
+                if self.pools[func].total() == 0 && failed >= START_ATTEMPTS {
                     self.fail_waiting(func, &e);
                 }
                 return Ok(());
@@ -192,7 +197,7 @@ impl Core {
             bump(&self.stats.prestarts, self.pools[f].prestarts - pre0);
             for _ in 0..n {
                 if self.spawn.send(f).is_err() {
-                    self.pools[f].start_failed(now, START_BACKOFF);
+                    let _ = self.pools[f].start_failed(now, START_BACKOFF);
                 }
             }
             for k in self.pools[f].retire(now, exec) {
