@@ -206,43 +206,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// One aligned line per data-plane thread of a `Health` answer.
 fn print_threads(threads: &serde_json::Value) {
+    use gatid::telemetry::table::{Align, Table};
     let Some(threads) = threads.as_array() else { return };
-    let rows: Vec<[String; 5]> = threads
-        .iter()
-        .map(|t| {
-            let s = |k: &str| t[k].as_str().unwrap_or("").to_string();
-            [s("name"), s("state"), format!("{} ms", t["last_progress_ms"]), t["restarts"].to_string(), s("last_error")]
-        })
-        .collect();
-    let head = ["thread", "state", "last progress", "restarts", "last error"];
-    let width = |i: usize| rows.iter().map(|r| r[i].len()).chain([head[i].len()]).max().unwrap_or(0);
-    let w = [width(0), width(1), width(2), width(3)];
-    println!(
-        "{:<a$}  {:<b$}  {:>c$}  {:>d$}  {}",
-        head[0],
-        head[1],
-        head[2],
-        head[3],
-        head[4],
-        a = w[0],
-        b = w[1],
-        c = w[2],
-        d = w[3]
-    );
-    for r in rows {
-        println!(
-            "{:<a$}  {:<b$}  {:>c$}  {:>d$}  {}",
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            r[4],
-            a = w[0],
-            b = w[1],
-            c = w[2],
-            d = w[3]
-        );
+    let mut table = Table::new(&[
+        ("thread", Align::Left),
+        ("state", Align::Left),
+        ("last progress", Align::Right),
+        ("restarts", Align::Right),
+        ("last error", Align::Left),
+    ]);
+    for t in threads {
+        let s = |k: &str| t[k].as_str().unwrap_or("").to_string();
+        table.row(vec![
+            s("name"),
+            s("state"),
+            format!("{} ms", t["last_progress_ms"]),
+            t["restarts"].to_string(),
+            s("last_error"),
+        ]);
     }
+    let mut out = String::new();
+    table.render(&mut out);
+    print!("{out}");
 }
 
 /// Reads the file as the wire expects it: images as u8 HWC, .npy as f32.
