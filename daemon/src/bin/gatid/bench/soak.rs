@@ -204,6 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
+    inputs::every_batch_size(&daemon, &inputs)?;
     let start = monitor::steady(pid, &mut monitor_conn)?;
     let progress = Arc::new(Progress {
         next: AtomicU64::new(0),
