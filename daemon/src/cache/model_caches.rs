@@ -380,6 +380,7 @@ impl ModelCaches {
     /// Loads saved state (if the config names a state file and it matches this model).
     fn restore(&self) {
         let Some(path) = &self.config.state_file else { return };
+        store::remove_stale_temporaries(path);
         let state = match store::load(path, self.fingerprint) {
             Ok(Some(s)) => s,
             Ok(None) => return,

@@ -80,7 +80,16 @@ pub fn save(path: &Path, fingerprint: u64, state: &State) -> Result<(), StoreErr
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err)?;
     }
-    let tmp = path.with_extension("tmp");
+    // A temporary file per writing thread: the trainer saves after a training
+    // and the node saves at shutdown. Two writers of one temporary file
+    // interleave their bytes and the rename installs the mix — a file that
+    // fails to load, so the restarted node starts cold (seen under CPU
+    // contention, when the SCHED_IDLE trainer's save was still running at
+    // SIGTERM). Each rename installs a whole file; the last one wins. (No lock:
+    // the shutdown must not wait on a starved SCHED_IDLE trainer.)
+    // SAFETY: gettid has no preconditions and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    let tmp = path.with_extension(format!("tmp.{tid}"));
     let written = std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(&buf).and_then(|()| f.sync_all()))
         .and_then(|()| std::fs::rename(&tmp, path));
@@ -91,6 +100,19 @@ pub fn save(path: &Path, fingerprint: u64, state: &State) -> Result<(), StoreErr
         return Err(io_err(e));
     }
     Ok(())
+}
+
+/// Removes temporary files that saves into `path` left behind (a node killed
+/// mid-save); called before the node's first save, when no save is running.
+pub fn remove_stale_temporaries(path: &Path) {
+    let (Some(dir), Some(stem)) = (path.parent(), path.file_stem().and_then(|s| s.to_str())) else { return };
+    let prefix = format!("{stem}.tmp");
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Reads the state at `path` if it was saved with `fingerprint`; `Ok(None)` when there is no file.
@@ -197,8 +219,41 @@ mod tests {
         std::fs::create_dir_all(path.join("occupied")).unwrap();
         let state = State { meta: Meta { generation: 1, budget_scale: 0.5, cuts: vec![None] }, window: vec![] };
         assert!(save(&path, 7, &state).is_err());
-        assert!(!path.with_extension("tmp").exists(), "the partial file is removed");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("m.bin")], "the partial file is removed");
+        std::fs::write(dir.join("m.tmp.123"), b"half a file").unwrap();
+        remove_stale_temporaries(&path);
+        assert!(!dir.join("m.tmp.123").exists(), "a killed node's partial file is removed at start");
         assert!(path.join("occupied").exists(), "what was there stays");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The trainer and the shutdown may save at once: every file a save
+    /// installs is whole (one writer's state), whoever renames last.
+    #[test]
+    fn concurrent_saves_never_install_a_mixed_file() {
+        let dir = std::env::temp_dir().join(format!("gati-store-race-{}", std::process::id()));
+        let path = dir.join("m.bin");
+        let state = |label: u32| State {
+            meta: Meta { generation: u64::from(label), budget_scale: 0.5, cuts: vec![None] },
+            window: (0..2000)
+                .map(|i| Sample { features: vec![vec![i as f32; 16]], label: label + (i % 2), weight: 1.0 })
+                .collect(),
+        };
+        std::thread::scope(|s| {
+            for label in [10, 20] {
+                let (path, st) = (&path, state(label));
+                s.spawn(move || {
+                    for _ in 0..40 {
+                        save(path, 7, &st).unwrap();
+                        let got = load(path, 7).expect("a whole file").expect("present");
+                        assert!([10, 20].contains(&got.meta.generation));
+                        let first = u64::from(got.window[0].label);
+                        assert_eq!(first, got.meta.generation, "window and meta from one save");
+                    }
+                });
+            }
+        });
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
