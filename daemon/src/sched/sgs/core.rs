@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::exec::Inflight;
+use super::ingress::{Attach, IngressState, OP_INGRESS};
 use super::workers::WSlot;
 use crate::config::{DispatchOrder, PoolMode};
 use crate::eventfd::EventFd;
@@ -48,6 +49,8 @@ pub(crate) enum Msg {
     Stop,
     /// A test hook: panic on the SGS thread (only sent with `GATI_TEST_HOOKS=1`).
     Panic,
+    /// An own request source and/or a load board (`ingress.rs`).
+    Attach(Attach),
 }
 
 pub(super) struct Core {
@@ -73,6 +76,8 @@ pub(super) struct Core {
     /// The node's core budget and the leases this SGS holds (one per running invocation).
     pub cores: Arc<Cores>,
     pub leases: usize,
+    /// The SGS's own request source and load board (`ingress.rs`).
+    pub(super) ext: IngressState,
 }
 
 impl Core {
@@ -128,6 +133,7 @@ impl Core {
             stopping: false,
             cores,
             leases: 0,
+            ext: IngressState::default(),
         })
     }
 
@@ -156,6 +162,7 @@ impl Core {
                 self.poll_fd(self.wake.fd(), user_data(OP_INBOX, 0, 0, 0))?;
                 self.inbox_armed = true;
             }
+            self.arm_ingress()?;
             let now = Instant::now();
             let wait = self.next_wake(now).saturating_duration_since(now);
             let ts = types::Timespec::new().sec(wait.as_secs()).nsec(wait.subsec_nanos());
@@ -174,6 +181,7 @@ impl Core {
                         self.on_inbox();
                     }
                     OP_WORKER => self.on_worker_event(slot, gen, idx, res, Instant::now())?,
+                    OP_INGRESS => self.on_ingress(gen),
                     _ => {}
                 }
             }
@@ -198,6 +206,7 @@ impl Core {
                 // Requests queued behind the stop are still drained (answered `Failed`).
                 Ok(Msg::Stop) => self.stopping = true,
                 Ok(Msg::Panic) => panic!("SGS {} asked to panic by a test hook", self.index),
+                Ok(Msg::Attach(a)) => self.attach(a),
                 Err(TryRecvError::Disconnected) => {
                     self.stopping = true;
                     return;
@@ -212,7 +221,9 @@ impl Core {
         self.expire(now);
         self.reap_overdue(now)?;
         self.dispatch(now)?;
-        self.maintain(now)
+        self.maintain(now)?;
+        self.publish_load();
+        Ok(())
     }
 
     /// The earliest deadline, worker time limit or maintenance tick.
