@@ -79,7 +79,7 @@ int steer_udp(struct sk_reuseport_md *md)
 	/* __u64 words: every field read below is naturally aligned. */
 	__u64 words[STEER_HEADER_LEN / 8];
 	__u8 *hdr = (__u8 *)words;
-	if (bpf_skb_load_bytes(md, 0, words, sizeof(words)) != 0)
+	if (bpf_skb_load_bytes(md, STEER_UDP_HDR_LEN, words, sizeof(words)) != 0)
 		return select_slot(md, STEER_DEFAULT_SLOT, STEER_MALFORMED);
 	__u32 magic = *(__u32 *)&hdr[STEER_OFF_MAGIC];
 	__u16 version = *(__u16 *)&hdr[STEER_OFF_VERSION];

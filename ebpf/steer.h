@@ -53,6 +53,10 @@ enum steer_counter {
 	STEER_COUNTERS = 5,
 };
 
+/* An SK_REUSEPORT program's packet data starts at the transport header (it
+ * is not pulled before the program runs): the request header follows it. */
+#define STEER_UDP_HDR_LEN 8
+
 /* Byte offsets in the request header. */
 #define STEER_OFF_MAGIC 0
 #define STEER_OFF_VERSION 4

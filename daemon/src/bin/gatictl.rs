@@ -65,6 +65,8 @@ enum Command {
     },
     /// Liveness report.
     Health,
+    /// Request steering: mode (ebpf/userspace, and why), routes, per-SGS load, counters.
+    Steer,
     /// Exit 0 if the daemon is ready to serve, 1 if not.
     Ready,
     /// Cache management.
@@ -180,6 +182,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     v["connections"],
                     v["pid"]
                 );
+            }
+        }
+        Command::Steer => {
+            let v = client.control_json(Kind::Health, 0, &[])?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v["steer"])?);
+            } else {
+                print!("{}", gatid::steer::report::render(&v["steer"]));
             }
         }
         Command::Ready => {

@@ -12,6 +12,9 @@ pub const DEFAULT_SLOT: u32 = MAX_SGS as u32;
 pub const SOCK_SLOTS: u32 = DEFAULT_SLOT + 1;
 /// Entries of the route map (`STEER_MAX_DAGS`).
 pub const MAX_DAGS: u32 = 1024;
+/// Bytes before the request header in the program's view of a UDP datagram
+/// (`STEER_UDP_HDR_LEN`: its data starts at the UDP header).
+pub const UDP_HDR_LEN: usize = 8;
 
 /// Value of map `steer_routes` (`struct steer_routes`), key = DAG id.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -93,6 +96,7 @@ mod tests {
         assert_eq!(c::STEER_VERSION, usize::from(VERSION));
         assert_eq!(c::STEER_KIND_INVOKE_DAG, Kind::InvokeDag as usize);
         assert_eq!(c::STEER_HEADER_LEN, HEADER_LEN);
+        assert_eq!(c::STEER_UDP_HDR_LEN, UDP_HDR_LEN);
         assert_eq!(c::STEER_OFF_MAGIC, offset_of!(RequestHeader, magic));
         assert_eq!(c::STEER_OFF_VERSION, offset_of!(RequestHeader, version));
         assert_eq!(c::STEER_OFF_KIND, offset_of!(RequestHeader, kind));

@@ -12,6 +12,7 @@
 
 pub mod layout;
 pub mod program;
+pub mod report;
 pub mod table;
 pub mod udp;
 
