@@ -154,21 +154,24 @@ fn bpf_totals() -> (u64, u64) {
     t
 }
 
+/// Rounds per client count: the modes take turns, so a machine whose load
+/// drifts during the run (other builds on a shared node) weighs on each alike.
+const ROUNDS: usize = 5;
+
+/// Which path one measurement takes.
+#[derive(Clone, Copy, PartialEq)]
+enum Leg {
+    Udp(usize),
+    Unix(usize),
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = super::serving::tempdir()?;
     let stats = crate::steer::program::enable_stats().context("BPF_ENABLE_STATS (needs root)")?;
-    let mut rows: Vec<serde_json::Map<String, Value>> = CLIENTS
-        .iter()
-        .map(|&c| {
-            let mut m = serde_json::Map::new();
-            m.insert("clients".into(), json!(c));
-            m
-        })
-        .collect();
-    let mut bpf = (0u64, 0u64);
+    // Every mode's daemon runs for the whole benchmark (idle ones sleep).
+    let mut daemons = Vec::new();
     for mode in MODES {
-        let cfg = config(&dir, mode)?;
-        let d = Daemon::start(&cfg)?;
+        let d = Daemon::start(&config(&dir, mode)?)?;
         let health = d.client()?.control_json(Kind::Health, 0, b"")?;
         let steer = &health["steer"];
         let want = if mode == "kernel" { "ebpf" } else { "userspace" };
@@ -178,69 +181,86 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let addr: SocketAddr = steer["udp"].as_str().context("udp address")?.parse()?;
         // Warm up: pools started, first datagrams through.
         udp_run(addr, 4, 100)?;
-        for (row, &clients) in rows.iter_mut().zip(&CLIENTS) {
-            let n = per_client(clients, args.quick);
-            let before = bpf_totals();
-            let r = udp_run(addr, clients, n)?;
-            let after = bpf_totals();
+        daemons.push((mode, d, addr));
+    }
+    let userspace = 1;
+    let paths: Vec<(String, Leg)> = (0..MODES.len())
+        .map(|k| (format!("udp_{}", MODES[k]), Leg::Udp(k)))
+        .chain([("unix_userspace".to_string(), Leg::Unix(userspace))])
+        .collect();
+    let mut rows = Vec::new();
+    let mut bpf = (0u64, 0u64);
+    for &clients in &CLIENTS {
+        let n = (per_client(clients, args.quick) / ROUNDS).max(10);
+        let mut runs: Vec<Run> =
+            paths.iter().map(|_| Run { rtts: Vec::new(), wall: Duration::ZERO, errors: 0 }).collect();
+        let mut row_bpf = (0u64, 0u64);
+        for _ in 0..ROUNDS {
+            for (k, (_, path)) in paths.iter().enumerate() {
+                let before = bpf_totals();
+                let r = match *path {
+                    Leg::Udp(m) => udp_run(daemons[m].2, clients, n)?,
+                    Leg::Unix(m) => unix_run(&daemons[m].1.socket, clients, n)?,
+                };
+                if *path == Leg::Udp(0) {
+                    let after = bpf_totals();
+                    row_bpf.0 += after.0 - before.0;
+                    row_bpf.1 += after.1 - before.1;
+                }
+                runs[k].rtts.extend(r.rtts);
+                runs[k].wall += r.wall;
+                runs[k].errors += r.errors;
+            }
+        }
+        bpf.0 += row_bpf.0;
+        bpf.1 += row_bpf.1;
+        let mut row = serde_json::Map::new();
+        row.insert("clients".into(), json!(clients));
+        for ((name, _), r) in paths.iter().zip(&runs) {
             let s = r.summary();
             println!(
-                "udp  {mode:<9} {clients:>2} clients: p50 {:>7.1} µs  p99 {:>7.1} µs  {:>7.0} req/s  errors {}",
+                "{name:<15} {clients:>2} clients: p50 {:>7.1} µs  p99 {:>7.1} µs  {:>7.0} req/s  errors {}",
                 s["p50_us"].as_f64().unwrap_or(f64::NAN),
                 s["p99_us"].as_f64().unwrap_or(f64::NAN),
                 s["throughput_rps"].as_f64().unwrap_or(f64::NAN),
                 r.errors
             );
-            if mode == "kernel" {
-                let (ns, cnt) = (after.0 - before.0, after.1 - before.1);
-                bpf.0 += ns;
-                bpf.1 += cnt;
-                row.insert(
-                    "bpf_ns_per_request".into(),
-                    json!(if cnt == 0 { f64::NAN } else { ns as f64 / cnt as f64 }),
-                );
-            }
-            row.insert(format!("udp_rtt_us_{mode}"), s["p50_us"].clone());
-            row.insert(format!("udp_p99_us_{mode}"), s["p99_us"].clone());
-            row.insert(format!("udp_rps_{mode}"), s["throughput_rps"].clone());
-            row.insert(format!("udp_errors_{mode}"), json!(r.errors));
-            if mode == "userspace" {
-                let u = unix_run(&d.socket, clients, n)?.summary();
-                println!(
-                    "unix {mode:<9} {clients:>2} clients: p50 {:>7.1} µs  p99 {:>7.1} µs  {:>7.0} req/s",
-                    u["p50_us"].as_f64().unwrap_or(f64::NAN),
-                    u["p99_us"].as_f64().unwrap_or(f64::NAN),
-                    u["throughput_rps"].as_f64().unwrap_or(f64::NAN)
-                );
-                row.insert("unix_rtt_us_userspace".into(), u["p50_us"].clone());
-                row.insert("unix_p99_us_userspace".into(), u["p99_us"].clone());
-                row.insert("unix_rps_userspace".into(), u["throughput_rps"].clone());
-                // Unix stream steering in the kernel (the item 4) is not built.
-                row.insert("unix_rtt_us_kernel".into(), Value::Null);
-            }
+            let (kind, mode) = name.split_once('_').unwrap_or((name, ""));
+            row.insert(format!("{kind}_rtt_us_{mode}"), s["p50_us"].clone());
+            row.insert(format!("{kind}_p99_us_{mode}"), s["p99_us"].clone());
+            row.insert(format!("{kind}_rps_{mode}"), s["throughput_rps"].clone());
+            row.insert(format!("{kind}_errors_{mode}"), json!(r.errors));
         }
-        d.stop()?;
+        let per = if row_bpf.1 == 0 { f64::NAN } else { row_bpf.0 as f64 / row_bpf.1 as f64 };
+        row.insert("bpf_ns_per_request".into(), json!(per));
+        // Unix stream steering in the kernel (the item 4) is not built.
+        row.insert("unix_rtt_us_kernel".into(), Value::Null);
+        let ratio = |a: &str, b: &str| match (row.get(a).and_then(Value::as_f64), row.get(b).and_then(Value::as_f64)) {
+            (Some(a), Some(b)) => json!(a / b),
+            _ => Value::Null,
+        };
+        let p50 = ratio("udp_rtt_us_kernel", "udp_rtt_us_userspace");
+        let rps = ratio("udp_rps_kernel", "udp_rps_userspace");
+        row.insert("udp_p50_ratio_kernel_over_userspace".into(), p50);
+        row.insert("udp_rps_ratio_kernel_over_userspace".into(), rps);
+        rows.push(Value::Object(row));
     }
     drop(stats);
-    for row in &mut rows {
-        let k = row.get("udp_rtt_us_kernel").and_then(Value::as_f64);
-        let u = row.get("udp_rtt_us_userspace").and_then(Value::as_f64);
-        let (kr, ur) =
-            (row.get("udp_rps_kernel").and_then(Value::as_f64), row.get("udp_rps_userspace").and_then(Value::as_f64));
-        if let (Some(k), Some(u)) = (k, u) {
-            row.insert("udp_p50_ratio_kernel_over_userspace".into(), json!(k / u));
-        }
-        if let (Some(k), Some(u)) = (kr, ur) {
-            row.insert("udp_rps_ratio_kernel_over_userspace".into(), json!(k / u));
-        }
+    for (_, d, _) in daemons {
+        d.stop()?;
     }
     let per_req = if bpf.1 == 0 { f64::NAN } else { bpf.0 as f64 / bpf.1 as f64 };
     println!("in-kernel cost: {per_req:.0} ns per datagram ({} runs)", bpf.1);
     let out = json!({
         "bench": "steer",
         "quick": args.quick,
+        "rounds": ROUNDS,
         "dag": "echo (one sandboxed gati-fn-testkit echo function)",
-        "modes": { "kernel": "ebpf, 2 SGSs, SGS reads its own socket", "userspace": "userspace table, 2 SGSs, via the UDP I/O thread", "single": "userspace, 1 SGS" },
+        "modes": {
+            "kernel": "[steer] mode = ebpf, 2 SGSs, each SGS reads its own socket",
+            "userspace": "[steer] mode = userspace, 2 SGSs, every datagram via the UDP I/O thread",
+            "single": "[steer] mode = userspace, 1 SGS"
+        },
         "bpf_ns_per_request": per_req,
         "bpf_runs": bpf.1,
         "rows": rows,
