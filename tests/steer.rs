@@ -200,10 +200,16 @@ fn kernel_and_userspace_rule_agree() {
 
 /// The fmnist model as the DAG `digits`'s one function, on 2 SGSs; UDP on port 0.
 fn udp_config(dir: &Path, steer: &str) -> String {
+    udp_config_sgs(dir, steer, 2)
+}
+
+fn udp_config_sgs(dir: &Path, steer: &str, sgs: usize) -> String {
     let parts = [
         fmnist_model("fmnist", ""),
         "[[functions]]\nname = \"fm\"\nkind = \"model\"\nmodel = \"fmnist\"\nexpected_ms = 2.0\nmin_warm = 1\n".into(),
-        "[[dags]]\nname = \"digits\"\ndeadline_ms = 5000\nchain = [\"fm\"]\nmin_sgs = 2\nmax_sgs = 2\n".into(),
+        format!(
+            "[[dags]]\nname = \"digits\"\ndeadline_ms = 5000\nchain = [\"fm\"]\nmin_sgs = {sgs}\nmax_sgs = {sgs}\n"
+        ),
         format!("[steer]\n{steer}\n"),
     ];
     config(dir, "udp = \"127.0.0.1:0\"", &parts)
@@ -266,6 +272,24 @@ fn daemon_serves_udp_dag_requests_steered_in_the_kernel() {
     assert_eq!(table.len(), 1, "{s}");
     assert_eq!(table[0]["routes"].as_array().unwrap().len(), 2, "digits on both SGSs: {s}");
     assert_eq!(s["load"].as_array().unwrap().len(), 2, "{s}");
+
+    // A reload onto 1 SGS: the new scheduler gets the sockets, slot 1 is emptied.
+    std::fs::write(&d.config, udp_config_sgs(&dir, "mode = \"ebpf\"", 1)).unwrap();
+    d.signal(libc::SIGHUP);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while health_steer(&d)["table"][0]["routes"].as_array().map_or(0, Vec::len) != 1 {
+        assert!(std::time::Instant::now() < until, "no reload within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let addr: SocketAddr = s["udp"].as_str().unwrap().parse().unwrap();
+    let mut u = UdpClient::connect(addr, Duration::from_secs(10)).unwrap();
+    let before = health_steer(&d)["kernel_counters"]["steered"].as_u64().unwrap();
+    for i in 0..10 {
+        let r = u.invoke_dag("digits", &input(), 0).unwrap();
+        assert_eq!(r.status, Status::Ok, "after the reload, request {i}: {}", String::from_utf8_lossy(&r.payload));
+    }
+    let after = health_steer(&d)["kernel_counters"]["steered"].as_u64().unwrap();
+    assert_eq!(after - before, 10, "steered by the kernel after the reload");
 }
 
 #[test]

@@ -60,8 +60,12 @@ impl Core {
         }
     }
 
-    /// Arms the poll on the ingress fd when it is not.
+    /// Arms the poll on the ingress fd when it is not. A stopping SGS reads no
+    /// more: after a reload the new scheduler's SGS reads the same socket.
     pub(super) fn arm_ingress(&mut self) -> std::io::Result<()> {
+        if self.stopping {
+            return Ok(());
+        }
         let Some(fd) = self.ext.source.as_ref().map(|s| s.fd()) else { return Ok(()) };
         if !self.ext.armed {
             self.poll_fd(fd, user_data(OP_INGRESS, 0, 0, self.ext.gen))?;
@@ -76,6 +80,9 @@ impl Core {
             return;
         }
         self.ext.armed = false;
+        if self.stopping {
+            return;
+        }
         let Some(mut src) = self.ext.source.take() else { return };
         let mut batch = std::mem::take(&mut self.ext.batch);
         src.read(&self.dep, self.inflight, &mut batch);
