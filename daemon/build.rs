@@ -9,7 +9,8 @@
 //! 2. Compiles the eBPF steering programs (`../ebpf/*.bpf.c`) with `clang -target bpf`
 //!    (`$GATI_CLANG`, else `clang`) into `$OUT_DIR/steer.bpf.o`, embedded by
 //!    `steer::program`. Without clang the object is empty, a warning says so,
-//!    and `GATI_BPF_BUILD` tells the daemon why kernel steering is unavailable.
+//!    and `GATI_BPF_BUILD` tells the daemon why kernel steering is unavailable;
+//!    `gati_no_bpf` marks such a build (its kernel-steering tests show as ignored).
 //! 3. Compiles and runs `../ebpf/layout.c` on the host (the C compiler Rust links
 //!    with) to write `$OUT_DIR/steer_layout.rs`: the header's sizes, offsets and
 //!    constants, which a unit test compares with the `#[repr(C)]` mirrors.
@@ -33,6 +34,11 @@ fn main() {
     println!("cargo::rerun-if-env-changed=GATI_CLANG");
     let status = compile_bpf(&ebpf, &out.join("steer.bpf.o"));
     println!("cargo::rustc-env=GATI_BPF_BUILD={status}");
+    // Kernel-steering tests are compiled as ignored, with the reason, in such builds.
+    println!("cargo::rustc-check-cfg=cfg(gati_no_bpf)");
+    if status != "ok" {
+        println!("cargo::rustc-cfg=gati_no_bpf");
+    }
     layout(&ebpf, &out);
 }
 

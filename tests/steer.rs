@@ -6,8 +6,8 @@
 //! in a private network namespace of its own (the test thread unshares one,
 //! brings `lo` up, and the daemon it starts inherits it).
 //!
-//! Kernel steering needs root (BPF, namespaces): those tests show as ignored
-//! with the reason in builds without it. The fallback (`mode = "auto"` where
+//! Kernel steering needs root (BPF, namespaces) and a build with clang: those
+//! tests show as ignored with the reason in builds without either. The fallback (`mode = "auto"` where
 //! BPF cannot load) runs everywhere: as root, the daemon runs with every
 //! capability dropped.
 
@@ -105,6 +105,7 @@ fn routes(r: &[(usize, u32)]) -> Vec<Route> {
 
 #[test]
 #[cfg_attr(gati_unprivileged, ignore = "needs root: loads a BPF program in a private network namespace")]
+#[cfg_attr(all(gati_no_bpf, not(gati_unprivileged)), ignore = "built without clang: no BPF program to load")]
 fn kernel_steers_each_datagram_as_the_maps_say() {
     require_root();
     private_netns();
@@ -171,6 +172,7 @@ fn kernel_steers_each_datagram_as_the_maps_say() {
 
 #[test]
 #[cfg_attr(gati_unprivileged, ignore = "needs root: loads a BPF program in a private network namespace")]
+#[cfg_attr(all(gati_no_bpf, not(gati_unprivileged)), ignore = "built without clang: no BPF program to load")]
 fn kernel_and_userspace_rule_agree() {
     require_root();
     private_netns();
@@ -255,6 +257,7 @@ fn serve_over_udp(d: &TestDaemon) -> serde_json::Value {
 
 #[test]
 #[cfg_attr(gati_unprivileged, ignore = "needs root: loads a BPF program in a private network namespace")]
+#[cfg_attr(all(gati_no_bpf, not(gati_unprivileged)), ignore = "built without clang: no BPF program to load")]
 fn daemon_serves_udp_dag_requests_steered_in_the_kernel() {
     require_root();
     private_netns();

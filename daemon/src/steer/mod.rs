@@ -113,8 +113,9 @@ impl Steering {
                 Ok(k) => (Some(k), None),
                 Err(e) if configured == SteerMode::Ebpf => return Err(e),
                 Err(e) => {
-                    tracing::warn!(error = %e, "kernel steering unavailable: the userspace route table steers");
-                    (None, Some(e.to_string()))
+                    let why = chain(&e);
+                    tracing::warn!(error = %why, "kernel steering unavailable: the userspace route table steers");
+                    (None, Some(why))
                 }
             },
         };
@@ -336,6 +337,21 @@ fn bind(addr: SocketAddr, kernel: Option<&mut Kernel>, max_frame: usize) -> Resu
         thread: Mutex::new(None),
     };
     Ok(u)
+}
+
+/// An error and its sources on one line (the syscall's errno is at the end of the chain).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// The installed steering (the node installs it before starting a scheduler).
