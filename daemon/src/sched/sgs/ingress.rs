@@ -85,7 +85,7 @@ impl Core {
         }
         let Some(mut src) = self.ext.source.take() else { return };
         let mut batch = std::mem::take(&mut self.ext.batch);
-        src.read(&self.dep, self.inflight, &mut batch);
+        src.read(&self.dep, self.held(), &mut batch);
         // An ingress attached while reading replaces this one.
         if self.ext.source.is_none() {
             self.ext.source = Some(src);
@@ -97,11 +97,16 @@ impl Core {
         self.ext.batch = batch;
     }
 
+    /// Requests this SGS holds (queued or running, not yet answered).
+    fn held(&self) -> usize {
+        self.inflight
+    }
+
     /// Writes this SGS's load where the routing rule reads it.
     pub(super) fn publish_load(&self) {
         if let Some(board) = &self.ext.load {
             let idle: usize = self.pools.iter().map(|p| p.idle()).sum();
-            board.set(self.index, self.inflight as u32, idle as u32);
+            board.set(self.index, self.held() as u32, idle as u32);
         }
     }
 }
