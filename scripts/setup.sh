@@ -11,8 +11,11 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 #    workloads (opencv-doc ships vtest.avi); systemd tools for the unit tests
 #    (systemd-analyze, systemd-socket-activate); promtool for the metrics test
 #    (tests/operator.rs; Debian ships it only in the server package, whose
-#    service is neither started nor needed).
-apt_pkgs=(dataset-fashion-mnist opencv-doc systemd prometheus)
+#    service is neither started nor needed); clang + libbpf-dev build the eBPF
+#    steering program (ebpf/*.bpf.c; without them gatid builds and reports
+#    kernel steering unavailable); util-linux (setpriv, unshare) and iproute2 (ip)
+#    for the steering tests' private network namespaces.
+apt_pkgs=(dataset-fashion-mnist opencv-doc systemd prometheus clang libbpf-dev util-linux iproute2)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -19,6 +19,7 @@ pub mod node;
 pub mod reply;
 pub mod sandbox;
 pub mod sched;
+pub mod steer;
 pub mod telemetry;
 
 /// Exit code for a bad configuration (sysexits EX_CONFIG); systemd's

@@ -65,6 +65,8 @@ enum Command {
     },
     /// Liveness report.
     Health,
+    /// Request steering: mode (ebpf/userspace, and why), routes, per-SGS load, counters.
+    Steer,
     /// Exit 0 if the daemon is ready to serve, 1 if not.
     Ready,
     /// Cache management.
@@ -188,6 +190,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         Some(e) => println!("last reload: REFUSED {age:.0} s ago (serving the previous config): {e}"),
                     }
                 }
+            }
+        }
+        Command::Steer => {
+            let v = client.control_json(Kind::Health, 0, &[])?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v["steer"])?);
+            } else {
+                print!("{}", gatid::steer::report::render(&v["steer"]));
             }
         }
         Command::Ready => {

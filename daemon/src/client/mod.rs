@@ -187,3 +187,4 @@ impl Client {
 
 pub mod calibrate;
 pub mod npy;
+pub mod udp;

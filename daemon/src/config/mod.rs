@@ -8,6 +8,7 @@
 mod dag;
 mod dispatch;
 mod model;
+mod steer;
 mod validate;
 
 use std::fmt;
@@ -19,6 +20,7 @@ pub use model::{
     CacheConfig, CacheKind, CacheSelector, Config, Cuts, InputConfig, Layout, MetricsConfig, ModelConfig, OutputKind,
     Resize, RuntimeConfig, ServerConfig,
 };
+pub use steer::{SteerConfig, SteerMode};
 
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]

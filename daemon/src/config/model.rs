@@ -28,6 +28,9 @@ pub struct Config {
     /// The DAG scheduler's policy (gati's, or the benchmark baseline).
     #[serde(default)]
     pub dispatch: super::DispatchConfig,
+    /// How DAG requests are steered to SGSs (eBPF or userspace).
+    #[serde(default)]
+    pub steer: super::SteerConfig,
 }
 
 /// The Unix socket listener and its limits.
@@ -60,6 +63,8 @@ pub struct ServerConfig {
     /// After handling traffic, an I/O thread polls its ring this long before
     /// sleeping: lower round-trip latency for chatty clients, for some CPU. 0 = off.
     pub busy_poll_us: u64,
+    /// UDP ingress address (`"127.0.0.1:PORT"`), one request per datagram; off when unset.
+    pub udp: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +81,7 @@ impl Default for ServerConfig {
             max_queued_bytes: 256 << 20,
             drain_timeout_ms: 10_000,
             busy_poll_us: 0,
+            udp: None,
         }
     }
 }

@@ -24,11 +24,12 @@ pub(super) fn deserialize_all(text: &str) -> Result<(Config, Vec<ConfigIssue>), 
     let lines = Lines::new(text);
     let mut issues = Vec::new();
     for key in table.keys() {
-        if !["server", "runtime", "metrics", "models", "functions", "dags", "dispatch"].contains(&key.as_str()) {
+        if !["server", "runtime", "metrics", "models", "functions", "dags", "dispatch", "steer"].contains(&key.as_str())
+        {
             issues.push(lines.issue(
                 &[Seg::Key(key)],
                 format!(
-                    "unknown section `{key}` (expected server, runtime, metrics, models, functions, dags, dispatch)"
+                    "unknown section `{key}` (expected server, runtime, metrics, models, functions, dags, dispatch, steer)"
                 ),
             ));
         }
@@ -44,7 +45,8 @@ pub(super) fn deserialize_all(text: &str) -> Result<(Config, Vec<ConfigIssue>), 
         let path = [Seg::Key("dispatch"), Seg::Key("shed")];
         issues.push(lines.issue(&path, "shed = true needs core_budget = true and order = \"least_slack\"".into()));
     }
-    Ok((Config { server, runtime, metrics, models, functions, dags, dispatch }, issues))
+    let steer = section::<super::SteerConfig>(&table, "steer", &lines, &mut issues).unwrap_or_default();
+    Ok((Config { server, runtime, metrics, models, functions, dags, dispatch, steer }, issues))
 }
 
 /// An array of tables (`[[key]]`), entry by entry.

@@ -15,8 +15,16 @@ pub fn start(config: &Config, registry: &Arc<Registry>) -> Result<Option<Schedul
     }
     let deployment = Arc::new(Deployment::from_config(config)?);
     let factory = Arc::new(NodeWorkers { registry: Arc::clone(registry) });
-    let table = Arc::new(UserRouteTable::default());
+    // The installed steering's table (the kernel's maps when eBPF steers), else a plain one.
+    let steering = crate::steer::current();
+    let table = match &steering {
+        Some(st) => st.table(),
+        None => Arc::new(UserRouteTable::default()),
+    };
     let s = Scheduler::start(deployment, factory, table, LbPolicy::default())?;
+    if let Some(st) = &steering {
+        st.attach(&s).map_err(|e| SchedError::Io { what: "steering attach", source: std::io::Error::other(e) })?;
+    }
     tracing::info!(
         dags = config.dags.len(),
         functions = config.functions.len(),

@@ -39,6 +39,8 @@ pub enum NodeError {
     Sched(#[from] SchedError),
     #[error("a data-plane thread died: {0}")]
     ThreadDied(String),
+    #[error("steering: {0}")]
+    Steer(#[from] crate::steer::SteerError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -74,8 +76,12 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
         .map_err(NodeError::Models)?;
     let count = set.len();
     registry.replace(set);
+    // Before the scheduler: dags::start takes its route table from the installed steering.
+    let steering = crate::steer::Steering::start(&config)?;
+    steering.install();
     let dags = Arc::new(DagService::default());
     dags.replace(dags::start(&config, &registry)?);
+    steering.serve(Arc::clone(&dags))?;
 
     let listener = Listener::open(&config.server.socket, config.server.socket_mode_bits())?;
     let state = Arc::new(NodeState::default());
@@ -122,6 +128,7 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
                     }
                     sched::service::publish_metrics(&s);
                 }
+                steering.record_metrics(dags.get().map_or(0, |s| s.stats().len()));
                 telemetry::queued_bytes(ctx_budget.used());
                 // Idle I/O threads sleep in their ring: wake them so they beat.
                 server.wake_all();
@@ -160,6 +167,7 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     tracing::info!("stopping: draining in-flight requests");
     systemd::stopping();
     state.start_draining();
+    steering.stop();
     server.wake_all();
     let timeout = Duration::from_millis(current.server.drain_timeout_ms);
     let until = Instant::now() + timeout;

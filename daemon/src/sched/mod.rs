@@ -33,9 +33,9 @@ pub use dag::Dag;
 pub use function::{Deployment, FunctionBody, FunctionDef, Limits};
 pub use lb::{Lb, LbPolicy, Scale};
 pub use request::{DagReply, DagRequest, DagResult, FnTiming};
-pub use route::{Route, RouteTable, SgsIndex, UserRouteTable};
+pub use route::{LoadBoard, Route, RouteTable, SgsIndex, SgsLoad, UserRouteTable};
 pub use service::DagService;
-pub use sgs::Sgs;
+pub use sgs::{Attach, Ingress, Sgs};
 pub use signals::SgsStats;
 pub use worker::{NodeWorkers, Worker, WorkerError, WorkerFactory};
 
@@ -97,6 +97,11 @@ impl Scheduler {
     pub fn submit(&self, req: DagRequest) -> Result<(), DagRequest> {
         let k = self.lb.route(&req.dag);
         self.sgs[k].submit(req)
+    }
+
+    /// Hands SGS `k` its own request source and/or load board (false: no such SGS).
+    pub fn attach(&self, k: SgsIndex, a: Attach) -> bool {
+        self.sgs.get(k).map(|s| s.attach(a)).is_some()
     }
 
     /// Test hook: makes SGS 0 panic.

@@ -1,9 +1,18 @@
 //! The routing table: DAG id → SGSs with weights, published by the load
 //! balancer through [`RouteTable`]. This file holds the userspace
-//! implementation; the eBPF steering layer implements the same trait by
-//! writing BPF maps (same semantics: weighted choice by a request key).
+//! implementation and the one choice rule both implementations follow
+//! ([`pick_least_loaded`]); the eBPF steering layer (`steer::BpfRouteTable`)
+//! implements the same trait by writing BPF maps, and its kernel program
+//! (`ebpf/steer.bpf.c`) applies the same rule per datagram.
+//!
+//! The rule: among a DAG's routes, those whose SGS holds the fewest requests
+//! (the [`LoadBoard`] each SGS updates as it runs); among those, `key` modulo
+//! their total weight walks them in order. With equal loads this is the plain
+//! weighted choice ([`pick`]).
 
 use std::collections::HashMap;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// Index of an SGS in the scheduler.
@@ -28,10 +37,116 @@ pub trait RouteTable: Send + Sync {
     fn kind(&self) -> &'static str;
 }
 
-/// The userspace table: a map behind a read-write lock.
+/// The userspace table: a map behind a read-write lock, with the SGSs' load
+/// when it was given one.
 #[derive(Debug, Default)]
 pub struct UserRouteTable {
     routes: RwLock<HashMap<u32, Arc<[Route]>>>,
+    load: Option<Arc<LoadBoard>>,
+}
+
+/// One SGS's load, as the kernel program reads it (`struct steer_load` in
+/// `ebpf/steer.h`; `steer::layout` checks the two agree).
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct SgsLoad {
+    /// Requests held (queued or running, not yet answered).
+    pub queued: AtomicU32,
+    /// Idle warm workers.
+    pub idle: AtomicU32,
+}
+
+/// Per-SGS load, written by each SGS's thread at the end of its turns and read
+/// by the routing rule: on the heap, or in a BPF array map mapped into the
+/// daemon (so the kernel program reads what the SGS wrote, with no syscall).
+pub struct LoadBoard {
+    base: NonNull<SgsLoad>,
+    len: usize,
+    _backing: Box<dyn Send + Sync>,
+}
+
+// SAFETY: the board only hands out `&SgsLoad` (atomics) into memory that
+// `_backing` keeps alive and never moves; sharing atomics between threads is sound.
+unsafe impl Send for LoadBoard {}
+// SAFETY: as for Send: all access is through atomics.
+unsafe impl Sync for LoadBoard {}
+
+impl std::fmt::Debug for LoadBoard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries((0..self.len).map(|k| self.queued(k))).finish()
+    }
+}
+
+impl LoadBoard {
+    /// A board for `len` SGSs on the heap.
+    pub fn heap(len: usize) -> Self {
+        let slots: Box<[SgsLoad]> = (0..len).map(|_| SgsLoad::default()).collect();
+        let base = NonNull::new(slots.as_ptr().cast_mut()).unwrap_or(NonNull::dangling());
+        Self { base, len, _backing: Box::new(slots) }
+    }
+
+    /// A board over memory someone else owns (a mapped BPF array).
+    ///
+    /// # Safety
+    /// `base` must point to `len` properly aligned, initialised `SgsLoad`s that
+    /// stay mapped and in place for as long as `backing` lives, and that are only
+    /// ever accessed atomically (by this process or the kernel).
+    pub unsafe fn from_raw(base: NonNull<SgsLoad>, len: usize, backing: Box<dyn Send + Sync>) -> Self {
+        Self { base, len, _backing: backing }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// SGS `sgs`'s slot (`None` past the board).
+    pub fn get(&self, sgs: SgsIndex) -> Option<&SgsLoad> {
+        // SAFETY: in bounds; `from_raw`'s contract (or the heap slice) keeps the
+        // memory alive and initialised for as long as `self`.
+        (sgs < self.len).then(|| unsafe { &*self.base.as_ptr().add(sgs) })
+    }
+
+    /// Requests SGS `sgs` holds (0 past the board).
+    pub fn queued(&self, sgs: SgsIndex) -> u32 {
+        self.get(sgs).map_or(0, |l| l.queued.load(Ordering::Relaxed))
+    }
+
+    /// Idle workers of SGS `sgs` (0 past the board).
+    pub fn idle(&self, sgs: SgsIndex) -> u32 {
+        self.get(sgs).map_or(0, |l| l.idle.load(Ordering::Relaxed))
+    }
+
+    /// Publishes SGS `sgs`'s load (ignored past the board).
+    pub fn set(&self, sgs: SgsIndex, queued: u32, idle: u32) {
+        if let Some(l) = self.get(sgs) {
+            l.queued.store(queued, Ordering::Relaxed);
+            l.idle.store(idle, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The routing rule (module docs): least `load` first, then weighted by `key`.
+/// `ebpf/steer.bpf.c` computes exactly this in the kernel.
+pub fn pick_least_loaded(routes: &[Route], key: u64, load: impl Fn(SgsIndex) -> u32) -> Option<SgsIndex> {
+    let loads: Vec<u32> = routes.iter().map(|r| load(r.sgs)).collect();
+    let least = *loads.iter().min()?;
+    let best = || routes.iter().zip(&loads).filter(move |(_, &l)| l == least).map(|(r, _)| r);
+    let total: u64 = best().map(|r| u64::from(r.weight)).sum();
+    if total == 0 {
+        return best().next().map(|r| r.sgs);
+    }
+    let mut x = key % total;
+    for r in best() {
+        if x < u64::from(r.weight) {
+            return Some(r.sgs);
+        }
+        x -= u64::from(r.weight);
+    }
+    None
 }
 
 /// Weighted pick: `key` modulo the total weight, walked over the routes.
@@ -50,6 +165,26 @@ pub fn pick(routes: &[Route], key: u64) -> Option<SgsIndex> {
     None
 }
 
+impl UserRouteTable {
+    /// A table that picks the least-loaded route by `load` (same rule as the kernel's).
+    pub fn with_load(load: Arc<LoadBoard>) -> Self {
+        Self { routes: RwLock::default(), load: Some(load) }
+    }
+
+    /// Every DAG's routes, by DAG id.
+    pub fn snapshot(&self) -> Vec<(u32, Vec<Route>)> {
+        let m = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = m.iter().map(|(&d, r)| (d, r.to_vec())).collect();
+        v.sort_by_key(|(d, _)| *d);
+        v
+    }
+
+    /// Removes every route.
+    pub fn clear(&self) {
+        self.routes.write().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
 impl RouteTable for UserRouteTable {
     fn publish(&self, dag: u32, routes: &[Route]) {
         let mut m = self.routes.write().unwrap_or_else(|p| p.into_inner());
@@ -62,7 +197,10 @@ impl RouteTable for UserRouteTable {
 
     fn lookup(&self, dag: u32, key: u64) -> Option<SgsIndex> {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner()).get(&dag).cloned()?;
-        pick(&routes, key)
+        match &self.load {
+            Some(board) => pick_least_loaded(&routes, key, |s| board.queued(s)),
+            None => pick(&routes, key),
+        }
     }
 
     fn kind(&self) -> &'static str {
@@ -83,5 +221,22 @@ mod tests {
         assert_eq!(t.lookup(8, 0), None);
         t.publish(7, &[]);
         assert_eq!(t.lookup(7, 0), None);
+    }
+
+    #[test]
+    fn least_loaded_first_then_weights() {
+        let board = Arc::new(LoadBoard::heap(4));
+        let t = UserRouteTable::with_load(Arc::clone(&board));
+        let routes = [Route { sgs: 0, weight: 1 }, Route { sgs: 2, weight: 3 }, Route { sgs: 3, weight: 1 }];
+        t.publish(1, &routes);
+        let picks = |t: &UserRouteTable| (0..5).map(|k| t.lookup(1, k).unwrap()).collect::<Vec<_>>();
+        assert_eq!(picks(&t), vec![0, 2, 2, 2, 3], "equal loads: weights");
+        board.set(2, 5, 0);
+        assert_eq!(picks(&t), vec![0, 3, 0, 3, 0], "SGS 2 is busier: the others share by weight");
+        board.set(0, 1, 0);
+        assert_eq!(picks(&t), vec![3; 5], "the least loaded alone");
+        assert_eq!(board.queued(9), 0, "past the board reads 0");
+        assert_eq!(pick_least_loaded(&[Route { sgs: 1, weight: 0 }], 7, |_| 0), Some(1), "zero weights: first");
+        assert_eq!(pick_least_loaded(&[], 7, |_| 0), None);
     }
 }

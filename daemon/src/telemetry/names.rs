@@ -69,6 +69,12 @@ pub const SCHED_WORKER_CRASHES_TOTAL: &str = "gati_sched_worker_crashes_total";
 pub const SCHED_RETRIES_TOTAL: &str = "gati_sched_retries_total";
 /// Live workers per function.
 pub const SCHED_FUNCTION_WORKERS: &str = "gati_sched_function_workers";
+/// Requests seen by the steering layer (kernel program or the UDP I/O thread).
+pub const STEER_REQUESTS_TOTAL: &str = "gati_steer_requests_total";
+/// Requests an SGS holds, as the steering rule reads it.
+pub const STEER_SGS_QUEUED: &str = "gati_steer_sgs_queued";
+/// 1 when kernel (eBPF) steering is active, else 0.
+pub const STEER_KERNEL: &str = "gati_steer_kernel";
 
 /// The Prometheus type of a family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +239,15 @@ pub const FAMILIES: &[Family] = &[
         Some(Unit::Count),
         "Function workers that died or were killed (crash, time limit, protocol error; all SGSs).",
     ),
+    family(
+        STEER_REQUESTS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "UDP requests seen by the steering layer, by path (kernel: the SK_REUSEPORT program's per-CPU counters; \
+         userspace: the UDP I/O thread) and outcome (steered, fallback, other, malformed, dropped).",
+    ),
+    family(STEER_SGS_QUEUED, Gauge, Some(Unit::Count), "Requests an SGS holds, as the steering rule reads it, by SGS."),
+    family(STEER_KERNEL, Gauge, None, "1 when kernel (eBPF) steering is active, 0 with the userspace table."),
     family(
         SCHED_RETRIES_TOTAL,
         Counter,

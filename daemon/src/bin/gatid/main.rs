@@ -43,6 +43,8 @@ enum BenchCommand {
     Selector(bench::selector::Args),
     /// A long mixed load with hostile clients: every answer checked, RSS and fds watched.
     Soak(bench::soak::Args),
+    /// UDP DAG round trips: kernel (eBPF) vs userspace steering vs one SGS; in-kernel cost.
+    Steer(bench::steer::Args),
     /// The socket-floor echo server the serving benchmark starts (internal).
     #[command(hide = true)]
     EchoServer {
@@ -92,6 +94,7 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
         Command::Bench { which: BenchCommand::Dispatch(args) } => bench::dispatch::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::Selector(args) } => bench::selector::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::Soak(args) } => bench::soak::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Steer(args) } => bench::steer::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::EchoServer { socket } } => {
             bench::serving::echo_server(&socket).map_err(MainError::Other)
         }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::exec::Inflight;
+use super::ingress::{Attach, IngressState, OP_INGRESS};
 use super::leases::Leases;
 use super::slots::Slots;
 use super::workers::WSlot;
@@ -50,6 +51,8 @@ pub(crate) enum Msg {
     Stop,
     /// A test hook: panic on the SGS thread (only sent with `GATI_TEST_HOOKS=1`).
     Panic,
+    /// An own request source and/or a load board (`ingress.rs`).
+    Attach(Attach),
 }
 
 /// An SGS: its ring, inbox, workers, requests in flight and ready queue.
@@ -74,6 +77,8 @@ pub(super) struct Core {
     pub(super) stopping: bool,
     /// The node's core budget and the leases this SGS holds (one per running invocation).
     pub(super) leases: Leases,
+    /// The SGS's own request source and load board (`ingress.rs`).
+    pub(super) ext: IngressState,
 }
 
 impl Core {
@@ -123,6 +128,7 @@ impl Core {
             ready: ReadyQueue::default(),
             stopping: false,
             leases: Leases::new(cores),
+            ext: IngressState::default(),
         })
     }
 
@@ -151,6 +157,7 @@ impl Core {
                 self.poll_fd(self.wake.fd(), user_data(OP_INBOX, 0, 0, 0))?;
                 self.inbox_armed = true;
             }
+            self.arm_ingress()?;
             let now = Instant::now();
             let wait = self.next_wake(now).saturating_duration_since(now);
             let ts = types::Timespec::new().sec(wait.as_secs()).nsec(wait.subsec_nanos());
@@ -169,6 +176,7 @@ impl Core {
                         self.on_inbox();
                     }
                     OP_WORKER => self.on_worker_event(slot, gen, idx, res, Instant::now())?,
+                    OP_INGRESS => self.on_ingress(gen),
                     _ => {}
                 }
             }
@@ -193,6 +201,7 @@ impl Core {
                 // Requests queued behind the stop are still drained (answered `Failed`).
                 Ok(Msg::Stop) => self.stopping = true,
                 Ok(Msg::Panic) => panic!("SGS {} asked to panic by a test hook", self.index),
+                Ok(Msg::Attach(a)) => self.attach(a),
                 Err(TryRecvError::Disconnected) => {
                     self.stopping = true;
                     return;
@@ -207,7 +216,9 @@ impl Core {
         self.expire(now);
         self.reap_overdue(now)?;
         self.dispatch(now)?;
-        self.maintain(now)
+        self.maintain(now)?;
+        self.publish_load();
+        Ok(())
     }
 
     /// The earliest deadline, worker time limit or maintenance tick.

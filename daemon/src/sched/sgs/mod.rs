@@ -12,6 +12,7 @@
 
 mod core;
 mod exec;
+mod ingress;
 mod leases;
 mod shed;
 mod slots;
@@ -24,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use self::core::{Core, Msg};
+pub use self::ingress::{Attach, Ingress};
 use super::cores::Cores;
 use super::function::{Deployment, FnId};
 use super::request::{DagReply, DagRequest};
@@ -147,6 +149,13 @@ impl Sgs {
             self.wake.signal();
         }
         Ok(())
+    }
+
+    /// Hands the SGS its own request source and/or load board (`ingress.rs`).
+    pub fn attach(&self, a: Attach) {
+        if self.tx.send(Msg::Attach(a)).is_ok() {
+            self.wake.signal();
+        }
     }
 
     /// Test hook: makes the SGS thread panic.

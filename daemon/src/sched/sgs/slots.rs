@@ -63,6 +63,11 @@ impl<T> Slots<T> {
         Some(taken)
     }
 
+    /// Live entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -10,4 +10,5 @@ pub mod plot;
 pub mod selector;
 pub mod serving;
 pub mod soak;
+pub mod steer;
 mod trainer_p99;

@@ -1,0 +1,41 @@
+/* Host program run by daemon/build.rs: prints steer.h's sizes, offsets and
+ * constants as Rust constants, which daemon/src/steer/layout.rs checks its
+ * #[repr(C)] mirrors against in a test. */
+#include <stddef.h>
+#include <stdio.h>
+#include "steer.h"
+
+#define C(name, v) printf("pub const %s: usize = %lu;\n", name, (unsigned long)(v))
+
+int main(void)
+{
+	C("STEER_MAX_SGS", STEER_MAX_SGS);
+	C("STEER_MAX_ROUTES", STEER_MAX_ROUTES);
+	C("STEER_DEFAULT_SLOT", STEER_DEFAULT_SLOT);
+	C("STEER_SOCK_SLOTS", STEER_SOCK_SLOTS);
+	C("STEER_MAX_DAGS", STEER_MAX_DAGS);
+	C("STEER_MAGIC", STEER_MAGIC);
+	C("STEER_VERSION", STEER_VERSION);
+	C("STEER_KIND_INVOKE_DAG", STEER_KIND_INVOKE_DAG);
+	C("STEER_HEADER_LEN", STEER_HEADER_LEN);
+	C("STEER_UDP_HDR_LEN", STEER_UDP_HDR_LEN);
+	C("STEER_OFF_MAGIC", STEER_OFF_MAGIC);
+	C("STEER_OFF_VERSION", STEER_OFF_VERSION);
+	C("STEER_OFF_KIND", STEER_OFF_KIND);
+	C("STEER_OFF_REQUEST_ID", STEER_OFF_REQUEST_ID);
+	C("STEER_OFF_TARGET_ID", STEER_OFF_TARGET_ID);
+	C("STEER_COUNTERS", STEER_COUNTERS);
+	C("STEER_STEERED", STEER_STEERED);
+	C("STEER_FALLBACK", STEER_FALLBACK);
+	C("STEER_OTHER", STEER_OTHER);
+	C("STEER_MALFORMED", STEER_MALFORMED);
+	C("STEER_DROPPED", STEER_DROPPED);
+	C("SIZEOF_STEER_ROUTES", sizeof(struct steer_routes));
+	C("OFFSETOF_STEER_ROUTES_N", offsetof(struct steer_routes, n));
+	C("OFFSETOF_STEER_ROUTES_SGS", offsetof(struct steer_routes, sgs));
+	C("OFFSETOF_STEER_ROUTES_WEIGHT", offsetof(struct steer_routes, weight));
+	C("SIZEOF_STEER_LOAD", sizeof(struct steer_load));
+	C("OFFSETOF_STEER_LOAD_QUEUED", offsetof(struct steer_load, queued));
+	C("OFFSETOF_STEER_LOAD_IDLE", offsetof(struct steer_load, idle));
+	return 0;
+}
