@@ -1,0 +1,453 @@
+//! A CUDA device for gati: its context and one stream, the modules of
+//! [`crate::source`] compiled (NVRTC) and loaded on first use, and the launch
+//! code of each kernel. Every check that can fail without a GPU comes before
+//! the first `cudarc` driver call, so a machine without a driver gets
+//! [`KernelError::CudaUnavailable`], never a panic.
+//!
+//! One [`Gpu`] per worker: its stream orders every launch, so event tracking
+//! is off and device pointers are passed as plain values.
+
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+
+use crate::reference::{compact::MAX_COMPACT_ROWS, Activation, EpilogueShape};
+use crate::{libs, nvrtc, Kernel, KernelError, Module};
+
+/// A device buffer of f32 values.
+pub type Buf = CudaSlice<f32>;
+
+/// Whether the CUDA driver library (`libcuda.so.1`) can be opened.
+pub fn driver_present() -> bool {
+    libs::preload_env();
+    // SAFETY: opening the library runs its initialisers only.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Devices the driver sees.
+pub fn device_count() -> Result<usize, KernelError> {
+    if !driver_present() {
+        return Err(no_driver());
+    }
+    let n = CudaContext::device_count().map_err(KernelError::driver("cuDeviceGetCount"))?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+fn no_driver() -> KernelError {
+    KernelError::CudaUnavailable(format!(
+        "no CUDA driver (libcuda.so.1) on this machine (searched the loader's path and {})",
+        libs::LIBRARY_PATH_VAR
+    ))
+}
+
+/// Device-side epilogue arguments (see [`crate::reference::EpilogueParams`]).
+#[derive(Default)]
+pub struct DevEpilogue<'a> {
+    pub bias: Option<&'a Buf>,
+    pub residual: Option<&'a Buf>,
+    pub act: Activation,
+    pub post_scale: Option<&'a Buf>,
+    pub post_shift: Option<&'a Buf>,
+}
+
+/// Device-side cache head (see [`crate::reference::CacheHead`]).
+pub struct DevCacheHead {
+    pub dim: usize,
+    pub classes: usize,
+    pub hidden: usize,
+    pub mean: Option<Buf>,
+    pub inv_std: Option<Buf>,
+    pub w1: Option<Buf>,
+    pub b1: Option<Buf>,
+    pub weight: Buf,
+    pub bias: Buf,
+    pub centroids: Option<Buf>,
+    pub radius2: Option<Buf>,
+}
+
+/// Device-side outputs of a cache lookup, one value per row.
+pub struct DevLookup {
+    pub hit: CudaSlice<i32>,
+    pub class: CudaSlice<i32>,
+    pub conf: Buf,
+    /// Per-row probabilities (`rows × classes`), when wanted.
+    pub probs: Option<Buf>,
+}
+
+/// One device: context, stream, lazily loaded modules.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    modules: [OnceLock<Arc<CudaModule>>; Module::ALL.len()],
+}
+
+impl Gpu {
+    /// Opens device `ordinal` (checks the driver library and the device first).
+    pub fn open(ordinal: usize) -> Result<Self, KernelError> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(KernelError::CudaUnavailable(format!("no CUDA device {ordinal}: the driver sees {count}")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(KernelError::driver("creating the context"))?;
+        // SAFETY: called before this context allocated anything or made a
+        // stream; every launch of this Gpu goes through its one stream, which
+        // orders them, so the events cudarc would track are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx.compute_capability().map_err(KernelError::driver("reading the compute capability"))?;
+        let stream = ctx.new_stream().map_err(KernelError::driver("creating a stream"))?;
+        Ok(Self { ctx, stream, arch: format!("sm_{major}{minor}"), modules: Default::default() })
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown CUDA device".into())
+    }
+
+    /// The stream every launch of this device goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// `sm_XY` of the device.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// The kernel's function, compiling and loading its module on first use.
+    pub fn function(&self, k: Kernel) -> Result<CudaFunction, KernelError> {
+        let m = k.module();
+        let slot = &self.modules[m.index()];
+        let module = match slot.get() {
+            Some(module) => module.clone(),
+            None => {
+                let ptx = nvrtc::compile(m, &self.arch)?;
+                let module = self.ctx.load_module(ptx.into()).map_err(KernelError::driver("loading a module"))?;
+                slot.get_or_init(|| module).clone()
+            }
+        };
+        module.load_function(k.name()).map_err(KernelError::driver("looking up a kernel"))
+    }
+
+    /// Copies host values to a new device buffer.
+    pub fn upload(&self, host: &[f32]) -> Result<Buf, KernelError> {
+        self.stream.clone_htod(host).map_err(KernelError::driver("copying to the device"))
+    }
+
+    /// Copies a device buffer back (waits for the stream).
+    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        dev: &CudaSlice<T>,
+    ) -> Result<Vec<T>, KernelError> {
+        self.stream.clone_dtoh(dev).map_err(KernelError::driver("copying from the device"))
+    }
+
+    /// A new buffer of `len` NaNs: outputs start poisoned, so a value a kernel failed to write shows.
+    pub fn poisoned(&self, len: usize) -> Result<Buf, KernelError> {
+        self.upload(&vec![f32::NAN; len])
+    }
+
+    fn ptr<T>(&self, b: &CudaSlice<T>) -> u64 {
+        b.device_ptr(&self.stream).0
+    }
+
+    fn opt_ptr<T>(&self, b: Option<&CudaSlice<T>>) -> u64 {
+        b.map_or(0, |b| self.ptr(b))
+    }
+
+    /// The fused block epilogue (`cu/epilogue.cu`); `y` may be `x`'s buffer
+    /// only through [`Self::block_epilogue_in_place`].
+    pub fn block_epilogue(
+        &self,
+        x: &Buf,
+        shape: EpilogueShape,
+        p: &DevEpilogue<'_>,
+        y: &mut Buf,
+        pooled: Option<(&mut Buf, usize)>,
+    ) -> Result<(), KernelError> {
+        let (xp, yp) = (self.ptr(x), self.ptr(y));
+        self.epilogue_raw(xp, shape, p, yp, pooled.map(|(b, s)| (self.ptr(b), s)), x.len().min(y.len()))
+    }
+
+    /// The epilogue over `x` in place.
+    pub fn block_epilogue_in_place(
+        &self,
+        x: &mut Buf,
+        shape: EpilogueShape,
+        p: &DevEpilogue<'_>,
+        pooled: Option<(&mut Buf, usize)>,
+    ) -> Result<(), KernelError> {
+        let xp = self.ptr(x);
+        self.epilogue_raw(xp, shape, p, xp, pooled.map(|(b, s)| (self.ptr(b), s)), x.len())
+    }
+
+    fn epilogue_raw(
+        &self,
+        x: u64,
+        shape: EpilogueShape,
+        p: &DevEpilogue<'_>,
+        y: u64,
+        pooled: Option<(u64, usize)>,
+        len: usize,
+    ) -> Result<(), KernelError> {
+        if len < shape.len() {
+            return Err(KernelError::Shape(format!("epilogue buffers of {len} for a {shape:?} tensor")));
+        }
+        for (what, b, want) in [
+            ("bias", p.bias, shape.channels),
+            ("post_scale", p.post_scale, shape.channels),
+            ("post_shift", p.post_shift, shape.channels),
+            ("residual", p.residual, shape.len()),
+        ] {
+            if let Some(b) = b {
+                if b.len() < want {
+                    return Err(KernelError::Shape(format!("{what} has {} values, needs {want}", b.len())));
+                }
+            }
+        }
+        let planes = shape.rows * shape.channels;
+        if planes == 0 {
+            return Ok(());
+        }
+        let threads = shape.spatial.next_power_of_two().clamp(32, 256) as u32;
+        let f = self.function(Kernel::BlockEpilogue)?;
+        let (bias, res, scale, shift) =
+            (self.opt_ptr(p.bias), self.opt_ptr(p.residual), self.opt_ptr(p.post_scale), self.opt_ptr(p.post_shift));
+        let (pooled, stride) = pooled.map_or((0, 0), |(b, s)| (b, s));
+        let ints =
+            [i32_of(shape.rows)?, i32_of(shape.channels)?, i32_of(shape.spatial)?, p.act as i32, i32_of(stride)?];
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(planes)?, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: threads * 4,
+        };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&x).arg(&bias).arg(&res).arg(&scale).arg(&shift).arg(&y).arg(&pooled);
+        for v in &ints {
+            b.arg(v);
+        }
+        // SAFETY: the argument list matches gati_block_epilogue's parameters
+        // (7 pointers, 5 ints); every non-null pointer is a live allocation of
+        // this context holding at least the values the shape addresses (checked
+        // above for x, y and the per-channel/residual buffers; pooled by its caller's stride).
+        unsafe { b.launch(cfg) }.map_err(KernelError::driver("launching gati_block_epilogue"))?;
+        Ok(())
+    }
+
+    /// The fused cache lookup over `rows` feature rows of `stride` values.
+    pub fn cache_lookup(
+        &self,
+        features: &Buf,
+        stride: usize,
+        rows: usize,
+        head: &DevCacheHead,
+        threshold: f32,
+        out: &mut DevLookup,
+    ) -> Result<(), KernelError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        if stride < head.dim || features.len() < (rows - 1) * stride + head.dim {
+            return Err(KernelError::Shape(format!(
+                "{} features do not hold {rows} rows of stride {stride}",
+                features.len()
+            )));
+        }
+        if out.hit.len() < rows || out.class.len() < rows || out.conf.len() < rows {
+            return Err(KernelError::Shape(format!("lookup outputs shorter than {rows} rows")));
+        }
+        let width = if head.hidden > 0 { head.hidden } else { head.dim };
+        if head.weight.len() != head.classes * width || head.bias.len() != head.classes {
+            return Err(KernelError::Shape("cache head weight/bias do not match classes × width".into()));
+        }
+        if let Some(p) = &out.probs {
+            if p.len() < rows * head.classes {
+                return Err(KernelError::Shape("probabilities buffer too small".into()));
+            }
+        }
+        let threads: u32 = 128;
+        let smem = 4 * (head.dim + head.hidden + head.classes + threads as usize);
+        let f = self.function(Kernel::CacheLookup)?;
+        let ptrs = [
+            self.ptr(features),
+            self.opt_ptr(head.mean.as_ref()),
+            self.opt_ptr(head.inv_std.as_ref()),
+            self.opt_ptr(head.w1.as_ref()),
+            self.opt_ptr(head.b1.as_ref()),
+            self.ptr(&head.weight),
+            self.ptr(&head.bias),
+            self.opt_ptr(head.centroids.as_ref()),
+            self.opt_ptr(head.radius2.as_ref()),
+            self.ptr(&out.hit),
+            self.ptr(&out.class),
+            self.ptr(&out.conf),
+            self.opt_ptr(out.probs.as_ref()),
+        ];
+        let (stride, hidden, rows_i, dim, classes) =
+            (i32_of(stride)?, i32_of(head.hidden)?, i32_of(rows)?, i32_of(head.dim)?, i32_of(head.classes)?);
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(rows)?, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: u32_of(smem)?,
+        };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&ptrs[0]).arg(&stride).arg(&ptrs[1]).arg(&ptrs[2]).arg(&ptrs[3]).arg(&ptrs[4]).arg(&hidden);
+        b.arg(&ptrs[5]).arg(&ptrs[6]).arg(&ptrs[7]).arg(&ptrs[8]);
+        b.arg(&rows_i).arg(&dim).arg(&classes).arg(&threshold);
+        b.arg(&ptrs[9]).arg(&ptrs[10]).arg(&ptrs[11]).arg(&ptrs[12]);
+        // SAFETY: the arguments follow gati_cache_lookup's parameter list in
+        // order and type; buffer sizes were checked against rows, dim, hidden
+        // and classes above (optional buffers are null or sized by the head's builder).
+        unsafe { b.launch(cfg) }.map_err(KernelError::driver("launching gati_cache_lookup"))?;
+        Ok(())
+    }
+
+    /// Order-preserving compaction: `src_of_dst[j]` = index of the j-th miss,
+    /// `count[0]` = misses, both on the device.
+    pub fn compact_index(
+        &self,
+        hit: &CudaSlice<i32>,
+        rows: usize,
+        src_of_dst: &mut CudaSlice<i32>,
+        count: &mut CudaSlice<i32>,
+    ) -> Result<(), KernelError> {
+        if rows == 0 || rows > MAX_COMPACT_ROWS || hit.len() < rows || src_of_dst.len() < rows || count.is_empty() {
+            return Err(KernelError::Shape(format!("compaction of {rows} rows (1..={MAX_COMPACT_ROWS})")));
+        }
+        let threads = rows.next_power_of_two().max(32) as u32;
+        let f = self.function(Kernel::CompactIndex)?;
+        let (h, s, c, n) = (self.ptr(hit), self.ptr(src_of_dst), self.ptr(count), i32_of(rows)?);
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: threads * 4 };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&h).arg(&n).arg(&s).arg(&c);
+        // SAFETY: gati_compact_index(const int*, int, int*, int*); hit and
+        // src_of_dst hold at least `rows` values, count one; threads ≥ rows.
+        unsafe { b.launch(cfg) }.map_err(KernelError::driver("launching gati_compact_index"))?;
+        Ok(())
+    }
+
+    /// `dst[j] = src[src_of_dst[j]]` for `j < count[0]`, rows of `row_len`;
+    /// `max_rows` bounds `count[0]` (the batch the index was made from).
+    pub fn gather_rows(
+        &self,
+        src: &Buf,
+        dst: &mut Buf,
+        src_of_dst: &CudaSlice<i32>,
+        count: &CudaSlice<i32>,
+        row_len: usize,
+        max_rows: usize,
+    ) -> Result<(), KernelError> {
+        if max_rows == 0 {
+            return Ok(());
+        }
+        if src.len() < max_rows * row_len
+            || dst.len() < max_rows * row_len
+            || src_of_dst.len() < max_rows
+            || count.is_empty()
+        {
+            return Err(KernelError::Shape(format!("gather of up to {max_rows} rows of {row_len}")));
+        }
+        let f = self.function(Kernel::GatherRows)?;
+        let threads: u32 = 256;
+        let blocks_x = row_len.div_ceil(threads as usize).clamp(1, 1024) as u32;
+        let (s, d, i, c, len) = (self.ptr(src), self.ptr(dst), self.ptr(src_of_dst), self.ptr(count), row_len as i64);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks_x, u32_of(max_rows.min(65_535))?, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&s).arg(&d).arg(&i).arg(&c).arg(&len);
+        // SAFETY: gati_gather_rows(const float*, float*, const int*, const int*, long);
+        // src and dst hold max_rows rows, and count[0] ≤ max_rows (written by
+        // gati_compact_index over the same batch), so every index read is in range.
+        unsafe { b.launch(cfg) }.map_err(KernelError::driver("launching gati_gather_rows"))?;
+        Ok(())
+    }
+
+    /// NHWC → NCHW into `y`.
+    pub fn nhwc_to_nchw(&self, x: &Buf, y: &mut Buf, dims: [usize; 4]) -> Result<(), KernelError> {
+        let [n, c, h, w] = dims;
+        let total = n * c * h * w;
+        if x.len() < total || y.len() < total {
+            return Err(KernelError::Shape(format!(
+                "transpose of {dims:?} with buffers of {} and {}",
+                x.len(),
+                y.len()
+            )));
+        }
+        if total == 0 {
+            return Ok(());
+        }
+        let f = self.function(Kernel::NhwcToNchw)?;
+        let (xp, yp) = (self.ptr(x), self.ptr(y));
+        let ints = [i32_of(n)?, i32_of(c)?, i32_of(h)?, i32_of(w)?];
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256).min(65_535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&xp).arg(&yp);
+        for v in &ints {
+            b.arg(v);
+        }
+        // SAFETY: gati_nhwc_to_nchw(const float*, float*, int × 4); both buffers hold n·c·h·w values.
+        unsafe { b.launch(cfg) }.map_err(KernelError::driver("launching gati_nhwc_to_nchw"))?;
+        Ok(())
+    }
+
+    /// `y = act(y + bias)` over `rows × cols`, in place.
+    pub fn row_bias_act(
+        &self,
+        y: &mut Buf,
+        bias: Option<&Buf>,
+        rows: usize,
+        cols: usize,
+        act: Activation,
+    ) -> Result<(), KernelError> {
+        let total = rows * cols;
+        if y.len() < total || bias.is_some_and(|b| b.len() < cols) {
+            return Err(KernelError::Shape(format!("bias/act over {rows} × {cols}")));
+        }
+        if total == 0 {
+            return Ok(());
+        }
+        let f = self.function(Kernel::RowBiasAct)?;
+        let (yp, bp) = (self.ptr(y), self.opt_ptr(bias));
+        let ints = [i32_of(rows)?, i32_of(cols)?, act as i32];
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256).min(65_535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&yp).arg(&bp);
+        for v in &ints {
+            b.arg(v);
+        }
+        // SAFETY: gati_row_bias_act(float*, const float*, int, int, int); y holds rows·cols values, bias cols or is null.
+        unsafe { b.launch(cfg) }.map_err(KernelError::driver("launching gati_row_bias_act"))?;
+        Ok(())
+    }
+
+    /// Waits for everything queued on the stream.
+    pub fn synchronize(&self) -> Result<(), KernelError> {
+        self.stream.synchronize().map_err(KernelError::driver("synchronising the stream"))
+    }
+}
+
+fn i32_of(v: usize) -> Result<i32, KernelError> {
+    i32::try_from(v).map_err(|_| KernelError::Shape(format!("{v} does not fit a kernel's int argument")))
+}
+
+fn u32_of(v: usize) -> Result<u32, KernelError> {
+    u32::try_from(v).map_err(|_| KernelError::Shape(format!("{v} does not fit a launch dimension")))
+}

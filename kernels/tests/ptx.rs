@@ -1,0 +1,44 @@
+//! Every `.cu` module compiles to PTX for Hopper (`sm_90`) with NVRTC, and the
+//! PTX defines every kernel the module table names. Needs no GPU and no
+//! driver: the NVRTC library comes from the `nvidia-cuda-nvrtc` wheel that
+//! `scripts/setup.sh` installs into `.venv` (or from `GATI_CUDA_LIBRARY_PATH`).
+
+use std::path::Path;
+
+use gati_kernels::{libs, nvrtc, Module};
+
+fn nvrtc_ready() {
+    libs::preload_env();
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv");
+    if let Some(dir) = libs::wheel_lib_dir(&venv) {
+        libs::preload_from(&[dir]);
+    }
+    assert!(
+        nvrtc::available(),
+        "NVRTC not found: run scripts/setup.sh (it installs the nvidia-cuda-nvrtc wheel into .venv) or set {}",
+        libs::LIBRARY_PATH_VAR
+    );
+}
+
+#[test]
+fn every_module_compiles_for_sm_90() {
+    nvrtc_ready();
+    let (major, minor) = nvrtc::version().unwrap();
+    println!("NVRTC {major}.{minor}");
+    for m in Module::ALL {
+        let ptx = nvrtc::compile(m, nvrtc::CI_ARCH).unwrap_or_else(|e| panic!("{e}"));
+        assert!(ptx.contains(".target sm_90"), "{}: no sm_90 target in its PTX", m.file());
+        for k in m.kernels() {
+            assert!(ptx.contains(&format!(".entry {}(", k.name())), "{}: PTX lacks {}", m.file(), k.name());
+        }
+        println!("{}: {} bytes of PTX, kernels {:?}", m.file(), ptx.len(), m.kernels());
+    }
+}
+
+#[test]
+fn a_broken_source_is_a_compile_error_with_its_log() {
+    nvrtc_ready();
+    // Module sources are fixed; check the error path through a bad architecture.
+    let err = nvrtc::compile(Module::Compact, "sm_1").unwrap_err();
+    assert!(matches!(err, gati_kernels::KernelError::Compile { .. }), "{err}");
+}
