@@ -41,6 +41,8 @@ enum BenchCommand {
     Selector(gatid::bench::selector::Args),
     /// A long mixed load with hostile clients: every answer checked, RSS and fds watched.
     Soak(gatid::bench::soak::Args),
+    /// The GPU path against its CPU references and ONNX Runtime (tests/hil/gpu.sh).
+    Gpu(gatid::bench::gpu::Args),
     /// The socket-floor echo server the serving benchmark starts (internal).
     #[command(hide = true)]
     EchoServer {
@@ -98,6 +100,7 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
             gatid::bench::selector::run(args).map_err(MainError::Other)
         }
         Command::Bench { which: BenchCommand::Soak(args) } => gatid::bench::soak::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Gpu(args) } => gatid::bench::gpu::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::EchoServer { socket } } => {
             gatid::bench::serving::echo_server(&socket).map_err(MainError::Other)
         }
