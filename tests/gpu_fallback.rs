@@ -113,5 +113,12 @@ fn backend_keys_are_checked_with_the_config() {
     for needle in ["models[0].device", "models[0].fallback", "models[1].backend"] {
         assert!(err.contains(needle), "`{needle}` missing from:\n{err}");
     }
+    // The shipped GPU node example is valid (given the set-up ran).
+    let out = Command::new(env!("CARGO_BIN_EXE_gatid"))
+        .arg("check-config")
+        .arg(root().join("configs/gpu.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
