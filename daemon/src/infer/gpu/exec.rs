@@ -26,6 +26,8 @@ pub struct DeviceExec {
     values: Vec<Option<Buf>>,
     blas: CudaBlas,
     dnn: Arc<Cudnn>,
+    /// cuDNN's workspace, grown to the largest a convolution asked for.
+    workspace: std::cell::RefCell<Option<gati_kernels::cudarc::driver::CudaSlice<u8>>>,
 }
 
 // SAFETY: a DeviceExec is owned and used by one thread at a time (its
@@ -74,7 +76,7 @@ impl DeviceExec {
         }
         let blas = CudaBlas::new(gpu.stream().clone()).map_err(blas_err("creating a handle"))?;
         let dnn = Cudnn::new(gpu.stream().clone()).map_err(dnn_err("creating a handle"))?;
-        Ok(Self { gpu, plan, max_rows, weights, values, blas, dnn })
+        Ok(Self { gpu, plan, max_rows, weights, values, blas, dnn, workspace: Default::default() })
     }
 
     /// The plan it runs.
@@ -261,11 +263,15 @@ impl DeviceExec {
         let fwd = ConvForward { conv: &conv, x: &xd, w: &wd, y: &yd };
         let algo = fwd.pick_algorithm().map_err(dnn_err("picking an algorithm"))?;
         let bytes = fwd.get_workspace_size(algo).map_err(dnn_err("the workspace size"))?;
-        let mut ws = self.gpu.stream().alloc_zeros::<u8>(bytes.max(1)).map_err(KernelError::driver("a workspace"))?;
+        let mut ws = self.workspace.borrow_mut();
+        if ws.as_ref().is_none_or(|b| b.len() < bytes.max(1)) {
+            *ws = Some(self.gpu.stream().alloc_zeros::<u8>(bytes.max(1)).map_err(KernelError::driver("a workspace"))?);
+        }
+        let ws = ws.as_mut().ok_or_else(|| GpuError::Graph("no cuDNN workspace".into()))?;
         // SAFETY: the descriptors describe exactly these buffers (NCHW f32, sized
-        // for max_rows ≥ rows), all on the handle's stream.
-        unsafe { fwd.launch(algo, Some(&mut ws), (1.0f32, 0.0f32), x, w, y) }
-            .map_err(dnn_err("convolution forward"))?;
+        // for max_rows ≥ rows), all on the handle's stream; the workspace holds
+        // at least the bytes cuDNN asked for this algorithm.
+        unsafe { fwd.launch(algo, Some(ws), (1.0f32, 0.0f32), x, w, y) }.map_err(dnn_err("convolution forward"))?;
         Ok(())
     }
 
