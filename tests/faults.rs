@@ -276,12 +276,17 @@ fn a_garbage_model_file_at_sighup_is_refused_and_the_old_model_keeps_serving() {
     eprintln!("health after the refused reload: {health}");
     assert_eq!(health["status"], "ok");
     assert_eq!(health["models"], 1);
+    assert_eq!(health["last_reload"]["ok"], false, "Health says the reload was refused: {health}");
+    let why = health["last_reload"]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("cifar10"), "Health names the model that did not load: {why}");
     let models = c.control_json(Kind::ListModels, 0, &[]).unwrap();
     assert_eq!(models["models"][0]["name"], "cifar10");
     // The file repaired, the next reload loads it (the refused one left nothing behind).
     std::fs::copy(model_path("cifar10_cnn.onnx"), &model).unwrap();
     d.signal(libc::SIGHUP);
     wait_for_text(&log, "reload applied", Duration::from_secs(60));
+    let health = c.control_json(Kind::Health, 0, &[]).unwrap();
+    assert_eq!(health["last_reload"]["ok"], true, "the repaired reload is reported applied: {health}");
     let after = done.load(Ordering::Relaxed);
     wait_done(after + 20);
     stop.store(true, Ordering::Relaxed);

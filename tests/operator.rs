@@ -142,6 +142,23 @@ fn metrics_endpoint_passes_promtool_and_stats_print_integers() {
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("gatictl --json stats prints JSON");
     assert!(v["requests"].as_array().unwrap().iter().all(|r| r["count"].is_u64()), "{v}");
 
+    // gatictl health: the node's line, then one aligned line per data-plane thread.
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_gatictl")).arg("--socket").arg(&d.socket).arg("health").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let health = String::from_utf8(out.stdout).unwrap();
+    println!("{health}");
+    assert!(health.starts_with("status: ok "), "{health}");
+    let threads: Vec<&str> = health.lines().skip(1).collect();
+    assert!(threads[0].starts_with("thread ") && threads[0].contains("last progress"), "{health}");
+    for role in ["io-", "batch-", "sgs-"] {
+        let line = threads.iter().find(|l| l.contains(role)).unwrap_or_else(|| panic!("no {role} thread:\n{health}"));
+        assert!(line.contains(" running "), "{line}");
+    }
+    let at = threads[0].find("restarts").unwrap() + "restarts".len();
+    assert!(threads.iter().all(|l| l.len() >= at), "columns aligned:\n{health}");
+    assert!(!health.contains("last reload"), "no reload yet:\n{health}");
+
     // Connections over the limit are refused (and counted): once the gatictl
     // connections are gone only `c` is open; 7 more fill the limit of 8.
     wait_metric(&mut c, "\ngati_connections 1\n");

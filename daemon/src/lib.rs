@@ -8,7 +8,6 @@
 //! metric. See `docs/architecture.md`.
 
 pub mod api;
-pub mod bench;
 pub mod cache;
 pub mod client;
 pub mod config;

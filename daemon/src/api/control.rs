@@ -113,6 +113,11 @@ fn health(ctx: &ServeContext, status: &str, threads: Vec<crate::liveness::Thread
             "max_queued_bytes": ctx.budget.limit(),
             "stall_period_ms": ctx.stall_period.as_millis() as u64,
             "threads": threads,
+            "last_reload": ctx.state.last_reload().map(|r| json!({
+                "ok": r.error.is_none(),
+                "error": r.error,
+                "age_s": r.at.elapsed().as_secs_f64(),
+            })),
             "ort_library": crate::infer::runtime::loaded_library().map(|p| p.display().to_string()),
             "pid": std::process::id(),
         }),

@@ -14,7 +14,7 @@ pub mod server;
 pub mod wire;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -53,6 +53,16 @@ pub struct NodeState {
     draining: AtomicBool,
     pub started: Instant,
     pub connections: AtomicU32,
+    last_reload: Mutex<Option<ReloadOutcome>>,
+}
+
+/// How the last SIGHUP reload ended (`Health` reports it: a refused reload
+/// leaves the node serving its previous config, which only logs said before).
+#[derive(Debug, Clone)]
+pub struct ReloadOutcome {
+    pub at: Instant,
+    /// None: applied. Some: refused, with every error (the old config serves on).
+    pub error: Option<String>,
 }
 
 impl Default for NodeState {
@@ -62,6 +72,7 @@ impl Default for NodeState {
             draining: AtomicBool::new(false),
             started: Instant::now(),
             connections: AtomicU32::new(0),
+            last_reload: Mutex::new(None),
         }
     }
 }
@@ -78,6 +89,14 @@ impl NodeState {
     }
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+    /// Records how a reload ended: `Err` carries why it was refused.
+    pub fn record_reload(&self, result: Result<(), String>) {
+        let outcome = ReloadOutcome { at: Instant::now(), error: result.err() };
+        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+    }
+    pub fn last_reload(&self) -> Option<ReloadOutcome> {
+        self.last_reload.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

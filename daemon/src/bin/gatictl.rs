@@ -180,6 +180,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     v["connections"],
                     v["pid"]
                 );
+                print_threads(&v["threads"]);
+                if let Some(r) = v["last_reload"].as_object() {
+                    let age = r.get("age_s").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+                    match r.get("error").and_then(serde_json::Value::as_str) {
+                        None => println!("last reload: applied {age:.0} s ago"),
+                        Some(e) => println!("last reload: REFUSED {age:.0} s ago (serving the previous config): {e}"),
+                    }
+                }
             }
         }
         Command::Ready => {
@@ -194,6 +202,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One aligned line per data-plane thread of a `Health` answer.
+fn print_threads(threads: &serde_json::Value) {
+    use gatid::telemetry::table::{Align, Table};
+    let Some(threads) = threads.as_array() else { return };
+    let mut table = Table::new(&[
+        ("thread", Align::Left),
+        ("state", Align::Left),
+        ("last progress", Align::Right),
+        ("restarts", Align::Right),
+        ("last error", Align::Left),
+    ]);
+    for t in threads {
+        let s = |k: &str| t[k].as_str().unwrap_or("").to_string();
+        table.row(vec![
+            s("name"),
+            s("state"),
+            format!("{} ms", t["last_progress_ms"]),
+            t["restarts"].to_string(),
+            s("last_error"),
+        ]);
+    }
+    let mut out = String::new();
+    table.render(&mut out);
+    print!("{out}");
 }
 
 /// Reads the file as the wire expects it: images as u8 HWC, .npy as f32.

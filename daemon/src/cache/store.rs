@@ -81,9 +81,16 @@ pub fn save(path: &Path, fingerprint: u64, state: &State) -> Result<(), StoreErr
         std::fs::create_dir_all(dir).map_err(io_err)?;
     }
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io_err)?;
-    f.write_all(&buf).and_then(|()| f.sync_all()).map_err(io_err)?;
-    std::fs::rename(&tmp, path).map_err(io_err)
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&buf).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        // A full or read-only disk must not leave a partial file behind: the
+        // previous state (if any) stays as it was.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(e));
+    }
+    Ok(())
 }
 
 /// Reads the state at `path` if it was saved with `fingerprint`; `Ok(None)` when there is no file.
@@ -181,6 +188,19 @@ mod tests {
     use super::*;
     use crate::cache::learned::{LearnedCache, LearnedParams};
     use crate::cache::{CutCache, Samples};
+
+    #[test]
+    fn a_failed_save_leaves_no_partial_file_and_the_old_state_in_place() {
+        let dir = std::env::temp_dir().join(format!("gati-store-fail-{}", std::process::id()));
+        // The state path is a non-empty directory: the final rename fails after the write.
+        let path = dir.join("m.bin");
+        std::fs::create_dir_all(path.join("occupied")).unwrap();
+        let state = State { meta: Meta { generation: 1, budget_scale: 0.5, cuts: vec![None] }, window: vec![] };
+        assert!(save(&path, 7, &state).is_err());
+        assert!(!path.with_extension("tmp").exists(), "the partial file is removed");
+        assert!(path.join("occupied").exists(), "what was there stays");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn round_trip_and_every_bad_file_is_refused() {

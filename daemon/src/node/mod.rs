@@ -113,7 +113,7 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                current = reload(&config_path, current, &registry, &dags, &mut stamps).await;
+                current = reload(&config_path, current, &registry, &dags, &mut stamps, &state).await;
             }
             _ = rebalance.tick() => {
                 if let Some(s) = dags.get() {
@@ -222,6 +222,7 @@ async fn reload(
     registry: &Arc<Registry>,
     dags: &Arc<DagService>,
     stamps: &mut HashMap<String, Option<(u64, std::time::SystemTime)>>,
+    state: &NodeState,
 ) -> Config {
     systemd::reloading();
     tracing::info!(config = %path.display(), "SIGHUP: reloading configuration");
@@ -230,6 +231,7 @@ async fn reload(
         Err(e) => {
             tracing::error!(error = %e, "reload refused: config invalid; still serving the previous one");
             systemd::ready("reload failed: config invalid; serving previous config");
+            state.record_reload(Err(format!("config invalid: {e}")));
             return current;
         }
     };
@@ -247,6 +249,7 @@ async fn reload(
     .await;
     let Ok((result, st)) = built else {
         tracing::error!("reload task panicked; still serving the previous config");
+        state.record_reload(Err("the reload task panicked".into()));
         return current;
     };
     *stamps = st;
@@ -269,10 +272,14 @@ async fn reload(
                         next.dispatch = new.dispatch;
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "reload: DAG scheduler did not start; keeping the previous DAGs")
+                        tracing::error!(error = %e, "reload: DAG scheduler did not start; keeping the previous DAGs");
+                        state.record_reload(Err(format!("models applied; DAG scheduler did not start: {e}")));
+                        systemd::ready(&format!("serving {count} model(s); reload kept the previous DAGs"));
+                        return next;
                     }
                 }
             }
+            state.record_reload(Ok(()));
             systemd::ready(&format!("serving {count} model(s)"));
             next
         }
@@ -281,6 +288,8 @@ async fn reload(
                 tracing::error!(error = %e, "reload refused: model failed to load");
             }
             systemd::ready("reload failed: a model did not load; serving previous config");
+            let why: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            state.record_reload(Err(format!("a model did not load: {}", why.join("; "))));
             current
         }
     }

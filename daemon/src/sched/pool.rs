@@ -99,6 +99,8 @@ pub struct FunctionPool<K> {
     pub prestarts: u64,
     /// After a failed start, no new starts before this.
     paused_until: Option<Instant>,
+    /// Starts that failed since the last one that succeeded.
+    failed_starts: u32,
     /// Start only for waiting work; no warm target.
     on_demand: bool,
 }
@@ -114,6 +116,7 @@ impl<K: Copy + PartialEq> FunctionPool<K> {
             cold_starts: 0,
             prestarts: 0,
             paused_until: None,
+            failed_starts: 0,
             on_demand: false,
         }
     }
@@ -157,13 +160,17 @@ impl<K: Copy + PartialEq> FunctionPool<K> {
     /// A started worker joined the pool.
     pub fn started(&mut self, k: K, now: Instant) {
         self.starting = self.starting.saturating_sub(1);
+        self.failed_starts = 0;
         self.idle.push((k, now));
     }
 
-    /// A start failed: no new starts for `pause`.
-    pub fn start_failed(&mut self, now: Instant, pause: Duration) {
+    /// A start failed: no new starts for `pause`. Returns the starts that
+    /// failed in a row (a success resets the count).
+    pub fn start_failed(&mut self, now: Instant, pause: Duration) -> u32 {
         self.starting = self.starting.saturating_sub(1);
         self.paused_until = Some(now + pause);
+        self.failed_starts += 1;
+        self.failed_starts
     }
 
     /// A worker is gone (crashed, killed); `busy` says whether it was running.

@@ -254,6 +254,29 @@ fn failing_cold_start_answers_waiting_requests() {
     assert!(sgs.join(LONG));
 }
 
+/// One failed start is not the end: the request waits out the back-off and
+/// runs on the worker the next start brings.
+#[test]
+fn a_transient_start_failure_delays_waiting_requests_but_does_not_fail_them() {
+    let dep = deployment(vec![func("f", 1, 0, 1)], vec![0], &[], 5000);
+    let tries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = Arc::clone(&tries);
+    let ok = appender(Duration::ZERO);
+    let factory = move |f: &FunctionDef| -> Result<Box<dyn Worker>, WorkerError> {
+        if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            return Err(WorkerError::Start("fork failed: resource temporarily unavailable".into()));
+        }
+        ok(f)
+    };
+    let sgs = Sgs::start(0, Arc::clone(&dep), Arc::new(factory), budget(&dep)).unwrap();
+    let (req, rx) = request(&dep, b"x", None);
+    assert!(sgs.submit(req).is_ok());
+    let (res, _) = rx.recv_timeout(LONG).unwrap();
+    assert!(matches!(&res, DagResult::Ok { output, .. } if output == b"xf"), "{res:?}");
+    assert!(tries.load(std::sync::atomic::Ordering::SeqCst) >= 2, "a second start brought the worker");
+    assert!(sgs.join(LONG));
+}
+
 #[test]
 fn stop_finishes_in_flight_work_and_refuses_the_rest() {
     let dep = deployment(vec![func("f", 1, 1, 1)], vec![0], &[], 5000);

@@ -8,7 +8,7 @@
 mod dags;
 pub mod names;
 pub mod summary;
-mod table;
+pub mod table;
 
 pub use dags::{dag_outcomes, dag_request_done, function_workers, sched_workers};
 

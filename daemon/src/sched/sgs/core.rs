@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::exec::Inflight;
+use super::leases::Leases;
+use super::slots::Slots;
 use super::workers::WSlot;
 use crate::config::{DispatchOrder, PoolMode};
 use crate::eventfd::EventFd;
@@ -50,33 +52,32 @@ pub(crate) enum Msg {
     Panic,
 }
 
+/// An SGS: its ring, inbox, workers, requests in flight and ready queue.
+/// The four files of this module share it through these fields; the slot
+/// arenas, the lease count and the ready queue carry their own invariants.
 pub(super) struct Core {
-    pub index: usize,
-    pub dep: Arc<Deployment>,
-    pub stats: Arc<SgsStats>,
+    pub(super) index: usize,
+    pub(super) dep: Arc<Deployment>,
+    pub(super) stats: Arc<SgsStats>,
     ring: IoUring,
     inbox: Receiver<Msg>,
     wake: Arc<EventFd>,
     inbox_armed: bool,
-    pub spawn: Sender<FnId>,
-    pub est: Vec<Estimator>,
-    pub pools: Vec<FunctionPool<u32>>,
-    pub workers: Vec<Option<WSlot>>,
-    pub wfree: Vec<u32>,
-    pub wgen: u32,
-    pub reqs: Vec<Option<Inflight>>,
-    pub rfree: Vec<u32>,
-    pub rgen: u32,
-    pub inflight: usize,
-    pub ready: ReadyQueue,
-    pub stopping: bool,
+    /// Cold and proactive starts go to the spawner thread.
+    pub(super) spawn: Sender<FnId>,
+    /// Per function: execution-time estimates and the warm pool (of worker slots).
+    pub(super) est: Vec<Estimator>,
+    pub(super) pools: Vec<FunctionPool<u32>>,
+    pub(super) workers: Slots<WSlot>,
+    pub(super) reqs: Slots<Inflight>,
+    pub(super) ready: ReadyQueue,
+    pub(super) stopping: bool,
     /// The node's core budget and the leases this SGS holds (one per running invocation).
-    pub cores: Arc<Cores>,
-    pub leases: usize,
+    pub(super) leases: Leases,
 }
 
 impl Core {
-    pub fn new(
+    pub(super) fn new(
         index: usize,
         dep: Arc<Deployment>,
         stats: Arc<SgsStats>,
@@ -117,21 +118,15 @@ impl Core {
             spawn,
             est,
             pools,
-            workers: Vec::new(),
-            wfree: Vec::new(),
-            wgen: 0,
-            reqs: Vec::new(),
-            rfree: Vec::new(),
-            rgen: 0,
-            inflight: 0,
+            workers: Slots::default(),
+            reqs: Slots::default(),
             ready: ReadyQueue::default(),
             stopping: false,
-            cores,
-            leases: 0,
+            leases: Leases::new(cores),
         })
     }
 
-    pub fn push(&mut self, sqe: squeue::Entry) -> io::Result<()> {
+    pub(super) fn push(&mut self, sqe: squeue::Entry) -> io::Result<()> {
         // SAFETY: SGS entries are polls and poll removals: they point at no
         // memory, only at fds (and user_data), so nothing must outlive them.
         while unsafe { self.ring.submission().push(&sqe) }.is_err() {
@@ -140,15 +135,15 @@ impl Core {
         Ok(())
     }
 
-    pub fn poll_fd(&mut self, fd: i32, ud: u64) -> io::Result<()> {
+    pub(super) fn poll_fd(&mut self, fd: i32, ud: u64) -> io::Result<()> {
         self.push(opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(ud))
     }
 
-    pub fn cancel_poll(&mut self, ud: u64) -> io::Result<()> {
+    pub(super) fn cancel_poll(&mut self, ud: u64) -> io::Result<()> {
         self.push(opcode::PollRemove::new(ud).build().user_data(user_data(OP_CANCEL, 0, 0, 0)))
     }
 
-    pub fn run(&mut self, beat: &crate::liveness::Beat) -> io::Result<()> {
+    pub(super) fn run(&mut self, beat: &crate::liveness::Beat) -> io::Result<()> {
         loop {
             // The wait below ends at least every MAINTENANCE, so an idle SGS beats too.
             beat.beat();
@@ -178,7 +173,7 @@ impl Core {
                 }
             }
             self.turn(Instant::now())?;
-            if self.stopping && self.inflight == 0 {
+            if self.stopping && self.reqs.is_empty() {
                 self.shutdown();
                 return Ok(());
             }
@@ -219,11 +214,11 @@ impl Core {
     fn next_wake(&self, now: Instant) -> Instant {
         let mut t = now + MAINTENANCE;
         if self.deadline_aware() {
-            for r in self.reqs.iter().flatten() {
+            for (_, r) in self.reqs.iter() {
                 t = t.min(r.deadline);
             }
         }
-        for w in self.workers.iter().flatten() {
+        for (_, w) in self.workers.iter() {
             if let Some(j) = &w.job {
                 t = t.min(j.started + self.dep.functions[w.func].limits.time_limit);
             }
@@ -233,17 +228,17 @@ impl Core {
 
     /// Least-slack order answers hopeless requests early; FIFO (the baseline)
     /// knows no deadlines and runs every request to completion.
-    pub fn deadline_aware(&self) -> bool {
+    pub(super) fn deadline_aware(&self) -> bool {
         self.dep.policy.order == DispatchOrder::LeastSlack
     }
 
     fn shutdown(&mut self) {
-        for k in 0..self.workers.len() {
-            if let Some(mut w) = self.remove_worker(k as u32) {
+        for k in self.workers.slots() {
+            if let Some(mut w) = self.remove_worker(k) {
                 w.worker.kill();
             }
         }
-        self.cores.release(std::mem::take(&mut self.leases));
+        self.leases.release_all();
         let _ = self.ring.submit();
         tracing::debug!(sgs = self.index, "SGS stopped");
     }

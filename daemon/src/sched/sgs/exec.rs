@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::core::Core;
+use super::slots::Key;
 use super::workers::Running;
 use crate::sched::dag::Dag;
 use crate::sched::request::{DagReply, DagRequest, DagResult, FnTiming};
@@ -21,7 +22,6 @@ pub const MAX_ATTEMPTS: u8 = 3;
 
 /// A request in flight on this SGS.
 pub(super) struct Inflight {
-    pub gen: u32,
     pub dag: Arc<Dag>,
     pub deadline: Instant,
     input: Vec<u8>,
@@ -90,10 +90,8 @@ impl Core {
             req.reply.send(DagResult::DeadlineMissed);
             return;
         }
-        self.rgen = self.rgen.wrapping_add(1);
         let n = dag.nodes.len();
         let r = Inflight {
-            gen: self.rgen,
             deadline,
             input: req.input,
             outputs: vec![None; n],
@@ -106,30 +104,21 @@ impl Core {
             reply: Some(req.reply),
             dag,
         };
-        let slot = match self.rfree.pop() {
-            Some(s) => s,
-            None => {
-                self.reqs.push(None);
-                (self.reqs.len() - 1) as u32
-            }
-        };
-        let key = (slot, r.gen);
         let sources = r.dag.sources.clone();
-        self.reqs[slot as usize] = Some(r);
-        self.inflight += 1;
+        let key = self.reqs.insert(r);
         for s in sources {
             self.make_ready(key, s, now);
         }
         self.shed(now);
     }
 
-    pub(super) fn req_mut(&mut self, key: (u32, u32)) -> Option<&mut Inflight> {
-        self.reqs.get_mut(key.0 as usize)?.as_mut().filter(|r| r.gen == key.1)
+    pub(super) fn req_mut(&mut self, key: Key) -> Option<&mut Inflight> {
+        self.reqs.get_mut(key)
     }
 
     /// Queues a node whose inputs are complete: keyed by its latest start
     /// (least slack first), or by now (FIFO).
-    fn make_ready(&mut self, key: (u32, u32), node: usize, now: Instant) {
+    fn make_ready(&mut self, key: Key, node: usize, now: Instant) {
         let aware = self.deadline_aware();
         let Some(r) = self.req_mut(key) else { return };
         r.ready_at[node] = Some(now);
@@ -150,14 +139,11 @@ impl Core {
     /// Gives back the leases of invocations that ended (completed, failed,
     /// crashed or killed): a lease is held exactly while an exec worker has a job.
     fn return_leases(&mut self) {
-        if self.leases == 0 {
+        if self.leases.held() == 0 {
             return;
         }
-        let running = self.workers.iter().flatten().filter(|w| w.job.is_some_and(|j| j.leased)).count();
-        if self.leases > running {
-            self.cores.release(self.leases - running);
-            self.leases = running;
-        }
+        let running = self.workers.iter().filter(|(_, w)| w.job.is_some_and(|j| j.leased)).count();
+        self.leases.settle(running);
     }
 
     /// Whether invocations of `func` need a core lease: under a core budget,
@@ -167,7 +153,7 @@ impl Core {
     /// batches. Short functions (a top-k, a resize) would wait for a lease
     /// longer than they run: they finish a request cheaply, so they run at once.
     pub(super) fn leased(&self, func: usize) -> bool {
-        self.cores.total().is_some()
+        self.leases.budget().is_some()
             && matches!(self.dep.functions[func].body, crate::sched::FunctionBody::Exec { .. })
             && self.est[func].best() >= LEASE_MIN
     }
@@ -183,13 +169,10 @@ impl Core {
                 continue;
             }
             let leased = self.leased(item.func);
-            if leased {
-                if !self.cores.try_take(self.index) {
-                    // Every core is busy: it waits, in its place, for a release to wake us.
-                    self.ready.push(ls, item);
-                    return Ok(());
-                }
-                self.leases += 1;
+            if leased && !self.leases.try_take(self.index) {
+                // Every core is busy: it waits, in its place, for a release to wake us.
+                self.ready.push(ls, item);
+                return Ok(());
             }
             let Some(r) = self.req_mut(item.req) else { continue };
             let input = r.input_for(item.node);
@@ -200,7 +183,7 @@ impl Core {
             bump(&counters.dispatched, 1);
             bump(&counters.queue_ns, queued.as_nanos() as u64);
             let Some(k) = self.pools[item.func].take_idle() else { continue };
-            let Some(w) = self.workers.get_mut(k as usize).and_then(Option::as_mut) else { continue };
+            let Some((_, w)) = self.workers.at_mut(k) else { continue };
             match w.worker.submit(input) {
                 Ok(()) => w.job = Some(Running { req: item.req, node: item.node, started: now, queued, leased }),
                 Err(e) if e.is_fatal() => {
@@ -260,7 +243,7 @@ impl Core {
     }
 
     /// Answers a request and forgets it; its running invocations finish unheard.
-    pub(super) fn finish(&mut self, key: (u32, u32), result: DagResult) {
+    pub(super) fn finish(&mut self, key: Key, result: DagResult) {
         let Some(r) = self.req_mut(key) else { return };
         let reply = r.reply.take();
         let index = r.dag.index;
@@ -277,9 +260,7 @@ impl Core {
             },
             1,
         );
-        self.reqs[key.0 as usize] = None;
-        self.rfree.push(key.0);
-        self.inflight -= 1;
+        self.reqs.remove(key);
         self.ready.remove_request(key);
         if let Some(reply) = reply {
             reply.send(result);
@@ -292,12 +273,7 @@ impl Core {
         if !self.deadline_aware() {
             return;
         }
-        let late: Vec<(u32, u32)> = self
-            .reqs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| r.as_ref().filter(|r| r.deadline <= now).map(|r| (i as u32, r.gen)))
-            .collect();
+        let late: Vec<Key> = self.reqs.iter().filter(|(_, r)| r.deadline <= now).map(|(k, _)| k).collect();
         for key in late {
             self.finish(key, DagResult::DeadlineMissed);
         }

@@ -12,7 +12,9 @@
 
 mod core;
 mod exec;
+mod leases;
 mod shed;
+mod slots;
 mod workers;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -16,6 +16,7 @@
 use std::time::{Duration, Instant};
 
 use super::core::Core;
+use super::slots::Key;
 use crate::sched::request::DagResult;
 
 /// At most this many requests are shed per arrival.
@@ -24,7 +25,7 @@ const MAX_SHED: usize = 16;
 /// One queued invocation as the simulation sees it.
 struct Job {
     latest_start: Instant,
-    req: (u32, u32),
+    req: Key,
     /// Core time it holds a lease for.
     work: Duration,
     /// From its start to the end of its request's critical path.
@@ -38,13 +39,13 @@ impl Core {
         if !self.dep.policy.shed || !self.deadline_aware() {
             return;
         }
-        let Some(cores) = self.cores.total() else { return };
+        let Some(cores) = self.leases.budget() else { return };
         let mut jobs: Vec<Job> = self
             .ready
             .entries()
             .filter(|(_, r)| self.leased(r.func))
             .filter_map(|(latest_start, r)| {
-                let req = self.reqs.get(r.req.0 as usize)?.as_ref().filter(|q| q.gen == r.req.1)?;
+                let req = self.reqs.get(r.req)?;
                 let work = self.est[r.func].best();
                 Some(Job { latest_start, req: r.req, work, path: req.floor_from(r.node), deadline: req.deadline })
             })
@@ -57,8 +58,7 @@ impl Core {
         let mut free: Vec<Instant> = self
             .workers
             .iter()
-            .flatten()
-            .filter_map(|w| w.job.filter(|j| j.leased).map(|j| (j.started + self.est[w.func].best()).max(now)))
+            .filter_map(|(_, w)| w.job.filter(|j| j.leased).map(|j| (j.started + self.est[w.func].best()).max(now)))
             .collect();
         free.truncate(cores);
         free.resize(cores, now);

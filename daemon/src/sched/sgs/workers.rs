@@ -5,6 +5,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use super::core::{user_data, Core, OP_WORKER};
+use super::slots::Key;
 use crate::sched::function::FnId;
 use crate::sched::signals::bump;
 use crate::sched::worker::{Worker, WorkerError};
@@ -12,10 +13,15 @@ use crate::sched::worker::{Worker, WorkerError};
 /// New starts of a function wait this long after a failed one.
 const START_BACKOFF: Duration = Duration::from_millis(500);
 
+/// Requests waiting for a function with no worker are failed only after this
+/// many starts failed in a row: one transient failure (a fork under memory
+/// pressure, a busy cgroup) costs them the back-off, not their answer.
+pub(super) const START_ATTEMPTS: u32 = 3;
+
 /// An invocation running on a worker.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Running {
-    pub req: (u32, u32),
+    pub req: Key,
     pub node: usize,
     pub started: Instant,
     pub queued: Duration,
@@ -23,9 +29,8 @@ pub(super) struct Running {
     pub leased: bool,
 }
 
-/// One worker of this SGS.
+/// One worker of this SGS (its slot is what the function's pool holds).
 pub(super) struct WSlot {
-    pub gen: u32,
     pub func: FnId,
     pub worker: Box<dyn Worker>,
     pub job: Option<Running>,
@@ -44,23 +49,14 @@ impl Core {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(sgs = self.index, function = %self.dep.functions[func].name, error = %e, "worker start failed");
-                self.pools[func].start_failed(now, START_BACKOFF);
-                if self.pools[func].total() == 0 {
+                let failed = self.pools[func].start_failed(now, START_BACKOFF);
+                if self.pools[func].total() == 0 && failed >= START_ATTEMPTS {
                     self.fail_waiting(func, &e);
                 }
                 return Ok(());
             }
         };
-        self.wgen = self.wgen.wrapping_add(1);
-        let slot = WSlot { gen: self.wgen, func, worker, job: None, armed: [false; 2] };
-        let k = match self.wfree.pop() {
-            Some(k) => k,
-            None => {
-                self.workers.push(None);
-                (self.workers.len() - 1) as u32
-            }
-        };
-        self.workers[k as usize] = Some(slot);
+        let (k, _) = self.workers.insert(WSlot { func, worker, job: None, armed: [false; 2] });
         bump(&self.stats.workers, 1);
         if let Some(g) = self.stats.fn_workers.get(func) {
             bump(g, 1);
@@ -82,9 +78,8 @@ impl Core {
     }
 
     fn arm_worker(&mut self, k: u32) -> io::Result<()> {
-        let Some(w) = self.workers.get_mut(k as usize).and_then(Option::as_mut) else { return Ok(()) };
+        let Some((gen, w)) = self.workers.at_mut(k) else { return Ok(()) };
         let fds = w.worker.fds();
-        let gen = w.gen;
         let mut todo = Vec::new();
         for (idx, fd) in fds.iter().enumerate() {
             if let (Some(fd), false) = (fd, w.armed[idx]) {
@@ -100,15 +95,14 @@ impl Core {
 
     /// Takes a worker out: its polls are cancelled, the caller kills or drops it.
     pub(super) fn remove_worker(&mut self, k: u32) -> Option<WSlot> {
-        let w = self.workers.get_mut(k as usize)?.take()?;
+        let (gen, w) = self.workers.remove_at(k)?;
         for (idx, armed) in w.armed.iter().enumerate() {
             if *armed {
-                if let Err(e) = self.cancel_poll(user_data(OP_WORKER, idx, k, w.gen)) {
+                if let Err(e) = self.cancel_poll(user_data(OP_WORKER, idx, k, gen)) {
                     tracing::error!(sgs = self.index, error = %e, "cannot cancel a worker poll");
                 }
             }
         }
-        self.wfree.push(k);
         self.stats.workers.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(g) = self.stats.fn_workers.get(w.func) {
             g.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -118,9 +112,7 @@ impl Core {
 
     /// A worker's fd `idx` fired (0 = output ready, 1 = exited).
     pub(super) fn on_worker_event(&mut self, k: u32, gen: u32, idx: usize, res: i32, now: Instant) -> io::Result<()> {
-        let Some(w) = self.workers.get_mut(k as usize).and_then(Option::as_mut).filter(|w| w.gen == gen) else {
-            return Ok(());
-        };
+        let Some(w) = self.workers.get_mut((k, gen)) else { return Ok(()) };
         w.armed[idx] = false;
         if res == -libc::ECANCELED {
             return Ok(());
@@ -178,12 +170,8 @@ impl Core {
 
     /// Kills workers running past their function's time limit.
     pub(super) fn reap_overdue(&mut self, now: Instant) -> io::Result<()> {
-        let overdue: Vec<u32> = self
-            .workers
-            .iter()
-            .enumerate()
-            .filter_map(|(k, w)| w.as_ref().filter(|w| w.job.is_some() && w.worker.overdue()).map(|_| k as u32))
-            .collect();
+        let overdue: Vec<u32> =
+            self.workers.iter().filter(|(_, w)| w.job.is_some() && w.worker.overdue()).map(|((k, _), _)| k).collect();
         for k in overdue {
             self.crash(k, WorkerError::TimedOut, now)?;
         }
@@ -197,7 +185,7 @@ impl Core {
             let exec = self.est[f].expected();
             // While stopping, work still waiting gets its workers; in-flight requests finish.
             let mut waiting = self.ready.waiting_for(f);
-            if let Some(total) = self.cores.total().filter(|_| self.leased(f)) {
+            if let Some(total) = self.leases.budget().filter(|_| self.leased(f)) {
                 // Under a core budget no more than `cores` invocations run at
                 // once: more workers for the queue would be cold starts that
                 // wait for a lease anyway (and take CPU from those running).
@@ -209,7 +197,7 @@ impl Core {
             bump(&self.stats.prestarts, self.pools[f].prestarts - pre0);
             for _ in 0..n {
                 if self.spawn.send(f).is_err() {
-                    self.pools[f].start_failed(now, START_BACKOFF);
+                    let _ = self.pools[f].start_failed(now, START_BACKOFF);
                 }
             }
             for k in self.pools[f].retire(now, exec) {

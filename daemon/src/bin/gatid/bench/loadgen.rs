@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use zerocopy::IntoBytes;
 
-use crate::api::wire::{ResponseHeader, Status, HEADER_LEN};
-use crate::client::Client;
+use gatid::api::wire::{ResponseHeader, Status, HEADER_LEN};
+use gatid::client::Client;
 
 /// One kind of request in the mix.
 #[derive(Debug, Clone)]

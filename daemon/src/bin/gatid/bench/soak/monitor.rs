@@ -10,8 +10,8 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::Progress;
-use crate::client::Client;
-use crate::telemetry::names;
+use gatid::client::Client;
+use gatid::telemetry::names;
 
 /// Between samples.
 const PERIOD: Duration = Duration::from_secs(1);
@@ -171,7 +171,7 @@ pub(crate) fn settle(pid: u32, c: &mut Client, fds_start: usize) -> anyhow::Resu
 /// The cache gauges of `model` (null where absent).
 pub(crate) fn cache_state(c: &mut Client, model: &str) -> serde_json::Value {
     let text = c.stats_text().unwrap_or_default();
-    let v = |name| crate::telemetry::summary::model_value(&text, name, model);
+    let v = |name| gatid::telemetry::summary::model_value(&text, name, model);
     let us = |name| v(name).map(|s| s * 1e6);
     serde_json::json!({
         "generation": v(names::CACHE_GENERATION),

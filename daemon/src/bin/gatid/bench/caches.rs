@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use serde_json::json;
 
 use super::harness::{write_json, Daemon};
-use crate::api::wire::Dtype;
+use gatid::api::wire::Dtype;
 
 /// Options of `gatid bench caches`.
 #[derive(Debug, clap::Args)]
@@ -126,7 +126,7 @@ fn run_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool, selector: 
         t.class.push(v.iter().enumerate().fold((0, f32::MIN), |b, (k, &x)| if x > b.1 { (k, x) } else { b }).0);
     }
     let stats = client.stats_text()?;
-    t.mem_bytes = crate::telemetry::summary::model_value(&stats, crate::telemetry::names::CACHE_MEMORY_BYTES, w.model)
+    t.mem_bytes = gatid::telemetry::summary::model_value(&stats, gatid::telemetry::names::CACHE_MEMORY_BYTES, w.model)
         .unwrap_or(0.0);
     drop(client);
     daemon.stop()?;
@@ -291,15 +291,15 @@ fn plot(path: &Path, workloads: &[Workload], traces: &[Vec<Trace>]) -> anyhow::R
 }
 
 /// Sends 4096 Fashion-MNIST training images as calibration rows and waits for the training.
-fn warm_start(client: &mut crate::client::Client, config: &Path, model: &str) -> anyhow::Result<()> {
+fn warm_start(client: &mut gatid::client::Client, config: &Path, model: &str) -> anyhow::Result<()> {
     let root = config.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
     let file = root.join("data/fashion-mnist/calib-images-idx3-ubyte");
-    let mut set = crate::client::calibrate::read(&file, [28, 28, 1]).map_err(anyhow::Error::msg)?;
+    let mut set = gatid::client::calibrate::read(&file, [28, 28, 1]).map_err(anyhow::Error::msg)?;
     set.images.truncate(4096);
-    crate::client::calibrate::send(client, model, &set, 16, |_| {})?;
-    let v = client.control_json(crate::api::wire::Kind::CacheTrain, crate::api::wire::model_id(model), &[])?;
+    gatid::client::calibrate::send(client, model, &set, 16, |_| {})?;
+    let v = client.control_json(gatid::api::wire::Kind::CacheTrain, gatid::api::wire::model_id(model), &[])?;
     let generation = v["generation"].as_u64().unwrap_or(0);
-    if !crate::client::calibrate::wait_trained(client, model, generation, Duration::from_secs(120))? {
+    if !gatid::client::calibrate::wait_trained(client, model, generation, Duration::from_secs(120))? {
         bail!("calibration training of {model} did not finish within 120 s");
     }
     Ok(())

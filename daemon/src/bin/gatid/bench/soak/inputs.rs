@@ -8,10 +8,10 @@ use std::path::Path;
 use anyhow::{bail, Context};
 
 use super::traffic::{argmax, dag_class, DAG};
-use crate::api::server::FLAG_CALIBRATE;
-use crate::api::wire::{Dtype, Kind};
 use crate::bench::harness::Daemon;
-use crate::client::Client;
+use gatid::api::server::FLAG_CALIBRATE;
+use gatid::api::wire::{Dtype, Kind};
+use gatid::client::Client;
 
 /// One CIFAR-10 image: RGB HWC pixels, the PNG file, the full model's class.
 pub(crate) struct CifarImage {
@@ -93,8 +93,30 @@ pub(crate) fn load(root: &Path, daemon: &Daemon, quick: bool) -> anyhow::Result<
     }
     // The calibration rows filled the cache's window: let its first training
     // finish before the load (the trainer runs at SCHED_IDLE; the load leaves it no idle CPU).
-    let trained = crate::client::calibrate::wait_trained(&mut c, "fmnist", 0, TRAIN_WAIT)?;
+    let trained = gatid::client::calibrate::wait_trained(&mut c, "fmnist", 0, TRAIN_WAIT)?;
     Ok(Inputs { cifar, fmnist, fmnist_stages: stages, trained_before_load: trained })
+}
+
+/// Runs each model once at every batch size from 1 to its `max_batch` (one
+/// request of k rows each), before RSS is first measured. The working set of
+/// a model is reached only when its largest batches have run: ORT's arena and
+/// per-shape plans grow to the biggest batch seen, and under load batches grow
+/// up to `max_batch`. Without this, the first burst of contention during the
+/// load (queues fill, batches grow) raised RSS "after warm-up" in steps.
+pub(crate) fn every_batch_size(daemon: &Daemon, inputs: &Inputs) -> anyhow::Result<()> {
+    let mut c = daemon.client()?;
+    let fmnist: Vec<&[u8]> = inputs.fmnist.iter().map(|(p, _)| p.as_slice()).collect();
+    let cifar: Vec<&[u8]> = inputs.cifar.iter().map(|i| i.pixels.as_slice()).collect();
+    for (model, shape, rows) in [("cifar10", CIFAR_SHAPE, &cifar), ("fmnist", FMNIST_SHAPE, &fmnist)] {
+        let info = c.control_json(Kind::ModelInfo, gatid::id::model_id(model), &[])?;
+        let max_batch = info["model"]["max_batch"].as_u64().context("ModelInfo has no max_batch")? as usize;
+        for k in 1..=max_batch {
+            let payload: Vec<u8> = (0..k).flat_map(|j| rows[j % rows.len()].iter().copied()).collect();
+            let r = c.infer(model, Dtype::U8, &[k as u32, shape[0], shape[1], shape[2]], &payload, 0)?.ok()?;
+            anyhow::ensure!(r.floats().len() == k * 10, "{model}: {k} rows answered with {} floats", r.floats().len());
+        }
+    }
+    Ok(())
 }
 
 /// After the load: a new connection is served right and Health says ok.

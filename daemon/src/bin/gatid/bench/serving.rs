@@ -13,10 +13,10 @@ use anyhow::{bail, Context};
 use serde_json::json;
 
 use super::harness::{median_us, write_json, Daemon};
-use crate::api::wire::{Dtype, Status};
-use crate::client::Client;
-use crate::infer::model::{probe_input, row_shape};
-use crate::infer::pipeline::session_from_bytes;
+use gatid::api::wire::{Dtype, Status};
+use gatid::client::Client;
+use gatid::infer::model::{probe_input, row_shape};
+use gatid::infer::pipeline::session_from_bytes;
 
 /// Options of `gatid bench serving`.
 #[derive(Debug, clap::Args)]
@@ -43,7 +43,7 @@ pub struct Args {
 
 /// Runs the benchmark and prints its table.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let config = crate::config::load(&args.config)?;
+    let config = gatid::config::load(&args.config)?;
     let model_cfg = match &args.model {
         Some(m) => config
             .models
@@ -53,7 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => config.models.first().context("config has no models")?,
     }
     .clone();
-    crate::infer::runtime::environment(config.runtime.ort_library.as_deref())?;
+    gatid::infer::runtime::environment(config.runtime.ort_library.as_deref())?;
     let (floor_n, ping_n, model_n) = if args.quick { (3000, 3000, 200) } else { (20000, 20000, 1000) };
 
     println!("gatid bench serving — model `{}`{}", model_cfg.name, if args.quick { " (quick)" } else { "" });
@@ -100,7 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    let mut staged_model = crate::infer::LoadedModel::load(&model_cfg)?;
+    let mut staged_model = gatid::infer::LoadedModel::load(&model_cfg)?;
     let staged_model_stages = staged_model.meta.stages.len();
     let mut staged = Vec::with_capacity(model_n);
     let mut run_staged = |n: usize, out: &mut Vec<Duration>| -> anyhow::Result<()> {

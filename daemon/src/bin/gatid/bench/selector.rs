@@ -20,11 +20,11 @@ use serde_json::json;
 
 use super::caches::{load_workloads, Workload};
 use super::harness::{write_json, Daemon};
-use crate::api::wire::Dtype;
-use crate::cache::model_caches::Sample;
-use crate::cache::policy::{min_certifiable_rows, tune, OFF};
-use crate::cache::{store, train, CutCache};
-use crate::config::CacheConfig;
+use gatid::api::wire::Dtype;
+use gatid::cache::model_caches::Sample;
+use gatid::cache::policy::{min_certifiable_rows, tune, OFF};
+use gatid::cache::{store, train, CutCache};
+use gatid::config::CacheConfig;
 
 /// Options of `gatid bench selector`.
 #[derive(Debug, clap::Args)]
@@ -250,7 +250,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for w in &workloads {
         let samples = record(&args.config, w)?;
         let labelled =
-            crate::config::load(&args.config)?.models.iter().find(|m| m.name == w.model).map(|m| m.labels.len());
+            gatid::config::load(&args.config)?.models.iter().find(|m| m.name == w.model).map(|m| m.labels.len());
         let seen = samples.iter().map(|s| s.label as usize + 1).max().unwrap_or(1);
         let classes = labelled.unwrap_or(0).max(seen);
         let cuts = samples.first().map_or(0, |s| s.features.len());

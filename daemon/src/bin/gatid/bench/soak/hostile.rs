@@ -22,8 +22,8 @@ use zerocopy::IntoBytes;
 use super::inputs::{Inputs, CIFAR_SHAPE};
 use super::traffic::DAG;
 use super::Progress;
-use crate::api::wire::{Dtype, Kind, RequestHeader, ResponseHeader, Status, HEADER_LEN};
-use crate::client::Client;
+use gatid::api::wire::{Dtype, Kind, RequestHeader, ResponseHeader, Status, HEADER_LEN};
+use gatid::client::Client;
 
 /// What the hostile threads send.
 pub(crate) struct Plan {
@@ -224,7 +224,7 @@ fn answer(c: &mut Client, id: u64) -> Outcome {
     match c.recv() {
         Ok(r) if r.request_id == id => Outcome::Status(r.status),
         Ok(_) => Outcome::NoAnswer, // an answer to something else: ours never came
-        Err(crate::client::ClientError::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+        Err(gatid::client::ClientError::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
             Outcome::NoAnswer
         }
         Err(_) => Outcome::Closed,

@@ -19,7 +19,7 @@ use toml::Value;
 
 use super::harness::{write_json, Daemon};
 use super::loadgen::{self, Arrival, Bursts, Invocation, Outcome};
-use crate::api::wire::Status;
+use gatid::api::wire::Status;
 
 /// Options of `gatid bench dispatch`.
 #[derive(Debug, clap::Args)]

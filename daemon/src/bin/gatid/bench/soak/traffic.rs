@@ -15,8 +15,8 @@ use zerocopy::IntoBytes;
 
 use super::inputs::{Inputs, CIFAR_SHAPE, FMNIST_SHAPE};
 use super::{Progress, WINDOW};
-use crate::api::wire::{Dtype, RequestHeader, Status};
-use crate::client::{Client, Response};
+use gatid::api::wire::{Dtype, RequestHeader, Status};
+use gatid::client::{Client, Response};
 
 /// The DAG the soak invokes.
 pub(crate) const DAG: &str = "classify";

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use gatid::node::{self, NodeError};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "gatid", version, about = "gati per-node DNN serving daemon")]
 struct Cli {
@@ -32,17 +34,17 @@ enum Command {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Socket floor vs gatid ping vs model through gatid vs ORT in-process.
-    Serving(gatid::bench::serving::Args),
+    Serving(bench::serving::Args),
     /// No cache vs learned vs k-NN caches on real streams, through the socket.
-    Caches(gatid::bench::caches::Args),
+    Caches(bench::caches::Args),
     /// Deadline-aware DAG dispatch vs an OpenWhisk-style baseline, open-loop trace.
-    Dispatch(gatid::bench::dispatch::Args),
+    Dispatch(bench::dispatch::Args),
     /// Max-softmax vs the learned selector, replaying recorded streams offline.
-    Selector(gatid::bench::selector::Args),
+    Selector(bench::selector::Args),
     /// A long mixed load with hostile clients: every answer checked, RSS and fds watched.
-    Soak(gatid::bench::soak::Args),
+    Soak(bench::soak::Args),
     /// The GPU path against its CPU references and ONNX Runtime (tests/hil/gpu.sh).
-    Gpu(gatid::bench::gpu::Args),
+    Gpu(bench::gpu::Args),
     /// The socket-floor echo server the serving benchmark starts (internal).
     #[command(hide = true)]
     EchoServer {
@@ -87,22 +89,14 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
             println!("{}: OK ({} model(s))", config.display(), c.models.len());
             Ok(())
         }
-        Command::Bench { which: BenchCommand::Serving(args) } => {
-            gatid::bench::serving::run(args).map_err(MainError::Other)
-        }
-        Command::Bench { which: BenchCommand::Caches(args) } => {
-            gatid::bench::caches::run(args).map_err(MainError::Other)
-        }
-        Command::Bench { which: BenchCommand::Dispatch(args) } => {
-            gatid::bench::dispatch::run(args).map_err(MainError::Other)
-        }
-        Command::Bench { which: BenchCommand::Selector(args) } => {
-            gatid::bench::selector::run(args).map_err(MainError::Other)
-        }
-        Command::Bench { which: BenchCommand::Soak(args) } => gatid::bench::soak::run(args).map_err(MainError::Other),
-        Command::Bench { which: BenchCommand::Gpu(args) } => gatid::bench::gpu::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Serving(args) } => bench::serving::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Caches(args) } => bench::caches::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Dispatch(args) } => bench::dispatch::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Selector(args) } => bench::selector::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Soak(args) } => bench::soak::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Gpu(args) } => bench::gpu::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::EchoServer { socket } } => {
-            gatid::bench::serving::echo_server(&socket).map_err(MainError::Other)
+            bench::serving::echo_server(&socket).map_err(MainError::Other)
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::client::Client;
+use gatid::client::Client;
 
 /// A `gatid serve` child process on a private socket.
 pub struct Daemon {

@@ -15,11 +15,11 @@ use anyhow::{bail, Context, Result};
 use gati_kernels::reference::{self as kref, Activation, CacheHead, EpilogueParams, EpilogueShape};
 use serde_json::{json, Value};
 
-use crate::infer::gpu::exec::DeviceExec;
-use crate::infer::gpu::graph::Graph;
-use crate::infer::gpu::lower::{lower, LowerOptions};
-use crate::infer::gpu::{cpu_exec, plan::Plan};
-use crate::infer::onnx_graph::OnnxModel;
+use gatid::infer::gpu::exec::DeviceExec;
+use gatid::infer::gpu::graph::Graph;
+use gatid::infer::gpu::lower::{lower, LowerOptions};
+use gatid::infer::gpu::{cpu_exec, plan::Plan};
+use gatid::infer::onnx_graph::OnnxModel;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -274,8 +274,8 @@ fn median_ms(mut f: impl FnMut() -> Result<()>, reps: usize) -> Result<f64> {
 fn model_report(s: &Served, gpu: Option<&std::sync::Arc<gati_kernels::device::Gpu>>, torch: &Value) -> Result<Value> {
     let bytes = std::fs::read(Path::new("models").join(s.file)).with_context(|| format!("models/{}", s.file))?;
     let plan: Plan = lower(&Graph::from_onnx(&OnnxModel::decode(&bytes)?)?, &s.row, &[], LowerOptions::default())?;
-    crate::infer::runtime::environment(None)?;
-    let mut ort = crate::infer::pipeline::session_from_bytes(&bytes, 2, s.name)?;
+    gatid::infer::runtime::environment(None)?;
+    let mut ort = gatid::infer::pipeline::session_from_bytes(&bytes, 2, s.name)?;
     let mut dev = match gpu {
         Some(g) => Some(DeviceExec::new(g.clone(), plan.clone(), 32)?),
         None => None,
@@ -316,7 +316,7 @@ fn model_report(s: &Served, gpu: Option<&std::sync::Arc<gati_kernels::device::Gp
     });
     if let Some(d) = dev.as_mut() {
         for (key, rows) in [("gpu_b1_ms", 1), ("gpu_b32_ms", 32)] {
-            let input = crate::infer::model::probe_input(rows, &s.row);
+            let input = gatid::infer::model::probe_input(rows, &s.row);
             let ms = median_ms(|| d.run(rows, &input).map(drop).map_err(Into::into), 50)?;
             report[key] = json!(ms);
         }

@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 
 use super::caches::Workload;
 use super::harness::Daemon;
-use crate::api::wire::{model_id, Dtype, Kind};
-use crate::telemetry::{names, summary};
+use gatid::api::wire::{model_id, Dtype, Kind};
+use gatid::telemetry::{names, summary};
 
 /// One side of the comparison: p99 (ms) of `n` requests, and the trainings
 /// that happened while they were served.
@@ -37,16 +37,16 @@ fn measure(
         }
     })?;
     let mut c = daemon.client()?;
-    let mut set = crate::client::calibrate::read(&root.join("data/fashion-mnist/calib-images-idx3-ubyte"), [28, 28, 1])
+    let mut set = gatid::client::calibrate::read(&root.join("data/fashion-mnist/calib-images-idx3-ubyte"), [28, 28, 1])
         .map_err(anyhow::Error::msg)?;
     set.images.truncate(512);
-    crate::client::calibrate::send(&mut c, "fmnist", &set, 16, |_| {})?;
+    gatid::client::calibrate::send(&mut c, "fmnist", &set, 16, |_| {})?;
     let v = c.control_json(Kind::CacheTrain, model_id("fmnist"), &[])?;
     let g = v["generation"].as_u64().unwrap_or(0);
-    if !crate::client::calibrate::wait_trained(&mut c, "fmnist", g, Duration::from_secs(120))? {
+    if !gatid::client::calibrate::wait_trained(&mut c, "fmnist", g, Duration::from_secs(120))? {
         bail!("the first training did not finish within 120 s");
     }
-    let serve = |c: &mut crate::client::Client, count: usize| -> anyhow::Result<Vec<f64>> {
+    let serve = |c: &mut gatid::client::Client, count: usize| -> anyhow::Result<Vec<f64>> {
         (0..count)
             .map(|i| {
                 let t = Instant::now();
@@ -56,7 +56,7 @@ fn measure(
             .collect()
     };
     serve(&mut c, 300)?; // warm-up
-    let generation = |c: &mut crate::client::Client| -> anyhow::Result<f64> {
+    let generation = |c: &mut gatid::client::Client| -> anyhow::Result<f64> {
         Ok(summary::model_value(&c.stats_text()?, names::CACHE_GENERATION, "fmnist").unwrap_or(0.0))
     };
     let g0 = generation(&mut c)?;

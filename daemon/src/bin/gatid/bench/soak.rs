@@ -31,7 +31,7 @@ use anyhow::Context;
 use toml::Value;
 
 use super::harness::Daemon;
-use crate::api::wire::Kind;
+use gatid::api::wire::Kind;
 
 /// Options of `gatid bench soak`.
 #[derive(Debug, clap::Args)]
@@ -204,6 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
+    inputs::every_batch_size(&daemon, &inputs)?;
     let start = monitor::steady(pid, &mut monitor_conn)?;
     let progress = Arc::new(Progress {
         next: AtomicU64::new(0),
