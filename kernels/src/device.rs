@@ -14,10 +14,30 @@ use cudarc::driver::{
 };
 
 use crate::reference::{compact::MAX_COMPACT_ROWS, Activation, EpilogueShape};
-use crate::{libs, nvrtc, Kernel, KernelError, Module};
+use crate::{libs, nvrtc, Kernel, KernelError, Module, Param};
 
 /// A device buffer of f32 values.
 pub type Buf = CudaSlice<f32>;
+
+/// One kernel argument, by value (device pointers as addresses; 0 = null).
+#[derive(Debug, Clone, Copy)]
+enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+impl Arg {
+    fn param(&self) -> Param {
+        match self {
+            Arg::Ptr(_) => Param::Ptr,
+            Arg::I32(_) => Param::I32,
+            Arg::I64(_) => Param::I64,
+            Arg::F32(_) => Param::F32,
+        }
+    }
+}
 
 /// Whether the CUDA driver library (`libcuda.so.1`) can be opened.
 pub fn driver_present() -> bool {
@@ -217,7 +237,6 @@ impl Gpu {
             return Ok(());
         }
         let threads = shape.spatial.next_power_of_two().clamp(32, 256) as u32;
-        let f = self.function(Kernel::BlockEpilogue)?;
         let (bias, res, scale, shift) =
             (self.opt_ptr(p.bias), self.opt_ptr(p.residual), self.opt_ptr(p.post_scale), self.opt_ptr(p.post_shift));
         let (pooled, stride) = pooled.map_or((0, 0), |(b, s)| (b, s));
@@ -228,17 +247,12 @@ impl Gpu {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: threads * 4,
         };
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&x).arg(&bias).arg(&res).arg(&scale).arg(&shift).arg(&y).arg(&pooled);
-        for v in &ints {
-            b.arg(v);
-        }
-        // SAFETY: the argument list matches gati_block_epilogue's parameters
-        // (7 pointers, 5 ints); every non-null pointer is a live allocation of
-        // this context holding at least the values the shape addresses (checked
-        // above for x, y and the per-channel/residual buffers; pooled by its caller's stride).
-        unsafe { b.launch(cfg) }.map_err(KernelError::driver("launching gati_block_epilogue"))?;
-        Ok(())
+        let mut args: Vec<Arg> = [x, bias, res, scale, shift, y, pooled].map(Arg::Ptr).to_vec();
+        args.extend(ints.map(Arg::I32));
+        // SAFETY: every non-null pointer is a live allocation of this context
+        // holding at least the values the shape addresses (checked above for x,
+        // y and the per-channel/residual buffers; pooled by its caller's stride).
+        unsafe { self.launch(Kernel::BlockEpilogue, cfg, &args) }
     }
 
     /// The fused cache lookup over `rows` feature rows of `stride` values.
@@ -274,7 +288,6 @@ impl Gpu {
         }
         let threads: u32 = 128;
         let smem = 4 * (head.dim + head.hidden + head.classes + threads as usize);
-        let f = self.function(Kernel::CacheLookup)?;
         let ptrs = [
             self.ptr(features),
             self.opt_ptr(head.mean.as_ref()),
@@ -297,16 +310,31 @@ impl Gpu {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: u32_of(smem)?,
         };
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&ptrs[0]).arg(&stride).arg(&ptrs[1]).arg(&ptrs[2]).arg(&ptrs[3]).arg(&ptrs[4]).arg(&hidden);
-        b.arg(&ptrs[5]).arg(&ptrs[6]).arg(&ptrs[7]).arg(&ptrs[8]);
-        b.arg(&rows_i).arg(&dim).arg(&classes).arg(&threshold);
-        b.arg(&ptrs[9]).arg(&ptrs[10]).arg(&ptrs[11]).arg(&ptrs[12]);
-        // SAFETY: the arguments follow gati_cache_lookup's parameter list in
-        // order and type; buffer sizes were checked against rows, dim, hidden
-        // and classes above (optional buffers are null or sized by the head's builder).
-        unsafe { b.launch(cfg) }.map_err(KernelError::driver("launching gati_cache_lookup"))?;
-        Ok(())
+        let p = ptrs.map(Arg::Ptr);
+        let args = [
+            p[0],
+            Arg::I32(stride),
+            p[1],
+            p[2],
+            p[3],
+            p[4],
+            Arg::I32(hidden),
+            p[5],
+            p[6],
+            p[7],
+            p[8],
+            Arg::I32(rows_i),
+            Arg::I32(dim),
+            Arg::I32(classes),
+            Arg::F32(threshold),
+            p[9],
+            p[10],
+            p[11],
+            p[12],
+        ];
+        // SAFETY: buffer sizes were checked against rows, dim, hidden and
+        // classes above (optional buffers are null or sized by the head's builder).
+        unsafe { self.launch(Kernel::CacheLookup, cfg, &args) }
     }
 
     /// Order-preserving compaction: `src_of_dst[j]` = index of the j-th miss,
@@ -322,15 +350,10 @@ impl Gpu {
             return Err(KernelError::Shape(format!("compaction of {rows} rows (1..={MAX_COMPACT_ROWS})")));
         }
         let threads = rows.next_power_of_two().max(32) as u32;
-        let f = self.function(Kernel::CompactIndex)?;
         let (h, s, c, n) = (self.ptr(hit), self.ptr(src_of_dst), self.ptr(count), i32_of(rows)?);
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: threads * 4 };
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&h).arg(&n).arg(&s).arg(&c);
-        // SAFETY: gati_compact_index(const int*, int, int*, int*); hit and
-        // src_of_dst hold at least `rows` values, count one; threads ≥ rows.
-        unsafe { b.launch(cfg) }.map_err(KernelError::driver("launching gati_compact_index"))?;
-        Ok(())
+        // SAFETY: hit and src_of_dst hold at least `rows` values, count one; threads ≥ rows.
+        unsafe { self.launch(Kernel::CompactIndex, cfg, &[Arg::Ptr(h), Arg::I32(n), Arg::Ptr(s), Arg::Ptr(c)]) }
     }
 
     /// `dst[j] = src[src_of_dst[j]]` for `j < count[0]`, rows of `row_len`;
@@ -354,7 +377,6 @@ impl Gpu {
         {
             return Err(KernelError::Shape(format!("gather of up to {max_rows} rows of {row_len}")));
         }
-        let f = self.function(Kernel::GatherRows)?;
         let threads: u32 = 256;
         let blocks_x = row_len.div_ceil(threads as usize).clamp(1, 1024) as u32;
         let (s, d, i, c, len) = (self.ptr(src), self.ptr(dst), self.ptr(src_of_dst), self.ptr(count), row_len as i64);
@@ -363,13 +385,10 @@ impl Gpu {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&s).arg(&d).arg(&i).arg(&c).arg(&len);
-        // SAFETY: gati_gather_rows(const float*, float*, const int*, const int*, long);
-        // src and dst hold max_rows rows, and count[0] ≤ max_rows (written by
-        // gati_compact_index over the same batch), so every index read is in range.
-        unsafe { b.launch(cfg) }.map_err(KernelError::driver("launching gati_gather_rows"))?;
-        Ok(())
+        let args = [Arg::Ptr(s), Arg::Ptr(d), Arg::Ptr(i), Arg::Ptr(c), Arg::I64(len)];
+        // SAFETY: src and dst hold max_rows rows, and count[0] ≤ max_rows (written
+        // by gati_compact_index over the same batch), so every index read is in range.
+        unsafe { self.launch(Kernel::GatherRows, cfg, &args) }
     }
 
     /// NHWC → NCHW into `y`.
@@ -386,7 +405,6 @@ impl Gpu {
         if total == 0 {
             return Ok(());
         }
-        let f = self.function(Kernel::NhwcToNchw)?;
         let (xp, yp) = (self.ptr(x), self.ptr(y));
         let ints = [i32_of(n)?, i32_of(c)?, i32_of(h)?, i32_of(w)?];
         let cfg = LaunchConfig {
@@ -394,14 +412,10 @@ impl Gpu {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&xp).arg(&yp);
-        for v in &ints {
-            b.arg(v);
-        }
-        // SAFETY: gati_nhwc_to_nchw(const float*, float*, int × 4); both buffers hold n·c·h·w values.
-        unsafe { b.launch(cfg) }.map_err(KernelError::driver("launching gati_nhwc_to_nchw"))?;
-        Ok(())
+        let mut args = vec![Arg::Ptr(xp), Arg::Ptr(yp)];
+        args.extend(ints.map(Arg::I32));
+        // SAFETY: both buffers hold n·c·h·w values.
+        unsafe { self.launch(Kernel::NhwcToNchw, cfg, &args) }
     }
 
     /// `y = act(y + bias)` over `rows × cols`, in place.
@@ -420,7 +434,6 @@ impl Gpu {
         if total == 0 {
             return Ok(());
         }
-        let f = self.function(Kernel::RowBiasAct)?;
         let (yp, bp) = (self.ptr(y), self.opt_ptr(bias));
         let ints = [i32_of(rows)?, i32_of(cols)?, act as i32];
         let cfg = LaunchConfig {
@@ -428,13 +441,39 @@ impl Gpu {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&yp).arg(&bp);
-        for v in &ints {
-            b.arg(v);
+        let mut args = vec![Arg::Ptr(yp), Arg::Ptr(bp)];
+        args.extend(ints.map(Arg::I32));
+        // SAFETY: y holds rows·cols values, bias cols or is null.
+        unsafe { self.launch(Kernel::RowBiasAct, cfg, &args) }
+    }
+
+    /// Launches `k` with `args`, after checking them against the kernel's
+    /// parameter table ([`Kernel::params`], itself checked against the PTX by
+    /// the test suite).
+    ///
+    /// # Safety
+    /// Every non-null pointer must be a live allocation of this context, large
+    /// enough for every index the kernel computes from the other arguments and
+    /// `cfg`; outputs must not alias inputs unless the kernel allows it.
+    unsafe fn launch(&self, k: Kernel, cfg: LaunchConfig, args: &[Arg]) -> Result<(), KernelError> {
+        let kinds: Vec<Param> = args.iter().map(|a| a.param()).collect();
+        if kinds != k.params() {
+            return Err(KernelError::Shape(format!("{}: arguments {kinds:?}, parameters {:?}", k.name(), k.params())));
         }
-        // SAFETY: gati_row_bias_act(float*, const float*, int, int, int); y holds rows·cols values, bias cols or is null.
-        unsafe { b.launch(cfg) }.map_err(KernelError::driver("launching gati_row_bias_act"))?;
+        let f = self.function(k)?;
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                Arg::Ptr(v) => b.arg(v),
+                Arg::I32(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        // SAFETY: each argument has its parameter's type and size (checked
+        // above) and lives in `args` until the launch returns; the caller
+        // vouches for the pointers.
+        unsafe { b.launch(cfg) }.map_err(|source| KernelError::Driver { what: k.name(), source })?;
         Ok(())
     }
 

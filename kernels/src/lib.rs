@@ -21,4 +21,4 @@ pub mod source;
 pub use cudarc;
 pub use error::KernelError;
 pub use reference::Activation;
-pub use source::{Kernel, Module};
+pub use source::{Kernel, Module, Param};

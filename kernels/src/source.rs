@@ -62,7 +62,42 @@ impl Module {
     }
 }
 
+/// The type of one kernel parameter, as the launch code passes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    /// A device pointer (`T*`; null for an absent optional buffer).
+    Ptr,
+    I32,
+    I64,
+    F32,
+}
+
+impl Param {
+    /// Its PTX parameter type (`.u64`, `.u32`, `.f32`).
+    pub fn ptx(self) -> &'static str {
+        match self {
+            Param::Ptr | Param::I64 => "u64",
+            Param::I32 => "u32",
+            Param::F32 => "f32",
+        }
+    }
+}
+
 impl Kernel {
+    /// Its parameters, in order: the launch code checks every argument list
+    /// against this, and the PTX test checks this against the compiled kernel.
+    pub fn params(self) -> &'static [Param] {
+        use Param::{Ptr as P, F32, I32 as I, I64};
+        match self {
+            Kernel::BlockEpilogue => &[P, P, P, P, P, P, P, I, I, I, I, I],
+            Kernel::CacheLookup => &[P, I, P, P, P, P, I, P, P, P, P, I, I, I, F32, P, P, P, P],
+            Kernel::CompactIndex => &[P, I, P, P],
+            Kernel::GatherRows => &[P, P, P, P, I64],
+            Kernel::NhwcToNchw => &[P, P, I, I, I, I],
+            Kernel::RowBiasAct => &[P, P, I, I, I],
+        }
+    }
+
     /// Every kernel.
     pub const ALL: [Kernel; 6] = [
         Kernel::BlockEpilogue,

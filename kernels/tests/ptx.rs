@@ -5,7 +5,18 @@
 
 use std::path::Path;
 
-use gati_kernels::{libs, nvrtc, Module};
+use gati_kernels::{libs, nvrtc, Kernel, Module};
+
+/// The PTX parameter types of `.entry name(...)`.
+fn entry_params(ptx: &str, name: &str) -> Vec<String> {
+    let start = ptx.find(&format!(".entry {name}(")).unwrap_or_else(|| panic!("no .entry {name}"));
+    let body = &ptx[start..];
+    let body = &body[..body.find(')').unwrap()];
+    body.lines()
+        .filter_map(|l| l.trim().strip_prefix(".param ."))
+        .map(|rest| rest.split_whitespace().next().unwrap_or_default().to_string())
+        .collect()
+}
 
 fn nvrtc_ready() {
     libs::preload_env();
@@ -30,8 +41,18 @@ fn every_module_compiles_for_sm_90() {
         assert!(ptx.contains(".target sm_90"), "{}: no sm_90 target in its PTX", m.file());
         for k in m.kernels() {
             assert!(ptx.contains(&format!(".entry {}(", k.name())), "{}: PTX lacks {}", m.file(), k.name());
+            // The launch code's parameter table is the kernel's signature.
+            let want: Vec<&str> = k.params().iter().map(|p| p.ptx()).collect();
+            assert_eq!(entry_params(&ptx, k.name()), want, "{}: parameters of {}", m.file(), k.name());
         }
         println!("{}: {} bytes of PTX, kernels {:?}", m.file(), ptx.len(), m.kernels());
+    }
+}
+
+#[test]
+fn every_kernel_has_a_parameter_table() {
+    for k in Kernel::ALL {
+        assert!(!k.params().is_empty(), "{k:?}");
     }
 }
 
