@@ -34,3 +34,22 @@ extern "C" __global__ void gati_row_bias_act(
         y[i] = v;
     }
 }
+
+// gati_pad2d: y[p, i, j] = x[p, i - top, j - left] inside x, else 0, for each
+// of `planes` (rows × channels) planes; (oh, ow) is the padded size. Lets an
+// asymmetric convolution padding (TF "same" with stride 2) become an explicit
+// pad + an unpadded convolution, which cuDNN supports.
+extern "C" __global__ void gati_pad2d(
+    const float* __restrict__ x, float* __restrict__ y,
+    int planes, int height, int width, int top, int left, int oh, int ow)
+{
+    const long total = (long)planes * oh * ow;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        const int j = (int)(i % ow);
+        long t = i / ow;
+        const int r = (int)(t % oh);
+        const long p = t / oh;
+        const int sr = r - top, sc = j - left;
+        y[i] = (sr >= 0 && sr < height && sc >= 0 && sc < width) ? x[(p * height + sr) * width + sc] : 0.0f;
+    }
+}

@@ -477,6 +477,41 @@ impl Gpu {
         Ok(())
     }
 
+    /// Zero padding: `planes` planes of `hw` into `y` of `out`, placed at `top_left`.
+    pub fn pad2d(
+        &self,
+        x: &Buf,
+        y: &mut Buf,
+        planes: usize,
+        hw: [usize; 2],
+        top_left: [usize; 2],
+        out: [usize; 2],
+    ) -> Result<(), KernelError> {
+        let ([h, w], [top, left], [oh, ow]) = (hw, top_left, out);
+        let total = planes * oh * ow;
+        if x.len() < planes * h * w || y.len() < total || top + h > oh || left + w > ow {
+            return Err(KernelError::Shape(format!("pad of {planes} × {h}×{w} to {oh}×{ow} at ({top}, {left})")));
+        }
+        if total == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256).min(65_535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args = vec![Arg::Ptr(self.ptr(x)), Arg::Ptr(self.ptr(y))];
+        args.extend(
+            [planes, h, w, top, left, oh, ow]
+                .into_iter()
+                .map(|v| i32_of(v).map(Arg::I32))
+                .collect::<Result<Vec<_>, _>>()?,
+        );
+        // SAFETY: x holds planes·h·w values and y planes·oh·ow (checked above);
+        // every read is inside x because the placed input fits the output.
+        unsafe { self.launch(Kernel::Pad2d, cfg, &args) }
+    }
+
     /// Waits for everything queued on the stream.
     pub fn synchronize(&self) -> Result<(), KernelError> {
         self.stream.synchronize().map_err(KernelError::driver("synchronising the stream"))

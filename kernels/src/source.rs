@@ -20,6 +20,7 @@ pub enum Kernel {
     GatherRows,
     NhwcToNchw,
     RowBiasAct,
+    Pad2d,
 }
 
 impl Module {
@@ -57,7 +58,7 @@ impl Module {
             Module::Epilogue => &[Kernel::BlockEpilogue],
             Module::CacheLookup => &[Kernel::CacheLookup],
             Module::Compact => &[Kernel::CompactIndex, Kernel::GatherRows],
-            Module::Layout => &[Kernel::NhwcToNchw, Kernel::RowBiasAct],
+            Module::Layout => &[Kernel::NhwcToNchw, Kernel::RowBiasAct, Kernel::Pad2d],
         }
     }
 }
@@ -95,17 +96,19 @@ impl Kernel {
             Kernel::GatherRows => &[P, P, P, P, I64],
             Kernel::NhwcToNchw => &[P, P, I, I, I, I],
             Kernel::RowBiasAct => &[P, P, I, I, I],
+            Kernel::Pad2d => &[P, P, I, I, I, I, I, I, I],
         }
     }
 
     /// Every kernel.
-    pub const ALL: [Kernel; 6] = [
+    pub const ALL: [Kernel; 7] = [
         Kernel::BlockEpilogue,
         Kernel::CacheLookup,
         Kernel::CompactIndex,
         Kernel::GatherRows,
         Kernel::NhwcToNchw,
         Kernel::RowBiasAct,
+        Kernel::Pad2d,
     ];
 
     /// The module that defines it.
@@ -114,7 +117,7 @@ impl Kernel {
             Kernel::BlockEpilogue => Module::Epilogue,
             Kernel::CacheLookup => Module::CacheLookup,
             Kernel::CompactIndex | Kernel::GatherRows => Module::Compact,
-            Kernel::NhwcToNchw | Kernel::RowBiasAct => Module::Layout,
+            Kernel::NhwcToNchw | Kernel::RowBiasAct | Kernel::Pad2d => Module::Layout,
         }
     }
 
@@ -127,6 +130,7 @@ impl Kernel {
             Kernel::GatherRows => "gati_gather_rows",
             Kernel::NhwcToNchw => "gati_nhwc_to_nchw",
             Kernel::RowBiasAct => "gati_row_bias_act",
+            Kernel::Pad2d => "gati_pad2d",
         }
     }
 }

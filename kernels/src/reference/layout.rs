@@ -25,6 +25,31 @@ pub fn nhwc_to_nchw(
     Ok(y)
 }
 
+/// Zero padding of `planes` planes of `height × width` to `out = [oh, ow]`,
+/// the input placed at (`top`, `left`).
+pub fn pad2d(
+    x: &[f32],
+    planes: usize,
+    hw: [usize; 2],
+    top_left: [usize; 2],
+    out: [usize; 2],
+) -> Result<Vec<f32>, KernelError> {
+    let ([h, w], [top, left], [oh, ow]) = (hw, top_left, out);
+    check_len("x", x.len(), planes * h * w)?;
+    if top + h > oh || left + w > ow {
+        return Err(KernelError::Shape(format!("{h}×{w} at ({top}, {left}) does not fit {oh}×{ow}")));
+    }
+    let mut y = vec![0.0; planes * oh * ow];
+    for p in 0..planes {
+        for r in 0..h {
+            let src = &x[(p * h + r) * w..(p * h + r + 1) * w];
+            let at = (p * oh + r + top) * ow + left;
+            y[at..at + w].copy_from_slice(src);
+        }
+    }
+    Ok(y)
+}
+
 /// `y[r, k] = act(y[r, k] + bias[k])` in place over `rows × cols`.
 pub fn row_bias_act(y: &mut [f32], bias: Option<&[f32]>, cols: usize, act: Activation) -> Result<(), KernelError> {
     if let Some(b) = bias {
@@ -54,5 +79,8 @@ mod tests {
         row_bias_act(&mut v, Some(&[0.5, 0.0]), 2, Activation::Relu).unwrap();
         assert_eq!(v, [1.5, 0.0, 3.5, 4.0]);
         assert!(row_bias_act(&mut v, None, 3, Activation::None).is_err());
+        // 1 plane of 1×2 padded to 2×3 at (0, 1): [[0 a b], [0 0 0]].
+        assert_eq!(pad2d(&[1.0, 2.0], 1, [1, 2], [0, 1], [2, 3]).unwrap(), [0.0, 1.0, 2.0, 0.0, 0.0, 0.0]);
+        assert!(pad2d(&[1.0, 2.0], 1, [1, 2], [0, 2], [2, 3]).is_err());
     }
 }

@@ -10,7 +10,7 @@ mod layout;
 pub use cache_lookup::{cache_lookup, CacheHead, Lookup};
 pub use compact::{compact_index, gather_rows};
 pub use epilogue::{block_epilogue, EpilogueParams, EpilogueShape};
-pub use layout::{nhwc_to_nchw, row_bias_act};
+pub use layout::{nhwc_to_nchw, pad2d, row_bias_act};
 
 use crate::KernelError;
 

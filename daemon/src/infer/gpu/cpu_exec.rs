@@ -63,6 +63,9 @@ fn step(plan: &Plan, op: &Op, rows: usize, vals: &[Vec<f32>], out: &mut [f32]) -
             };
             reference::block_epilogue(&xin, EpilogueShape { rows, channels, spatial }, &p, out, None)?;
         }
+        Op::Pad { x, channels, in_hw, top_left, out_hw, .. } => {
+            out.copy_from_slice(&reference::pad2d(&vals[x], rows * channels, in_hw, top_left, out_hw)?);
+        }
         Op::MaxPool { x, channels, win, .. } => max_pool(&vals[x], rows * channels, &win, out),
         Op::GlobalAvgPool { x, channels, spatial, .. } => {
             let shape = EpilogueShape { rows, channels, spatial };

@@ -194,6 +194,9 @@ impl DeviceExec {
                     gpu.block_epilogue(self.val(x)?, shape, &p, out, None)?;
                 }
             }
+            Op::Pad { x, channels, in_hw, top_left, out_hw, .. } => {
+                gpu.pad2d(self.val(x)?, out, rows * channels, in_hw, top_left, out_hw)?
+            }
             Op::MaxPool { x, channels, win, .. } => self.max_pool(self.val(x)?, rows, channels, &win, out)?,
             Op::GlobalAvgPool { x, channels, spatial, .. } => {
                 // The epilogue kernel with nothing to add: its pooled output is the mean.

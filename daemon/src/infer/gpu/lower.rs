@@ -380,7 +380,16 @@ impl<'g> Lowerer<'g> {
         if cpg * group != cin || cout % group != 0 {
             return Err(unsupported(name, &format!("group {group} with {cin} input and {cout} output channels")));
         }
-        let win = Self::window(n, name, [kh, kw], [h, w])?;
+        let mut win = Self::window(n, name, [kh, kw], [h, w])?;
+        let mut xid = x.id;
+        if win.pads[0] != win.pads[2] || win.pads[1] != win.pads[3] {
+            // cuDNN pads symmetrically: make an asymmetric padding an explicit pad.
+            let [t, l, b, r] = win.pads;
+            let out_hw = [h + t + b, w + l + r];
+            let padded = self.value(&format!("{}.gati_pad", n.outputs[0]), vec![cin, out_hw[0], out_hw[1]]);
+            self.plan.ops.push(Op::Pad { x: x.id, y: padded, channels: cin, in_hw: [h, w], top_left: [t, l], out_hw });
+            (xid, win.pads, win.in_hw) = (padded, [0; 4], out_hw);
+        }
         let mut bias = match n.inputs.get(2).filter(|s| !s.is_empty()) {
             Some(b) => Some(self.floats(b, name)?.1),
             None => None,
@@ -424,7 +433,7 @@ impl<'g> Lowerer<'g> {
         }
         let wid = self.weight(weights);
         let y = self.value(&t, vec![cout, win.out_hw[0], win.out_hw[1]]);
-        self.plan.ops.push(Op::Conv { x: x.id, y, w: wid, cin, cout, group, win });
+        self.plan.ops.push(Op::Conv { x: xid, y, w: wid, cin, cout, group, win });
         if bias.is_some() || residual.is_some() || act != Activation::None || post.is_some() {
             let bias = bias.map(|b| self.weight(b));
             let post = post.map(|(s, sh)| (self.weight(s), self.weight(sh)));

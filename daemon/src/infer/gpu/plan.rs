@@ -57,6 +57,8 @@ pub enum Op {
         post_scale: Option<WeightId>,
         post_shift: Option<WeightId>,
     },
+    /// Zero padding (gati kernel): an asymmetric convolution padding made explicit.
+    Pad { x: ValueId, y: ValueId, channels: usize, in_hw: [usize; 2], top_left: [usize; 2], out_hw: [usize; 2] },
     /// Max pooling (cuDNN).
     MaxPool { x: ValueId, y: ValueId, channels: usize, win: Window },
     /// Mean over each channel's plane (the epilogue kernel's pooled output).
@@ -72,6 +74,7 @@ impl Op {
             Op::NhwcToNchw { y, .. }
             | Op::Conv { y, .. }
             | Op::Epilogue { y, .. }
+            | Op::Pad { y, .. }
             | Op::MaxPool { y, .. }
             | Op::GlobalAvgPool { y, .. }
             | Op::Gemm { y, .. } => y,
@@ -85,6 +88,7 @@ impl Op {
             Op::Conv { group, cin, .. } if *group > 1 && *group == *cin => "conv_depthwise",
             Op::Conv { .. } => "conv",
             Op::Epilogue { .. } => "epilogue",
+            Op::Pad { .. } => "pad",
             Op::MaxPool { .. } => "max_pool",
             Op::GlobalAvgPool { .. } => "global_avg_pool",
             Op::Gemm { .. } => "gemm",

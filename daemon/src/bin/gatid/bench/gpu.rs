@@ -254,6 +254,28 @@ fn cifar() -> Result<Vec<(Vec<f32>, usize)>> {
         .collect()
 }
 
+/// The ImageNet photos of the real-model issue (`data/imagenet/photos_260_rgb.u8`:
+/// 100 × 260×260×3 u8), as EfficientNet-Lite2 input (NCHW, `(x − 127) / 128`);
+/// no labels (only agreement with ORT is checked). `None` when not set up.
+fn imagenet(rows: usize) -> Option<Vec<(Vec<f32>, usize)>> {
+    let raw = std::fs::read("data/imagenet/photos_260_rgb.u8").ok()?;
+    let px = 260 * 260;
+    Some(
+        raw.chunks_exact(px * 3)
+            .take(rows)
+            .map(|img| {
+                let mut x = vec![0f32; px * 3];
+                for (i, rgb) in img.chunks_exact(3).enumerate() {
+                    for c in 0..3 {
+                        x[c * px + i] = (f32::from(rgb[c]) - 127.0) / 128.0;
+                    }
+                }
+                (x, usize::MAX)
+            })
+            .collect(),
+    )
+}
+
 fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
 }
@@ -397,10 +419,23 @@ pub fn run(args: Args) -> Result<()> {
             None => Value::Null,
         };
         let rows = if args.dry_run { args.fmnist_rows.min(256) } else { args.fmnist_rows };
-        let served = [
+        let mut served = vec![
             Served { name: "fmnist_resnet", file: "fmnist_resnet.onnx", row: vec![1, 28, 28], data: fmnist(rows)? },
             Served { name: "cifar10_cnn", file: "cifar10_cnn.onnx", row: vec![32, 32, 3], data: cifar()? },
         ];
+        // EfficientNet-Lite2 where the real-model issue's set-up made it (the CPU
+        // executor takes seconds per photo: a dry run checks 4).
+        match imagenet(if args.dry_run { 4 } else { 100 }) {
+            Some(data) if Path::new("models/efficientnet_lite2.onnx").exists() => served.push(Served {
+                name: "efficientnet_lite2",
+                file: "efficientnet_lite2.onnx",
+                row: vec![3, 260, 260],
+                data,
+            }),
+            _ => println!(
+                "efficientnet_lite2: not set up here (models/efficientnet_lite2.onnx, data/imagenet/): skipped"
+            ),
+        }
         println!(
             "\n{:<14} {:>6} {:>9} {:>10} {:>11} {:>10} {:>11} {:>10}",
             "model", "rows", "agree %", "gpu b1 ms", "torch b1 ms", "gpu b32 ms", "torch b32 ms", "lookup %"
@@ -419,7 +454,11 @@ pub fn run(args: Args) -> Result<()> {
                 f("torch_b32_ms"),
                 f("cache_lookup_overhead_pct")
             );
-            let need = if s.name == "cifar10_cnn" { 100.0 } else { 99.9 };
+            let need = match s.name {
+                "cifar10_cnn" => 100.0,
+                "efficientnet_lite2" => 99.0,
+                _ => 99.9,
+            };
             if r["top1_agree_pct"].as_f64().unwrap_or(0.0) < need {
                 failed.push(format!("{}: top-1 agreement {} % < {need} %", s.name, f("top1_agree_pct")));
             }
