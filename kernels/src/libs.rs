@@ -59,3 +59,20 @@ pub fn wheel_lib_dir(venv: &Path) -> Option<PathBuf> {
         .map(|e| e.path().join("site-packages/nvidia/cu13/lib"))
         .find(|d| d.join("libnvrtc.so.13").is_file())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wheel_folder_is_found_in_a_venv() {
+        let venv = std::env::temp_dir().join(format!("gati-venv-{}", std::process::id()));
+        let lib = venv.join("lib/python3.11/site-packages/nvidia/cu13/lib");
+        std::fs::create_dir_all(&lib).unwrap();
+        assert_eq!(wheel_lib_dir(&venv), None, "no library yet");
+        std::fs::write(lib.join("libnvrtc.so.13"), b"").unwrap();
+        assert_eq!(wheel_lib_dir(&venv), Some(lib));
+        assert_eq!(wheel_lib_dir(&venv.join("missing")), None);
+        std::fs::remove_dir_all(&venv).unwrap();
+    }
+}
