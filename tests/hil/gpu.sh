@@ -10,6 +10,10 @@
 # the dry run uses .venv), and the CUDA libraries of the machine's nvidia-*
 # Python wheels (NVRTC, cuBLAS, cuDNN) or its CUDA toolkit. The models and
 # data come from scripts/setup.sh on the build machine (models/, data/).
+# ORT_DYLIB_PATH, when set, wins over the Python environment's onnxruntime:
+# gatid is built for ONNX Runtime >= 1.31 (ort's api-31) and the H200 image
+# has 1.30, so bring the onnxruntime==1.31.1 wheel there and point at its
+# onnxruntime/capi/libonnxruntime.so.1.31.1.
 #
 # Steps: 1 binary  2 libraries  3 PyTorch eager timings  4 kernels under
 # compute-sanitizer memcheck (where the runtime allows)  5 `gatid bench gpu`:
@@ -38,7 +42,7 @@ roots = [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.
 ort = [f for r in roots for f in glob.glob(os.path.join(r, "onnxruntime/capi/libonnxruntime.so.*"))]
 libs = sorted({os.path.dirname(f) for r in roots for f in glob.glob(os.path.join(r, "nvidia/**/lib*.so*"), recursive=True)})
 libs += [d for d in ("/usr/local/cuda/lib64", "/usr/local/nvidia/lib64") if os.path.isdir(d)]
-if ort:
+if ort and not os.environ.get("ORT_DYLIB_PATH"):
     print(f"export ORT_DYLIB_PATH={ort[0]}")
 print("export GATI_CUDA_LIBRARY_PATH=" + ":".join(libs))
 PY
