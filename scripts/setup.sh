@@ -25,19 +25,21 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# 2. Python venv with ONNX Runtime (its shared library is what gatid loads) and
-#    the conversion tools; then the models and data sets.
+# 2. Python venv with ONNX Runtime (its shared library is what gatid loads),
+#    the conversion tools and NVRTC (the tests compile kernels/cu/*.cu to PTX
+#    with it; no GPU needed); then the models and data sets.
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
   python3 -m venv .venv
 fi
 stamp=.venv/.gati-requirements
-want=$(cat scripts/models/requirements.txt scripts/models/requirements-nodeps.txt scripts/workloads/requirements.txt | sha256sum | cut -d' ' -f1)
+want=$(cat scripts/models/requirements.txt scripts/models/requirements-nodeps.txt scripts/workloads/requirements.txt kernels/requirements.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "pip: installing scripts/models/requirements*.txt"
   .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/models/requirements.txt
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r scripts/models/requirements-nodeps.txt
   .venv/bin/python -m pip install -q --disable-pip-version-check -r scripts/workloads/requirements.txt
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r kernels/requirements.txt
   echo "$want" > "$stamp"
 fi
 ort=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -n1)

@@ -32,6 +32,9 @@ fn fmnist_cfg(cuts: Cuts) -> ModelConfig {
         max_queue_delay_us: 0,
         intra_threads: 1,
         cache: None,
+        backend: Default::default(),
+        device: 0,
+        fallback: Default::default(),
     }
 }
 

@@ -5,6 +5,7 @@
 //! daemon accepts once it accepts always. Relative paths are resolved against
 //! the directory of the config file.
 
+mod backend;
 mod dag;
 mod dispatch;
 mod model;
@@ -14,6 +15,7 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use backend::{Backend, Fallback};
 pub use dag::{DagConfig, FunctionConfig, FunctionKind};
 pub use dispatch::{DispatchConfig, DispatchOrder, PoolMode};
 pub use model::{

@@ -205,6 +205,16 @@ pub struct ModelConfig {
     /// Caches after hidden layers; none by default.
     #[serde(default)]
     pub cache: Option<CacheConfig>,
+    /// Executor: `cpu` (ONNX Runtime, default) or `cuda` (gati's GPU executor).
+    #[serde(default)]
+    pub backend: super::Backend,
+    /// CUDA device ordinal (`backend = "cuda"`).
+    #[serde(default)]
+    pub device: usize,
+    /// A `cuda` model on a node that cannot run it: fail its load (`none`,
+    /// default) or serve it on the CPU (`cpu`).
+    #[serde(default)]
+    pub fallback: super::Fallback,
 }
 
 /// Which cache answers at the cuts.

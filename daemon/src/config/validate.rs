@@ -243,6 +243,7 @@ fn check_model(m: &ModelConfig, bad: &mut dyn FnMut(&'static str, bool, String))
     if !(1..=64).contains(&m.intra_threads) {
         bad("intra_threads", false, format!("must be 1..=64, got {}", m.intra_threads));
     }
+    super::backend::check(m.backend, m.device, m.fallback, &mut |k, msg| bad(k, false, msg));
     if let Some(c) = &m.cache {
         if !(0.0..=0.5).contains(&c.budget) {
             bad("cache", false, format!("budget must be in 0..=0.5, got {}", c.budget));

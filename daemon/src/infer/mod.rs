@@ -9,6 +9,7 @@ pub mod batcher;
 pub mod cost;
 pub mod cuts;
 mod exits;
+pub mod gpu;
 pub mod model;
 pub mod onnx_graph;
 pub mod pipeline;
@@ -47,4 +48,6 @@ pub enum InferError {
     StagedMismatch(f32),
     #[error("cannot start the batcher thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Gpu(#[from] gpu::GpuError),
 }

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::cost::{ModelCost, StageCost};
 use super::cuts::{auto_cuts, plan_stages};
+use super::gpu::{self, stages::GpuPipeline, Placement};
 use super::onnx_graph::OnnxModel;
 use super::pipeline::{session_from_bytes, Pipeline};
 use super::InferError;
@@ -29,6 +30,11 @@ pub struct ModelMeta {
     pub labels: Vec<String>,
     pub max_batch: usize,
     pub stages: Vec<StageMeta>,
+    /// Where it runs: `cpu` or `cuda:N`.
+    pub backend: String,
+    /// Why a `backend = "cuda"` model runs on the CPU (`fallback = "cpu"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
 }
 
 /// One stage as reported in metadata.
@@ -51,6 +57,9 @@ pub struct LoadedModel {
 
 /// Tolerance of staged vs whole-model outputs (same kernels; only fusion across a cut differs).
 const STAGED_TOLERANCE: f32 = 1e-4;
+/// Tolerance of the GPU executor vs ONNX Runtime on the CPU (other convolution
+/// algorithms: cuDNN may pick Winograd or FFT ones).
+const GPU_TOLERANCE: f32 = 1e-3;
 
 impl LoadedModel {
     /// Loads, cuts, verifies and measures the model of `cfg`.
@@ -66,7 +75,19 @@ impl LoadedModel {
         let mut whole = session_from_bytes(&bytes, cfg.intra_threads, &format!("model `{}`", cfg.name))?;
         let row_shape = row_shape(&cfg.input);
         check_input(&whole, &cfg.name, &row_shape)?;
-        let mut pipeline = Pipeline::build(&onnx, &plans, cfg.intra_threads, &cfg.name)?;
+        let (mut pipeline, placement) = match gpu::place(cfg)? {
+            Placement::Cuda { device, gpu } => match GpuPipeline::build(&onnx, &row_shape, &cuts, gpu, cfg.max_batch) {
+                Ok(p) => (Pipeline::from_gpu(p), Placement::label_cuda(device)),
+                Err(e) => {
+                    let reason = gpu::placement::refuse_or_fall_back(cfg, e.to_string())?;
+                    (Pipeline::build(&onnx, &plans, cfg.intra_threads, &cfg.name)?, ("cpu".to_string(), Some(reason)))
+                }
+            },
+            Placement::Cpu { fallback } => {
+                (Pipeline::build(&onnx, &plans, cfg.intra_threads, &cfg.name)?, ("cpu".to_string(), fallback))
+            }
+        };
+        let tolerance = if placement.0 == "cpu" { STAGED_TOLERANCE } else { GPU_TOLERANCE };
 
         // Staged == unstaged, on a deterministic pseudo-random batch of 2.
         let probe = probe_input(2, &row_shape);
@@ -75,7 +96,7 @@ impl LoadedModel {
         let staged = pipeline.run(&shape, &probe)?;
         let reference = run_whole(&mut whole, &shape, &probe)?;
         let diff = max_rel_diff(&staged.data, &reference);
-        if staged.data.len() != reference.len() || diff > STAGED_TOLERANCE {
+        if staged.data.len() != reference.len() || diff > tolerance {
             return Err(InferError::StagedMismatch(diff));
         }
         let classes = staged.shape.get(1).copied().unwrap_or(1);
@@ -113,6 +134,8 @@ impl LoadedModel {
             labels: cfg.labels.clone(),
             max_batch: cfg.max_batch,
             stages,
+            backend: placement.0,
+            fallback_reason: placement.1,
         };
         Ok(Self { meta, pipeline, cost, config: cfg.clone() })
     }

@@ -42,10 +42,10 @@ pub struct OnnxModel {
 #[error("malformed ONNX protobuf: {0}")]
 pub struct DecodeError(&'static str);
 
-const WT_VARINT: u8 = 0;
-const WT_I64: u8 = 1;
-const WT_LEN: u8 = 2;
-const WT_I32: u8 = 5;
+pub(super) const WT_VARINT: u8 = 0;
+pub(super) const WT_I64: u8 = 1;
+pub(super) const WT_LEN: u8 = 2;
+pub(super) const WT_I32: u8 = 5;
 
 // ModelProto
 const MODEL_GRAPH: u32 = 7;
@@ -66,14 +66,14 @@ const TENSOR_NAME: u32 = 8;
 const VI_NAME: u32 = 1;
 
 /// One field read from a message: number, wire type, value bytes, whole field bytes.
-struct Field<'a> {
-    number: u32,
-    wire: u8,
-    value: &'a [u8],
+pub(super) struct Field<'a> {
+    pub(super) number: u32,
+    pub(super) wire: u8,
+    pub(super) value: &'a [u8],
     whole: &'a [u8],
 }
 
-fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
+pub(super) fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let b = *buf.get(*pos).ok_or(DecodeError("truncated varint"))?;
@@ -86,7 +86,7 @@ fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
     Err(DecodeError("varint too long"))
 }
 
-fn fields(buf: &[u8]) -> impl Iterator<Item = Result<Field<'_>, DecodeError>> {
+pub(super) fn fields(buf: &[u8]) -> impl Iterator<Item = Result<Field<'_>, DecodeError>> {
     let mut pos = 0;
     std::iter::from_fn(move || {
         if pos >= buf.len() {
@@ -127,7 +127,7 @@ fn fields(buf: &[u8]) -> impl Iterator<Item = Result<Field<'_>, DecodeError>> {
     })
 }
 
-fn string(f: &Field<'_>) -> Result<String, DecodeError> {
+pub(super) fn string(f: &Field<'_>) -> Result<String, DecodeError> {
     if f.wire != WT_LEN {
         return Err(DecodeError("expected a string field"));
     }
@@ -156,6 +156,20 @@ fn put_len(out: &mut Vec<u8>, number: u32, bytes: &[u8]) {
     put_varint(out, (u64::from(number) << 3) | u64::from(WT_LEN));
     put_varint(out, bytes.len() as u64);
     out.extend_from_slice(bytes);
+}
+
+impl Node {
+    /// The node's `NodeProto` bytes (attributes included).
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+}
+
+impl Named {
+    /// The entry's protobuf bytes (a `TensorProto` for initializers).
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
 }
 
 impl OnnxModel {

@@ -45,9 +45,11 @@ pub struct ExitRun {
     pub stage_rows: Vec<usize>,
 }
 
-/// The stages of one model, owned by that model's batcher thread.
+/// The stages of one model, owned by that model's batcher thread: ONNX
+/// Runtime sessions, or the GPU executor's stages (`backend = "cuda"`).
 pub struct Pipeline {
     stages: Vec<Stage>,
+    gpu: Option<super::gpu::stages::GpuPipeline>,
 }
 
 /// A pipeline run's answer.
@@ -85,21 +87,29 @@ impl Pipeline {
             let session = session_from_bytes(&bytes, threads, &what)?;
             stages.push(Stage { session, input: plan.input.clone(), output: plan.outputs[0].clone() });
         }
-        Ok(Self { stages })
+        Ok(Self { stages, gpu: None })
+    }
+
+    /// A pipeline whose stages run on a CUDA device.
+    pub fn from_gpu(gpu: super::gpu::stages::GpuPipeline) -> Self {
+        Self { stages: Vec::new(), gpu: Some(gpu) }
     }
 
     /// Number of stages.
     pub fn len(&self) -> usize {
-        self.stages.len()
+        self.gpu.as_ref().map_or(self.stages.len(), |g| g.len())
     }
 
     /// Always false: a pipeline has at least one stage.
     pub fn is_empty(&self) -> bool {
-        self.stages.is_empty()
+        self.len() == 0
     }
 
     /// Runs all stages on `input` of `shape` (rows first).
     pub fn run(&mut self, shape: &[usize], input: &[f32]) -> Result<RunOutput, InferError> {
+        if let Some(g) = self.gpu.as_mut() {
+            return g.run(shape, input);
+        }
         let mut times = Vec::with_capacity(self.stages.len());
         let first = TensorRef::from_array_view((shape.to_vec(), input)).map_err(|e| ort_run(0, e))?;
         let mut carry: Option<DynValue> = None;
@@ -137,6 +147,9 @@ impl Pipeline {
         input: &[f32],
         decide: &mut dyn FnMut(StageView<'_>) -> Vec<bool>,
     ) -> Result<ExitRun, InferError> {
+        if let Some(g) = self.gpu.as_mut() {
+            return g.run_with_exits(shape, input, decide);
+        }
         let n = self.stages.len();
         let mut run = ExitRun::default();
         let mut live: Vec<usize> = (0..shape[0]).collect();

@@ -321,6 +321,9 @@ fn model_function_runs_on_the_served_model() {
         max_queue_delay_us: 0,
         intra_threads: 1,
         cache: None,
+        backend: Default::default(),
+        device: 0,
+        fallback: Default::default(),
     };
     let handle = ModelHandle::start(LoadedModel::load(&cfg).unwrap(), Duration::ZERO).unwrap();
     let registry = Arc::new(Registry::default());

@@ -45,6 +45,8 @@ enum BenchCommand {
     Soak(bench::soak::Args),
     /// UDP DAG round trips: kernel (eBPF) vs userspace steering vs one SGS; in-kernel cost.
     Steer(bench::steer::Args),
+    /// The GPU path against its CPU references and ONNX Runtime (tests/hil/gpu.sh).
+    Gpu(bench::gpu::Args),
     /// The socket-floor echo server the serving benchmark starts (internal).
     #[command(hide = true)]
     EchoServer {
@@ -95,6 +97,7 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
         Command::Bench { which: BenchCommand::Selector(args) } => bench::selector::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::Soak(args) } => bench::soak::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::Steer(args) } => bench::steer::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Gpu(args) } => bench::gpu::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::EchoServer { socket } } => {
             bench::serving::echo_server(&socket).map_err(MainError::Other)
         }

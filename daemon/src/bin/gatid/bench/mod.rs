@@ -4,6 +4,7 @@
 pub mod bound;
 pub mod caches;
 pub mod dispatch;
+pub mod gpu;
 pub mod harness;
 pub mod loadgen;
 pub mod plot;
