@@ -85,7 +85,11 @@ impl App {
         let rate = self.rate(held);
         let left = self.remaining();
         // (A relative tolerance: the simulator steps to a completion time computed from this rate.)
-        let (run, finished) = if rate > 0.0 && left <= rate * dt * (1.0 + 1e-9) + 1e-9 { (left / rate, Some(self.last + left / rate)) } else { (dt, None) };
+        let (run, finished) = if rate > 0.0 && left <= rate * dt * (1.0 + 1e-9) + 1e-9 {
+            (left / rate, Some(self.last + left / rate))
+        } else {
+            (dt, None)
+        };
         self.done = if finished.is_some() { self.spec.total_work } else { self.done + rate * dt };
         self.attained += f64::from(held.total()) * run;
         self.contention_s += self.contention_now * dt;

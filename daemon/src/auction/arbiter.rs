@@ -62,9 +62,17 @@ impl Arbiter {
     /// An arbiter over `nodes` (node, GPUs), all free.
     pub fn new(cfg: ArbiterConfig, nodes: &[(NodeId, u32)]) -> Result<Arbiter, AuctionError> {
         if !(0.0..=1.0).contains(&cfg.fairness_f) || cfg.lease_s.is_nan() || cfg.lease_s <= 0.0 {
-            return Err(AuctionError::Config(format!("fairness_f {} must be in [0, 1], lease_s {} > 0", cfg.fairness_f, cfg.lease_s)));
+            return Err(AuctionError::Config(format!(
+                "fairness_f {} must be in [0, 1], lease_s {} > 0",
+                cfg.fairness_f, cfg.lease_s
+            )));
         }
-        Ok(Arbiter { cfg, nodes: nodes.iter().copied().collect(), pool: Pool::with_nodes(nodes), leases: LeaseTable::default() })
+        Ok(Arbiter {
+            cfg,
+            nodes: nodes.iter().copied().collect(),
+            pool: Pool::with_nodes(nodes),
+            leases: LeaseTable::default(),
+        })
     }
 
     pub fn config(&self) -> ArbiterConfig {
@@ -119,12 +127,16 @@ impl Arbiter {
         for l in &report.expired {
             self.pool.put(&l.gpus);
         }
-        let just_had: BTreeMap<AppId, Vec<GpuId>> =
-            report.expired.iter().fold(BTreeMap::new(), |mut m, l| {
-                m.entry(l.app).or_insert_with(Vec::new).extend(&l.gpus);
-                m
-            });
-        let view = ClusterView { now, gpus: self.gpus(), node_gpus: self.nodes.values().copied().max().unwrap_or(0), lease_s: self.cfg.lease_s };
+        let just_had: BTreeMap<AppId, Vec<GpuId>> = report.expired.iter().fold(BTreeMap::new(), |mut m, l| {
+            m.entry(l.app).or_insert_with(Vec::new).extend(&l.gpus);
+            m
+        });
+        let view = ClusterView {
+            now,
+            gpus: self.gpus(),
+            node_gpus: self.nodes.values().copied().max().unwrap_or(0),
+            lease_s: self.cfg.lease_s,
+        };
         report.offered_gpus = self.pool.total();
         if report.offered_gpus == 0 {
             report.elapsed_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -173,7 +185,14 @@ impl Arbiter {
         report
     }
 
-    fn grant(&mut self, now: f64, app: AppId, b: &Bundle, just_had: &BTreeMap<AppId, Vec<GpuId>>, report: &mut RoundReport) {
+    fn grant(
+        &mut self,
+        now: f64,
+        app: AppId,
+        b: &Bundle,
+        just_had: &BTreeMap<AppId, Vec<GpuId>>,
+        report: &mut RoundReport,
+    ) {
         let prefer = just_had.get(&app).map(Vec::as_slice).unwrap_or(&[]);
         let Some(gpus) = self.pool.take_preferring(b, prefer) else {
             return; // cannot happen: every bundle was built from the pool and the solver keeps within it

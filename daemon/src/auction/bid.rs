@@ -51,7 +51,8 @@ pub fn bid(app: &App, held: &Bundle, offer: &Bundle, view: &ClusterView) -> Bid 
     for k in sizes {
         let mut candidates: Vec<Bundle> = best_bundle(offer, k, held).into_iter().collect();
         // Other nodes it fits on, best fit first, so that bidders need not all want one node.
-        let mut fitting: Vec<(u32, NodeId)> = offer.iter().filter(|&(_, n)| n >= k).map(|(node, n)| (n, node)).collect();
+        let mut fitting: Vec<(u32, NodeId)> =
+            offer.iter().filter(|&(_, n)| n >= k).map(|(node, n)| (n, node)).collect();
         fitting.sort_unstable();
         candidates.extend(fitting.into_iter().take(PACKED_NODES).map(|(_, node)| Bundle::on(node, k)));
         candidates.push(spread_bundle(offer, k));

@@ -39,7 +39,14 @@ pub struct LeaseTable {
 impl LeaseTable {
     /// Leases `gpus` to `app` for `[now, now + len_s)`; refuses (and changes
     /// nothing) if any of them is leased already.
-    pub fn grant(&mut self, app: AppId, gpus: Vec<GpuId>, now: f64, len_s: f64, renewal: bool) -> Result<&Lease, AuctionError> {
+    pub fn grant(
+        &mut self,
+        app: AppId,
+        gpus: Vec<GpuId>,
+        now: f64,
+        len_s: f64,
+        renewal: bool,
+    ) -> Result<&Lease, AuctionError> {
         if let Some(g) = gpus.iter().find(|g| self.by_gpu.contains_key(g)) {
             return Err(AuctionError::AlreadyLeased(*g));
         }
@@ -80,7 +87,8 @@ impl LeaseTable {
 
     /// Ends every lease with a GPU on `node` (the whole lease: a gang cannot run on part of its GPUs).
     pub fn revoke_node(&mut self, node: NodeId) -> Vec<Lease> {
-        let ids: Vec<LeaseId> = self.leases.values().filter(|l| l.gpus.iter().any(|g| g.node == node)).map(|l| l.id).collect();
+        let ids: Vec<LeaseId> =
+            self.leases.values().filter(|l| l.gpus.iter().any(|g| g.node == node)).map(|l| l.id).collect();
         ids.into_iter().filter_map(|id| self.remove(id)).collect()
     }
 

@@ -9,6 +9,8 @@
 //! - [`nsw`] + [`pa`]: the mechanism (Nash-welfare allocation, fractions c_i);
 //! - [`lease`]: leases (never two on one GPU), expiry, revocation;
 //! - [`arbiter`]: the lease round that ties them together;
+//! - [`sim`]: the trace-driven simulator that runs the same arbiter against
+//!   the baseline policies (`gatid bench auction`).
 
 pub mod app;
 pub mod arbiter;
@@ -17,6 +19,7 @@ pub mod gpu;
 pub mod lease;
 pub mod nsw;
 pub mod pa;
+pub mod sim;
 pub mod throughput;
 
 /// Errors of the auction model.

@@ -39,6 +39,8 @@ enum BenchCommand {
     Dispatch(gatid::bench::dispatch::Args),
     /// Max-softmax vs the learned selector, replaying recorded streams offline.
     Selector(gatid::bench::selector::Args),
+    /// Themis GPU auctions vs fair share, LAS, packing, Gavel FTF on cluster traces (simulated).
+    Auction(gatid::bench::auction::Args),
     /// A long mixed load with hostile clients: every answer checked, RSS and fds watched.
     Soak(gatid::bench::soak::Args),
     /// The socket-floor echo server the serving benchmark starts (internal).
@@ -96,6 +98,9 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
         }
         Command::Bench { which: BenchCommand::Selector(args) } => {
             gatid::bench::selector::run(args).map_err(MainError::Other)
+        }
+        Command::Bench { which: BenchCommand::Auction(args) } => {
+            gatid::bench::auction::run(args).map_err(MainError::Other)
         }
         Command::Bench { which: BenchCommand::Soak(args) } => gatid::bench::soak::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::EchoServer { socket } } => {
