@@ -9,6 +9,7 @@
 //! - [`nsw`] + [`pa`]: the mechanism (Nash-welfare allocation, fractions c_i);
 //! - [`lease`]: leases (never two on one GPU), expiry, revocation;
 //! - [`arbiter`]: the lease round that ties them together;
+//! - [`peer`]: the authenticated peer protocol between nodes;
 //! - [`sim`]: the trace-driven simulator that runs the same arbiter against
 //!   the baseline policies (`gatid bench auction`).
 
@@ -19,6 +20,7 @@ pub mod gpu;
 pub mod lease;
 pub mod nsw;
 pub mod pa;
+pub mod peer;
 pub mod sim;
 pub mod throughput;
 
