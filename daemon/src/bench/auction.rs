@@ -29,7 +29,8 @@ pub const DEFAULT_F: f64 = 0.8;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The first 500 jobs of the trace, 150 synthetic jobs, f ∈ {0.5, 0.8}.
-    /// (`util` in the table: over the arrivals; `util*`: over the whole run.)
+    /// (`util` in the table: over the arrivals; `util*`: over the whole run;
+    /// `max ρ 1h`: over the jobs with T_id ≥ 1 h.)
     #[arg(long)]
     pub quick: bool,
     /// Gavel's data folder (traces-seed0/, simulation_throughputs.json).
@@ -77,8 +78,8 @@ fn compare(name: &str, jobs: &[AppSpec], cfg: &SimConfig, fs: &[f64], args: &Arg
         args.lease_s
     );
     println!(
-        "{:<12} {:>8} {:>8} {:>6} {:>11} {:>11} {:>6} {:>6} {:>6} {:>9}  worst job (id, GPUs, JCT h)",
-        "policy", "max ρ", "med ρ", "Jain", "mean JCT h", "p95 JCT h", "util", "util*", "unfin", "round ms"
+        "{:<12} {:>8} {:>8} {:>8} {:>6} {:>11} {:>11} {:>6} {:>6} {:>6} {:>9}  worst job (id, GPUs, JCT h)",
+        "policy", "max ρ", "max ρ 1h", "med ρ", "Jain", "mean JCT h", "p95 JCT h", "util", "util*", "unfin", "round ms"
     );
     let mut out = Vec::new();
     let mut rhos = Vec::new();
@@ -87,9 +88,10 @@ fn compare(name: &str, jobs: &[AppSpec], cfg: &SimConfig, fs: &[f64], args: &Arg
         let s = summarize(&r);
         let worst = r.jobs.iter().max_by(|a, b| a.rho.total_cmp(&b.rho));
         println!(
-            "{:<12} {:>8.2} {:>8.2} {:>6.3} {:>11.1} {:>11.1} {:>6.3} {:>6.3} {:>6} {:>9.3}  {}",
+            "{:<12} {:>8.2} {:>8.2} {:>8.2} {:>6.3} {:>11.1} {:>11.1} {:>6.3} {:>6.3} {:>6} {:>9.3}  {}",
             s.policy,
             s.max_rho,
+            s.max_rho_long,
             s.median_rho,
             s.jain_rho,
             s.mean_jct_s / 3600.0,
@@ -194,6 +196,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "max_rho_tiresias": max_of("tiresias"),
         "max_rho_gandiva": max_of("gandiva"),
         "max_rho_gavel_ftf": max_of("gavel_ftf"),
+        "long_t_id_s": crate::auction::sim::metrics::LONG_T_ID_S,
+        "max_rho_themis_long": th.max_rho_long,
+        "max_rho_fairshare_long": fsh.max_rho_long,
+        "fairness_gain_long": fsh.max_rho_long / th.max_rho_long,
         "fairness_gain": gain,
         "utilization_themis": th.utilization,
         "utilization_fairshare": fsh.utilization,

@@ -13,6 +13,10 @@ pub struct Summary {
     pub jobs: usize,
     pub unfinished: usize,
     pub max_rho: f64,
+    /// Max ρ over the jobs with T_id ≥ [`LONG_T_ID_S`] (the long-running apps Themis targets).
+    pub max_rho_long: f64,
+    /// How many jobs have T_id ≥ [`LONG_T_ID_S`].
+    pub long_jobs: usize,
     pub median_rho: f64,
     pub jain_rho: f64,
     pub mean_jct_s: f64,
@@ -24,6 +28,9 @@ pub struct Summary {
     pub makespan_s: f64,
     pub mean_round_ms: f64,
 }
+
+/// T_id from which a job counts as long-running (one hour).
+pub const LONG_T_ID_S: f64 = 3600.0;
 
 /// The `q` quantile (nearest rank) of `v`, 0 when empty.
 pub fn quantile(v: &[f64], q: f64) -> f64 {
@@ -50,11 +57,16 @@ pub fn jain(v: &[f64]) -> f64 {
 pub fn summarize(r: &SimResult) -> Summary {
     let rhos: Vec<f64> = r.jobs.iter().map(|j| j.rho).collect();
     let jcts: Vec<f64> = r.jobs.iter().map(|j| j.finish - j.arrival).collect();
+    // T_id = JCT / ρ.
+    let long: Vec<f64> =
+        r.jobs.iter().filter(|j| (j.finish - j.arrival) / j.rho >= LONG_T_ID_S).map(|j| j.rho).collect();
     Summary {
         policy: r.policy.clone(),
         jobs: r.jobs.len(),
         unfinished: r.unfinished,
         max_rho: rhos.iter().copied().fold(0.0, f64::max),
+        max_rho_long: long.iter().copied().fold(0.0, f64::max),
+        long_jobs: long.len(),
         median_rho: quantile(&rhos, 0.5),
         jain_rho: jain(&rhos),
         mean_jct_s: if jcts.is_empty() { 0.0 } else { jcts.iter().sum::<f64>() / jcts.len() as f64 },

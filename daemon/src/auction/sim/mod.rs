@@ -209,7 +209,12 @@ mod tests {
         let mut models = Throughputs::new();
         models.insert("packs".into(), Arc::new(ThroughputModel::linear(1.0, 0.5)));
         models.insert("spreads".into(), Arc::new(ThroughputModel::linear(2.0, 0.95)));
-        let p = SyntheticParams { jobs: 60, mean_interarrival_s: 600.0, median_duration_s: 3600.0, ..SyntheticParams::default() };
+        let p = SyntheticParams {
+            jobs: 60,
+            mean_interarrival_s: 600.0,
+            median_duration_s: 3600.0,
+            ..SyntheticParams::default()
+        };
         let jobs = generate(&p, &models);
         let cfg = SimConfig { nodes: 2, gpus_per_node: 4, round_s: 300.0, horizon_s: 1e8 };
         let arb = |f| ArbiterConfig { fairness_f: f, lease_s: 900.0 };
