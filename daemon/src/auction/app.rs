@@ -46,6 +46,8 @@ pub struct App {
     /// GPU-seconds received.
     attained: f64,
     last: f64,
+    /// Seconds of running still to spend restarting (checkpoint restore) before progress resumes.
+    stall: f64,
 }
 
 /// What [`App::rho_with`] needs about the cluster.
@@ -74,27 +76,43 @@ impl ClusterView {
 impl App {
     pub fn new(spec: AppSpec) -> App {
         let last = spec.arrival;
-        App { spec, done: 0.0, contention_s: 0.0, contention_now: 1.0, attained: 0.0, last }
+        App { spec, done: 0.0, contention_s: 0.0, contention_now: 1.0, attained: 0.0, last, stall: 0.0 }
     }
 
     /// Runs the app from its last observation to `now` on `held`, with
     /// `active` apps contending; returns the time it finished, if it did.
+    /// A pending restart ([`App::restart`]) is spent first, holding the GPUs
+    /// without progress.
     pub fn advance(&mut self, now: f64, held: &Bundle, active: usize) -> Option<f64> {
         let dt = (now - self.last).max(0.0);
         self.contention_now = active.max(1) as f64;
         let rate = self.rate(held);
+        let stalled = if rate > 0.0 { self.stall.min(dt) } else { 0.0 };
+        self.stall = if rate > 0.0 { self.stall - stalled } else { 0.0 };
+        let (start, dt_run) = (self.last + stalled, dt - stalled);
         let left = self.remaining();
         // (A relative tolerance: the simulator steps to a completion time computed from this rate.)
-        let (run, finished) = if rate > 0.0 && left <= rate * dt * (1.0 + 1e-9) + 1e-9 {
-            (left / rate, Some(self.last + left / rate))
+        let (run, finished) = if rate > 0.0 && left <= rate * dt_run * (1.0 + 1e-9) + 1e-9 {
+            (stalled + left / rate, Some(start + left / rate))
         } else {
             (dt, None)
         };
-        self.done = if finished.is_some() { self.spec.total_work } else { self.done + rate * dt };
+        self.done = if finished.is_some() { self.spec.total_work } else { self.done + rate * dt_run };
         self.attained += f64::from(held.total()) * run;
         self.contention_s += self.contention_now * dt;
         self.last = now;
         finished
+    }
+
+    /// The app's GPUs changed: it spends `seconds` restarting from its
+    /// checkpoint before it progresses again (the simulator's preemption cost).
+    pub fn restart(&mut self, seconds: f64) {
+        self.stall = seconds.max(0.0);
+    }
+
+    /// Seconds of restart still to spend.
+    pub fn pending_restart(&self) -> f64 {
+        self.stall
     }
 
     /// Work per second on `b`.
@@ -193,5 +211,9 @@ mod tests {
         assert_eq!(a.advance(10.0, &Bundle::on(0, 2), 1), Some(5.0));
         assert!(a.is_done());
         assert!((a.attained() - 10.0).abs() < 1e-9);
+        // A restart holds the GPUs 3 s without progress.
+        let mut b = app(2, 10.0);
+        b.restart(3.0);
+        assert_eq!(b.advance(10.0, &Bundle::on(0, 2), 1), Some(8.0));
     }
 }

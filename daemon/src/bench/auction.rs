@@ -49,6 +49,9 @@ pub struct Args {
     /// Themis lease length, seconds.
     #[arg(long, default_value_t = 1200.0)]
     pub lease_s: f64,
+    /// Seconds a job spends restarting whenever its GPUs change (all policies; 0 = free preemption).
+    #[arg(long, default_value_t = 0.0)]
+    pub restart_s: f64,
     /// Themis's f values to compare (default: 0.5 and 0.8 with --quick, else 0.5, 0.8, 0.9).
     #[arg(long, value_delimiter = ',')]
     pub f: Vec<f64>,
@@ -70,12 +73,13 @@ fn policies(cfg: &SimConfig, fs: &[f64], lease_s: f64) -> anyhow::Result<Vec<Box
 
 fn compare(name: &str, jobs: &[AppSpec], cfg: &SimConfig, fs: &[f64], args: &Args) -> anyhow::Result<Vec<Summary>> {
     println!(
-        "\n{name}: {} jobs on {} nodes × {} GPUs (round {} s, lease {} s)",
+        "\n{name}: {} jobs on {} nodes × {} GPUs (round {} s, lease {} s, restart {} s)",
         jobs.len(),
         cfg.nodes,
         cfg.gpus_per_node,
         cfg.round_s,
-        args.lease_s
+        args.lease_s,
+        cfg.restart_s
     );
     println!(
         "{:<12} {:>8} {:>8} {:>8} {:>6} {:>11} {:>11} {:>6} {:>6} {:>6} {:>9}  worst job (id, GPUs, JCT h)",
@@ -144,8 +148,13 @@ pub fn round_time(
 pub fn run(args: Args) -> anyhow::Result<()> {
     let models = load_throughputs(&args.data.join("simulation_throughputs.json"), "v100")
         .with_context(|| format!("the Gavel data under {} (see shared/data/gavel/README.md)", args.data.display()))?;
-    let cfg =
-        SimConfig { nodes: args.nodes, gpus_per_node: args.gpus_per_node, round_s: args.round_s, horizon_s: 4.0e7 };
+    let cfg = SimConfig {
+        nodes: args.nodes,
+        gpus_per_node: args.gpus_per_node,
+        round_s: args.round_s,
+        horizon_s: 4.0e7,
+        restart_s: args.restart_s,
+    };
     let mut fs: Vec<f64> = match (&args.f[..], args.quick) {
         ([], true) => vec![0.5, DEFAULT_F],
         ([], false) => vec![0.5, DEFAULT_F, 0.9],
@@ -178,7 +187,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let gain = fsh.max_rho / th.max_rho;
     println!("fairness gain (fair share max ρ / Themis max ρ, trace): {gain:.2}×; utilisation Themis {:.3} vs fair share {:.3}", th.utilization, fsh.utilization);
     let v = json!({
-        "cluster": { "nodes": cfg.nodes, "gpus_per_node": cfg.gpus_per_node, "gpu": "v100", "round_s": cfg.round_s, "lease_s": args.lease_s },
+        "cluster": {
+            "nodes": cfg.nodes, "gpus_per_node": cfg.gpus_per_node, "gpu": "v100", "round_s": cfg.round_s,
+            "lease_s": args.lease_s, "restart_s": cfg.restart_s,
+        },
         "trace": args.trace,
         "quick": args.quick,
         "trace_jobs": jobs.len(),

@@ -32,6 +32,9 @@ pub struct SimConfig {
     pub round_s: f64,
     /// Stop (reporting unfinished jobs) after this much simulated time.
     pub horizon_s: f64,
+    /// Seconds an app spends restarting (no progress, GPUs held) whenever
+    /// its GPUs change: preemption's cost, charged to every policy alike.
+    pub restart_s: f64,
 }
 
 impl SimConfig {
@@ -109,11 +112,20 @@ pub fn run(jobs: &[AppSpec], policy: &mut dyn Policy, cfg: &SimConfig) -> SimRes
         }
         let refs: Vec<&App> = active.iter().collect();
         let t0 = std::time::Instant::now();
+        let before = alloc.clone();
         policy.allocate(now, &refs, &mut alloc);
         result.round_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         result.rounds += 1;
         let n = active.len();
         let empty = Bundle::default();
+        if cfg.restart_s > 0.0 {
+            for a in &mut active {
+                let new = alloc.get(&a.spec.id);
+                if new.is_some_and(|b| !b.is_empty()) && new != before.get(&a.spec.id) {
+                    a.restart(cfg.restart_s);
+                }
+            }
+        }
         // The next event: an arrival, a completion, a lease expiry, or at most a round later.
         let mut next = now + cfg.round_s;
         if let Some(j) = pending.last() {
@@ -122,7 +134,7 @@ pub fn run(jobs: &[AppSpec], policy: &mut dyn Policy, cfg: &SimConfig) -> SimRes
         for a in &active {
             let rate = alloc.get(&a.spec.id).map_or(0.0, |b| a.rate(b));
             if rate > 0.0 {
-                next = next.min(now + a.remaining() / rate);
+                next = next.min(now + a.pending_restart() + a.remaining() / rate);
             }
         }
         if let Some(e) = policy.next_event().filter(|&e| e > now) {
@@ -216,7 +228,7 @@ mod tests {
             ..SyntheticParams::default()
         };
         let jobs = generate(&p, &models);
-        let cfg = SimConfig { nodes: 2, gpus_per_node: 4, round_s: 300.0, horizon_s: 1e8 };
+        let cfg = SimConfig { nodes: 2, gpus_per_node: 4, round_s: 300.0, horizon_s: 1e8, restart_s: 0.0 };
         let arb = |f| ArbiterConfig { fairness_f: f, lease_s: 900.0 };
         let mut policies: Vec<Box<dyn Policy>> = vec![
             Box::new(Themis::new(&cfg, arb(0.0)).unwrap()),
@@ -226,7 +238,9 @@ mod tests {
             Box::new(Gandiva::new(&cfg)),
             Box::new(GavelFtf::new(&cfg, 900.0)),
         ];
-        for p in &mut policies {
+        for (i, p) in policies.iter_mut().enumerate() {
+            // Half the policies pay a restart cost on every change of GPUs.
+            let cfg = SimConfig { restart_s: if i % 2 == 0 { 0.0 } else { 120.0 }, ..cfg };
             let r = run(&jobs, &mut Checked(p.as_mut(), cfg), &cfg);
             let s = metrics::summarize(&r);
             assert_eq!((s.jobs, s.unfinished), (60, 0), "{}", s.policy);
