@@ -8,6 +8,7 @@
 //! metric. See `docs/architecture.md`.
 
 pub mod api;
+pub mod auction;
 pub mod cache;
 pub mod client;
 pub mod config;

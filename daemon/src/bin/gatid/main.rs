@@ -41,6 +41,8 @@ enum BenchCommand {
     Dispatch(bench::dispatch::Args),
     /// Max-softmax vs the learned selector, replaying recorded streams offline.
     Selector(bench::selector::Args),
+    /// Themis GPU auctions vs fair share, LAS, packing, Gavel FTF on cluster traces (simulated).
+    Auction(bench::auction::Args),
     /// A long mixed load with hostile clients: every answer checked, RSS and fds watched.
     Soak(bench::soak::Args),
     /// UDP DAG round trips: kernel (eBPF) vs userspace steering vs one SGS; in-kernel cost.
@@ -98,6 +100,7 @@ fn main_exec(cli: Cli) -> Result<(), MainError> {
         Command::Bench { which: BenchCommand::Soak(args) } => bench::soak::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::Steer(args) } => bench::steer::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::Gpu(args) } => bench::gpu::run(args).map_err(MainError::Other),
+        Command::Bench { which: BenchCommand::Auction(args) } => bench::auction::run(args).map_err(MainError::Other),
         Command::Bench { which: BenchCommand::EchoServer { socket } } => {
             bench::serving::echo_server(&socket).map_err(MainError::Other)
         }

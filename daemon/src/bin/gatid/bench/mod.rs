@@ -1,6 +1,7 @@
 //! Benchmarks: commands that measure the daemon against a baseline in the same
 //! run, print a table and write JSON under `bench/results/`.
 
+pub mod auction;
 pub mod bound;
 pub mod caches;
 pub mod dispatch;

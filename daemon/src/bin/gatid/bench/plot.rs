@@ -101,3 +101,46 @@ pub fn over_time(path: &Path, points: &[(f64, f64)], limit: f64) -> anyhow::Resu
     img.save(path)?;
     Ok(())
 }
+
+/// Series colours for [`cdf`], in order (tab10).
+pub const PALETTE: [Rgb<u8>; 8] = [
+    BLUE,
+    ORANGE,
+    Rgb([44, 160, 44]),
+    Rgb([214, 39, 40]),
+    Rgb([148, 103, 189]),
+    Rgb([140, 86, 75]),
+    Rgb([227, 119, 194]),
+    Rgb([127, 127, 127]),
+];
+
+/// Empirical CDFs of several series (colours in [`PALETTE`] order), x on a
+/// log scale from 0.1 to 1000 (values clamped), y from 0 to 1; grey lines at
+/// each decade and at x = 1.
+pub fn cdf(path: &Path, series: &[Vec<f64>]) -> anyhow::Result<()> {
+    const W: i64 = 640;
+    const H: i64 = 400;
+    const M: i64 = 20;
+    let mut img = RgbImage::from_pixel(W as u32, H as u32, Rgb([255, 255, 255]));
+    let x_of = |v: f64| M + (((v.clamp(0.1, 1000.0).log10() + 1.0) / 4.0) * (W - 2 * M) as f64) as i64;
+    let y_of = |q: f64| H - M - (q.clamp(0.0, 1.0) * (H - 2 * M) as f64) as i64;
+    for decade in [0.1, 1.0, 10.0, 100.0, 1000.0] {
+        line(&mut img, (x_of(decade), M), (x_of(decade), H - M), GREY);
+    }
+    line(&mut img, (M, H - M), (W - M, H - M), BLACK);
+    line(&mut img, (M, M), (M, H - M), BLACK);
+    for (s, c) in series.iter().zip(PALETTE.iter().cycle()) {
+        let mut v = s.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len().max(1) as f64;
+        let pts: Vec<(i64, i64)> = v.iter().enumerate().map(|(i, &x)| (x_of(x), y_of((i + 1) as f64 / n))).collect();
+        for w in pts.windows(2) {
+            line(&mut img, w[0], w[1], *c);
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    img.save(path)?;
+    Ok(())
+}

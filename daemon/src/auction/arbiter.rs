@@ -1,0 +1,293 @@
+//! The arbiter's lease round (Themis):
+//!
+//! 1. leases that expired return their GPUs to the pool;
+//! 2. every app's agent reports ρ with what it holds; the ⌈(1 − f)·n⌉ apps
+//!    with the worst ρ (among those that could use more GPUs) get the offer;
+//! 3. their agents bid tables of ρ over bundles of the free GPUs ([`bid`]);
+//! 4. the partial-allocation mechanism ([`pa`]) picks winners and fractions;
+//!    a winner gets round(c_i · |bundle|) GPUs of its bundle (from the nodes
+//!    where it has most), as a lease;
+//! 5. what is left (unallocated or withheld) goes to the apps outside the
+//!    auction, worst ρ first, each its best option out of what remains.
+//!
+//! The same code runs in the daemon (agents answer over the peer protocol)
+//! and in the simulator (agents are [`App`]s in memory).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use super::app::{App, AppId, ClusterView};
+use super::bid::{bid, Bid};
+use super::gpu::{Bundle, GpuId, NodeId, Pool};
+use super::lease::{Lease, LeaseTable};
+use super::nsw::{Agent, Choice, Problem};
+use super::{pa, AuctionError};
+
+/// The arbiter's knobs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ArbiterConfig {
+    /// Themis's f: the share of apps (best ρ first) left out of each auction, in [0, 1].
+    pub fairness_f: f64,
+    /// Lease length, seconds.
+    pub lease_s: f64,
+}
+
+/// What a round did.
+#[derive(Clone, Debug, Default)]
+pub struct RoundReport {
+    pub expired: Vec<Lease>,
+    pub grants: Vec<Lease>,
+    /// Apps offered GPUs (the auction's participants).
+    pub offered_to: usize,
+    /// GPUs free when the auction ran.
+    pub offered_gpus: u32,
+    /// GPUs the mechanism allocated and withheld (1 − c_i).
+    pub withheld_gpus: u32,
+    /// GPUs granted to apps outside the auction.
+    pub leftover_gpus: u32,
+    /// Time spent in the round, ms.
+    pub elapsed_ms: f64,
+}
+
+/// The cluster's GPUs, who leases them, and the rounds.
+#[derive(Clone, Debug)]
+pub struct Arbiter {
+    cfg: ArbiterConfig,
+    nodes: BTreeMap<NodeId, u32>,
+    pool: Pool,
+    leases: LeaseTable,
+}
+
+impl Arbiter {
+    /// An arbiter over `nodes` (node, GPUs), all free.
+    pub fn new(cfg: ArbiterConfig, nodes: &[(NodeId, u32)]) -> Result<Arbiter, AuctionError> {
+        if !(0.0..=1.0).contains(&cfg.fairness_f) || cfg.lease_s.is_nan() || cfg.lease_s <= 0.0 {
+            return Err(AuctionError::Config(format!(
+                "fairness_f {} must be in [0, 1], lease_s {} > 0",
+                cfg.fairness_f, cfg.lease_s
+            )));
+        }
+        Ok(Arbiter {
+            cfg,
+            nodes: nodes.iter().copied().collect(),
+            pool: Pool::with_nodes(nodes),
+            leases: LeaseTable::default(),
+        })
+    }
+
+    pub fn config(&self) -> ArbiterConfig {
+        self.cfg
+    }
+
+    /// GPUs in the cluster.
+    pub fn gpus(&self) -> u32 {
+        self.nodes.values().sum()
+    }
+
+    pub fn leases(&self) -> &LeaseTable {
+        &self.leases
+    }
+
+    /// Free GPUs per node.
+    pub fn free(&self) -> Bundle {
+        self.pool.counts()
+    }
+
+    /// A node joins with `gpus` free GPUs (or rejoins: its old leases are gone).
+    pub fn add_node(&mut self, node: NodeId, gpus: u32) {
+        self.remove_node(node);
+        self.nodes.insert(node, gpus);
+        self.pool.put(&(0..gpus).map(|index| GpuId { node, index }).collect::<Vec<_>>());
+    }
+
+    /// A node left: its leases are revoked (their GPUs elsewhere return to the pool).
+    pub fn remove_node(&mut self, node: NodeId) -> Vec<Lease> {
+        let revoked = self.leases.revoke_node(node);
+        for l in &revoked {
+            self.pool.put(&l.gpus);
+        }
+        self.pool.remove_node(node);
+        self.nodes.remove(&node);
+        revoked
+    }
+
+    /// An app finished or was withdrawn: its leases end now.
+    pub fn release_app(&mut self, app: AppId) -> Vec<Lease> {
+        let ended = self.leases.release_app(app);
+        for l in &ended {
+            self.pool.put(&l.gpus);
+        }
+        ended
+    }
+
+    /// One lease round at `now` over the active `apps`.
+    pub fn round(&mut self, now: f64, apps: &[&App]) -> RoundReport {
+        let t0 = Instant::now();
+        let mut report = RoundReport { expired: self.leases.expire(now), ..RoundReport::default() };
+        for l in &report.expired {
+            self.pool.put(&l.gpus);
+        }
+        let just_had: BTreeMap<AppId, Vec<GpuId>> = report.expired.iter().fold(BTreeMap::new(), |mut m, l| {
+            m.entry(l.app).or_insert_with(Vec::new).extend(&l.gpus);
+            m
+        });
+        let view = ClusterView {
+            now,
+            gpus: self.gpus(),
+            node_gpus: self.nodes.values().copied().max().unwrap_or(0),
+            lease_s: self.cfg.lease_s,
+        };
+        report.offered_gpus = self.pool.total();
+        if report.offered_gpus == 0 {
+            report.elapsed_ms = t0.elapsed().as_secs_f64() * 1e3;
+            return report;
+        }
+        // Agents' ρ reports; only apps that could use more GPUs take part.
+        let mut eligible: Vec<(f64, &App)> = apps
+            .iter()
+            .filter(|a| !a.is_done() && self.leases.held(a.spec.id).total() < a.spec.demand)
+            .map(|a| (a.rho_with(&self.leases.held(a.spec.id), &view), *a))
+            .collect();
+        eligible.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.spec.id.cmp(&y.1.spec.id)));
+        let n_offered = ((1.0 - self.cfg.fairness_f) * eligible.len() as f64).ceil() as usize;
+        let (inside, outside) = eligible.split_at(n_offered.min(eligible.len()));
+        report.offered_to = inside.len();
+
+        // The auction.
+        let offer = self.pool.counts();
+        let bids: Vec<Bid> = inside.iter().map(|(_, a)| bid(a, &self.leases.held(a.spec.id), &offer, &view)).collect();
+        let problem = to_problem(&offer, &bids);
+        let outcome = pa::run(&problem);
+        for award in &outcome.awards {
+            let b = &bids[award.agent];
+            let bundle = &b.options[award.option].bundle;
+            let keep = ((award.fraction * f64::from(bundle.total())).round() as u32).min(bundle.total());
+            report.withheld_gpus += bundle.total() - keep;
+            if keep > 0 {
+                let kept = bundle.truncate(keep);
+                self.grant(now, b.app, &kept, &just_had, &mut report);
+            }
+        }
+        // Leftover to the apps outside the auction, worst ρ first.
+        for (_, a) in outside {
+            if self.pool.total() == 0 {
+                break;
+            }
+            let held = self.leases.held(a.spec.id);
+            let b = bid(a, &held, &self.pool.counts(), &view);
+            if let Some(best) = b.options.iter().min_by(|x, y| x.rho.total_cmp(&y.rho)) {
+                report.leftover_gpus += best.bundle.total();
+                let bundle = best.bundle.clone();
+                self.grant(now, a.spec.id, &bundle, &just_had, &mut report);
+            }
+        }
+        report.elapsed_ms = t0.elapsed().as_secs_f64() * 1e3;
+        report
+    }
+
+    fn grant(
+        &mut self,
+        now: f64,
+        app: AppId,
+        b: &Bundle,
+        just_had: &BTreeMap<AppId, Vec<GpuId>>,
+        report: &mut RoundReport,
+    ) {
+        let prefer = just_had.get(&app).map(Vec::as_slice).unwrap_or(&[]);
+        let Some(gpus) = self.pool.take_preferring(b, prefer) else {
+            return; // cannot happen: every bundle was built from the pool and the solver keeps within it
+        };
+        let renewal = !prefer.is_empty() && gpus.iter().all(|g| prefer.contains(g));
+        match self.leases.grant(app, gpus.clone(), now, self.cfg.lease_s, renewal) {
+            Ok(l) => report.grants.push(l.clone()),
+            Err(_) => self.pool.put(&gpus),
+        }
+    }
+}
+
+/// The bids in solver form: nodes indexed in the offer's order, values ln(1/ρ).
+fn to_problem(offer: &Bundle, bids: &[Bid]) -> Problem {
+    let nodes: Vec<NodeId> = offer.iter().map(|(n, _)| n).collect();
+    let index = |n: NodeId| nodes.binary_search(&n).unwrap_or(0);
+    Problem {
+        capacity: offer.iter().map(|(_, k)| k).collect(),
+        agents: bids
+            .iter()
+            .map(|b| Agent {
+                base: -b.rho_without.ln(),
+                options: b
+                    .options
+                    .iter()
+                    .map(|o| Choice {
+                        need: o.bundle.iter().map(|(n, k)| (index(n), k)).collect(),
+                        size: o.bundle.total(),
+                        log_value: -o.rho.ln(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::auction::app::AppSpec;
+    use crate::auction::throughput::ThroughputModel;
+
+    fn apps(n: u64, demand: u32) -> Vec<App> {
+        (0..n)
+            .map(|id| {
+                App::new(AppSpec {
+                    id,
+                    name: "t".into(),
+                    demand,
+                    total_work: 1000.0 * (id + 1) as f64,
+                    model: Arc::new(ThroughputModel::linear(1.0, 0.7)),
+                    arrival: 0.0,
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_grants_disjoint_leases_and_leftover_goes_outside() {
+        let cfg = ArbiterConfig { fairness_f: 0.5, lease_s: 100.0 };
+        let mut arb = Arbiter::new(cfg, &[(0, 4), (1, 4)]).unwrap();
+        let apps = apps(6, 4);
+        let refs: Vec<&App> = apps.iter().collect();
+        let r = arb.round(0.0, &refs);
+        assert_eq!(r.offered_to, 3);
+        let mut seen = std::collections::HashSet::new();
+        for l in &r.grants {
+            for g in &l.gpus {
+                assert!(seen.insert(*g), "GPU {g:?} granted twice");
+            }
+        }
+        let granted: u32 = r.grants.iter().map(|l| l.gpus.len() as u32).sum();
+        assert_eq!(granted + arb.free().total(), 8);
+        // Leftover only to apps outside the auction (the 3 best ρ: the shortest jobs, ids 0–2).
+        let offered: Vec<AppId> = vec![3, 4, 5];
+        assert!(r.leftover_gpus == 0 || r.grants.iter().any(|l| !offered.contains(&l.app)));
+        // Expiry: all back, then re-auctioned; the same GPUs to the same app are renewals.
+        let r2 = arb.round(100.0, &refs);
+        assert_eq!(r2.expired.len(), r.grants.len());
+        assert!(r2.grants.iter().any(|l| l.renewal) || r2.grants.is_empty());
+    }
+
+    #[test]
+    fn a_removed_node_loses_its_leases() {
+        let cfg = ArbiterConfig { fairness_f: 0.0, lease_s: 100.0 };
+        let mut arb = Arbiter::new(cfg, &[(0, 2), (1, 2)]).unwrap();
+        let apps = apps(2, 2);
+        let refs: Vec<&App> = apps.iter().collect();
+        arb.round(0.0, &refs);
+        let revoked = arb.remove_node(1);
+        assert!(!revoked.is_empty());
+        assert!(arb.leases().iter().all(|l| l.gpus.iter().all(|g| g.node != 1)));
+        assert_eq!(arb.gpus(), 2);
+        assert!(Arbiter::new(ArbiterConfig { fairness_f: 1.5, lease_s: 1.0 }, &[]).is_err());
+    }
+}

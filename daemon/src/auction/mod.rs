@@ -1,0 +1,36 @@
+//! Cluster-wide GPU auctions (Themis): long-running GPU apps get GPU leases
+//! through partial-allocation auctions that keep finish-time fairness
+//! ρ = T_shared / T_independent low.
+//!
+//! - [`gpu`]: GPU ids, bundles (counts per node), the free pool, placement;
+//! - [`throughput`]: an app's rate over GPU count and placement;
+//! - [`app`]: an app's progress and its ρ;
+//! - [`bid`]: an agent's placement-aware bid (ρ over bundles);
+//! - [`nsw`] + [`pa`]: the mechanism (Nash-welfare allocation, fractions c_i);
+//! - [`lease`]: leases (never two on one GPU), expiry, revocation;
+//! - [`arbiter`]: the lease round that ties them together;
+//! - [`peer`]: the authenticated peer protocol between nodes;
+//! - [`sim`]: the trace-driven simulator that runs the same arbiter against
+//!   the baseline policies (`gatid bench auction`).
+
+pub mod app;
+pub mod arbiter;
+pub mod bid;
+pub mod gpu;
+pub mod lease;
+pub mod nsw;
+pub mod pa;
+pub mod peer;
+pub mod sim;
+pub mod throughput;
+
+/// Errors of the auction model.
+#[derive(Debug, thiserror::Error)]
+pub enum AuctionError {
+    #[error("throughput model: {0}")]
+    Throughput(String),
+    #[error("GPU {0:?} is already leased")]
+    AlreadyLeased(gpu::GpuId),
+    #[error("arbiter config: {0}")]
+    Config(String),
+}
