@@ -2,6 +2,7 @@
 //! run, print a table and write JSON under `bench/results/`.
 
 pub mod bound;
+mod cache_streams;
 pub mod caches;
 pub mod dispatch;
 pub mod harness;
