@@ -362,6 +362,15 @@ fn train_on(
     crate::client::calibrate::send(client, model, set, 16, |_| {})?;
     let v = client.control_json(crate::api::wire::Kind::CacheTrain, crate::api::wire::model_id(model), &[])?;
     let generation = v["generation"].as_u64().unwrap_or(0);
+    let (rows, needed) = (v["window_rows"].as_u64().unwrap_or(0), v["rows_needed"].as_u64().unwrap_or(0));
+    if rows < needed {
+        // Too few rows for any training: measured as it is (cold), and said so.
+        println!(
+            "  ({model}: warm start of {} images left {rows} window rows, a training needs {needed})",
+            set.images.len()
+        );
+        return Ok(());
+    }
     if !crate::client::calibrate::wait_trained(client, model, generation, Duration::from_secs(300))? {
         bail!("calibration training of {model} did not finish within 300 s");
     }

@@ -31,15 +31,7 @@ impl Default for LearnedParams {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LearnedCache {
     dim: usize,
-    /// Outputs of the predictor: the classes its training rows had.
     classes: usize,
-    /// The model's class of each output (empty: output k is class k). A
-    /// 1000-class model whose stream shows 30 objects trains over those 30.
-    #[serde(default)]
-    class_ids: Vec<u32>,
-    /// The model's class count (0: `classes`).
-    #[serde(default)]
-    model_classes: usize,
     hidden: usize,
     mean: Vec<f32>,
     inv_std: Vec<f32>,
@@ -89,26 +81,9 @@ struct Scratch {
 }
 
 impl LearnedCache {
-    /// Fits on `s` with mini-batch SGD (momentum 0.9) on the cross-entropy,
-    /// over the classes that occur in `s` (the rest get probability 0).
+    /// Fits on `s` with mini-batch SGD (momentum 0.9) on the cross-entropy.
     pub fn fit(s: &Samples<'_>, p: &LearnedParams) -> Self {
-        let model_classes = s.classes.max(1);
-        let mut class_ids: Vec<u32> = s.labels.iter().map(|&y| y % model_classes as u32).collect();
-        class_ids.sort_unstable();
-        class_ids.dedup();
-        if class_ids.is_empty() {
-            class_ids = (0..model_classes as u32).collect();
-        }
-        let labels: Vec<u32> = s
-            .labels
-            .iter()
-            .map(|&y| class_ids.binary_search(&(y % model_classes as u32)).unwrap_or(0) as u32)
-            .collect();
-        let (dim, classes, rows, hidden) = (s.dim, class_ids.len(), s.rows(), p.hidden);
-        // Every class present: the identity, as before (no ids kept).
-        if classes == model_classes {
-            class_ids.clear();
-        }
+        let (dim, classes, rows, hidden) = (s.dim, s.classes.max(1), s.rows(), p.hidden);
         let (mean, inv_std) = standardisation(s);
         let width = if hidden > 0 { hidden } else { dim };
         let mut rng = p.seed.max(1);
@@ -118,8 +93,6 @@ impl LearnedCache {
         let mut c = Self {
             dim,
             classes,
-            class_ids,
-            model_classes,
             hidden,
             mean,
             inv_std,
@@ -135,7 +108,7 @@ impl LearnedCache {
             return c;
         }
         let xs: Vec<f32> = (0..rows).flat_map(|i| c.standardise(s.row(i))).collect();
-        c.fit_guard(&xs, &labels);
+        c.fit_guard(&xs, s.labels);
         let mut grads = c.zeros_like();
         let mut vel = c.zeros_like();
         let mut order: Vec<usize> = (0..rows).collect();
@@ -147,7 +120,7 @@ impl LearnedCache {
                 super::pace();
                 grads.iter_mut().for_each(|g| g.fill(0.0));
                 for &r in chunk {
-                    c.backward(&xs[r * dim..(r + 1) * dim], labels[r] as usize, &mut sc, &mut grads);
+                    c.backward(&xs[r * dim..(r + 1) * dim], s.labels[r] as usize % classes, &mut sc, &mut grads);
                 }
                 let inv = 1.0 / chunk.len() as f32;
                 for ((param, g), v) in c.params_mut().into_iter().zip(&grads).zip(vel.iter_mut()) {
@@ -265,19 +238,13 @@ impl LearnedCache {
         self.judge(row).probs
     }
 
-    /// What the predictor makes of one raw feature row: probabilities (over
-    /// the model's classes), guess, standardised row and where it lies
-    /// relative to the guess's novelty radius.
+    /// What the predictor makes of one raw feature row: probabilities, guess,
+    /// standardised row and where it lies relative to the guess's novelty radius.
     pub fn judge(&self, row: &[f32]) -> Judgement {
         let mut sc = Scratch { h: vec![0.0; self.width()], p: vec![0.0; self.classes], gh: Vec::new() };
         if row.len() != self.dim {
-            let n = self.model_classes.max(self.classes).max(1);
-            return Judgement {
-                probs: vec![1.0 / n as f32; n],
-                class: 0,
-                z: vec![0.0; self.dim],
-                novelty: f32::INFINITY,
-            };
+            softmax(&mut sc.p);
+            return Judgement { probs: sc.p, class: 0, z: vec![0.0; self.dim], novelty: f32::INFINITY };
         }
         let z = self.standardise(row);
         self.forward(&z, &mut sc);
@@ -294,14 +261,7 @@ impl LearnedCache {
             }
             _ => f32::INFINITY,
         };
-        if self.class_ids.is_empty() {
-            return Judgement { probs: sc.p, class, z, novelty };
-        }
-        let mut probs = vec![0.0; self.model_classes.max(self.classes)];
-        for (&id, &p) in self.class_ids.iter().zip(&sc.p) {
-            probs[id as usize] = p;
-        }
-        Judgement { probs, class: self.class_ids[class] as usize, z, novelty }
+        Judgement { probs: sc.p, class, z, novelty }
     }
 
     /// This predictor with a learned selector for its confidence.
@@ -361,7 +321,6 @@ impl CutCache for LearnedCache {
 
     fn mem_bytes(&self) -> usize {
         4 * (self.mean.len()
-            + self.class_ids.len()
             + self.inv_std.len()
             + self.w1.len()
             + self.b1.len()
@@ -469,24 +428,6 @@ mod tests {
             y.push(k as u32);
         }
         (x, y)
-    }
-
-    /// Trained over the classes its rows had (here 3 of 1000), it answers in
-    /// the model's class ids and holds weights for those 3 only.
-    #[test]
-    fn trains_over_the_classes_present_and_answers_in_model_ids() {
-        let (x, y) = blobs(300, 8, 3, 7);
-        let ids = [17u32, 400, 999];
-        let y: Vec<u32> = y.iter().map(|&k| ids[k as usize]).collect();
-        let c =
-            LearnedCache::fit(&Samples { features: &x, dim: 8, labels: &y, classes: 1000 }, &LearnedParams::default());
-        assert_eq!(c.weights.len(), 3 * 8);
-        let preds = c.predict(&x, 8);
-        let right = preds.iter().zip(&y).filter(|(p, y)| p.0 == **y).count();
-        assert!(right >= 290, "{right}/300");
-        let j = c.judge(&x[..8]);
-        assert_eq!(j.probs.len(), 1000);
-        assert!((j.probs.iter().sum::<f32>() - 1.0).abs() < 1e-4 && j.probs[j.class] > 0.5);
     }
 
     #[test]
