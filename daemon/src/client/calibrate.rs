@@ -67,7 +67,8 @@ pub fn wait_trained(client: &mut Client, model: &str, after: u64, timeout: Durat
     }
 }
 
-/// Sends `set` to `model` as calibration rows, `batch` images per request;
+/// Sends `set` to `model` as calibration rows, `batch` images per request
+/// (at most the model's `max_batch`: a request of more rows is refused);
 /// calls `progress(sent)` after each request. Returns the rows sent.
 pub fn send(
     client: &mut Client,
@@ -76,8 +77,10 @@ pub fn send(
     batch: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<usize, ClientError> {
+    let info = client.control_json(crate::api::wire::Kind::ModelInfo, crate::id::model_id(model), &[])?;
+    let max_batch = info["model"]["max_batch"].as_u64().map_or(batch, |m| m as usize);
     let mut sent = 0;
-    for chunk in set.images.chunks(batch.max(1)) {
+    for chunk in set.images.chunks(batch.min(max_batch).max(1)) {
         let shape = [chunk.len() as u32, set.shape[0], set.shape[1], set.shape[2]];
         let mut header = Client::infer_header(model, Dtype::U8, &shape, 0);
         header.flags.set(FLAG_CALIBRATE);

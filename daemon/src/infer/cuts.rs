@@ -1,9 +1,13 @@
 //! Where a model is cut into stages, and which nodes each stage runs.
 //!
 //! A cut is a tensor that alone carries everything later nodes need (a
-//! separator of the graph). `auto` picks the ends of top-level blocks: a
-//! separator that closes a region with a branch (a residual block) or a pooling
-//! node, moved past trailing activations so the cut is the block's output.
+//! separator of the graph). `auto` takes the stage ends a model declares in
+//! its ONNX metadata (`gati.cuts`, comma-separated tensor names: e.g. the
+//! EfficientNet converter names the end of each stage, where a structural rule
+//! would also cut after every residual block inside one); without it, `auto`
+//! picks the ends of top-level blocks: a separator that closes a region with a
+//! branch (a residual block) or a pooling node, moved past trailing activations
+//! so the cut is the block's output.
 
 use std::collections::{HashMap, HashSet};
 
@@ -112,8 +116,15 @@ impl<'m> Flow<'m> {
     }
 }
 
-/// Block ends found by `cuts = "auto"`.
+/// ONNX metadata key under which a model declares its own `auto` cuts.
+pub const CUTS_METADATA: &str = "gati.cuts";
+
+/// The cuts `cuts = "auto"` uses: the model's declared stage ends (checked
+/// like explicit cuts by [`plan_stages`]) or else the detected block ends.
 pub fn auto_cuts(model: &OnnxModel) -> Result<Vec<String>, CutError> {
+    if let Some(declared) = model.metadata(CUTS_METADATA) {
+        return Ok(declared.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect());
+    }
     let flow = Flow::new(model)?;
     let seps = flow.separators();
     let mut cuts: Vec<(usize, &str)> = Vec::new();
@@ -229,5 +240,21 @@ mod tests {
         assert_eq!(plan_stages(&model, &[]), Err(CutError::NoOutputs));
         assert_eq!(plan_stages(&model, &["y".into()]), Err(CutError::NoOutputs));
         assert!(auto_cuts(&model).is_ok());
+    }
+
+    /// A model that declares its stage ends in metadata gets those as `auto`
+    /// cuts, not the structural ones (here: none, two plain Relus).
+    #[test]
+    fn declared_cuts_win_over_detection() {
+        let relu = |i: &[u8], o: &[u8]| field(1, &[field(1, i), field(2, o), field(4, b"Relu")].concat());
+        let out = field(12, &field(1, b"z"));
+        let graph = [relu(b"x", b"y"), relu(b"y", b"z"), field(11, &field(1, b"x")), out].concat();
+        let plain = OnnxModel::decode(&field(7, &graph)).unwrap();
+        assert_eq!(auto_cuts(&plain).unwrap(), Vec::<String>::new());
+        let meta = field(14, &[field(1, CUTS_METADATA.as_bytes()), field(2, b"y")].concat());
+        let declared = OnnxModel::decode(&[meta, field(7, &graph)].concat()).unwrap();
+        assert_eq!(declared.metadata(CUTS_METADATA).as_deref(), Some("y"));
+        assert_eq!(auto_cuts(&declared).unwrap(), ["y"]);
+        assert_eq!(plan_stages(&declared, &auto_cuts(&declared).unwrap()).unwrap().len(), 2);
     }
 }

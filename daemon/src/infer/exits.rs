@@ -112,6 +112,8 @@ struct Exits<'a> {
     pending: Vec<Pending>,
     features: Vec<Vec<Vec<f32>>>,
     hit: Vec<Option<(usize, u32)>>,
+    /// Per row: (cut, class) each active predictor guessed, for the oracle.
+    guesses: Vec<Vec<(usize, u32)>>,
     /// Per row: the model's previous answer on the row's stream (stream prior).
     prior: Option<Vec<Option<u32>>>,
     /// Per row: a calibration row (never answered from a cache).
@@ -137,6 +139,9 @@ impl Exits<'_> {
         let preds = entry.cache.predict(&rows, width);
         let mut keep = vec![true; live.len()];
         for (j, (&r, &(class, conf))) in live.iter().zip(&preds).enumerate() {
+            if !self.calibrate[r] {
+                self.guesses[r].push((cut, class));
+            }
             if self.hit[r].is_some() || self.calibrate[r] || conf < entry.threshold {
                 continue;
             }
@@ -213,6 +218,7 @@ pub(super) fn run(
         pending,
         features: vec![vec![Vec::new(); cuts]; rows],
         hit: vec![None; rows],
+        guesses: vec![Vec::new(); rows],
         // Calibration rows come in no stream order: they see no prior.
         prior: caches
             .config
@@ -262,6 +268,8 @@ pub(super) fn run(
     };
     let mut samples = Vec::with_capacity(run.finished.len());
     let mut answers: Vec<Option<u32>> = ex.hit.iter().map(|h| h.map(|(_, class)| class)).collect();
+    // The full model's answer where it ran (shadowed hits too), else the hit's.
+    let mut truth = answers.clone();
     let last = pipeline.len() as u16;
     for (i, &j) in run.finished.iter().enumerate() {
         let r = live[j];
@@ -269,6 +277,7 @@ pub(super) fn run(
         let label = out.iter().enumerate().fold((0, f32::MIN), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0 as u32;
         let weight = if ex.hit[r].is_some() { 1.0 / caches.config.shadow_fraction.max(1e-3) } else { 1.0 };
         samples.push(Sample { features: std::mem::take(&mut ex.features[r]), label, weight });
+        truth[r] = Some(label);
         match ex.hit[r] {
             Some((cut, cached)) => caches.shadow(cut, cached, label),
             None => {
@@ -285,6 +294,13 @@ pub(super) fn run(
         }
     }
     caches.record(samples);
+    // Oracle: the earliest cut whose predictor had the answer (a perfect selector).
+    for ((guesses, t), &c) in ex.guesses.iter().zip(&truth).zip(&ex.calibrate) {
+        if let (Some(t), false) = (t, c) {
+            let cut = guesses.iter().find(|g| g.1 == *t).map_or(last as usize, |g| g.0);
+            telemetry::cache_oracle_exit(model, cut);
+        }
+    }
     if caches.config.stream_prior {
         let given = streams.iter().zip(&answers).zip(&ex.calibrate).filter(|(_, &c)| !c);
         caches.remember(given.filter_map(|((&s, a), _)| Some((s, (*a)?))));

@@ -49,6 +49,10 @@ pub(super) const WT_I32: u8 = 5;
 
 // ModelProto
 const MODEL_GRAPH: u32 = 7;
+const MODEL_METADATA: u32 = 14;
+// StringStringEntryProto
+const ENTRY_KEY: u32 = 1;
+const ENTRY_VALUE: u32 = 2;
 // GraphProto
 const GRAPH_NODE: u32 = 1;
 const GRAPH_INITIALIZER: u32 = 5;
@@ -212,6 +216,17 @@ impl OnnxModel {
             return Err(DecodeError("graph has no nodes"));
         }
         Ok(model)
+    }
+
+    /// The value of the model's `metadata_props` entry `key`, if it has one.
+    pub fn metadata(&self, key: &str) -> Option<String> {
+        self.model_fields.iter().find_map(|f| {
+            let field = fields(&f.0).next()?.ok()?;
+            if field.number != MODEL_METADATA || field.wire != WT_LEN {
+                return None;
+            }
+            (name_of(field.value, ENTRY_KEY).ok()? == key).then(|| name_of(field.value, ENTRY_VALUE).ok())?
+        })
     }
 
     /// Graph inputs that are not initializers (the model's real inputs).

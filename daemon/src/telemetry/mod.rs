@@ -145,6 +145,12 @@ pub fn cache_exit(model: &str, stage: usize) {
     counter!(names::EXITS_TOTAL, "model" => model.to_string(), "stage" => stage.to_string()).increment(1);
 }
 
+/// A row the oracle (a perfect selector over the active predictors) would
+/// have answered at `stage`.
+pub fn cache_oracle_exit(model: &str, stage: usize) {
+    counter!(names::ORACLE_EXITS_TOTAL, "model" => model.to_string(), "stage" => stage.to_string()).increment(1);
+}
+
 /// Live disagreement estimate (shadow checks) and cache memory of `model`.
 pub fn cache_state(model: &str, live_disagreement: f32, mem_bytes: usize) {
     gauge!(names::CACHE_LIVE_DISAGREEMENT, "model" => model.to_string()).set(f64::from(live_disagreement));

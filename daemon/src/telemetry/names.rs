@@ -37,6 +37,8 @@ pub const QUEUED_BYTES: &str = "gati_queued_bytes";
 pub const THREAD_RESTARTS_TOTAL: &str = "gati_thread_restarts_total";
 /// Rows answered, by the stage that answered them.
 pub const EXITS_TOTAL: &str = "gati_exits_total";
+/// Rows by the earliest stage whose active predictor had the full model's answer.
+pub const ORACLE_EXITS_TOTAL: &str = "gati_cache_oracle_exits_total";
 /// Shadow-checked disagreement of cache answers with the full model.
 pub const CACHE_LIVE_DISAGREEMENT: &str = "gati_cache_live_disagreement";
 /// Memory held by a model's active caches.
@@ -167,6 +169,14 @@ pub const FAMILIES: &[Family] = &[
         Some(Unit::Count),
         "Rows of models with caches answered, by model and stage: the cut whose cache answered (0 = the input), or the \
          stage count for a full-model answer.",
+    ),
+    family(
+        ORACLE_EXITS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Rows of models with caches by the earliest stage at which an active predictor guessed the full model's answer \
+         (the full model's where it ran, else the cache's): where a perfect selector would have answered them; the \
+         stage count when none did.",
     ),
     family(
         CACHE_LIVE_DISAGREEMENT,

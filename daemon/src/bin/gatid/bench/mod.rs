@@ -3,6 +3,7 @@
 
 pub mod auction;
 pub mod bound;
+mod cache_streams;
 pub mod caches;
 pub mod dispatch;
 pub mod gpu;

@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use super::caches::{load_workloads, Workload};
+use super::cache_streams::{load as load_workloads, Workload};
 use super::harness::{write_json, Daemon};
 use gatid::api::wire::Dtype;
 use gatid::cache::model_caches::Sample;
@@ -80,7 +80,7 @@ struct Replay {
 /// Streams `w` through a daemon whose caches never answer and returns the saved window.
 fn record(config: &Path, w: &Workload) -> anyhow::Result<Vec<Sample>> {
     let state = super::serving::tempdir()?;
-    let n = w.images.len();
+    let n = w.requests();
     let daemon = Daemon::start_with(config, |t| {
         let rt = t.entry("runtime").or_insert_with(|| toml::Value::Table(toml::Table::new()));
         if let toml::Value::Table(rt) = rt {
@@ -97,8 +97,8 @@ fn record(config: &Path, w: &Workload) -> anyhow::Result<Vec<Sample>> {
         }
     })?;
     let mut client = daemon.client()?;
-    for img in &w.images {
-        client.infer(w.model, Dtype::U8, &w.shape, img, 0)?.ok()?;
+    for i in 0..n {
+        client.infer(w.model, Dtype::U8, &w.shape, w.image(i), 0)?.ok()?;
     }
     drop(client);
     daemon.stop()?;
@@ -240,7 +240,11 @@ fn replay(samples: &[Sample], classes: usize, step: usize) -> anyhow::Result<Vec
 /// Runs the benchmark.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let root = args.config.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
-    let workloads = load_workloads(&root, args.quick, args.only.as_deref())?;
+    let mut workloads = load_workloads(&root, args.quick, args.only.as_deref())?;
+    // The CIFAR-10 / Fashion-MNIST streams unless one is named (`bench caches` has the ImageNet ones).
+    if args.only.is_none() {
+        workloads.retain(|w| w.model != "imagenet");
+    }
     println!(
         "gatid bench selector{}: retrain every {} rows, budget 1 % x {BUDGET_SHARE}",
         if args.quick { " (quick)" } else { "" },

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use serde_json::{json, Value};
 
-use super::caches::Workload;
+use super::cache_streams::Workload;
 use super::harness::Daemon;
 use gatid::api::wire::{model_id, Dtype, Kind};
 use gatid::telemetry::{names, summary};
@@ -19,7 +19,7 @@ use gatid::telemetry::{names, summary};
 fn measure(
     config: &Path,
     root: &Path,
-    images: &[Vec<u8>],
+    stream: &Workload,
     retrain_every: usize,
     n: usize,
 ) -> anyhow::Result<(f64, f64)> {
@@ -50,7 +50,7 @@ fn measure(
         (0..count)
             .map(|i| {
                 let t = Instant::now();
-                c.infer("fmnist", Dtype::U8, &[28, 28, 1], &images[(i * 7919) % images.len()], 0)?.ok()?;
+                c.infer("fmnist", Dtype::U8, &[28, 28, 1], stream.image((i * 7919) % stream.requests()), 0)?.ok()?;
                 Ok(t.elapsed().as_secs_f64() * 1e3)
             })
             .collect()
@@ -72,8 +72,8 @@ fn measure(
 pub(super) fn run(config: &Path, root: &Path, fmnist: &Workload, quick: bool) -> anyhow::Result<Value> {
     // Long enough for the flat-out side to finish several trainings (one takes ~0.5-1 s here).
     let n = if quick { 6000 } else { 20_000 };
-    let (idle, idle_trainings) = measure(config, root, &fmnist.images, 1_000_000, n)?;
-    let (busy, busy_trainings) = measure(config, root, &fmnist.images, 16, n)?;
+    let (idle, idle_trainings) = measure(config, root, fmnist, 1_000_000, n)?;
+    let (busy, busy_trainings) = measure(config, root, fmnist, 16, n)?;
     println!(
         "trainer p99 (fmnist, {n} requests): idle {idle:.3} ms ({idle_trainings} trainings), flat out {busy:.3} ms \
          ({busy_trainings} trainings): {:.2}x",
