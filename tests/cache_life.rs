@@ -21,10 +21,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn with_state_dir(text: &str, state: &std::path::Path) -> String {
-    text.replace("[runtime]\n", &format!("[runtime]\nstate_dir = \"{}\"\n", state.display()))
-}
-
 #[test]
 fn warm_started_caches_survive_a_restart_unchanged() {
     let _serial = serial();
@@ -47,16 +43,7 @@ fn warm_started_caches_survive_a_restart_unchanged() {
     assert!(file.metadata().map(|m| m.len() > 1000).unwrap_or(false), "{} not written", file.display());
     drop(d);
 
-    let dir = tempdir("cache-persist-2");
-    let d = TestDaemon::start(&dir, &with_state_dir(&config(&dir, "", &[fmnist_model("fmnist", cache)]), &state));
-    let mut c = d.client();
-    assert_eq!(model_metric(&mut c, "gati_cache_generation", "fmnist"), generation, "restored, not retrained");
-    assert_eq!(
-        fmnist_answers(&mut c, &test),
-        before,
-        "every answer (exit cut and class) is the same after the restart"
-    );
-    drop(d);
+    assert_restored_caches("cache-persist-2", &state, cache, generation, &test, &before);
 
     // State saved for other cache settings is not used: that daemon starts cold.
     let other = cache.replace("kind = \"learned\"", "kind = \"learned\", hidden = 8");

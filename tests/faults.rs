@@ -296,10 +296,6 @@ fn a_garbage_model_file_at_sighup_is_refused_and_the_old_model_keeps_serving() {
     assert_eq!(argmax(&r.floats()), label, "the old model still answers");
 }
 
-fn with_state_dir(text: &str, state: &Path) -> String {
-    text.replace("[runtime]\n", &format!("[runtime]\nstate_dir = \"{}\"\n", state.display()))
-}
-
 /// Runs a daemon whose state directory is the tmpfs that `mount_script` (sh,
 /// `$STATE` = the directory) mounts in a private mount namespace; trains its
 /// caches so that they are saved, and checks it serves on, logs the failed
@@ -533,16 +529,7 @@ fn a_daemon_killed_with_sigkill_gives_clean_errors_and_restarts_from_its_state()
     }
     drop(d);
 
-    let dir = tempdir("faults-sigkill-2");
-    let d = TestDaemon::start(&dir, &with_state_dir(&config(&dir, "", &[fmnist_model("fmnist", cache)]), &state));
-    let mut c = d.client();
-    assert_eq!(model_metric(&mut c, "gati_cache_generation", "fmnist"), generation, "restored, not retrained");
-    assert_eq!(
-        fmnist_answers(&mut c, &test),
-        before,
-        "every answer (exit cut and class) is the same after the restart"
-    );
-    drop(d);
+    assert_restored_caches("faults-sigkill-2", &state, cache, generation, &test, &before);
     let _ = std::fs::remove_dir_all(&state);
 }
 

@@ -407,11 +407,7 @@ impl Gpu {
         }
         let (xp, yp) = (self.ptr(x), self.ptr(y));
         let ints = [i32_of(n)?, i32_of(c)?, i32_of(h)?, i32_of(w)?];
-        let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(256).min(65_535) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = flat(total);
         let mut args = vec![Arg::Ptr(xp), Arg::Ptr(yp)];
         args.extend(ints.map(Arg::I32));
         // SAFETY: both buffers hold n·c·h·w values.
@@ -436,11 +432,7 @@ impl Gpu {
         }
         let (yp, bp) = (self.ptr(y), self.opt_ptr(bias));
         let ints = [i32_of(rows)?, i32_of(cols)?, act as i32];
-        let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(256).min(65_535) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = flat(total);
         let mut args = vec![Arg::Ptr(yp), Arg::Ptr(bp)];
         args.extend(ints.map(Arg::I32));
         // SAFETY: y holds rows·cols values, bias cols or is null.
@@ -495,11 +487,7 @@ impl Gpu {
         if total == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(256).min(65_535) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = flat(total);
         let mut args = vec![Arg::Ptr(self.ptr(x)), Arg::Ptr(self.ptr(y))];
         args.extend(
             [planes, h, w, top, left, oh, ow]
@@ -524,4 +512,14 @@ fn i32_of(v: usize) -> Result<i32, KernelError> {
 
 fn u32_of(v: usize) -> Result<u32, KernelError> {
     u32::try_from(v).map_err(|_| KernelError::Shape(format!("{v} does not fit a launch dimension")))
+}
+
+/// One thread per element in blocks of 256, at most 65 535 blocks (the
+/// element-wise kernels loop with a grid stride past that).
+fn flat(total: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (total.div_ceil(256).min(65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }

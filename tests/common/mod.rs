@@ -391,3 +391,26 @@ pub fn fmnist_answers(c: &mut Client, images: &[(Vec<u8>, usize)]) -> Vec<(u16, 
         })
         .collect()
 }
+
+/// `text` with `[runtime] state_dir` set to `state`.
+pub fn with_state_dir(text: &str, state: &Path) -> String {
+    text.replace("[runtime]\n", &format!("[runtime]\nstate_dir = \"{}\"\n", state.display()))
+}
+
+/// Starts a new daemon on the caches saved in `state` and checks they were
+/// restored as they were: same generation, and every answer (exit cut and
+/// class) of `test` the same as `before`.
+pub fn assert_restored_caches(
+    tag: &str,
+    state: &Path,
+    cache: &str,
+    generation: f64,
+    test: &[(Vec<u8>, usize)],
+    before: &[(u16, usize)],
+) {
+    let dir = tempdir(tag);
+    let d = TestDaemon::start(&dir, &with_state_dir(&config(&dir, "", &[fmnist_model("fmnist", cache)]), state));
+    let mut c = d.client();
+    assert_eq!(model_metric(&mut c, "gati_cache_generation", "fmnist"), generation, "restored, not retrained");
+    assert_eq!(fmnist_answers(&mut c, test), before, "every answer (exit cut and class) is the same after the restart");
+}
