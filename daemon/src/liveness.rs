@@ -7,7 +7,7 @@
 //! while every *critical* thread (I/O, batcher, SGS) has beaten within the
 //! period and none has died; a critical thread that dies for good makes the
 //! process exit non-zero so that systemd restarts it. Trainers are reported,
-//! never gating: at SCHED_IDLE they may rightly not run for a long time.
+//! never gating: paced to a small CPU share, a round may rightly take long.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};

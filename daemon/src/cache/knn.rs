@@ -464,7 +464,13 @@ mod tests {
         }
 
         fn samples(&self, rows: usize) -> Samples<'_> {
-            Samples { features: &self.x[..rows * DIM], dim: DIM, labels: &self.y[..rows], classes: CLASSES }
+            Samples {
+                features: &self.x[..rows * DIM],
+                dim: DIM,
+                labels: &self.y[..rows],
+                classes: CLASSES,
+                prior: false,
+            }
         }
 
         /// Accuracy on 500 fresh rows, mean confidence on the correct ones, on
@@ -515,7 +521,7 @@ mod tests {
         }
         // Two labels on nearly the same point: the neighbours disagree, so below 1.
         let x: Vec<f32> = (0..6).flat_map(|i| [i as f32 * 0.01; 4]).collect();
-        let s = Samples { features: &x, dim: 4, labels: &[1, 1, 1, 2, 2, 2], classes: 3 };
+        let s = Samples { features: &x, dim: 4, labels: &[1, 1, 1, 2, 2, 2], classes: 3, prior: false };
         let got = KnnCache::fit(&s, &KnnParams::default()).predict(&x[..4], 4);
         assert!(got[0].0 == 1 && got[0].1 > 0.0 && got[0].1 < 1.0, "{got:?}");
     }
@@ -524,7 +530,7 @@ mod tests {
     fn knn_keeps_the_most_recent_entries() {
         let x = vec![1.0f32; 10 * DIM];
         let y = [7, 7, 7, 7, 7, 3, 3, 3, 3, 3];
-        let s = Samples { features: &x, dim: DIM, labels: &y, classes: CLASSES };
+        let s = Samples { features: &x, dim: DIM, labels: &y, classes: CLASSES, prior: false };
         let cache = KnnCache::fit(&s, &KnnParams { max_entries: 5, ..KnnParams::default() });
         assert_eq!(cache.labels, vec![3; 5]);
         assert_eq!(cache.predict(&x[..DIM], DIM), vec![(3, 1.0)]);
@@ -532,7 +538,7 @@ mod tests {
 
     #[test]
     fn empty_fit_mismatched_dim_and_nan_are_handled() {
-        let empty = Samples { features: &[], dim: DIM, labels: &[], classes: CLASSES };
+        let empty = Samples { features: &[], dim: DIM, labels: &[], classes: CLASSES, prior: false };
         let both = |s: &Samples<'_>| -> [Box<dyn CutCache>; 2] {
             [Box::new(KnnCache::fit(s, &KnnParams::default())), Box::new(KmeansCache::fit(s, &KmeansParams::default()))]
         };
@@ -544,7 +550,7 @@ mod tests {
         let w = world();
         let mut bad = w.x[..200 * DIM].to_vec();
         (bad[5], bad[DIM + 1], bad[2 * DIM + 2]) = (f32::NAN, f32::INFINITY, f32::NEG_INFINITY);
-        let s = Samples { features: &bad, dim: DIM, labels: &w.y[..200], classes: CLASSES };
+        let s = Samples { features: &bad, dim: DIM, labels: &w.y[..200], classes: CLASSES, prior: false };
         for cache in both(&s) {
             assert_eq!(cache.predict(&w.x[..2 * DIM], DIM - 1), vec![(0, 0.0); 2]);
             assert_eq!(cache.predict(&w.x[..DIM], 0), vec![]);
@@ -553,7 +559,7 @@ mod tests {
             assert_eq!(cache.predict(&w.x[DIM..2 * DIM], DIM)[0].0, w.y[1], "{}", cache.kind());
         }
         // Fewer labels than feature rows, and a ragged tail: only whole labelled rows count.
-        let s = Samples { features: &w.x[..10 * DIM + 3], dim: DIM, labels: &w.y[..4], classes: CLASSES };
+        let s = Samples { features: &w.x[..10 * DIM + 3], dim: DIM, labels: &w.y[..4], classes: CLASSES, prior: false };
         assert_eq!(KnnCache::fit(&s, &KnnParams::default()).labels.len(), 4);
         assert_eq!(KmeansCache::fit(&s, &KmeansParams::default()).labels.len(), 2);
         let one = KmeansCache::fit(&w.samples(1), &KmeansParams::default());

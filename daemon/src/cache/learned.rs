@@ -3,6 +3,14 @@
 //! trained on the full model's answers; its confidence is the predicted class's
 //! probability (max-softmax selector) or, with a [`Gate`], the learned
 //! selector's probability that the guess is the full model's answer.
+//!
+//! It answers only among the classes its training rows had (a stream shows a
+//! few dozen of an ImageNet model's 1000: a 1000-output predictor would cost
+//! ~30× the training time and memory for outputs it never learns). With the
+//! stream prior, a row's last column is the stream's previous answer (model
+//! class + 1, 0 for none) and each output gets one learned weight for "the
+//! previous answer was this class" — what a one-hot prior feeds the right
+//! logit, without `classes` extra inputs per row.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,7 +38,12 @@ impl Default for LearnedParams {
 /// A trained predictor for one cut.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LearnedCache {
+    /// Feature columns (the prior column, if any, not counted).
     dim: usize,
+    /// Rows carry one more column after the features: the stream prior.
+    prior: bool,
+    /// The model class of each output: the classes of the training rows, ascending.
+    ids: Vec<u32>,
     classes: usize,
     hidden: usize,
     mean: Vec<f32>,
@@ -41,6 +54,8 @@ pub struct LearnedCache {
     /// `classes × width`, one row per class; width = hidden or dim.
     weights: Vec<f32>,
     bias: Vec<f32>,
+    /// Per output: added to its logit when the stream's previous answer is its class.
+    prior_w: Vec<f32>,
     /// Novelty guard: per class, the centroid of its training rows (`classes ×
     /// dim`, standardised) and the squared distance within which 99 % of them
     /// lie. A row farther than that from its predicted class's centroid is
@@ -55,10 +70,14 @@ pub struct LearnedCache {
 /// What the predictor made of one row.
 #[derive(Debug, Clone)]
 pub struct Judgement {
-    /// Class probabilities.
+    /// Probabilities of the predictor's outputs.
     pub probs: Vec<f32>,
-    /// The guessed (most probable) class.
+    /// The guessed (most probable) output.
     pub class: usize,
+    /// The guessed output's model class.
+    pub id: u32,
+    /// The stream's previous answer (model class), when the row carried one.
+    pub prior: Option<u32>,
     /// The standardised feature row.
     pub z: Vec<f32>,
     /// Squared distance to the guessed class's centroid over its novelty
@@ -83,8 +102,17 @@ struct Scratch {
 impl LearnedCache {
     /// Fits on `s` with mini-batch SGD (momentum 0.9) on the cross-entropy.
     pub fn fit(s: &Samples<'_>, p: &LearnedParams) -> Self {
-        let (dim, classes, rows, hidden) = (s.dim, s.classes.max(1), s.rows(), p.hidden);
-        let (mean, inv_std) = standardisation(s);
+        let dim = s.dim.saturating_sub(usize::from(s.prior));
+        let (rows, hidden) = (s.rows(), p.hidden);
+        let mut ids: Vec<u32> = s.labels.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            ids.push(0);
+        }
+        let classes = ids.len();
+        let local = |y: u32| ids.binary_search(&y).unwrap_or(0);
+        let (mean, inv_std) = standardisation(s, dim);
         let width = if hidden > 0 { hidden } else { dim };
         let mut rng = p.seed.max(1);
         // He initialisation for the hidden layer; the output layer starts at zero.
@@ -92,6 +120,8 @@ impl LearnedCache {
         let w1: Vec<f32> = (0..dim * hidden).map(|_| (uniform(&mut rng) * 2.0 - 1.0) * scale * 1.73).collect();
         let mut c = Self {
             dim,
+            prior: s.prior,
+            ids: ids.clone(),
             classes,
             hidden,
             mean,
@@ -100,6 +130,7 @@ impl LearnedCache {
             b1: vec![0.0; hidden],
             weights: vec![0.0; width * classes],
             bias: vec![0.0; classes],
+            prior_w: vec![0.0; classes],
             centroids: vec![0.0; classes * dim],
             radius2: vec![-1.0; classes],
             gate: None,
@@ -107,8 +138,11 @@ impl LearnedCache {
         if rows == 0 {
             return c;
         }
-        let xs: Vec<f32> = (0..rows).flat_map(|i| c.standardise(s.row(i))).collect();
-        c.fit_guard(&xs, s.labels);
+        let xs: Vec<f32> = (0..rows).flat_map(|i| c.standardise(&s.row(i)[..dim])).collect();
+        let ys: Vec<usize> = s.labels.iter().map(|&y| local(y)).collect();
+        let priors: Vec<Option<usize>> =
+            (0..rows).map(|i| c.prior_of(s.row(i)).and_then(|id| ids.binary_search(&id).ok())).collect();
+        c.fit_guard(&xs, &ys);
         let mut grads = c.zeros_like();
         let mut vel = c.zeros_like();
         let mut order: Vec<usize> = (0..rows).collect();
@@ -120,7 +154,7 @@ impl LearnedCache {
                 super::pace();
                 grads.iter_mut().for_each(|g| g.fill(0.0));
                 for &r in chunk {
-                    c.backward(&xs[r * dim..(r + 1) * dim], s.labels[r] as usize % classes, &mut sc, &mut grads);
+                    c.backward(&xs[r * dim..(r + 1) * dim], priors[r], ys[r], &mut sc, &mut grads);
                 }
                 let inv = 1.0 / chunk.len() as f32;
                 for ((param, g), v) in c.params_mut().into_iter().zip(&grads).zip(vel.iter_mut()) {
@@ -135,11 +169,10 @@ impl LearnedCache {
     }
 
     /// Class centroids and 99th-percentile radii of the standardised rows `xs`.
-    fn fit_guard(&mut self, xs: &[f32], labels: &[u32]) {
+    fn fit_guard(&mut self, xs: &[f32], labels: &[usize]) {
         let (dim, classes) = (self.dim, self.classes);
         let mut counts = vec![0usize; classes];
-        for (row, &y) in xs.chunks_exact(dim).zip(labels) {
-            let k = y as usize % classes;
+        for (row, &k) in xs.chunks_exact(dim).zip(labels) {
             counts[k] += 1;
             axpy(&mut self.centroids[k * dim..(k + 1) * dim], 1.0, row);
         }
@@ -147,8 +180,7 @@ impl LearnedCache {
             self.centroids[k * dim..(k + 1) * dim].iter_mut().for_each(|v| *v /= n.max(1) as f32);
         }
         let mut dists: Vec<Vec<f32>> = vec![Vec::new(); classes];
-        for (row, &y) in xs.chunks_exact(dim).zip(labels) {
-            let k = y as usize % classes;
+        for (row, &k) in xs.chunks_exact(dim).zip(labels) {
             dists[k].push(self.distance2(row, k));
         }
         for (k, d) in dists.iter_mut().enumerate() {
@@ -171,11 +203,18 @@ impl LearnedCache {
             vec![0.0; self.b1.len()],
             vec![0.0; self.weights.len()],
             vec![0.0; self.bias.len()],
+            vec![0.0; self.prior_w.len()],
         ]
     }
 
-    fn params_mut(&mut self) -> [&mut Vec<f32>; 4] {
-        [&mut self.w1, &mut self.b1, &mut self.weights, &mut self.bias]
+    fn params_mut(&mut self) -> [&mut Vec<f32>; 5] {
+        [&mut self.w1, &mut self.b1, &mut self.weights, &mut self.bias, &mut self.prior_w]
+    }
+
+    /// The stream prior a raw row carries (its last column: model class + 1, 0 = none).
+    fn prior_of(&self, row: &[f32]) -> Option<u32> {
+        let v = *row.get(self.dim).filter(|_| self.prior)?;
+        (1.0..16_777_216.0).contains(&v).then(|| v as u32 - 1)
     }
 
     fn width(&self) -> usize {
@@ -187,14 +226,18 @@ impl LearnedCache {
     }
 
     /// Adds the cross-entropy gradient of one standardised row to `grads`.
-    fn backward(&self, x: &[f32], label: usize, sc: &mut Scratch, grads: &mut [Vec<f32>]) {
-        self.forward(x, sc);
+    fn backward(&self, x: &[f32], prior: Option<usize>, label: usize, sc: &mut Scratch, grads: &mut [Vec<f32>]) {
+        self.forward(x, prior, sc);
         softmax(&mut sc.p);
         sc.p[label] -= 1.0;
         let width = self.width();
         let (gw1, rest) = grads.split_at_mut(1);
         let (gb1, rest) = rest.split_at_mut(1);
-        let (gw2, gb2) = rest.split_at_mut(1);
+        let (gw2, rest) = rest.split_at_mut(1);
+        let (gb2, gp) = rest.split_at_mut(1);
+        if let Some(k) = prior {
+            gp[0][k] += sc.p[k];
+        }
         let input: &[f32] = if self.hidden > 0 { &sc.h } else { x };
         for (k, &pk) in sc.p.iter().enumerate() {
             axpy(&mut gw2[0][k * width..(k + 1) * width], pk, input);
@@ -215,8 +258,9 @@ impl LearnedCache {
         }
     }
 
-    /// Logits of one standardised row into `sc.p` (hidden activations into `sc.h`).
-    fn forward(&self, x: &[f32], sc: &mut Scratch) {
+    /// Logits of one standardised row into `sc.p` (hidden activations into
+    /// `sc.h`); `prior`: the output the stream's previous answer was.
+    fn forward(&self, x: &[f32], prior: Option<usize>, sc: &mut Scratch) {
         if self.hidden > 0 {
             for (j, h) in sc.h.iter_mut().enumerate() {
                 *h = (self.b1[j] + dot(&self.w1[j * self.dim..(j + 1) * self.dim], x)).max(0.0);
@@ -226,6 +270,9 @@ impl LearnedCache {
         let width = input.len();
         for (k, p) in sc.p.iter_mut().enumerate() {
             *p = self.bias[k] + dot(&self.weights[k * width..(k + 1) * width], input);
+        }
+        if let Some(k) = prior {
+            sc.p[k] += self.prior_w[k];
         }
     }
 
@@ -242,12 +289,14 @@ impl LearnedCache {
     /// standardised row and where it lies relative to the guess's novelty radius.
     pub fn judge(&self, row: &[f32]) -> Judgement {
         let mut sc = Scratch { h: vec![0.0; self.width()], p: vec![0.0; self.classes], gh: Vec::new() };
-        if row.len() != self.dim {
+        if row.len() != self.row_len() {
             softmax(&mut sc.p);
-            return Judgement { probs: sc.p, class: 0, z: vec![0.0; self.dim], novelty: f32::INFINITY };
+            let (id, z) = (self.ids[0], vec![0.0; self.dim]);
+            return Judgement { probs: sc.p, class: 0, id, prior: None, z, novelty: f32::INFINITY };
         }
-        let z = self.standardise(row);
-        self.forward(&z, &mut sc);
+        let z = self.standardise(&row[..self.dim]);
+        let prior = self.prior_of(row);
+        self.forward(&z, prior.and_then(|id| self.ids.binary_search(&id).ok()), &mut sc);
         softmax(&mut sc.p);
         let class = sc.p.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
         let novelty = match self.radius2.get(class) {
@@ -261,7 +310,17 @@ impl LearnedCache {
             }
             _ => f32::INFINITY,
         };
-        Judgement { probs: sc.p, class, z, novelty }
+        Judgement { probs: sc.p, class, id: self.ids[class], prior, z, novelty }
+    }
+
+    /// Columns of a raw row: the features and the prior column, if any.
+    pub fn row_len(&self) -> usize {
+        self.dim + usize::from(self.prior)
+    }
+
+    /// The model classes it answers among.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
     }
 
     /// This predictor with a learned selector for its confidence.
@@ -281,9 +340,9 @@ impl LearnedCache {
     }
 }
 
-/// Per-dimension mean and 1/std of the finite values of `s`.
-fn standardisation(s: &Samples<'_>) -> (Vec<f32>, Vec<f32>) {
-    let (dim, rows) = (s.dim, s.rows().max(1) as f32);
+/// Per-dimension mean and 1/std of the finite values of the first `dim` columns of `s`.
+fn standardisation(s: &Samples<'_>, dim: usize) -> (Vec<f32>, Vec<f32>) {
+    let rows = s.rows().max(1) as f32;
     let mut mean = vec![0f32; dim];
     let mut var = vec![0f32; dim];
     for i in 0..s.rows() {
@@ -302,7 +361,7 @@ fn standardisation(s: &Samples<'_>) -> (Vec<f32>, Vec<f32>) {
 
 impl CutCache for LearnedCache {
     fn predict(&self, features: &[f32], dim: usize) -> Vec<(u32, f32)> {
-        if dim != self.dim || dim == 0 {
+        if dim != self.row_len() || dim == 0 {
             return vec![(0, 0.0); features.len().checked_div(dim).unwrap_or(0)];
         }
         features
@@ -311,10 +370,10 @@ impl CutCache for LearnedCache {
                 let j = self.judge(row);
                 let conf = match &self.gate {
                     _ if !j.known() => 0.0,
-                    Some(g) => g.confidence(&j, row),
+                    Some(g) => g.confidence(&j),
                     None => j.probs[j.class],
                 };
-                (j.class as u32, conf)
+                (j.id, conf)
             })
             .collect()
     }
@@ -326,6 +385,8 @@ impl CutCache for LearnedCache {
             + self.b1.len()
             + self.weights.len()
             + self.bias.len()
+            + self.ids.len()
+            + self.prior_w.len()
             + self.centroids.len()
             + self.radius2.len())
             + self.gate.as_ref().map_or(0, Gate::mem_bytes)
@@ -433,8 +494,10 @@ mod tests {
     #[test]
     fn learns_separable_classes_and_is_sure_of_them() {
         let (x, y) = blobs(600, 16, 5, 7);
-        let c =
-            LearnedCache::fit(&Samples { features: &x, dim: 16, labels: &y, classes: 5 }, &LearnedParams::default());
+        let c = LearnedCache::fit(
+            &Samples { features: &x, dim: 16, labels: &y, classes: 5, prior: false },
+            &LearnedParams::default(),
+        );
         let (tx, ty) = blobs(200, 16, 5, 99);
         let pred = c.predict(&tx, 16);
         let correct = pred.iter().zip(&ty).filter(|(p, y)| p.0 == **y).count();
@@ -444,7 +507,7 @@ mod tests {
         // A point between all classes is less certain.
         let mid = vec![0.6f32; 16];
         assert!(c.predict(&mid, 16)[0].1 < mean_conf);
-        assert_eq!(c.mem_bytes(), 4 * (16 + 16 + 16 * 5 + 5 + 5 * 16 + 5));
+        assert_eq!(c.mem_bytes(), 4 * (16 + 16 + 16 * 5 + 5 + 5 + 5 + 5 * 16 + 5));
         // A row far from every class it was trained on is never a sure answer,
         // however confident the softmax is.
         let mut far = vec![0.0f32; 16];
@@ -464,7 +527,7 @@ mod tests {
             x.extend([a, b]);
             y.push(u32::from(a * b > 0.0));
         }
-        let samples = Samples { features: &x, dim: 2, labels: &y, classes: 2 };
+        let samples = Samples { features: &x, dim: 2, labels: &y, classes: 2, prior: false };
         let accuracy = |c: &LearnedCache| {
             let p = c.predict(&x, 2);
             p.iter().zip(&y).filter(|(p, y)| p.0 == **y).count() as f32 / y.len() as f32
@@ -473,16 +536,75 @@ mod tests {
         let mlp = LearnedCache::fit(&samples, &LearnedParams { hidden: 16, ..LearnedParams::default() });
         assert!(accuracy(&linear) < 0.7, "linear {}", accuracy(&linear));
         assert!(accuracy(&mlp) > 0.9, "mlp {}", accuracy(&mlp));
-        assert_eq!(mlp.mem_bytes(), 4 * (2 + 2 + 2 * 16 + 16 + 16 * 2 + 2 + 2 * 2 + 2));
+        assert_eq!(mlp.mem_bytes(), 4 * (2 + 2 + 2 * 16 + 16 + 16 * 2 + 2 + 2 + 2 + 2 * 2 + 2));
         // It survives a serialisation round trip unchanged.
         let back: LearnedCache = serde_json::from_str(&serde_json::to_string(&mlp).unwrap()).unwrap();
         assert_eq!(back.predict(&x[..20], 2), mlp.predict(&x[..20], 2));
     }
 
     #[test]
+    fn answers_among_the_classes_it_saw_in_the_models_ids() {
+        // Three of a 1000-class model's classes: three outputs, answered as model ids.
+        let (x, y) = blobs(300, 8, 3, 3);
+        let ids = [7u32, 421, 999];
+        let y: Vec<u32> = y.iter().map(|&k| ids[k as usize]).collect();
+        let c = LearnedCache::fit(
+            &Samples { features: &x, dim: 8, labels: &y, classes: 1000, prior: false },
+            &LearnedParams::default(),
+        );
+        assert_eq!(c.ids(), &ids);
+        assert_eq!(c.mem_bytes(), 4 * (8 + 8 + 3 * 8 + 3 + 3 + 3 + 3 * 8 + 3), "3 outputs, not 1000");
+        let pred = c.predict(&x, 8);
+        let right = pred.iter().zip(&y).filter(|(p, y)| p.0 == **y).count();
+        assert!(right >= 295, "{right}/300");
+    }
+
+    #[test]
+    fn learns_to_follow_the_stream_prior_where_the_features_cannot_tell() {
+        // Two classes with identical (noise) features; the label is the stream's
+        // previous answer 95 % of the time: the prior weight must carry it.
+        let mut s = 9u64;
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        let mut label = 3u32;
+        for _ in 0..2000 {
+            let prev = label;
+            if uniform(&mut s) < 0.05 {
+                label = if label == 3 { 5 } else { 3 };
+            }
+            x.extend((0..4).map(|_| uniform(&mut s)));
+            x.push((prev + 1) as f32);
+            y.push(label);
+        }
+        let fit = |prior: bool| {
+            let dim = if prior { 5 } else { 4 };
+            let xs: Vec<f32> = x.chunks_exact(5).flat_map(|r| &r[..dim]).copied().collect();
+            let c = LearnedCache::fit(
+                &Samples { features: &xs, dim, labels: &y, classes: 10, prior },
+                &LearnedParams::default(),
+            );
+            let p = c.predict(&xs, dim);
+            p.iter().zip(&y).filter(|(p, y)| p.0 == **y).count()
+        };
+        let (with, without) = (fit(true), fit(false));
+        assert!(with >= 1850, "with the prior: {with}/2000 right");
+        assert!(without <= 1300, "features alone: {without}/2000 right");
+        // A row without a previous answer (0) and an out-of-range one are just features.
+        let c = LearnedCache::fit(
+            &Samples { features: &x, dim: 5, labels: &y, classes: 10, prior: true },
+            &LearnedParams::default(),
+        );
+        assert_eq!(c.judge(&[0.5, 0.5, 0.5, 0.5, 0.0]).prior, None);
+        assert_eq!(c.judge(&[0.5, 0.5, 0.5, 0.5, f32::NAN]).prior, None);
+        assert_eq!(c.judge(&[0.5, 0.5, 0.5, 0.5, 6.0]).prior, Some(5));
+        assert_eq!(c.predict(&[0.5; 4], 4), vec![(0, 0.0)], "a row without its prior column is refused");
+    }
+
+    #[test]
     fn empty_and_mismatched_inputs_do_not_panic() {
-        let c =
-            LearnedCache::fit(&Samples { features: &[], dim: 4, labels: &[], classes: 3 }, &LearnedParams::default());
+        let c = LearnedCache::fit(
+            &Samples { features: &[], dim: 4, labels: &[], classes: 3, prior: false },
+            &LearnedParams::default(),
+        );
         assert_eq!(c.predict(&[1.0; 8], 4).len(), 2);
         assert_eq!(c.predict(&[1.0; 9], 3), vec![(0, 0.0); 3]);
         assert!(c.predict(&[f32::NAN; 4], 4)[0].1.is_finite());

@@ -60,6 +60,9 @@ pub struct Samples<'a> {
     /// The full model's class for each row.
     pub labels: &'a [u32],
     pub classes: usize,
+    /// Each row's last column is the stream prior (the stream's previous
+    /// answer: model class + 1, 0 for none), not a feature.
+    pub prior: bool,
 }
 
 impl Samples<'_> {

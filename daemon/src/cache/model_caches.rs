@@ -3,8 +3,8 @@
 //! disagreement measured by shadow checks.
 //!
 //! Serving reads [`ModelCaches::active`] (an `Arc` swapped whole) and reports
-//! what happened. The trainer runs at SCHED_IDLE, so serving never waits on a
-//! lock it holds (a preempted idle-class thread holding a lock would stall the
+//! what happened. The trainer runs paced at SCHED_BATCH, so serving never waits
+//! on a lock it holds (a preempted trainer holding a lock would stall the
 //! batcher for milliseconds: priority inversion): the batcher only `try_lock`s
 //! the window (a busy window drops that batch's samples) and picks up new
 //! caches the trainer *offers* with `try_lock`; `active` is written only by
@@ -296,7 +296,7 @@ impl ModelCaches {
                     return Vec::new();
                 }
                 let x: Vec<f32> = samples.iter().flat_map(|s| s.features[c].iter().copied()).collect();
-                train::candidates(&self.config, c, &x, dim, &labels, self.classes)
+                train::candidates(&self.config, c, &x, dim, &labels, self.classes, self.config.stream_prior)
             })
             .collect();
         let options: Vec<Vec<CutOption>> =
@@ -451,14 +451,19 @@ impl Drop for ModelCaches {
 /// The background trainer: waits for fresh samples, trains off the serving
 /// path at low priority, swaps the result in. Ends when the model is dropped.
 fn trainer(me: std::sync::Weak<ModelCaches>, beat: &crate::liveness::Beat) {
-    // SCHED_IDLE: any serving thread that wakes preempts the trainer at once.
-    // (nice 10 was not enough: on 2 vCPUs a busy nice-10 trainer raised serving
-    // p99 from 0.7 to 3.1 ms — a woken thread waited out the trainer's slice.)
+    // SCHED_BATCH at nice 0, paced to its share (`cache::pace`, 100 µs at a
+    // time): a guaranteed small share of the CPU, never a busy thread. The
+    // trainer used to run at SCHED_IDLE, which any serving thread preempts at
+    // once, but which also starves it whenever anything else on the machine is
+    // busy: on a loaded 2-vCPU machine no training finished in minutes, so the
+    // caches never came up. SCHED_BATCH keeps the scheduler from preempting a
+    // woken serving thread in its favour; the pacing keeps its slices short.
+    // (Unpaced, nice 10 raised serving p99 from 0.7 to 3.1 ms: a woken thread
+    // waited out the trainer's slice.)
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: pid 0 = the calling thread; `param` is a valid sched_param.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-        // SAFETY: setpriority on this thread only (who = 0 means the calling thread on Linux).
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "trainer stays SCHED_OTHER");
     }
     let mut last_save: Option<Instant> = None;
     loop {

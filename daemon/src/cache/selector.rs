@@ -46,8 +46,6 @@ impl Default for GateParams {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Gate {
     classes: usize,
-    /// The cut's last `classes` features are the stream prior's one-hot.
-    prior: bool,
     mean: Vec<f32>,
     inv_std: Vec<f32>,
     weights: Vec<f32>,
@@ -59,18 +57,15 @@ pub fn width(dim: usize, classes: usize) -> usize {
     OUTPUT_INPUTS + classes + dim
 }
 
-/// Appends the selector's inputs for one row to `out`: `row` is the raw
-/// feature row, `j` what the predictor made of it, `prior` whether the row's
-/// last `classes` values are the stream prior's one-hot.
-pub fn inputs(j: &Judgement, row: &[f32], classes: usize, prior: bool, out: &mut Vec<f32>) {
+/// Appends the selector's inputs for one row to `out`: `j` is what the
+/// predictor made of the row (its guess, the stream prior the row carried,
+/// its standardised features), `classes` the model's classes.
+pub fn inputs(j: &Judgement, classes: usize, out: &mut Vec<f32>) {
     let top = j.probs.get(j.class).copied().unwrap_or(0.0);
     let second = j.probs.iter().enumerate().filter(|&(k, _)| k != j.class).map(|(_, &p)| p).fold(0.0, f32::max);
     let entropy: f32 = j.probs.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum();
     let max_entropy = (classes.max(2) as f32).ln();
-    let (seen, agrees) = match row.len().checked_sub(classes).filter(|_| prior).map(|at| &row[at..]) {
-        Some(p) => (p.iter().any(|&v| v > 0.5), p.get(j.class).is_some_and(|&v| v > 0.5)),
-        None => (false, false),
-    };
+    let (seen, agrees) = (j.prior.is_some(), j.prior == Some(j.id));
     // Log odds, not probabilities: at the top of the ranking, where thresholds
     // under a 1 % budget sit, 0.999 and 0.99999 differ by 5 in log odds and
     // by nothing a linear model on probabilities could use.
@@ -83,7 +78,7 @@ pub fn inputs(j: &Judgement, row: &[f32], classes: usize, prior: bool, out: &mut
         f32::from(u8::from(seen)),
         f32::from(u8::from(agrees)),
     ]);
-    out.extend((0..classes).map(|k| f32::from(u8::from(k == j.class))));
+    out.extend((0..classes).map(|k| f32::from(u8::from(k == j.id as usize))));
     out.extend_from_slice(&j.z);
 }
 
@@ -92,11 +87,11 @@ impl Gate {
     /// [`inputs`], n = [`OUTPUT_INPUTS`] or [`width`]) to predict `agree`
     /// (the predictor's guess was the full model's answer), by mini-batch SGD
     /// (momentum 0.9) on the log loss.
-    pub fn fit(xs: &[f32], agree: &[bool], classes: usize, prior: bool, p: &GateParams) -> Self {
+    pub fn fit(xs: &[f32], agree: &[bool], classes: usize, p: &GateParams) -> Self {
         let rows = agree.len();
         let width = xs.len().checked_div(rows).unwrap_or(0);
         let (mean, inv_std) = standardisation(xs, width);
-        let mut g = Self { classes, prior, mean, inv_std, weights: vec![0.0; width], bias: 0.0 };
+        let mut g = Self { classes, mean, inv_std, weights: vec![0.0; width], bias: 0.0 };
         if rows == 0 || width == 0 {
             return g;
         }
@@ -133,9 +128,9 @@ impl Gate {
     }
 
     /// Probability that the predictor's guess `j` for raw row `row` is the full model's answer.
-    pub fn confidence(&self, j: &Judgement, row: &[f32]) -> f32 {
+    pub fn confidence(&self, j: &Judgement) -> f32 {
         let mut x = Vec::with_capacity(width(j.z.len(), self.classes));
-        inputs(j, row, self.classes, self.prior, &mut x);
+        inputs(j, self.classes, &mut x);
         self.score(&x)
     }
 
@@ -196,35 +191,29 @@ mod tests {
     use crate::cache::learned::{LearnedCache, LearnedParams};
     use crate::cache::{CutCache, Samples};
 
-    fn judgement(class: usize) -> Judgement {
+    fn judgement(class: usize, prior: Option<u32>) -> Judgement {
         let mut probs = vec![0.05f32; 4];
         probs[class] = 0.85;
-        Judgement { probs, class, z: vec![0.5, -0.5, 0.0, 0.0, 0.0, 0.0], novelty: 0.25 }
+        Judgement { probs, class, id: class as u32, prior, z: vec![0.5, -0.5], novelty: 0.25 }
     }
 
     #[test]
     fn inputs_read_the_guess_the_stream_prior_and_the_features() {
-        let row = |prior: Option<usize>| {
-            let mut r = vec![1.0f32, 2.0];
-            r.extend((0..4).map(|k| if Some(k) == prior { 1.0 } else { 0.0 }));
-            r
-        };
-        let at = |j: &Judgement, r: &[f32], prior: bool| {
+        let at = |j: &Judgement| {
             let mut x = Vec::new();
-            inputs(j, r, 4, prior, &mut x);
-            assert_eq!(x.len(), width(6, 4));
+            inputs(j, 4, &mut x);
+            assert_eq!(x.len(), width(2, 4));
             x
         };
-        let x = at(&judgement(2), &row(Some(2)), true);
+        let x = at(&judgement(2, Some(2)));
         assert!((x[0] - (0.85f32 / 0.15).ln()).abs() < 1e-4, "log odds {}", x[0]);
         assert!((x[1] - 17f32.ln()).abs() < 1e-4, "log margin {}", x[1]);
         assert_eq!(x[3], 0.25);
         assert_eq!(&x[4..6], &[1.0, 1.0], "a previous answer, and the guess repeats it");
         assert_eq!(&x[6..10], &[0.0, 0.0, 1.0, 0.0], "the guessed class");
-        assert_eq!(&x[10..], &judgement(2).z[..]);
-        assert_eq!(&at(&judgement(1), &row(Some(2)), true)[4..6], &[1.0, 0.0]);
-        assert_eq!(&at(&judgement(1), &row(None), true)[4..6], &[0.0, 0.0]);
-        assert_eq!(&at(&judgement(2), &row(Some(2)), false)[4..6], &[0.0, 0.0], "no prior in these features");
+        assert_eq!(&x[10..], &judgement(2, None).z[..]);
+        assert_eq!(&at(&judgement(1, Some(2)))[4..6], &[1.0, 0.0]);
+        assert_eq!(&at(&judgement(1, None))[4..6], &[0.0, 0.0], "no prior on the row");
     }
 
     #[test]
@@ -237,17 +226,20 @@ mod tests {
             x.extend((0..4).map(|d| if d == k { 3.0 } else { 0.0 } + crate::cache::learned::uniform_for_tests(&mut s)));
             y.push(k as u32);
         }
-        let c = LearnedCache::fit(&Samples { features: &x, dim: 4, labels: &y, classes: 4 }, &LearnedParams::default());
+        let c = LearnedCache::fit(
+            &Samples { features: &x, dim: 4, labels: &y, classes: 4, prior: false },
+            &LearnedParams::default(),
+        );
         // A gate that learned "class 3 guesses are wrong".
         let mut xs = Vec::new();
         let agree: Vec<bool> = (0..400)
             .map(|i| {
                 let j = c.judge(&x[i * 4..i * 4 + 4]);
-                inputs(&j, &x[i * 4..i * 4 + 4], 4, false, &mut xs);
+                inputs(&j, 4, &mut xs);
                 j.class != 3
             })
             .collect();
-        let gate = Gate::fit(&xs, &agree, 4, false, &GateParams::default());
+        let gate = Gate::fit(&xs, &agree, 4, &GateParams::default());
         assert_eq!(gate.reads(), width(4, 4));
         let gated = c.clone().with_gate(gate);
         let p = gated.predict(&x[..16], 4);
@@ -263,7 +255,7 @@ mod tests {
         assert_eq!((c.kind(), gated.kind()), ("learned", "learned+features-selector"));
         // An output-only gate reads the first inputs of the same rows.
         let narrow: Vec<f32> = xs.chunks_exact(width(4, 4)).flat_map(|r| r[..OUTPUT_INPUTS].to_vec()).collect();
-        let g = Gate::fit(&narrow, &agree, 4, false, &GateParams::default());
+        let g = Gate::fit(&narrow, &agree, 4, &GateParams::default());
         assert_eq!(g.reads(), OUTPUT_INPUTS);
         assert!(g.score(&xs[..width(4, 4)]).is_finite());
     }

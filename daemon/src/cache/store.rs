@@ -84,9 +84,9 @@ pub fn save(path: &Path, fingerprint: u64, state: &State) -> Result<(), StoreErr
     // and the node saves at shutdown. Two writers of one temporary file
     // interleave their bytes and the rename installs the mix — a file that
     // fails to load, so the restarted node starts cold (seen under CPU
-    // contention, when the SCHED_IDLE trainer's save was still running at
+    // contention, when the trainer's save was still running at
     // SIGTERM). Each rename installs a whole file; the last one wins. (No lock:
-    // the shutdown must not wait on a starved SCHED_IDLE trainer.)
+    // the shutdown must not wait on a trainer that a busy machine slows.)
     // SAFETY: gettid has no preconditions and cannot fail.
     let tid = unsafe { libc::gettid() };
     let tmp = path.with_extension(format!("tmp.{tid}"));
@@ -263,8 +263,10 @@ mod tests {
         let path = dir.join("caches/m.bin");
         let x: Vec<f32> = (0..64).map(|i| (i % 7) as f32).collect();
         let y: Vec<u32> = (0..16).map(|i| i % 2).collect();
-        let cache =
-            LearnedCache::fit(&Samples { features: &x, dim: 4, labels: &y, classes: 2 }, &LearnedParams::default());
+        let cache = LearnedCache::fit(
+            &Samples { features: &x, dim: 4, labels: &y, classes: 2, prior: false },
+            &LearnedParams::default(),
+        );
         // And one with a learned selector, as the trainer builds it.
         let gx: Vec<f32> = (0..256).map(|i| ((i * 37) % 11) as f32).collect();
         let gy: Vec<u32> = (0..64).map(|i| u32::from((i * 37) % 11 > 5)).collect();
@@ -272,7 +274,7 @@ mod tests {
             crate::config::CacheKind::Learned,
             crate::config::CacheSelector::Learned,
         );
-        let gated = crate::cache::train::candidates(&config, 1, &gx, 4, &gy, 2)
+        let gated = crate::cache::train::candidates(&config, 1, &gx, 4, &gy, 2, false)
             .iter()
             .filter_map(|c| c.cache.persist())
             .map(|Persisted::Learned(c)| c)

@@ -48,10 +48,46 @@ fn kinds(config: &CacheConfig) -> Vec<CacheKind> {
 }
 
 fn fit(kind: CacheKind, hidden: usize, s: &Samples<'_>) -> Arc<dyn CutCache> {
-    match kind {
-        CacheKind::Learned => Arc::new(fit_learned(hidden, s)),
-        CacheKind::Knn => Arc::new(KnnCache::fit(s, &KnnParams::default())),
-        CacheKind::Kmeans => Arc::new(KmeansCache::fit(s, &KmeansParams::default())),
+    if kind == CacheKind::Learned {
+        return Arc::new(fit_learned(hidden, s));
+    }
+    // Freeze Inference's caches see the features only, never the stream prior.
+    let stripped: Vec<f32>;
+    let features = if s.prior {
+        stripped = s.features.chunks_exact(s.dim.max(1)).flat_map(|r| &r[..s.dim - 1]).copied().collect();
+        Samples { features: &stripped, dim: s.dim - 1, prior: false, ..*s }
+    } else {
+        *s
+    };
+    let cache: Arc<dyn CutCache> = match kind {
+        CacheKind::Knn => Arc::new(KnnCache::fit(&features, &KnnParams::default())),
+        _ => Arc::new(KmeansCache::fit(&features, &KmeansParams::default())),
+    };
+    if s.prior {
+        Arc::new(FeaturesOnly(cache))
+    } else {
+        cache
+    }
+}
+
+/// A cache fitted without the rows' stream-prior column: drops it at lookup.
+struct FeaturesOnly(Arc<dyn CutCache>);
+
+impl CutCache for FeaturesOnly {
+    fn predict(&self, features: &[f32], dim: usize) -> Vec<(u32, f32)> {
+        if dim < 2 {
+            return self.0.predict(&[], 1);
+        }
+        let rows: Vec<f32> = features.chunks_exact(dim).flat_map(|r| &r[..dim - 1]).copied().collect();
+        self.0.predict(&rows, dim - 1)
+    }
+
+    fn mem_bytes(&self) -> usize {
+        self.0.mem_bytes()
+    }
+
+    fn kind(&self) -> &'static str {
+        self.0.kind()
     }
 }
 
@@ -62,23 +98,17 @@ fn fit_learned(hidden: usize, s: &Samples<'_>) -> LearnedCache {
     LearnedCache::fit(s, &LearnedParams { hidden, epochs, ..LearnedParams::default() })
 }
 
-fn fit_gate(xs: &[f32], agree: &[bool], classes: usize, prior: bool) -> Gate {
+fn fit_gate(xs: &[f32], agree: &[bool], classes: usize) -> Gate {
     // A logistic regression ranks rows well after a few thousand row-steps
     // (measured on the Fashion-MNIST class-run stream: 4 000, 8 000 and 30 000
     // steps certify the same exits; a step costs 60–200 ns by input width).
     let epochs = (6_000 / agree.len().max(1)).clamp(3, 20);
-    Gate::fit(xs, agree, classes, prior, &GateParams { epochs, ..GateParams::default() })
+    Gate::fit(xs, agree, classes, &GateParams { epochs, ..GateParams::default() })
 }
 
-/// How the candidates of one cut are judged.
-#[derive(Debug, Clone, Copy)]
-struct Judging {
-    selector: CacheSelector,
-    /// The cut's last `classes` features are the stream prior's one-hot.
-    prior: bool,
-}
-
-/// Fits the candidates for cut `cut`: `x` is `rows × dim`, `y` the full model's classes.
+/// Fits the candidates for cut `cut`: `x` is `rows × dim`, `y` the full
+/// model's classes; `prior`: each row's last column is the stream prior.
+#[allow(clippy::too_many_arguments)]
 pub fn candidates(
     config: &CacheConfig,
     cut: usize,
@@ -86,21 +116,22 @@ pub fn candidates(
     dim: usize,
     y: &[u32],
     classes: usize,
+    prior: bool,
 ) -> Vec<Candidate> {
     let rows = y.len();
-    if dim == 0 || rows < FOLDS * 2 || x.len() != rows * dim {
+    if dim <= usize::from(prior) || rows < FOLDS * 2 || x.len() != rows * dim {
         return Vec::new();
     }
-    let all = Samples { features: x, dim, labels: y, classes };
-    let judging = Judging { selector: config.selector, prior: config.stream_prior && dim > classes };
+    let all = Samples { features: x, dim, labels: y, classes, prior };
+    let selector = config.selector;
     let mut out: Vec<Candidate> =
-        kinds(config).into_iter().flat_map(|kind| candidate(kind, 0, &all, judging)).collect();
+        kinds(config).into_iter().flat_map(|kind| candidate(kind, 0, &all, selector)).collect();
     // The larger predictor is tried at the input (raw pixels are far from linearly
     // separable) and wherever the small one gets under 90 % of rows right out of
     // fold; elsewhere it would cost training time for nothing.
     let weak = |c: &Candidate| c.option.preds.iter().zip(y).filter(|(p, y)| p.0 == **y).count() * 10 < rows * 9;
     if config.kind == CacheKind::Learned && config.hidden > 0 && (cut == 0 || out.first().is_some_and(weak)) {
-        out.extend(candidate(CacheKind::Learned, config.hidden, &all, judging));
+        out.extend(candidate(CacheKind::Learned, config.hidden, &all, selector));
     }
     out
 }
@@ -121,16 +152,16 @@ fn without(all: &Samples<'_>, lo: usize, hi: usize) -> (Vec<f32>, Vec<u32>) {
 
 /// Fits one predictor on every fold and on all rows; with learned selectors,
 /// the same predictor judged each way (max-softmax first).
-fn candidate(kind: CacheKind, hidden: usize, all: &Samples<'_>, judging: Judging) -> Vec<Candidate> {
-    if kind == CacheKind::Learned && judging.selector == CacheSelector::Learned {
-        return gated(hidden, all, judging.prior);
+fn candidate(kind: CacheKind, hidden: usize, all: &Samples<'_>, selector: CacheSelector) -> Vec<Candidate> {
+    if kind == CacheKind::Learned && selector == CacheSelector::Learned {
+        return gated(hidden, all);
     }
-    let (x, dim, rows, classes) = (all.features, all.dim, all.rows(), all.classes);
+    let (x, dim, rows) = (all.features, all.dim, all.rows());
     let mut preds = vec![(0u32, 0f32); rows];
     for f in 0..FOLDS {
         let (lo, hi) = fold(rows, f);
         let (fx, fy) = without(all, lo, hi);
-        let c = fit(kind, hidden, &Samples { features: &fx, dim, labels: &fy, classes });
+        let c = fit(kind, hidden, &Samples { features: &fx, labels: &fy, ..*all });
         preds[lo..hi].copy_from_slice(&c.predict(&x[lo * dim..hi * dim], dim));
     }
     vec![measured(fit(kind, hidden, all), preds, all)]
@@ -145,9 +176,9 @@ fn candidate(kind: CacheKind, hidden: usize, all: &Samples<'_>, judging: Judging
 /// The predictor's out-of-fold guesses give each row its selector inputs and
 /// whether the guess agreed; selector scores are then out of fold again over
 /// the same folds.
-fn gated(hidden: usize, all: &Samples<'_>, prior: bool) -> Vec<Candidate> {
+fn gated(hidden: usize, all: &Samples<'_>) -> Vec<Candidate> {
     let (x, y, dim, rows, classes) = (all.features, all.labels, all.dim, all.rows(), all.classes);
-    let width = selector::width(dim, classes);
+    let width = selector::width(dim - usize::from(all.prior), classes);
     let mut softmax = vec![(0u32, 0f32); rows];
     let mut known = vec![false; rows];
     let mut inputs = vec![0f32; rows * width];
@@ -155,14 +186,14 @@ fn gated(hidden: usize, all: &Samples<'_>, prior: bool) -> Vec<Candidate> {
     for f in 0..FOLDS {
         let (lo, hi) = fold(rows, f);
         let (fx, fy) = without(all, lo, hi);
-        let c = fit_learned(hidden, &Samples { features: &fx, dim, labels: &fy, classes });
+        let c = fit_learned(hidden, &Samples { features: &fx, labels: &fy, ..*all });
         for r in lo..hi {
             let row = &x[r * dim..(r + 1) * dim];
             let j = c.judge(row);
             known[r] = j.known();
-            softmax[r] = (j.class as u32, if known[r] { j.probs[j.class] } else { 0.0 });
+            softmax[r] = (j.id, if known[r] { j.probs[j.class] } else { 0.0 });
             buf.clear();
-            selector::inputs(&j, row, classes, prior, &mut buf);
+            selector::inputs(&j, classes, &mut buf);
             inputs[r * width..(r + 1) * width].copy_from_slice(&buf);
         }
     }
@@ -176,7 +207,7 @@ fn gated(hidden: usize, all: &Samples<'_>, prior: bool) -> Vec<Candidate> {
             let rs: Vec<usize> = (0..rows).filter(|&r| known[r] && keep(r)).collect();
             let xs: Vec<f32> = rs.iter().flat_map(|&r| inputs[r * width..r * width + reads].iter().copied()).collect();
             let ys: Vec<bool> = rs.iter().map(|&r| agree[r]).collect();
-            fit_gate(&xs, &ys, classes, prior)
+            fit_gate(&xs, &ys, classes)
         };
         let mut preds: Vec<(u32, f32)> = softmax.iter().map(|&(g, _)| (g, 0.0)).collect();
         for f in 0..FOLDS {
@@ -216,12 +247,12 @@ pub(crate) mod tests {
         let x: Vec<f32> = (0..rows).map(|i| ((i * 7919) % 1000) as f32).collect();
         let y: Vec<u32> = (0..rows).map(|i| (i % 2) as u32).collect();
         let config = config(CacheKind::Knn, CacheSelector::Softmax);
-        let c = candidates(&config, 1, &x, 1, &y, 2);
+        let c = candidates(&config, 1, &x, 1, &y, 2, false);
         assert_eq!(c.len(), 1);
         let right = c[0].option.preds.iter().zip(&y).filter(|(p, y)| p.0 == **y).count();
         assert!(right < rows * 6 / 10, "{right}/{rows} right out of fold");
         assert!(c[0].option.lookup_us >= CUT_OVERHEAD_US);
-        assert!(candidates(&config, 1, &x, 1, &y[..3], 2).is_empty());
+        assert!(candidates(&config, 1, &x, 1, &y[..3], 2, false).is_empty());
     }
 
     /// A cache config for tests: 1 % budget, no hidden layer, no stream prior.
@@ -271,7 +302,7 @@ pub(crate) mod tests {
         // the placement would pick it), and its held-out exits and errors with
         // that threshold.
         let run = |selector: CacheSelector| {
-            let c = candidates(&config(CacheKind::Learned, selector), 1, &x, 8, &y, 4);
+            let c = candidates(&config(CacheKind::Learned, selector), 1, &x, 8, &y, 4, false);
             let certified = |c: &Candidate| {
                 let t = crate::cache::policy::tune(std::slice::from_ref(&c.option.preds), &y, &[], budget, 1.0)[0];
                 (c.option.preds.iter().filter(|p| p.1 >= t).count(), t)
@@ -308,7 +339,7 @@ pub(crate) mod tests {
         let x: Vec<f32> = (0..rows * dim).map(|_| super::super::learned::uniform_for_tests(&mut s)).collect();
         let y: Vec<u32> =
             (0..rows).map(|_| u32::from(super::super::learned::uniform_for_tests(&mut s) < 0.5)).collect();
-        let c = candidates(&config(CacheKind::Learned, CacheSelector::Learned), 1, &x, dim, &y, 2);
+        let c = candidates(&config(CacheKind::Learned, CacheSelector::Learned), 1, &x, dim, &y, 2, false);
         assert_eq!(c.len(), 3);
         for (k, c) in c.iter().enumerate().skip(1) {
             let auc = auc(&c.option.preds, &y);

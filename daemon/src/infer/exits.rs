@@ -20,7 +20,7 @@ const THUMB: usize = 8;
 
 /// Changes whenever the features a cut gives its cache change (saved cache
 /// state from another version is not reused).
-pub const FEATURES_VERSION: &str = "thumb8+rust-gap+prior-onehot";
+pub const FEATURES_VERSION: &str = "thumb8+rust-gap+prior-id";
 
 /// One job's answer being assembled.
 struct Pending {
@@ -124,13 +124,13 @@ struct Exits<'a> {
 impl Exits<'_> {
     /// Consults cut `cut` for the `live` rows; returns which continue.
     fn consult(&mut self, cut: usize, features: &[f32], dim: usize, live: &[usize]) -> Vec<bool> {
-        let width = dim + if self.prior.is_some() { self.classes } else { 0 };
+        let width = dim + usize::from(self.prior.is_some());
         for (j, &r) in live.iter().enumerate() {
             let mut row = Vec::with_capacity(width);
             row.extend_from_slice(&features[j * dim..(j + 1) * dim]);
             if let Some(prior) = &self.prior {
-                // One-hot of the stream's previous answer (all zero when there is none).
-                row.extend((0..self.classes).map(|k| if prior[r] == Some(k as u32) { 1.0 } else { 0.0 }));
+                // The stream's previous answer as one column: class + 1, 0 for none.
+                row.push(prior[r].map_or(0.0, |k| (k + 1) as f32));
             }
             self.features[r][cut] = row;
         }

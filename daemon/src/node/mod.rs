@@ -207,7 +207,7 @@ pub fn stall_period() -> Duration {
 /// Keeps freed memory in the allocator instead of returning it to the kernel.
 ///
 /// `munmap`/`brk` take the process's mmap lock for writing; a low-priority
-/// thread (the SCHED_IDLE cache trainer) preempted while holding it stalls
+/// thread (the paced cache trainer) preempted while holding it stalls
 /// every serving thread that faults or maps memory — measured: serving p99
 /// 0.56 → 2.8 ms while the trainer ran. With large buffers served from the
 /// arenas and no trimming, steady-state training maps and unmaps nothing.

@@ -148,7 +148,7 @@ impl Replay {
         let candidates: Vec<Vec<train::Candidate>> = (0..cuts)
             .map(|c| {
                 cut_rows(seen, c)
-                    .map(|(x, dim)| train::candidates(config, c, &x, dim, &labels, classes))
+                    .map(|(x, dim)| train::candidates(config, c, &x, dim, &labels, classes, config.stream_prior))
                     .unwrap_or_default()
             })
             .collect();

@@ -80,7 +80,7 @@ pub(super) fn run(config: &Path, root: &Path, fmnist: &Workload, quick: bool) ->
         busy / idle
     );
     if busy_trainings < 1.0 {
-        println!("  (the trainer did not run while serving: at SCHED_IDLE it gets only idle CPU)");
+        println!("  (no training finished while serving: the trainer is paced to its share)");
     }
     Ok(json!({
         "requests": n, "idle_p99_ms": idle, "busy_p99_ms": busy, "ratio": busy / idle,

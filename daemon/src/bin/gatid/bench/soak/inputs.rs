@@ -92,7 +92,7 @@ pub(crate) fn load(root: &Path, daemon: &Daemon, quick: bool) -> anyhow::Result<
         fmnist.push((img, class));
     }
     // The calibration rows filled the cache's window: let its first training
-    // finish before the load (the trainer runs at SCHED_IDLE; the load leaves it no idle CPU).
+    // finish before the load (the trainer is paced to a small share; under the load a round takes long).
     let trained = gatid::client::calibrate::wait_trained(&mut c, "fmnist", 0, TRAIN_WAIT)?;
     Ok(Inputs { cifar, fmnist, fmnist_stages: stages, trained_before_load: trained })
 }
