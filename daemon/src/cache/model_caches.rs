@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Instant;
 
-use super::placement::{place, CutOption, Plan, Problem};
+use super::placement::{place, CutOption, CutState, Plan, Problem};
 use super::policy::min_certifiable_rows;
 use super::store;
 use super::train::{self, Candidate};
@@ -142,6 +142,9 @@ impl ModelCaches {
             last: Mutex::new(HashMap::new()),
             fingerprint,
         });
+        for c in 0..cuts {
+            crate::telemetry::cache_cut_state(name, c, CutState::Untrained, 0.0);
+        }
         me.restore();
         let weak = Arc::downgrade(&me);
         let thread = format!("train-{name}");
@@ -230,6 +233,7 @@ impl ModelCaches {
             let mut next = (**guard).clone();
             if next.cuts.get_mut(cut).and_then(Option::take).is_some() {
                 tracing::info!(model = %self.name, cut, live = self.live_disagreement(), "live disagreement over budget: cut switched off until the next training");
+                crate::telemetry::cache_cut_state(&self.name, cut, CutState::LiveDisagreement, 0.0);
             }
             let old = std::mem::replace(&mut *guard, Arc::new(next));
             drop(guard);
@@ -397,6 +401,8 @@ impl ModelCaches {
             })
             .collect();
         let active = restored.iter().filter(|c| c.is_some()).count();
+        let restored_states: Vec<CutState> =
+            restored.iter().map(|c| if c.is_some() { CutState::Active } else { CutState::Untrained }).collect();
         let rows = state.window.len();
         {
             let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
@@ -412,6 +418,9 @@ impl ModelCaches {
         self.budget_scale.store(state.meta.budget_scale.clamp(0.05, 0.8).to_bits(), Ordering::Relaxed);
         self.install(Active { cuts: restored, generation: state.meta.generation, plan: None });
         crate::telemetry::cache_trained(&self.name, state.meta.generation, 0.0, 0.0);
+        for (c, e) in restored_states.iter().enumerate() {
+            crate::telemetry::cache_cut_state(&self.name, c, *e, 0.0);
+        }
         tracing::info!(model = %self.name, rows, active_cuts = active, generation = state.meta.generation, "cache state restored");
     }
 
@@ -523,6 +532,11 @@ fn trainer(me: std::sync::Weak<ModelCaches>, beat: &crate::liveness::Beat) {
         let mem: usize = active.cuts.iter().flatten().map(|e| e.cache.mem_bytes()).sum();
         crate::telemetry::cache_state(&caches.name, caches.live_disagreement(), mem);
         crate::telemetry::cache_trained(&caches.name, active.generation, expected_us, baseline_us);
+        if let Some(plan) = &active.plan {
+            for (c, (&state, &share)) in plan.state.iter().zip(&plan.exit_share).enumerate() {
+                crate::telemetry::cache_cut_state(&caches.name, c, state, share);
+            }
+        }
         // Saving writes the whole window: at most every 30 s (and when the model goes).
         if last_save.is_none_or(|t: Instant| t.elapsed() >= std::time::Duration::from_secs(30)) {
             caches.persist_with(&active);

@@ -13,7 +13,11 @@
 //! pay for itself is never switched on; re-planning after every retraining
 //! follows hit rates as they drift.
 
-use super::policy::{tune, OFF};
+use super::policy::{tune_shared, OFF};
+
+/// Budget shares the first cuts may spend before the last active one (see
+/// [`tune_shared`]); every assignment is evaluated with each and keeps the best.
+const SHARES: [f32; 3] = [1.0, 0.5, 0.25];
 
 /// Smallest relative improvement of the expected latency worth a change.
 pub const MIN_GAIN: f64 = 0.02;
@@ -28,6 +32,55 @@ pub struct CutOption {
     pub mem_bytes: usize,
 }
 
+/// Why a cut is on or off (`gatictl stats`, `gati_cache_cut_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutState {
+    /// Answers rows: the plan keeps it.
+    Active,
+    /// Not trained yet (too few rows in the window for a training that can certify).
+    Untrained,
+    /// No predictor could be fitted (no features at this cut, or too few rows).
+    NoFeatures,
+    /// Alone, its held-out predictions certify too few rows within the budget.
+    Uncertifiable,
+    /// It certifies rows, but alone its lookup costs more than the work its exits skip.
+    DoesNotPay,
+    /// It would pay alone, but with the chosen cuts it adds less than it costs
+    /// (earlier cuts already answer its rows, or they spend the budget).
+    NotChosen,
+    /// Its cheapest predictor does not fit the memory budget.
+    OverMemory,
+    /// Switched off in service: shadow checks put live disagreement over budget.
+    LiveDisagreement,
+}
+
+impl CutState {
+    pub const ALL: [CutState; 8] = [
+        Self::Active,
+        Self::Untrained,
+        Self::NoFeatures,
+        Self::Uncertifiable,
+        Self::DoesNotPay,
+        Self::NotChosen,
+        Self::OverMemory,
+        Self::LiveDisagreement,
+    ];
+
+    /// Metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Untrained => "untrained",
+            Self::NoFeatures => "no_features",
+            Self::Uncertifiable => "uncertifiable",
+            Self::DoesNotPay => "does_not_pay",
+            Self::NotChosen => "not_chosen",
+            Self::OverMemory => "over_memory",
+            Self::LiveDisagreement => "live_disagreement",
+        }
+    }
+}
+
 /// What the optimizer chose.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -38,6 +91,8 @@ pub struct Plan {
     pub baseline_us: f64,
     /// Expected share of rows answered at each cut (held-out estimate).
     pub exit_share: Vec<f64>,
+    /// Why each cut is on or off.
+    pub state: Vec<CutState>,
 }
 
 /// Inputs every evaluation shares.
@@ -58,16 +113,31 @@ pub struct Problem<'a> {
 }
 
 impl Problem<'_> {
-    /// Thresholds and expected µs per row for one assignment of options to cuts.
-    #[expect(clippy::needless_range_loop, reason = "r indexes every cut's predictions")]
+    /// Thresholds and expected µs per row for one assignment of options to
+    /// cuts, with the budget share (of [`SHARES`]) that gives the lowest cost.
     fn evaluate(&self, assign: &[Option<usize>]) -> (Vec<f32>, f64, Vec<f64>) {
-        let n = self.labels.len();
         let preds: Vec<Vec<(u32, f32)>> = assign
             .iter()
             .enumerate()
             .map(|(c, a)| a.map_or_else(Vec::new, |k| self.options[c][k].preds.clone()))
             .collect();
-        let thresholds = tune(&preds, self.labels, self.weights, self.budget, self.min_hits);
+        let active = assign.iter().filter(|a| a.is_some()).count();
+        let shares = if active > 1 { &SHARES[..] } else { &SHARES[..1] };
+        let mut best: Option<(Vec<f32>, f64, Vec<f64>)> = None;
+        for &share in shares {
+            let t = tune_shared(&preds, self.labels, self.weights, self.budget, self.min_hits, share);
+            let (cost, exit) = self.cost(assign, &preds, &t);
+            if best.as_ref().is_none_or(|b| cost < b.1) {
+                best = Some((t, cost, exit));
+            }
+        }
+        best.unwrap_or_default()
+    }
+
+    /// Expected µs per row and exit shares of `assign` with `thresholds`.
+    #[expect(clippy::needless_range_loop, reason = "r indexes every cut's predictions")]
+    fn cost(&self, assign: &[Option<usize>], preds: &[Vec<(u32, f32)>], thresholds: &[f32]) -> (f64, Vec<f64>) {
+        let n = self.labels.len();
         let w = |r: usize| f64::from(self.weights.get(r).copied().unwrap_or(1.0));
         let total: f64 = self.stage_us.iter().sum();
         let mut exit = vec![0f64; assign.len()];
@@ -92,7 +162,7 @@ impl Problem<'_> {
         }
         let nf: f64 = (0..n).map(w).sum::<f64>().max(f64::MIN_POSITIVE);
         let cost = if n == 0 { total } else { cost / nf };
-        (thresholds, cost, exit.iter().map(|e| e / nf).collect())
+        (cost, exit.iter().map(|e| e / nf).collect())
     }
 
     fn memory(&self, assign: &[Option<usize>]) -> usize {
@@ -139,11 +209,37 @@ pub fn place(p: &Problem<'_>) -> Plan {
             _ => break,
         }
     }
-    Plan {
-        choice: assign.iter().zip(&best_t).map(|(a, &t)| a.map(|k| (k, t))).collect(),
-        expected_us: best_cost,
-        baseline_us: baseline,
-        exit_share: best_exit,
+    let choice: Vec<Option<(usize, f32)>> = assign.iter().zip(&best_t).map(|(a, &t)| a.map(|k| (k, t))).collect();
+    let state = (0..cuts).map(|c| if choice[c].is_some() { CutState::Active } else { p.alone(c, baseline) }).collect();
+    Plan { choice, expected_us: best_cost, baseline_us: baseline, exit_share: best_exit, state }
+}
+
+impl Problem<'_> {
+    /// Why cut `c`, left out of the plan, was left out: how its best option does alone.
+    fn alone(&self, c: usize, baseline: f64) -> CutState {
+        let usable: Vec<usize> =
+            (0..self.options[c].len()).filter(|&k| self.options[c][k].preds.len() == self.labels.len()).collect();
+        if usable.is_empty() {
+            return CutState::NoFeatures;
+        }
+        let fits: Vec<usize> = usable.into_iter().filter(|&k| self.options[c][k].mem_bytes <= self.max_memory_bytes).collect();
+        if fits.is_empty() {
+            return CutState::OverMemory;
+        }
+        let mut state = CutState::Uncertifiable;
+        for k in fits {
+            let mut assign = vec![None; self.options.len()];
+            assign[c] = Some(k);
+            let (t, cost, _) = self.evaluate(&assign);
+            if t[c] == OFF {
+                continue;
+            }
+            if cost < baseline * (1.0 - MIN_GAIN) {
+                return CutState::NotChosen;
+            }
+            state = CutState::DoesNotPay;
+        }
+        state
     }
 }
 
@@ -181,6 +277,7 @@ mod tests {
         let plan = place(&p);
         assert!(plan.choice[0].is_some(), "{plan:?}");
         assert_eq!(plan.choice[1], None, "{plan:?}");
+        assert_eq!(plan.state, vec![CutState::Active, CutState::DoesNotPay, CutState::NoFeatures]);
         assert!((plan.baseline_us - 102.0).abs() < 1e-9);
         // Half the rows pay 2 µs; the other half 2 + 102.
         assert!((plan.expected_us - 53.0).abs() < 0.5, "{plan:?}");
@@ -204,6 +301,10 @@ mod tests {
         let plan = place(&p);
         assert_eq!(plan.choice, vec![None]);
         assert_eq!(plan.expected_us, plan.baseline_us);
+        assert_eq!(plan.state, vec![CutState::DoesNotPay]);
+        // Nothing sure enough to certify: uncertifiable, whatever it costs.
+        let options = vec![vec![option((0..2000).map(|r| (u32::from(r % 2 == 0), 0.5)).collect(), 0.0)]];
+        assert_eq!(place(&Problem { options: &options, ..p }).state, vec![CutState::Uncertifiable]);
     }
 
     #[test]
@@ -225,5 +326,7 @@ mod tests {
         assert_eq!(place(&p).choice[0].map(|c| c.0), Some(1));
         p.max_memory_bytes = 10_000;
         assert_eq!(place(&p).choice[0].map(|c| c.0), Some(0));
+        p.max_memory_bytes = 100;
+        assert_eq!(place(&p).state, vec![CutState::OverMemory]);
     }
 }

@@ -20,17 +20,34 @@ pub const OFF: f32 = f32::INFINITY;
 /// allowed fraction of requests answered differently from the full model. A
 /// cut that would answer less than `min_hits` (weighted rows) is switched off.
 pub fn tune(preds: &[Vec<(u32, f32)>], labels: &[u32], weights: &[f32], budget: f32, min_hits: f32) -> Vec<f32> {
+    tune_shared(preds, labels, weights, budget, min_hits, 1.0)
+}
+
+/// [`tune`], but every cut before the last one in use may spend at most
+/// `share` of the budget still left: a first cut that would take it all can
+/// leave later cuts enough to certify their own exits (each pays the bound's
+/// ~3 errors of slack, so a later cut left with less certifies nothing).
+pub fn tune_shared(
+    preds: &[Vec<(u32, f32)>],
+    labels: &[u32],
+    weights: &[f32],
+    budget: f32,
+    min_hits: f32,
+    share: f32,
+) -> Vec<f32> {
     let n = labels.len();
+    let last_used = preds.iter().rposition(|c| c.len() == n);
     let total: f32 = if weights.len() == n { weights.iter().sum() } else { n as f32 };
     let w = |r: usize| weights.get(r).copied().unwrap_or(1.0);
     let mut allowed = budget.max(0.0) * total;
     let mut remaining: Vec<usize> = (0..n).collect();
     let mut out = Vec::with_capacity(preds.len());
-    for cut in preds {
+    for (c, cut) in preds.iter().enumerate() {
         if cut.len() != n || remaining.is_empty() {
             out.push(OFF);
             continue;
         }
+        let limit = if Some(c) == last_used { allowed } else { allowed * share.clamp(0.0, 1.0) };
         let mut order: Vec<usize> = remaining.clone();
         order.sort_by(|&a, &b| cut[b].1.total_cmp(&cut[a].1));
         // Longest prefix (by descending confidence) within the errors still allowed,
@@ -45,7 +62,7 @@ pub fn tune(preds: &[Vec<(u32, f32)>], labels: &[u32], weights: &[f32], budget: 
             // One-sided ~95 % upper bound on the errors behind `errors` observed
             // (3 when none were: the rule of three): a prefix is taken only if even
             // that bound fits the budget left, so small held-out sets activate nothing.
-            if errors_upper(errors) > allowed {
+            if errors_upper(errors) > limit {
                 break;
             }
             let boundary = order.get(i + 1).is_none_or(|&next| cut[next].1 < cut[r].1);
@@ -118,6 +135,26 @@ mod tests {
         weights.extend(vec![1.0f32; 1000]);
         assert_eq!(tune(std::slice::from_ref(&mixed), &vec![0u32; 1003], &weights, 0.01, 1.0), vec![OFF]);
         assert_eq!(tune(&[mixed], &vec![0u32; 1003], &[], 0.01, 1.0), vec![0.7], "unweighted, 3 errors fit");
+    }
+
+    #[test]
+    fn a_budget_share_leaves_later_cuts_enough_to_certify() {
+        // Cut 0 is right on 60 % of rows at rising confidence, then wrong on
+        // every other row: alone it takes the whole budget. Cut 1 is always right.
+        let n = 3000;
+        let labels = vec![0u32; n];
+        let c0: Vec<(u32, f32)> =
+            (0..n).map(|r| (if r < n * 6 / 10 || r % 2 == 0 { 0 } else { 1 }, 1.0 - r as f32 / n as f32)).collect();
+        let c1 = vec![(0u32, 0.9f32); n];
+        let greedy = tune(&[c0.clone(), c1.clone()], &labels, &[], 0.01, 1.0);
+        let shared = tune_shared(&[c0.clone(), c1.clone()], &labels, &[], 0.01, 1.0, 0.5);
+        let exits = |t: &[f32]| (0..n).filter(|&r| c0[r].1 >= t[0]).count();
+        assert!(exits(&shared) < exits(&greedy), "{greedy:?} {shared:?}");
+        assert_eq!(greedy[1], OFF, "the first cut spent it all: {greedy:?}");
+        assert!(shared[1] <= 0.9, "the second cut certifies the rest: {shared:?}");
+        // Errors admitted stay within the budget either way.
+        let errors = (0..n).filter(|&r| c0[r].1 >= shared[0] && c0[r].0 != 0).count();
+        assert!(errors as f32 <= 0.01 * n as f32, "{errors}");
     }
 
     #[test]

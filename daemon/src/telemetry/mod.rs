@@ -157,6 +157,15 @@ pub fn cache_state(model: &str, live_disagreement: f32, mem_bytes: usize) {
     gauge!(names::CACHE_MEMORY_BYTES, "model" => model.to_string()).set(mem_bytes as f64);
 }
 
+/// Cut `cut` of `model` is now in `state`, expected to answer `exit_share` of rows.
+pub fn cache_cut_state(model: &str, cut: usize, state: crate::cache::placement::CutState, exit_share: f64) {
+    for s in crate::cache::placement::CutState::ALL {
+        let labels = [("model", model.to_string()), ("cut", cut.to_string()), ("state", s.as_str().to_string())];
+        gauge!(names::CACHE_CUT_STATE, &labels).set(if s == state { 1.0 } else { 0.0 });
+    }
+    gauge!(names::CACHE_CUT_EXIT_SHARE, "model" => model.to_string(), "cut" => cut.to_string()).set(exit_share);
+}
+
 /// A new set of caches went live for `model`: its training generation and the
 /// placement's expected and no-cache µs per row (exported in seconds).
 pub fn cache_trained(model: &str, generation: u64, expected_us: f64, baseline_us: f64) {

@@ -45,6 +45,10 @@ pub const CACHE_LIVE_DISAGREEMENT: &str = "gati_cache_live_disagreement";
 pub const CACHE_MEMORY_BYTES: &str = "gati_cache_memory_bytes";
 /// Training generation of a model's live caches.
 pub const CACHE_GENERATION: &str = "gati_cache_generation";
+/// Gauge `{model, cut, state}`: 1 for each cut's current state, 0 for the others.
+pub const CACHE_CUT_STATE: &str = "gati_cache_cut_state";
+/// Gauge `{model, cut}`: held-out share of rows the live plan expects each cut to answer.
+pub const CACHE_CUT_EXIT_SHARE: &str = "gati_cache_cut_exit_share";
 /// Expected per-request latency with the live cache placement.
 pub const CACHE_EXPECTED_LATENCY_SECONDS: &str = "gati_cache_expected_latency_seconds";
 /// Per-request latency the same placement estimate gives without caches.
@@ -190,6 +194,21 @@ pub const FAMILIES: &[Family] = &[
         Gauge,
         Some(Unit::Count),
         "Training generation of a model's live caches (0 = never trained; grows by one per training), by model.",
+    ),
+    family(
+        CACHE_CUT_STATE,
+        Gauge,
+        None,
+        "Why each cut of a model answers or not, by model, cut (0 = the input) and state: 1 for the current state \
+         (active, untrained, no_features, uncertifiable: too few rows certified within the budget, does_not_pay: its \
+         lookup costs more than its exits save, not_chosen: earlier cuts already answer its rows, over_memory, \
+         live_disagreement: switched off by shadow checks), 0 for the others.",
+    ),
+    family(
+        CACHE_CUT_EXIT_SHARE,
+        Gauge,
+        None,
+        "Share (0-1) of rows the live placement expects each cut to answer (held-out estimate), by model and cut.",
     ),
     family(
         CACHE_EXPECTED_LATENCY_SECONDS,

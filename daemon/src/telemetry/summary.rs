@@ -172,12 +172,31 @@ pub fn summarize(text: &str) -> Value {
         "exits": counts(names::EXITS_TOTAL, &["model", "stage"]),
         "cache_live_disagreement": rows(names::CACHE_LIVE_DISAGREEMENT, &["model"], |x| json!(x)),
         "cache_memory_bytes": counts(names::CACHE_MEMORY_BYTES, &["model"]),
+        "cache_cuts": cut_rows(&samples),
         "dags": dag_rows(&samples),
         "dag_latency_ms": histograms(&samples, names::DAG_REQUEST_DURATION_SECONDS, &["dag"], 1e3),
         "function_workers": counts(names::SCHED_FUNCTION_WORKERS, &["function"]),
         "cold_starts": total(names::SCHED_COLD_STARTS_TOTAL),
         "prestarts": total(names::SCHED_PRESTARTS_TOTAL),
     })
+}
+
+/// Per model and cut: the cut's current state and expected exit share.
+fn cut_rows(samples: &[Sample]) -> Vec<Value> {
+    let mut rows: BTreeMap<(String, u64), Value> = BTreeMap::new();
+    for s in samples {
+        let (Some(model), Some(cut)) = (s.labels.get("model"), s.labels.get("cut").and_then(|c| c.parse::<u64>().ok()))
+        else {
+            continue;
+        };
+        let row = rows.entry((model.clone(), cut)).or_insert_with(|| json!({ "model": model, "cut": cut }));
+        match s.name.as_str() {
+            names::CACHE_CUT_STATE if s.value == 1.0 => row["state"] = json!(s.labels.get("state")),
+            names::CACHE_CUT_EXIT_SHARE => row["exit_share"] = json!(s.value),
+            _ => {}
+        }
+    }
+    rows.into_values().filter(|r| r.get("state").is_some()).collect()
 }
 
 /// Per DAG: deadline met / missed / failed (scheduler counters) and SGSs serving it.
@@ -292,6 +311,15 @@ fn render_caches(s: &Value, out: &mut String) {
     if !caches.is_empty() {
         out.push('\n');
         caches.render(out);
+    }
+    let mut cuts = Table::new(&[("cuts", Left), ("cut", Right), ("state", Left), ("expected exits", Right)]);
+    for r in list(s, "cache_cuts") {
+        let share = r["exit_share"].as_f64().map_or("-".into(), |x| format!("{:.1} %", x * 100.0));
+        cuts.row(vec![text(r, "model"), text(r, "cut"), text(r, "state"), share]);
+    }
+    if !cuts.is_empty() {
+        out.push_str("\n(state: why a cut answers or not; see docs/caches.md)\n");
+        cuts.render(out);
     }
 }
 
