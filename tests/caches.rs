@@ -104,6 +104,15 @@ fn hits_answer_early_misses_equal_the_full_model_and_rows_stay_paired() {
         .sum();
     assert!(early >= hits as f64, "early exits counted ({early} < {hits})");
     assert!(gatid::telemetry::summary::render(&stats).contains("live disagreement"));
+    // And why each cut answers or not: one state per cut (the input and the 6
+    // stage ends before the last), at least one of them active.
+    let cuts = stats["cache_cuts"].as_array().unwrap();
+    assert_eq!(cuts.len(), 7, "{cuts:?}");
+    let known =
+        ["active", "no_features", "uncertifiable", "does_not_pay", "not_chosen", "over_memory", "live_disagreement"];
+    assert!(cuts.iter().all(|c| known.contains(&c["state"].as_str().unwrap_or("?"))), "{cuts:?}");
+    assert!(cuts.iter().any(|c| c["state"] == "active"), "{cuts:?}");
+    assert!(gatid::telemetry::summary::render(&stats).contains("expected exits"));
 }
 
 /// ORT direct with one session reused across calls (in this test process).

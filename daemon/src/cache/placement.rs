@@ -222,7 +222,8 @@ impl Problem<'_> {
         if usable.is_empty() {
             return CutState::NoFeatures;
         }
-        let fits: Vec<usize> = usable.into_iter().filter(|&k| self.options[c][k].mem_bytes <= self.max_memory_bytes).collect();
+        let fits: Vec<usize> =
+            usable.into_iter().filter(|&k| self.options[c][k].mem_bytes <= self.max_memory_bytes).collect();
         if fits.is_empty() {
             return CutState::OverMemory;
         }

@@ -318,7 +318,7 @@ fn render_caches(s: &Value, out: &mut String) {
         cuts.row(vec![text(r, "model"), text(r, "cut"), text(r, "state"), share]);
     }
     if !cuts.is_empty() {
-        out.push_str("\n(state: why a cut answers or not; see docs/caches.md)\n");
+        out.push_str("\n(state: why a cut answers or not; see docs/operations.md, Caches)\n");
         cuts.render(out);
     }
 }
