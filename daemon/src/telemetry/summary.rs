@@ -189,7 +189,7 @@ fn cut_rows(samples: &[Sample]) -> Vec<Value> {
         else {
             continue;
         };
-        let row = rows.entry((model.clone(), cut)).or_insert_with(|| json!({ "model": model, "cut": cut }));
+        let row = rows.entry((model.clone(), cut)).or_insert_with(|| json!({ "model": model, "cut": cut.to_string() }));
         match s.name.as_str() {
             names::CACHE_CUT_STATE if s.value == 1.0 => row["state"] = json!(s.labels.get("state")),
             names::CACHE_CUT_EXIT_SHARE => row["exit_share"] = json!(s.value),
