@@ -18,7 +18,8 @@ use gatid::api::wire::Dtype;
 /// Options of `gatid bench caches`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Shorter streams (of the ImageNet ones, 600 recurring-objects frames only).
+    /// Shorter streams (of the ImageNet ones only 300 steady recurring-objects
+    /// frames, after a warm start on 400 warm-up frames).
     #[arg(long)]
     pub quick: bool,
     /// Node config with the `cifar10`, `fmnist` and `imagenet` models.
@@ -41,6 +42,10 @@ pub struct Args {
     /// config's default).
     #[arg(long)]
     pub selector: Option<String>,
+    /// Measure the modes one after another (each charged only its own
+    /// trainer) instead of interleaving their requests; for a quiet machine.
+    #[arg(long)]
+    pub sequential: bool,
 }
 
 /// What one mode measured on one workload.
@@ -57,7 +62,16 @@ struct Trace {
 
 const MODES: [&str; 3] = ["none", "learned", "knn"];
 
-fn run_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool, selector: Option<&str>) -> anyhow::Result<Trace> {
+/// One mode's daemon and client while a stream is measured.
+struct Running {
+    daemon: Daemon,
+    client: gatid::client::Client,
+    trace: Trace,
+}
+
+/// Starts a daemon serving only the stream's model, with `mode`'s cache, and
+/// warm-starts its caches when the stream says so.
+fn start_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool, selector: Option<&str>) -> anyhow::Result<Running> {
     let daemon = Daemon::start_with(config, |t| {
         if let Some(toml::Value::Array(models)) = t.get_mut("models") {
             // Only the stream's model: the others' load time is not this run's.
@@ -91,32 +105,64 @@ fn run_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool, selector: 
         .as_array()
         .map(|v| v.iter().map(|s| s["cost_us_batch1"].as_f64().unwrap_or(0.0)).collect())
         .unwrap_or_default();
-    let mut t = Trace {
-        latency: Vec::new(),
-        exit: Vec::new(),
-        class: Vec::new(),
-        mem_bytes: 0.0,
-        oracle: Vec::new(),
-        stage_us,
-    };
-    let ends: Vec<usize> = w.segments.iter().map(|s| s.1.end).collect();
+    let trace =
+        Trace { latency: Vec::new(), exit: Vec::new(), class: Vec::new(), mem_bytes: 0.0, oracle: Vec::new(), stage_us };
+    Ok(Running { daemon, client, trace })
+}
+
+/// Every mode on one stream. Interleaved (default): request i goes to each
+/// mode's daemon in turn before request i + 1, so load that comes and goes on
+/// the machine weighs on every mode alike (measured one after another on a
+/// shared machine, the modes of one run differed by more than the caches did);
+/// but the trainers then run during every mode's requests, so their CPU is
+/// charged to all modes alike. `sequential`: one mode's daemon at a time,
+/// each charged only its own trainer (for a quiet machine).
+fn run_modes(config: &Path, w: &Workload, args: &Args) -> anyhow::Result<Vec<Trace>> {
+    let selector = args.selector.as_deref();
+    let start = |m: &str| start_mode(config, w, m, args.calibrate, selector);
+    if args.sequential {
+        let mut traces = Vec::with_capacity(MODES.len());
+        for m in MODES {
+            let mut r = start(m)?;
+            for i in 0..w.requests() {
+                request(&mut r, w, i)?;
+            }
+            traces.push(finish(r, w)?);
+        }
+        return Ok(traces);
+    }
+    let mut running: Vec<Running> = MODES.iter().map(|m| start(m)).collect::<anyhow::Result<_>>()?;
     for i in 0..w.requests() {
-        let start = Instant::now();
-        let r = client.infer(w.model, Dtype::U8, &w.shape, w.image(i), 0)?.ok()?;
-        t.latency.push(start.elapsed());
-        t.exit.push(r.exit_stage);
-        let v = r.floats();
-        t.class.push(v.iter().enumerate().fold((0, f32::MIN), |b, (k, &x)| if x > b.1 { (k, x) } else { b }).0);
-        if ends.contains(&(i + 1)) {
-            t.oracle.push(oracle_counts(&client.stats_text()?, w.model));
+        for r in &mut running {
+            request(r, w, i)?;
         }
     }
-    let stats = client.stats_text()?;
-    t.mem_bytes = gatid::telemetry::summary::model_value(&stats, gatid::telemetry::names::CACHE_MEMORY_BYTES, w.model)
-        .unwrap_or(0.0);
-    drop(client);
-    daemon.stop()?;
-    Ok(t)
+    running.into_iter().map(|r| finish(r, w)).collect()
+}
+
+/// Sends request `i` of the stream to `r` and records what came back.
+fn request(r: &mut Running, w: &Workload, i: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let a = r.client.infer(w.model, Dtype::U8, &w.shape, w.image(i), 0)?.ok()?;
+    r.trace.latency.push(start.elapsed());
+    r.trace.exit.push(a.exit_stage);
+    let v = a.floats();
+    r.trace.class.push(v.iter().enumerate().fold((0, f32::MIN), |b, (k, &x)| if x > b.1 { (k, x) } else { b }).0);
+    if w.segments.iter().any(|s| s.1.end == i + 1) {
+        r.trace.oracle.push(oracle_counts(&r.client.stats_text()?, w.model));
+    }
+    Ok(())
+}
+
+/// Reads the cache memory and stops the daemon.
+fn finish(mut r: Running, w: &Workload) -> anyhow::Result<Trace> {
+    let stats = r.client.stats_text()?;
+    r.trace.mem_bytes =
+        gatid::telemetry::summary::model_value(&stats, gatid::telemetry::names::CACHE_MEMORY_BYTES, w.model)
+            .unwrap_or(0.0);
+    drop(r.client);
+    r.daemon.stop()?;
+    Ok(r.trace)
 }
 
 /// `gati_cache_oracle_exits_total` of `model` by stage, from Prometheus text.
@@ -219,17 +265,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let selector = args.selector.as_deref();
     let workloads = super::cache_streams::load(&root, args.quick, args.only.as_deref())?;
     println!(
-        "gatid bench caches{} (learned selector: {})",
+        "gatid bench caches{}{} (learned selector: {})",
         if args.quick { " (quick)" } else { "" },
+        if args.sequential { ", modes one after another" } else { ", modes interleaved request by request" },
         selector.unwrap_or("default")
     );
     let started = Instant::now();
     let mut results = Vec::new();
     let mut traces = Vec::new();
     for w in &workloads {
-        let mut per_mode = Vec::new();
-        for mode in MODES {
-            let t = run_mode(&args.config, w, mode, args.calibrate, selector)?;
+        let per_mode = run_modes(&args.config, w, &args)?;
+        for (mode, t) in MODES.iter().zip(&per_mode) {
             let mut per_cut = BTreeMap::new();
             t.exit.iter().for_each(|&e| *per_cut.entry(e).or_insert(0u64) += 1);
             println!(
@@ -239,7 +285,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 t.latency.len(),
                 ms(&t.latency, None)
             );
-            per_mode.push(t);
         }
         for (k, (start, range)) in w.segments.iter().enumerate() {
             let start = if args.calibrate && w.model == "fmnist" { "warm" } else { start };
@@ -290,7 +335,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     write_json(
         &args.out,
-        &json!({ "quick": args.quick, "selector": selector, "workloads": results, "trainer_p99": trainer }),
+        &json!({
+            "quick": args.quick, "sequential": args.sequential, "selector": selector,
+            "workloads": results, "trainer_p99": trainer,
+        }),
     )?;
     plot(&args.plot, &traces)?;
     println!("wrote {} and {} ({:.0} s)", args.out.display(), args.plot.display(), started.elapsed().as_secs_f64());
