@@ -13,8 +13,10 @@
 
 mod common;
 
+use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -23,8 +25,9 @@ use common::*;
 use gatid::api::wire::{Dtype, Kind, RequestHeader, Status};
 use gatid::client::udp::{timed_out, UdpClient};
 use gatid::sched::route::{pick_least_loaded, Route};
-use gatid::steer::layout::{Counter, DEFAULT_SLOT};
+use gatid::steer::layout::{Counter, DEFAULT_SLOT, OFF_STAMP};
 use gatid::steer::udp::reuseport_socket;
+use gatid::steer::unix::socket_cookie;
 use gatid::steer::Kernel;
 use zerocopy::IntoBytes;
 
@@ -310,4 +313,137 @@ fn auto_mode_falls_back_to_userspace_and_says_why() {
     assert!(u["steered"].as_u64().unwrap() >= 20, "routed by the I/O thread: {s}");
     assert!(u["malformed"].as_u64().unwrap() >= 2, "{s}");
     assert_eq!(s["kernel_counters"]["steered"], 0, "{s}");
+}
+
+/// A client connection the Unix verdict watches and `n` SGS sockets it redirects to.
+struct UnixGroup {
+    kernel: Kernel,
+    client: UnixStream,
+    /// The daemon's end of the client's connection.
+    conn: UnixStream,
+    cookie: u64,
+    /// The ends the kernel redirects into (their peers are kept open).
+    sgs: Vec<(UnixStream, UnixStream)>,
+}
+
+impl UnixGroup {
+    fn new(n: usize) -> Self {
+        let mut kernel = Kernel::load().expect("load the steering programs");
+        kernel.unix_ready().expect("the Unix stream verdict loads");
+        let (client, conn) = UnixStream::pair().unwrap();
+        let cookie = socket_cookie(conn.as_raw_fd()).unwrap();
+        kernel.unix_adopt(cookie, &conn).unwrap();
+        let sgs: Vec<(UnixStream, UnixStream)> = (0..n).map(|_| UnixStream::pair().unwrap()).collect();
+        for (k, (rx, _)) in sgs.iter().enumerate() {
+            kernel.unix_set_sgs(k as u32, rx).unwrap();
+        }
+        Self { kernel, client, conn, cookie, sgs }
+    }
+
+    /// Writes `parts` (one write each); returns what each socket received
+    /// within a short wait: (SGS index or None for the connection, bytes).
+    fn deliver(&mut self, parts: &[&[u8]]) -> Vec<(Option<usize>, Vec<u8>)> {
+        for p in parts {
+            self.client.write_all(p).unwrap();
+        }
+        let want: usize = parts.iter().map(|p| p.len()).sum();
+        let mut got = Vec::new();
+        let mut total = 0;
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while total < want {
+            assert!(std::time::Instant::now() < until, "only {total} of {want} bytes arrived within 5 s");
+            let socks: Vec<&UnixStream> = self.sgs.iter().map(|(rx, _)| rx).chain([&self.conn]).collect();
+            let mut fds: Vec<libc::pollfd> =
+                socks.iter().map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+            // SAFETY: fds is a valid array of pollfds; bounded wait.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+            if r <= 0 {
+                continue;
+            }
+            for (k, p) in fds.iter().enumerate() {
+                if p.revents & libc::POLLIN == 0 {
+                    continue;
+                }
+                let mut buf = vec![0u8; 65536];
+                // SAFETY: recv into a live buffer of its length, non-blocking.
+                let n = unsafe { libc::recv(p.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+                if n > 0 {
+                    buf.truncate(n as usize);
+                    total += buf.len();
+                    got.push(((k < self.sgs.len()).then_some(k), buf));
+                }
+            }
+        }
+        got
+    }
+
+    /// One whole InvokeDag frame: the SGS it was redirected to (None: passed).
+    fn dag(&mut self, dag: u32, rid: u64) -> Option<usize> {
+        let f = datagram(Kind::InvokeDag, rid, dag, b"xyz");
+        let got = self.deliver(&[&f]);
+        assert_eq!(got.len(), 1, "one frame arrives in one piece: {got:?}");
+        let (at, bytes) = &got[0];
+        let mut want = f.clone();
+        if at.is_some() {
+            want[OFF_STAMP..OFF_STAMP + 8].copy_from_slice(&self.cookie.to_le_bytes());
+        }
+        assert_eq!(
+            bytes,
+            &want,
+            "the frame arrives whole (stamped with the cookie when steered); at {at:?}, cookie {}, counters {:?}",
+            self.cookie,
+            self.kernel.unix_counters()
+        );
+        *at
+    }
+
+    fn count(&self, c: Counter) -> u64 {
+        self.kernel.unix_counters()[c as usize]
+    }
+}
+
+#[test]
+#[cfg_attr(gati_unprivileged, ignore = "needs root: loads a BPF program")]
+#[cfg_attr(all(gati_no_bpf, not(gati_unprivileged)), ignore = "built without clang: no BPF program to load")]
+fn unix_verdict_steers_whole_frames_as_the_maps_say() {
+    require_root();
+    let mut g = UnixGroup::new(3);
+    let board = g.kernel.load_board();
+    g.kernel.publish(7, &routes(&[(0, 1), (2, 3)])).unwrap();
+    let picks: Vec<_> = (0..8).map(|r| g.dag(7, r)).collect();
+    assert_eq!(picks, [0, 2, 2, 2, 0, 2, 2, 2].map(Some));
+    board.set(2, 5, 0);
+    assert_eq!(g.dag(7, 1), Some(0), "SGS 2 holds more requests");
+    board.set(2, 0, 0);
+    g.kernel.publish(7, &routes(&[(1, 1)])).unwrap();
+    assert_eq!(g.dag(7, 0), Some(1), "after the LB rescaled");
+    assert_eq!(g.count(Counter::Steered), 10);
+
+    // Unknown DAG, an emptied SGS slot: passed to the connection.
+    assert_eq!(g.dag(99, 0), None);
+    g.kernel.unix_clear_sgs(1);
+    assert_eq!(g.dag(7, 0), None, "slot 1 emptied");
+    assert_eq!(g.count(Counter::Fallback), 2);
+    g.kernel.unix_set_sgs(1, &g.sgs[1].0).unwrap();
+    // Another kind: passed.
+    let ping = datagram(Kind::Ping, 1, 0, b"");
+    assert_eq!(g.deliver(&[&ping]), vec![(None, ping.clone())]);
+    assert_eq!(g.count(Counter::Other), 1);
+
+    // A frame in two writes (split after the length field), two frames in one
+    // write: passed, in order; the next whole frame is steered again.
+    let f = datagram(Kind::InvokeDag, 3, 7, b"abcdef");
+    let got = g.deliver(&[&f[..40], &f[40..]]);
+    assert!(got.iter().all(|(at, _)| at.is_none()), "{got:?}");
+    assert_eq!(got.iter().flat_map(|(_, b)| b.clone()).collect::<Vec<_>>(), f);
+    let two = [f.clone(), f.clone()].concat();
+    let got = g.deliver(&[&two]);
+    assert_eq!(got, vec![(None, two.clone())]);
+    assert_eq!(g.dag(7, 4), Some(1), "at a frame boundary again");
+    // A header split before its length: the connection is passed from then on.
+    let got = g.deliver(&[&f[..10], &f[10..]]);
+    assert!(got.iter().all(|(at, _)| at.is_none()), "{got:?}");
+    assert_eq!(g.dag(7, 5), None, "frame boundaries unknown: everything passes");
+    assert_eq!(g.count(Counter::Steered), 11);
+    assert!(g.count(Counter::Malformed) >= 5, "{:?}", g.kernel.unix_counters());
 }

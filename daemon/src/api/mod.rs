@@ -112,4 +112,6 @@ pub struct ServeContext {
     pub budget: Arc<budget::ByteBudget>,
     /// A data-plane thread silent for longer is stalled (`Health`, watchdog).
     pub stall_period: std::time::Duration,
+    /// Kernel steering of Unix clients: accepted connections are handed to it.
+    pub unix_steer: Option<Arc<crate::steer::UnixSteer>>,
 }

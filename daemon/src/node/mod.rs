@@ -94,7 +94,14 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
         state: Arc::clone(&state),
         budget: Arc::clone(&ctx_budget),
         stall_period: stall_period(),
+        unix_steer: steering.unix().cloned(),
     });
+    if let Some(us) = steering.unix() {
+        us.set_limits(crate::steer::unix::UnixLimits {
+            state: Arc::clone(&state),
+            max_inflight_per_conn: config.server.max_inflight_per_conn,
+        });
+    }
     let server = Server::start(std::os::fd::AsRawFd::as_raw_fd(&listener.fd), config.server.io_threads, ctx)
         .map_err(|source| NodeError::Io { what: "starting I/O threads", source })?;
     state.set_ready(true);

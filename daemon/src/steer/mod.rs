@@ -10,11 +10,13 @@
 //! publishes reaches both the kernel map and the userspace copy; an SGS's
 //! socket is only in the socket map while that SGS exists.
 
+pub mod both;
 pub mod layout;
 pub mod program;
 pub mod report;
 pub mod table;
 pub mod udp;
+pub mod unix;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,8 +28,9 @@ use serde_json::json;
 pub use layout::Counter;
 pub use program::Kernel;
 pub use table::BpfRouteTable;
+pub use unix::UnixSteer;
 
-use crate::config::{Config, SteerMode};
+use crate::config::{Config, SteerMode, UnixSteerMode};
 use crate::sched::{Attach, DagService, LoadBoard, RouteTable, Scheduler, UserRouteTable};
 use crate::telemetry::names;
 use udp::{SgsSocket, UdpCounters};
@@ -73,6 +76,8 @@ pub struct Steering {
     udp: Option<Udp>,
     counters: Arc<UdpCounters>,
     tables: RwLock<Option<Arc<dyn TableView>>>,
+    /// Unix stream clients steered by the kernel (`[steer] unix = "kernel"`), or why not.
+    unix: Result<Arc<UnixSteer>, String>,
 }
 
 /// A route table `gatictl steer` can list.
@@ -102,8 +107,9 @@ impl Steering {
         let configured = config.steer.mode;
         let want = match configured {
             SteerMode::Userspace => Err("configured: [steer] mode = \"userspace\"".to_string()),
-            SteerMode::Auto if config.server.udp.is_none() => {
-                Err("no kernel-steered ingress configured ([server] udp is unset)".to_string())
+            SteerMode::Auto if config.server.udp.is_none() && config.steer.unix != UnixSteerMode::Kernel => {
+                Err("no kernel-steered ingress configured ([server] udp is unset, [steer] unix = \"userspace\")"
+                    .to_string())
             }
             SteerMode::Auto | SteerMode::Ebpf => Ok(()),
         };
@@ -124,14 +130,27 @@ impl Steering {
             None => None,
             Some(addr) => Some(bind(addr, kernel.as_mut(), config.server.max_frame_bytes as usize)?),
         };
+        let kernel = kernel.map(|k| Arc::new(Mutex::new(k)));
+        let unix = match (&kernel, config.steer.unix) {
+            (_, UnixSteerMode::Userspace) => Err("configured: [steer] unix = \"userspace\"".to_string()),
+            (None, UnixSteerMode::Kernel) => Err(why_not.clone().unwrap_or_default()),
+            (Some(k), UnixSteerMode::Kernel) => {
+                let ready = k.lock().unwrap_or_else(|p| p.into_inner()).unix_ready();
+                ready.map(|()| UnixSteer::new(Arc::clone(k), config.server.max_frame_bytes as usize))
+            }
+        };
+        if let (Err(why), UnixSteerMode::Kernel, SteerMode::Ebpf) = (&unix, config.steer.unix, configured) {
+            return Err(SteerError::Unavailable(format!("Unix stream verdict: {why}")));
+        }
         let s = Arc::new(Self {
             configured,
             why_not,
-            kernel: kernel.map(|k| Arc::new(Mutex::new(k))),
+            kernel,
             board,
             udp,
             counters: Arc::default(),
             tables: RwLock::new(None),
+            unix,
         });
         match &s.why_not {
             None => tracing::info!(udp = ?s.udp_addr(), "kernel steering active (eBPF SK_REUSEPORT)"),
@@ -148,6 +167,12 @@ impl Steering {
     /// True when the kernel program steers.
     pub fn kernel_active(&self) -> bool {
         self.kernel.is_some()
+    }
+
+    /// The kernel's Unix stream steering, when active (the I/O threads hand it
+    /// their accepted connections).
+    pub fn unix(&self) -> Option<&Arc<UnixSteer>> {
+        self.unix.as_ref().ok()
     }
 
     /// The bound UDP address, when UDP ingress is on.
@@ -182,14 +207,8 @@ impl Steering {
     pub fn attach(&self, sched: &Scheduler) -> Result<(), SteerError> {
         let n = sched.stats().len();
         for k in 0..n {
-            let ingress = match self.sgs_socket(k, false)? {
-                Some(sock) => {
-                    let max = self.udp.as_ref().map_or(0, |u| u.max_frame);
-                    Some(Box::new(SgsSocket::new(sock, max, Arc::clone(&self.counters)))
-                        as Box<dyn crate::sched::Ingress>)
-                }
-                None => None,
-            };
+            let udp = self.sgs_socket(k, false)?;
+            let ingress = self.ingress(k, udp)?;
             sched.attach(k, Attach { ingress, load: Some(Arc::clone(&self.board)) });
         }
         if let (Some(u), Some(kernel)) = (&self.udp, &self.kernel) {
@@ -201,16 +220,37 @@ impl Steering {
                 }
             }
         }
+        if let Ok(unix) = &self.unix {
+            unix.truncate(n);
+        }
         Ok(())
     }
 
-    /// Replaces SGS `k`'s socket with a new one (the old one is closed once the
+    /// SGS `k`'s ingress: its UDP socket and its Unix socket, those that exist.
+    fn ingress(
+        &self,
+        k: usize,
+        udp: Option<Arc<UdpSocket>>,
+    ) -> Result<Option<Box<dyn crate::sched::Ingress>>, SteerError> {
+        let mut parts: Vec<Box<dyn crate::sched::Ingress>> = Vec::new();
+        if let Some(sock) = udp {
+            let max = self.udp.as_ref().map_or(0, |u| u.max_frame);
+            parts.push(Box::new(SgsSocket::new(sock, max, Arc::clone(&self.counters))));
+        }
+        if let Ok(unix) = &self.unix {
+            if let Some(s) = unix.sgs_ingress(k)? {
+                parts.push(Box::new(s));
+            }
+        }
+        both::Both::of(parts).map_err(|e| SteerError::Io { what: "SGS ingress epoll", source: e })
+    }
+
+    /// Replaces SGS `k`'s UDP socket with a new one (the old one is closed once the
     /// SGS lets go of it) and hands it to the SGS; false when there is none to replace.
     pub fn replace_socket(&self, sched: &Scheduler, k: usize) -> Result<bool, SteerError> {
         let Some(sock) = self.sgs_socket(k, true)? else { return Ok(false) };
-        let max = self.udp.as_ref().map_or(0, |u| u.max_frame);
-        let ingress = Box::new(SgsSocket::new(sock, max, Arc::clone(&self.counters)));
-        Ok(sched.attach(k, Attach { ingress: Some(ingress), load: None }))
+        let ingress = self.ingress(k, Some(sock))?;
+        Ok(sched.attach(k, Attach { ingress, load: None }))
     }
 
     /// SGS `k`'s socket, made (and put in the socket map) when missing or `fresh`.
@@ -261,6 +301,16 @@ impl Steering {
         (kernel, self.counters.get())
     }
 
+    /// The Unix verdict's counters (zeros without it).
+    pub fn unix_kernel_counters(&self) -> [u64; 5] {
+        self.kernel.as_ref().map_or([0; 5], |k| k.lock().unwrap_or_else(|p| p.into_inner()).unix_counters())
+    }
+
+    /// `(run_time_ns, run_cnt)` of the Unix verdict (while stats are enabled).
+    pub fn unix_run_stats(&self) -> Option<(u64, u64)> {
+        self.kernel.as_ref()?.lock().unwrap_or_else(|p| p.into_inner()).unix_run_stats()
+    }
+
     /// `(run_time_ns, run_cnt)` of the kernel program (while stats are enabled).
     pub fn run_stats(&self) -> Option<(u64, u64)> {
         self.kernel.as_ref()?.lock().unwrap_or_else(|p| p.into_inner()).run_stats()
@@ -291,6 +341,13 @@ impl Steering {
             "load": load,
             "kernel_counters": named(kernel),
             "udp_counters": named(user),
+            "unix": {
+                "mode": if self.unix.is_ok() { "kernel" } else { "userspace" },
+                "why": self.unix.as_ref().err(),
+                "adopted": self.unix.as_ref().map_or(0, |u| u.adopted()),
+                "kernel_counters": named(self.unix_kernel_counters()),
+                "sgs_counters": named(self.unix.as_ref().map_or([0; 5], |u| u.counters.get())),
+            },
         })
     }
 
@@ -340,7 +397,7 @@ fn bind(addr: SocketAddr, kernel: Option<&mut Kernel>, max_frame: usize) -> Resu
 }
 
 /// An error and its sources on one line (the syscall's errno is at the end of the chain).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -152,6 +152,8 @@ struct Conn {
     read_shut: bool,
     /// Gone: free as soon as no ring operation refers to it.
     dead: bool,
+    /// Handed to the kernel's Unix steering under this socket cookie.
+    steer_cookie: Option<u64>,
 }
 
 impl Conn {
@@ -396,6 +398,7 @@ impl Worker {
             closing: false,
             read_shut: false,
             dead: false,
+            steer_cookie: None,
         });
         let slot = match self.free.pop() {
             Some(s) => {
@@ -407,6 +410,12 @@ impl Worker {
                 (self.conns.len() - 1) as u32
             }
         };
+        if let Some(us) = &self.ctx.unix_steer {
+            let mailbox = Arc::clone(&self.mailbox);
+            let c = self.conns[slot as usize].as_deref_mut().expect("just placed");
+            let notify = Arc::new(move || mailbox.post(slot, gen));
+            c.steer_cookie = us.adopt(crate::steer::unix::Peer { out: Arc::clone(&c.out), notify });
+        }
         self.arm_recv(slot)
     }
 
@@ -564,6 +573,9 @@ impl Worker {
 
     fn release(&mut self, slot: u32) {
         if let Some(c) = self.conns[slot as usize].take() {
+            if let (Some(us), Some(cookie)) = (&self.ctx.unix_steer, c.steer_cookie) {
+                us.release(cookie);
+            }
             c.out.close();
             self.free.push(slot);
             telemetry::connections(-1.0);
