@@ -447,3 +447,68 @@ fn unix_verdict_steers_whole_frames_as_the_maps_say() {
     assert_eq!(g.count(Counter::Steered), 11);
     assert!(g.count(Counter::Malformed) >= 5, "{:?}", g.kernel.unix_counters());
 }
+
+#[test]
+#[cfg_attr(gati_unprivileged, ignore = "needs root: loads a BPF program in a private network namespace")]
+#[cfg_attr(all(gati_no_bpf, not(gati_unprivileged)), ignore = "built without clang: no BPF program to load")]
+fn daemon_serves_unix_dag_requests_steered_in_the_kernel() {
+    require_root();
+    private_netns();
+    let dir = tempdir("steer-unix");
+    let d = TestDaemon::start(&dir, &udp_config(&dir, "mode = \"ebpf\"\nunix = \"kernel\""));
+    let s = health_steer(&d);
+    assert_eq!(s["unix"]["mode"], "kernel", "{s}");
+    let mut c = d.client();
+    let reference = c.invoke_dag("digits", &input(), 0).unwrap();
+    assert_eq!(reference.status, Status::Ok);
+    for i in 0..20 {
+        let r = c.invoke_dag("digits", &input(), 0).unwrap();
+        assert_eq!(r.status, Status::Ok, "request {i}: {}", String::from_utf8_lossy(&r.payload));
+        assert_eq!(r.payload, reference.payload, "request {i}");
+    }
+    // Pipelined on one connection: every answer comes, by request id.
+    let ids: std::collections::BTreeSet<u64> =
+        (0..8).map(|_| c.send(gatid::client::Client::dag_header("digits", 784 * 4, 0), &input()).unwrap()).collect();
+    let mut got = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let r = c.recv().unwrap();
+        assert_eq!(r.status, Status::Ok);
+        got.insert(r.request_id);
+    }
+    assert_eq!(got, ids, "one answer per request id");
+    let s = health_steer(&d);
+    let u = &s["unix"];
+    // The connection's first frame may be written before the daemon adds it to
+    // the sockhash: the I/O thread reads it (no verdict runs on it).
+    assert!(u["kernel_counters"]["steered"].as_u64().unwrap() >= 28, "{s}");
+    assert!(u["sgs_counters"]["steered"].as_u64().unwrap() >= 28, "{s}");
+    assert_eq!(u["sgs_counters"]["dropped"], 0, "{s}");
+
+    // A frame in two writes, an unknown DAG and a Ping: the I/O thread answers them.
+    let mut raw = UnixStream::connect(&d.socket).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut resp = [0u8; 64];
+    // A Ping first: once it is answered, the daemon has accepted (and adopted) the connection.
+    raw.write_all(RequestHeader::new(Kind::Ping, 1, 0, Dtype::Bytes, &[], 0).as_bytes()).unwrap();
+    std::io::Read::read_exact(&mut raw, &mut resp).unwrap();
+    let body = input();
+    let mut h = gatid::client::Client::dag_header("digits", body.len(), 0);
+    h.request_id.set(77);
+    raw.write_all(h.as_bytes()).unwrap();
+    raw.write_all(&body).unwrap();
+    std::io::Read::read_exact(&mut raw, &mut resp).unwrap();
+    let head = gatid::api::wire::ResponseHeader::parse(&resp).unwrap();
+    assert_eq!((head.request_id.get(), head.status.get()), (77, Status::Ok as u16));
+    let mut out = vec![0u8; head.payload_len.get() as usize];
+    std::io::Read::read_exact(&mut raw, &mut out).unwrap();
+    assert_eq!(out, reference.payload, "the split frame is answered as a whole one");
+    assert_eq!(c.invoke_dag("no-such-dag", b"x", 0).unwrap().status, Status::UnknownModel);
+    assert_eq!(c.ping().unwrap().status, Status::Ok);
+    let s = health_steer(&d);
+    let k = &s["unix"]["kernel_counters"];
+    assert!(k["malformed"].as_u64().unwrap() >= 2, "the two halves: {s}");
+    assert!(k["fallback"].as_u64().unwrap() >= 1, "the unknown DAG: {s}");
+    assert!(k["other"].as_u64().unwrap() >= 1, "the Ping: {s}");
+    drop(raw);
+    drop(c);
+}
