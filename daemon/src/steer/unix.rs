@@ -51,12 +51,15 @@ pub struct UnixLimits {
     pub max_inflight_per_conn: u32,
 }
 
+/// The end the kernel redirects into and the SGS reads, and its peer (kept open).
+type SgsPair = (Arc<UnixStream>, UnixStream);
+
 /// The registry of adopted connections and the SGSs' Unix sockets.
 pub struct UnixSteer {
     kernel: Arc<Mutex<Kernel>>,
     peers: RwLock<HashMap<u64, Peer>>,
-    /// Per SGS: (the end the kernel redirects into and the SGS reads, its peer).
-    sgs: Mutex<Vec<Option<(Arc<UnixStream>, UnixStream)>>>,
+    /// Per SGS, its socket pair.
+    sgs: Mutex<Vec<Option<SgsPair>>>,
     limits: OnceLock<UnixLimits>,
     max_frame: usize,
     /// What the SGS side saw: `steered` frames read, `dropped` (connection gone).

@@ -449,6 +449,12 @@ impl Worker {
             self.dirty.push(slot);
             return;
         }
+        if res == -libc::EAGAIN {
+            // The ring gave up after repeated wake-ups with nothing to read
+            // (the kernel's Unix steering takes the bytes that woke it): read again.
+            self.dirty.push(slot);
+            return;
+        }
         if res <= 0 {
             c.dead = true;
             self.dirty.push(slot);
