@@ -512,3 +512,67 @@ fn daemon_serves_unix_dag_requests_steered_in_the_kernel() {
     drop(raw);
     drop(c);
 }
+
+/// An sdk binary next to this test's target dir (`<target>/<profile>/`).
+fn sdk_program(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} missing: build with cargo build --release --workspace", p.display());
+    p
+}
+
+#[test]
+#[cfg_attr(gati_unprivileged, ignore = "needs root: loads a BPF program in a private network namespace")]
+#[cfg_attr(all(gati_no_bpf, not(gati_unprivileged)), ignore = "built without clang: no BPF program to load")]
+fn udp_dag_requests_are_refused_during_the_drain() {
+    require_root();
+    private_netns();
+    let dir = tempdir("steer-drain");
+    let testkit = sdk_program("gati-fn-testkit");
+    let parts = [
+        format!(
+            "[[functions]]\nname = \"slow\"\nkind = \"exec\"\nprogram = \"{}\"\nargs = [\"slow\", \"3000\"]\ntime_limit_ms = 10000\n\
+             memory_mb = 64\nexpected_ms = 1.0\nmin_warm = 1\n",
+            testkit.display()
+        ),
+        format!(
+            "[[functions]]\nname = \"echo\"\nkind = \"exec\"\nprogram = \"{}\"\nargs = [\"echo\"]\n\
+             memory_mb = 64\nexpected_ms = 1.0\nmin_warm = 1\n",
+            testkit.display()
+        ),
+        "[[dags]]\nname = \"hold\"\ndeadline_ms = 10000\nchain = [\"slow\"]\n\n\
+         [[dags]]\nname = \"echo\"\ndeadline_ms = 5000\nchain = [\"echo\"]\nmin_sgs = 2\nmax_sgs = 2\n"
+            .into(),
+        "[steer]\nmode = \"ebpf\"\n".into(),
+    ];
+    let mut d = TestDaemon::start(&dir, &config(&dir, "udp = \"127.0.0.1:0\"", &parts));
+    let addr: SocketAddr = health_steer(&d)["udp"].as_str().unwrap().parse().unwrap();
+    let mut u = UdpClient::connect(addr, Duration::from_secs(10)).unwrap();
+    assert_eq!(u.invoke_dag("echo", b"hi", 0).unwrap().status, Status::Ok, "served before the drain");
+    // A request in flight holds the drain open for 3 s.
+    let mut c = d.client();
+    let held = c.send(gatid::client::Client::dag_header("hold", 2, 0), b"hi").unwrap();
+    // Wait until an SGS holds it (the load the SGSs publish).
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !health_steer(&d)["load"].as_array().unwrap().iter().any(|l| l["queued"].as_u64() > Some(0)) {
+        assert!(std::time::Instant::now() < until, "the held request never reached an SGS");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d.signal(libc::SIGTERM);
+    let mut quick = UdpClient::connect(addr, Duration::from_millis(500)).unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        assert!(std::time::Instant::now() < until, "no ShuttingDown answer within 10 s of SIGTERM");
+        match quick.invoke_dag("echo", b"hi", 0) {
+            Ok(r) if r.status == Status::Ok => std::thread::sleep(Duration::from_millis(10)),
+            Ok(r) => break r.status,
+            Err(e) => assert!(timed_out(&e), "{e}"),
+        }
+    };
+    assert_eq!(status, Status::ShuttingDown, "a UDP DAG request during the drain is refused");
+    let r = c.recv().expect("the request in flight is answered");
+    assert_eq!(r.request_id, held);
+    assert!(matches!(r.status, Status::Ok | Status::ShuttingDown), "{:?}", r.status);
+    assert!(d.wait_exit(Duration::from_secs(20)).success());
+}

@@ -63,6 +63,8 @@ struct Udp {
     sgs: Mutex<Vec<Option<Arc<UdpSocket>>>>,
     max_frame: usize,
     stop: Arc<AtomicBool>,
+    /// The node drains: DAG requests are answered `ShuttingDown`.
+    draining: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -96,9 +98,6 @@ impl TableView for UserRouteTable {
         self.snapshot()
     }
 }
-
-/// The steering in use, for Health (set by the node at start).
-static CURRENT: RwLock<Option<Arc<Steering>>> = RwLock::new(None);
 
 impl Steering {
     /// Chooses the steering for `config` (module docs). Kernel steering is tried
@@ -157,11 +156,6 @@ impl Steering {
             Some(why) => tracing::info!(udp = ?s.udp_addr(), why = %why, "userspace steering"),
         }
         Ok(s)
-    }
-
-    /// Makes this the steering Health reports.
-    pub fn install(self: &Arc<Self>) {
-        *CURRENT.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(self));
     }
 
     /// True when the kernel program steers.
@@ -235,7 +229,8 @@ impl Steering {
         let mut parts: Vec<Box<dyn crate::sched::Ingress>> = Vec::new();
         if let Some(sock) = udp {
             let max = self.udp.as_ref().map_or(0, |u| u.max_frame);
-            parts.push(Box::new(SgsSocket::new(sock, max, Arc::clone(&self.counters))));
+            let draining = self.udp.as_ref().map_or_else(Arc::default, |u| Arc::clone(&u.draining));
+            parts.push(Box::new(SgsSocket::new(sock, max, Arc::clone(&self.counters), draining)));
         }
         if let Ok(unix) = &self.unix {
             if let Some(s) = unix.sgs_ingress(k)? {
@@ -277,12 +272,36 @@ impl Steering {
         let Some(u) = &self.udp else { return Ok(()) };
         let (sock, stop, counters, max) =
             (Arc::clone(&u.default), Arc::clone(&u.stop), Arc::clone(&self.counters), u.max_frame);
+        let draining = Arc::clone(&u.draining);
         let t = std::thread::Builder::new()
             .name("udp-io".into())
-            .spawn(move || udp::serve_default(sock, dags, max, counters, stop))
+            .spawn(move || udp::serve_default(sock, dags, max, counters, stop, draining))
             .map_err(|e| SteerError::Io { what: "UDP I/O thread", source: e })?;
         *u.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
         Ok(())
+    }
+
+    /// The node starts draining: DAG requests that reach the daemon's own code
+    /// are answered `ShuttingDown` from now on. The kernel's routes and Unix SGS
+    /// slots are emptied, so that datagrams go to the UDP I/O thread's socket
+    /// and Unix frames to the I/O threads, which answer them (a stopping SGS
+    /// reads its sockets no more); requests already in an SGS's socket when
+    /// this runs are not answered.
+    pub fn drain(&self) {
+        if let Some(u) = &self.udp {
+            u.draining.store(true, Ordering::Release);
+        }
+        if let Some(k) = &self.kernel {
+            let mut k = k.lock().unwrap_or_else(|p| p.into_inner());
+            for dag in k.dags() {
+                if let Err(e) = k.publish(dag, &[]) {
+                    tracing::warn!(dag, error = %chain(&e), "drain: cannot remove the kernel's route");
+                }
+            }
+        }
+        if let Ok(unix) = &self.unix {
+            unix.truncate(0);
+        }
     }
 
     /// Stops the UDP I/O thread (SGS sockets close with their SGSs and this value).
@@ -391,6 +410,7 @@ fn bind(addr: SocketAddr, kernel: Option<&mut Kernel>, max_frame: usize) -> Resu
         sgs: Mutex::new(Vec::new()),
         max_frame: max_frame.min(udp::MAX_DATAGRAM - crate::api::wire::HEADER_LEN),
         stop: Arc::new(AtomicBool::new(false)),
+        draining: Arc::new(AtomicBool::new(false)),
         thread: Mutex::new(None),
     };
     Ok(u)
@@ -409,14 +429,4 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-/// The installed steering (the node installs it before starting a scheduler).
-pub fn current() -> Option<Arc<Steering>> {
-    CURRENT.read().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
-/// The installed steering's status for Health (`None` before the node installs one).
-pub fn health(sgs: usize) -> Option<serde_json::Value> {
-    CURRENT.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.status(sgs))
 }

@@ -410,7 +410,7 @@ impl Worker {
                 (self.conns.len() - 1) as u32
             }
         };
-        if let Some(us) = &self.ctx.unix_steer {
+        if let Some(us) = self.ctx.steering.as_ref().and_then(|s| s.unix()) {
             let mailbox = Arc::clone(&self.mailbox);
             let c = self.conns[slot as usize].as_deref_mut().expect("just placed");
             let notify = Arc::new(move || mailbox.post(slot, gen));
@@ -579,7 +579,7 @@ impl Worker {
 
     fn release(&mut self, slot: u32) {
         if let Some(c) = self.conns[slot as usize].take() {
-            if let (Some(us), Some(cookie)) = (&self.ctx.unix_steer, c.steer_cookie) {
+            if let (Some(us), Some(cookie)) = (self.ctx.steering.as_ref().and_then(|s| s.unix()), c.steer_cookie) {
                 us.release(cookie);
             }
             c.out.close();
