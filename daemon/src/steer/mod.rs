@@ -379,6 +379,14 @@ impl Steering {
             metrics::counter!(names::STEER_REQUESTS_TOTAL, "path" => "userspace", "outcome" => c.name())
                 .absolute(user[k]);
         }
+        let unix = self.unix_kernel_counters();
+        let unix_sgs = self.unix.as_ref().map_or([0; 5], |u| u.counters.get());
+        for (k, c) in Counter::ALL.iter().enumerate() {
+            metrics::counter!(names::STEER_REQUESTS_TOTAL, "path" => "unix_kernel", "outcome" => c.name())
+                .absolute(unix[k]);
+            metrics::counter!(names::STEER_REQUESTS_TOTAL, "path" => "unix_sgs", "outcome" => c.name())
+                .absolute(unix_sgs[k]);
+        }
         for k in 0..sgs.min(self.board.len()) {
             metrics::gauge!(names::STEER_SGS_QUEUED, "sgs" => k.to_string()).set(f64::from(self.board.queued(k)));
         }

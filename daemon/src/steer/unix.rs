@@ -51,8 +51,15 @@ pub struct UnixLimits {
     pub max_inflight_per_conn: u32,
 }
 
-/// The end the kernel redirects into and the SGS reads, and its peer (kept open).
-type SgsPair = (Arc<UnixStream>, UnixStream);
+/// An SGS's Unix socket: the end the kernel redirects into and the SGS reads,
+/// its peer (kept open), and the bytes read but not yet a whole frame (shared
+/// by every reader of the socket, so a new scheduler's SGS goes on where the
+/// old one stopped).
+struct SgsPair {
+    rx: Arc<UnixStream>,
+    _tx: UnixStream,
+    partial: Arc<Mutex<Vec<u8>>>,
+}
 
 /// The registry of adopted connections and the SGSs' Unix sockets.
 pub struct UnixSteer {
@@ -133,10 +140,11 @@ impl UnixSteer {
             let (rx, tx) = UnixStream::pair().map_err(|e| SteerError::Io { what: "socketpair", source: e })?;
             rx.set_nonblocking(true).map_err(|e| SteerError::Io { what: "socketpair non-blocking", source: e })?;
             self.kernel.lock().unwrap_or_else(|p| p.into_inner()).unix_set_sgs(k as u32, &rx)?;
-            socks[k] = Some((Arc::new(rx), tx));
+            socks[k] = Some(SgsPair { rx: Arc::new(rx), _tx: tx, partial: Arc::default() });
         }
-        let rx = socks[k].as_ref().map(|(rx, _)| Arc::clone(rx)).expect("made above");
-        Ok(Some(UnixSgsSocket { sock: rx, steer: Arc::clone(self), buf: Vec::new() }))
+        let pair = socks[k].as_ref().expect("made above");
+        let (sock, buf) = (Arc::clone(&pair.rx), Arc::clone(&pair.partial));
+        Ok(Some(UnixSgsSocket { sock, steer: Arc::clone(self), buf }))
     }
 
     /// Empties the slots from `n` on (SGSs a new scheduler does not have).
@@ -179,7 +187,7 @@ pub fn socket_cookie(fd: RawFd) -> std::io::Result<u64> {
 pub struct UnixSgsSocket {
     sock: Arc<UnixStream>,
     steer: Arc<UnixSteer>,
-    buf: Vec<u8>,
+    buf: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Ingress for UnixSgsSocket {
@@ -190,10 +198,12 @@ impl Ingress for UnixSgsSocket {
     fn read(&mut self, dep: &Deployment, held: usize, out: &mut Vec<DagRequest>) {
         let mut chunk = [0u8; 16 * 1024];
         let mut frames = 0;
+        let buf = Arc::clone(&self.buf);
+        let mut buf = buf.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             // Whole frames first; then read more.
-            while let Some(len) = whole_frame(&self.buf) {
-                let frame: Vec<u8> = self.buf.drain(..len).collect();
+            while let Some(len) = whole_frame(&buf) {
+                let frame: Vec<u8> = buf.drain(..len).collect();
                 self.handle(dep, held, &frame, out);
                 frames += 1;
             }
@@ -207,7 +217,7 @@ impl Ingress for UnixSgsSocket {
             if n <= 0 {
                 return;
             }
-            self.buf.extend_from_slice(&chunk[..n as usize]);
+            buf.extend_from_slice(&chunk[..n as usize]);
         }
     }
 }
@@ -229,7 +239,11 @@ impl UnixSgsSocket {
             return;
         };
         self.steer.counters.bump(Counter::Steered);
-        let Ok(h) = RequestHeader::parse(bytes) else { return };
+        let Ok(h) = RequestHeader::parse(bytes) else {
+            // As the I/O thread does with a header it cannot parse: close the connection.
+            peer.out.close();
+            return;
+        };
         let (kind, rid) = (Kind::InvokeDag as u16, h.request_id.get());
         let payload = &frame[HEADER_LEN..];
         let limits = self.steer.limits.get();
