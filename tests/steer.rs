@@ -476,6 +476,22 @@ fn daemon_serves_unix_dag_requests_steered_in_the_kernel() {
         got.insert(r.request_id);
     }
     assert_eq!(got, ids, "one answer per request id");
+    // A fresh connection that pipelines at once (before the daemon has even
+    // accepted it, likely): handed to the kernel only once all it sent is read.
+    for round in 0..5 {
+        let mut p = d.client();
+        let ids: std::collections::BTreeSet<u64> = (0..16)
+            .map(|_| p.send(gatid::client::Client::dag_header("digits", 784 * 4, 0), &input()).unwrap())
+            .collect();
+        let mut got = std::collections::BTreeSet::new();
+        for _ in 0..16 {
+            let r = p.recv().unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(r.status, Status::Ok, "round {round}");
+            got.insert(r.request_id);
+        }
+        assert_eq!(got, ids, "round {round}: one answer per request id");
+        assert_eq!(p.invoke_dag("digits", &input(), 0).unwrap().status, Status::Ok, "round {round}: then one more");
+    }
     let s = health_steer(&d);
     let u = &s["unix"];
     // The connection's first frame may be written before the daemon adds it to
@@ -488,9 +504,18 @@ fn daemon_serves_unix_dag_requests_steered_in_the_kernel() {
     let mut raw = UnixStream::connect(&d.socket).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut resp = [0u8; 64];
-    // A Ping first: once it is answered, the daemon has accepted (and adopted) the connection.
-    raw.write_all(RequestHeader::new(Kind::Ping, 1, 0, Dtype::Bytes, &[], 0).as_bytes()).unwrap();
-    std::io::Read::read_exact(&mut raw, &mut resp).unwrap();
+    // Pings until the verdict sees one: the connection is then the kernel's
+    // (it is handed over once all it sent has been read).
+    let others = || health_steer(&d)["unix"]["kernel_counters"]["other"].as_u64().unwrap();
+    let before = others();
+    for k in 0.. {
+        assert!(k < 200, "the connection was never handed to the kernel");
+        raw.write_all(RequestHeader::new(Kind::Ping, 1, 0, Dtype::Bytes, &[], 0).as_bytes()).unwrap();
+        std::io::Read::read_exact(&mut raw, &mut resp).unwrap();
+        if others() > before {
+            break;
+        }
+    }
     let body = input();
     let mut h = gatid::client::Client::dag_header("digits", body.len(), 0);
     h.request_id.set(77);

@@ -97,6 +97,13 @@ impl Kernel {
         Ok(())
     }
 
+    /// Makes the verdict pass everything on connection `cookie` from now on.
+    pub fn unix_mark_lost(&mut self, cookie: u64) {
+        if let Ok(m) = self.unix_maps() {
+            let _ = m.state.insert(cookie, SteerConn { remaining: 0, lost: 1 }, 0);
+        }
+    }
+
     /// Forgets a connection (closing its socket removes it from the sockhash;
     /// this also removes its state).
     pub fn unix_forget(&mut self, cookie: u64) {

@@ -1,6 +1,7 @@
 //! Unix stream clients steered by the kernel (`[steer] unix = "kernel"`).
 //!
-//! The I/O thread hands each accepted connection to [`UnixSteer::adopt`]: its
+//! The I/O thread hands each accepted connection to [`UnixSteer::adopt`] once
+//! nothing the client sent is unread ([`unread`] = 0, none unparsed): its
 //! socket cookie names it, the socket joins the sockhash the `steer_unix`
 //! verdict is attached to, and its sending side is registered here. The
 //! verdict redirects a write() that is exactly one well-formed `InvokeDag`
@@ -109,6 +110,11 @@ impl UnixSteer {
             self.peers.write().unwrap_or_else(|p| p.into_inner()).remove(&cookie);
             return None;
         }
+        // Bytes that arrived between the caller's check and the insert never met
+        // the verdict: its frame boundaries are unknown, so it passes everything.
+        if unread(fd) != 0 {
+            self.kernel.lock().unwrap_or_else(|p| p.into_inner()).unix_mark_lost(cookie);
+        }
         Some(cookie)
     }
 
@@ -157,6 +163,16 @@ impl UnixSteer {
             }
         }
     }
+}
+
+/// Bytes queued on a socket and not read yet (`FIONREAD`; an error counts as some).
+pub fn unread(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int; the fd is the caller's live socket.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } < 0 {
+        return 1;
+    }
+    n.max(0) as usize
 }
 
 /// A raw fd borrowed for a map insert.

@@ -154,6 +154,8 @@ struct Conn {
     dead: bool,
     /// Handed to the kernel's Unix steering under this socket cookie.
     steer_cookie: Option<u64>,
+    /// The hand-off was tried and refused (stays on this thread's path).
+    steer_refused: bool,
 }
 
 impl Conn {
@@ -399,6 +401,7 @@ impl Worker {
             read_shut: false,
             dead: false,
             steer_cookie: None,
+            steer_refused: false,
         });
         let slot = match self.free.pop() {
             Some(s) => {
@@ -410,13 +413,32 @@ impl Worker {
                 (self.conns.len() - 1) as u32
             }
         };
-        if let Some(us) = self.ctx.steering.as_ref().and_then(|s| s.unix()) {
-            let mailbox = Arc::clone(&self.mailbox);
-            let c = self.conns[slot as usize].as_deref_mut().expect("just placed");
-            let notify = Arc::new(move || mailbox.post(slot, gen));
-            c.steer_cookie = us.adopt(crate::steer::unix::Peer { out: Arc::clone(&c.out), notify });
-        }
+        self.try_adopt(slot);
         self.arm_recv(slot)
+    }
+
+    /// Hands the connection to the kernel's Unix steering once nothing it sent
+    /// is unread (no bytes queued on the socket, none unparsed here), so the
+    /// kernel's view starts at a frame boundary and no older bytes wait behind
+    /// the ones its verdict passes (docs/steering.md).
+    fn try_adopt(&mut self, slot: u32) {
+        let Some(us) = self.ctx.steering.as_ref().and_then(|s| s.unix()) else { return };
+        let Some(c) = self.conns[slot as usize].as_deref_mut() else { return };
+        if c.steer_cookie.is_some() || c.steer_refused || c.closing || c.dead || c.discard > 0 {
+            return;
+        }
+        if c.in_pos < c.inbuf.len() {
+            return;
+        }
+        let fd = c.out.raw_fd();
+        if crate::steer::unix::unread(fd) != 0 {
+            return;
+        }
+        let mailbox = Arc::clone(&self.mailbox);
+        let gen = c.gen;
+        let notify = Arc::new(move || mailbox.post(slot, gen));
+        c.steer_cookie = us.adopt(crate::steer::unix::Peer { out: Arc::clone(&c.out), notify });
+        c.steer_refused = c.steer_cookie.is_none();
     }
 
     fn conn(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
@@ -463,6 +485,7 @@ impl Worker {
         let n = res as usize;
         c.inbuf.extend_from_slice(&c.rbuf[..n]);
         self.parse_frames(slot);
+        self.try_adopt(slot);
         self.dirty.push(slot);
     }
 
