@@ -28,7 +28,7 @@ fn main() {
     }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let ebpf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf");
-    for f in ["steer.h", "steer.bpf.c", "layout.c"] {
+    for f in ["steer.h", "steer_common.h", "steer.bpf.c", "layout.c"] {
         println!("cargo::rerun-if-changed={}", ebpf.join(f).display());
     }
     println!("cargo::rerun-if-env-changed=GATI_CLANG");

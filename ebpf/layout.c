@@ -37,5 +37,11 @@ int main(void)
 	C("SIZEOF_STEER_LOAD", sizeof(struct steer_load));
 	C("OFFSETOF_STEER_LOAD_QUEUED", offsetof(struct steer_load, queued));
 	C("OFFSETOF_STEER_LOAD_IDLE", offsetof(struct steer_load, idle));
+	C("STEER_OFF_PAYLOAD_LEN", STEER_OFF_PAYLOAD_LEN);
+	C("STEER_OFF_STAMP", STEER_OFF_STAMP);
+	C("STEER_MAX_CONNS", STEER_MAX_CONNS);
+	C("SIZEOF_STEER_CONN", sizeof(struct steer_conn));
+	C("OFFSETOF_STEER_CONN_REMAINING", offsetof(struct steer_conn, remaining));
+	C("OFFSETOF_STEER_CONN_LOST", offsetof(struct steer_conn, lost));
 	return 0;
 }

@@ -63,5 +63,22 @@ enum steer_counter {
 #define STEER_OFF_KIND 6
 #define STEER_OFF_REQUEST_ID 8
 #define STEER_OFF_TARGET_ID 16
+#define STEER_OFF_PAYLOAD_LEN 24
+/* reserved[8]: on a kernel-steered Unix frame, the client connection's socket cookie. */
+#define STEER_OFF_STAMP 56
+
+/* Unix stream clients (steer_unix). Most accepted connections steered. */
+#define STEER_MAX_CONNS 4096
+/* Most frames of one passed write() whose boundaries are followed. */
+#define STEER_UNIX_WALK 16
+
+/* map `steer_unix_state`: HASH, key = socket cookie (__u64) of an accepted
+ * connection, written {0, 0} by the daemon when it adds the connection to
+ * `steer_unix_conns` (SOCKHASH, key = cookie); `steer_unix_sgs` is a SOCKMAP,
+ * key = SGS index, value = the SGS socket's fd. */
+struct steer_conn {
+	__u32 remaining; /* bytes of a passed frame still to come */
+	__u32 lost;      /* 1: frame boundaries no longer known: everything passes */
+};
 
 #endif

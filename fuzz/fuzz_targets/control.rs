@@ -43,6 +43,7 @@ fn context(ready: bool, draining: bool) -> &'static ServeContext {
                 state: Arc::new(state),
                 budget: ByteBudget::new(1 << 20),
                 stall_period: std::time::Duration::from_secs(1),
+                steering: None,
             }
         })
     });

@@ -120,7 +120,7 @@ fn health(ctx: &ServeContext, status: &str, threads: Vec<crate::liveness::Thread
             })),
             "ort_library": crate::infer::runtime::loaded_library().map(|p| p.display().to_string()),
             "pid": std::process::id(),
-            "steer": crate::steer::health(ctx.dags.get().map_or(0, |s| s.stats().len())),
+            "steer": ctx.steering.as_ref().map(|s| s.status(ctx.dags.get().map_or(0, |s| s.stats().len()))),
         }),
     )
 }

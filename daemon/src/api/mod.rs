@@ -112,4 +112,7 @@ pub struct ServeContext {
     pub budget: Arc<budget::ByteBudget>,
     /// A data-plane thread silent for longer is stalled (`Health`, watchdog).
     pub stall_period: std::time::Duration,
+    /// The node's request steering (Health; with kernel steering of Unix
+    /// clients, accepted connections are handed to it).
+    pub steering: Option<Arc<crate::steer::Steering>>,
 }

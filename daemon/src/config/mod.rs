@@ -22,7 +22,7 @@ pub use model::{
     CacheConfig, CacheKind, CacheSelector, Config, Cuts, InputConfig, Layout, MetricsConfig, ModelConfig, OutputKind,
     Resize, RuntimeConfig, ServerConfig,
 };
-pub use steer::{SteerConfig, SteerMode};
+pub use steer::{SteerConfig, SteerMode, UnixSteerMode};
 
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,11 +26,24 @@ impl SteerMode {
     }
 }
 
+/// How Unix stream clients' DAG requests reach their SGS (`[steer] unix`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnixSteerMode {
+    /// The `steer_unix` verdict redirects whole `InvokeDag` frames to the SGS's
+    /// socket (when kernel steering is active; else as `userspace`).
+    Kernel,
+    /// The I/O thread reads every frame and routes it (`Lb::route`).
+    #[default]
+    Userspace,
+}
+
 /// `[steer]`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SteerConfig {
     pub mode: SteerMode,
+    pub unix: UnixSteerMode,
 }
 
 #[cfg(test)]

@@ -6,23 +6,28 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::infer::Registry;
 use crate::sched::{Deployment, LbPolicy, NodeWorkers, SchedError, Scheduler, UserRouteTable};
+use crate::steer::Steering;
 
 /// A scheduler for the config's `[[dags]]` (none without DAGs). Model
-/// functions run on the models in `registry`, which must already be loaded.
-pub fn start(config: &Config, registry: &Arc<Registry>) -> Result<Option<Scheduler>, SchedError> {
+/// functions run on the models in `registry`, which must already be loaded;
+/// routes go to `steering`'s table (the kernel's maps when eBPF steers), else
+/// to a plain userspace one.
+pub fn start(
+    config: &Config,
+    registry: &Arc<Registry>,
+    steering: Option<&Steering>,
+) -> Result<Option<Scheduler>, SchedError> {
     if config.dags.is_empty() {
         return Ok(None);
     }
     let deployment = Arc::new(Deployment::from_config(config)?);
     let factory = Arc::new(NodeWorkers { registry: Arc::clone(registry) });
-    // The installed steering's table (the kernel's maps when eBPF steers), else a plain one.
-    let steering = crate::steer::current();
-    let table = match &steering {
+    let table = match steering {
         Some(st) => st.table(),
         None => Arc::new(UserRouteTable::default()),
     };
     let s = Scheduler::start(deployment, factory, table, LbPolicy::default())?;
-    if let Some(st) = &steering {
+    if let Some(st) = steering {
         st.attach(&s).map_err(|e| SchedError::Io { what: "steering attach", source: std::io::Error::other(e) })?;
     }
     tracing::info!(

@@ -76,11 +76,10 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
         .map_err(NodeError::Models)?;
     let count = set.len();
     registry.replace(set);
-    // Before the scheduler: dags::start takes its route table from the installed steering.
+    // Before the scheduler: dags::start takes its route table from the steering.
     let steering = crate::steer::Steering::start(&config)?;
-    steering.install();
     let dags = Arc::new(DagService::default());
-    dags.replace(dags::start(&config, &registry)?);
+    dags.replace(dags::start(&config, &registry, Some(&steering))?);
     steering.serve(Arc::clone(&dags))?;
 
     let listener = Listener::open(&config.server.socket, config.server.socket_mode_bits())?;
@@ -94,7 +93,14 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
         state: Arc::clone(&state),
         budget: Arc::clone(&ctx_budget),
         stall_period: stall_period(),
+        steering: Some(Arc::clone(&steering)),
     });
+    if let Some(us) = steering.unix() {
+        us.set_limits(crate::steer::unix::UnixLimits {
+            state: Arc::clone(&state),
+            max_inflight_per_conn: config.server.max_inflight_per_conn,
+        });
+    }
     let server = Server::start(std::os::fd::AsRawFd::as_raw_fd(&listener.fd), config.server.io_threads, ctx)
         .map_err(|source| NodeError::Io { what: "starting I/O threads", source })?;
     state.set_ready(true);
@@ -119,7 +125,7 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                current = reload(&config_path, current, &registry, &dags, &mut stamps, &state).await;
+                current = reload(&config_path, current, &registry, &dags, &steering, &mut stamps, &state).await;
             }
             _ = rebalance.tick() => {
                 if let Some(s) = dags.get() {
@@ -167,7 +173,7 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     tracing::info!("stopping: draining in-flight requests");
     systemd::stopping();
     state.start_draining();
-    steering.stop();
+    steering.drain();
     server.wake_all();
     let timeout = Duration::from_millis(current.server.drain_timeout_ms);
     let until = Instant::now() + timeout;
@@ -185,6 +191,8 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     } else {
         tracing::warn!(timeout_ms = timeout.as_millis() as u64, "drain timed out; exiting with work in flight");
     }
+    // The UDP I/O thread answered ShuttingDown during the drain; now it stops.
+    steering.stop();
     // Threads do not run destructors at exit: save cache state explicitly.
     for model in registry.snapshot().values() {
         if let Some(c) = &model.caches {
@@ -229,6 +237,7 @@ async fn reload(
     current: Config,
     registry: &Arc<Registry>,
     dags: &Arc<DagService>,
+    steering: &crate::steer::Steering,
     stamps: &mut HashMap<String, Option<(u64, std::time::SystemTime)>>,
     state: &NodeState,
 ) -> Config {
@@ -268,7 +277,7 @@ async fn reload(
             tracing::info!(added = ?changes.added, replaced = ?changes.replaced, removed = ?changes.removed, kept = ?changes.kept, "reload applied");
             let mut next = Config { models: new.models.clone(), ..current };
             if dags::changed(&next, &new, &changes.replaced) {
-                match dags::start(&new, registry) {
+                match dags::start(&new, registry, Some(steering)) {
                     Ok(s) => {
                         // Requests already on the old SGSs finish there; new ones go to the new scheduler.
                         if let Some(old) = dags.replace(s) {

@@ -29,6 +29,25 @@ pub struct SteerRoutes {
 // SAFETY: plain integers, no padding (72 bytes = 18 × u32), any bit pattern is valid.
 unsafe impl aya::Pod for SteerRoutes {}
 
+/// Header offset of the socket cookie the kernel writes into a steered Unix
+/// frame (`STEER_OFF_STAMP`: the request header's `reserved` bytes).
+pub const OFF_STAMP: usize = 56;
+/// Most accepted Unix connections in the kernel's maps (`STEER_MAX_CONNS`).
+pub const MAX_CONNS: u32 = 4096;
+
+/// Value of map `steer_unix_state` (`struct steer_conn`), key = socket cookie.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct SteerConn {
+    /// Bytes of a passed frame still to come.
+    pub remaining: u32,
+    /// 1: frame boundaries no longer known, everything passes.
+    pub lost: u32,
+}
+
+// SAFETY: two u32, no padding, any bit pattern is valid.
+unsafe impl aya::Pod for SteerConn {}
+
 /// Index of map `steer_counters` (`enum steer_counter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
@@ -102,6 +121,13 @@ mod tests {
         assert_eq!(c::STEER_OFF_KIND, offset_of!(RequestHeader, kind));
         assert_eq!(c::STEER_OFF_REQUEST_ID, offset_of!(RequestHeader, request_id));
         assert_eq!(c::STEER_OFF_TARGET_ID, offset_of!(RequestHeader, target_id));
+        assert_eq!(c::STEER_OFF_PAYLOAD_LEN, offset_of!(RequestHeader, payload_len));
+        assert_eq!(c::STEER_OFF_STAMP, offset_of!(RequestHeader, reserved));
+        assert_eq!(c::STEER_OFF_STAMP, OFF_STAMP);
+        assert_eq!(c::STEER_MAX_CONNS, MAX_CONNS as usize);
+        assert_eq!(c::SIZEOF_STEER_CONN, size_of::<SteerConn>());
+        assert_eq!(c::OFFSETOF_STEER_CONN_REMAINING, offset_of!(SteerConn, remaining));
+        assert_eq!(c::OFFSETOF_STEER_CONN_LOST, offset_of!(SteerConn, lost));
     }
 
     #[cfg(not(gati_steer_layout))]

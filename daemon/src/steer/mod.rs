@@ -10,11 +10,13 @@
 //! publishes reaches both the kernel map and the userspace copy; an SGS's
 //! socket is only in the socket map while that SGS exists.
 
+pub mod both;
 pub mod layout;
 pub mod program;
 pub mod report;
 pub mod table;
 pub mod udp;
+pub mod unix;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,8 +28,9 @@ use serde_json::json;
 pub use layout::Counter;
 pub use program::Kernel;
 pub use table::BpfRouteTable;
+pub use unix::UnixSteer;
 
-use crate::config::{Config, SteerMode};
+use crate::config::{Config, SteerMode, UnixSteerMode};
 use crate::sched::{Attach, DagService, LoadBoard, RouteTable, Scheduler, UserRouteTable};
 use crate::telemetry::names;
 use udp::{SgsSocket, UdpCounters};
@@ -60,6 +63,8 @@ struct Udp {
     sgs: Mutex<Vec<Option<Arc<UdpSocket>>>>,
     max_frame: usize,
     stop: Arc<AtomicBool>,
+    /// The node drains: DAG requests are answered `ShuttingDown`.
+    draining: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -73,6 +78,8 @@ pub struct Steering {
     udp: Option<Udp>,
     counters: Arc<UdpCounters>,
     tables: RwLock<Option<Arc<dyn TableView>>>,
+    /// Unix stream clients steered by the kernel (`[steer] unix = "kernel"`), or why not.
+    unix: Result<Arc<UnixSteer>, String>,
 }
 
 /// A route table `gatictl steer` can list.
@@ -92,9 +99,6 @@ impl TableView for UserRouteTable {
     }
 }
 
-/// The steering in use, for Health (set by the node at start).
-static CURRENT: RwLock<Option<Arc<Steering>>> = RwLock::new(None);
-
 impl Steering {
     /// Chooses the steering for `config` (module docs). Kernel steering is tried
     /// only with a kernel-steered ingress (`[server] udp`) or `mode = "ebpf"`.
@@ -102,8 +106,9 @@ impl Steering {
         let configured = config.steer.mode;
         let want = match configured {
             SteerMode::Userspace => Err("configured: [steer] mode = \"userspace\"".to_string()),
-            SteerMode::Auto if config.server.udp.is_none() => {
-                Err("no kernel-steered ingress configured ([server] udp is unset)".to_string())
+            SteerMode::Auto if config.server.udp.is_none() && config.steer.unix != UnixSteerMode::Kernel => {
+                Err("no kernel-steered ingress configured ([server] udp is unset, [steer] unix = \"userspace\")"
+                    .to_string())
             }
             SteerMode::Auto | SteerMode::Ebpf => Ok(()),
         };
@@ -124,14 +129,27 @@ impl Steering {
             None => None,
             Some(addr) => Some(bind(addr, kernel.as_mut(), config.server.max_frame_bytes as usize)?),
         };
+        let kernel = kernel.map(|k| Arc::new(Mutex::new(k)));
+        let unix = match (&kernel, config.steer.unix) {
+            (_, UnixSteerMode::Userspace) => Err("configured: [steer] unix = \"userspace\"".to_string()),
+            (None, UnixSteerMode::Kernel) => Err(why_not.clone().unwrap_or_default()),
+            (Some(k), UnixSteerMode::Kernel) => {
+                let ready = k.lock().unwrap_or_else(|p| p.into_inner()).unix_ready();
+                ready.map(|()| UnixSteer::new(Arc::clone(k), config.server.max_frame_bytes as usize))
+            }
+        };
+        if let (Err(why), UnixSteerMode::Kernel, SteerMode::Ebpf) = (&unix, config.steer.unix, configured) {
+            return Err(SteerError::Unavailable(format!("Unix stream verdict: {why}")));
+        }
         let s = Arc::new(Self {
             configured,
             why_not,
-            kernel: kernel.map(|k| Arc::new(Mutex::new(k))),
+            kernel,
             board,
             udp,
             counters: Arc::default(),
             tables: RwLock::new(None),
+            unix,
         });
         match &s.why_not {
             None => tracing::info!(udp = ?s.udp_addr(), "kernel steering active (eBPF SK_REUSEPORT)"),
@@ -140,14 +158,15 @@ impl Steering {
         Ok(s)
     }
 
-    /// Makes this the steering Health reports.
-    pub fn install(self: &Arc<Self>) {
-        *CURRENT.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(self));
-    }
-
     /// True when the kernel program steers.
     pub fn kernel_active(&self) -> bool {
         self.kernel.is_some()
+    }
+
+    /// The kernel's Unix stream steering, when active (the I/O threads hand it
+    /// their accepted connections).
+    pub fn unix(&self) -> Option<&Arc<UnixSteer>> {
+        self.unix.as_ref().ok()
     }
 
     /// The bound UDP address, when UDP ingress is on.
@@ -182,14 +201,8 @@ impl Steering {
     pub fn attach(&self, sched: &Scheduler) -> Result<(), SteerError> {
         let n = sched.stats().len();
         for k in 0..n {
-            let ingress = match self.sgs_socket(k, false)? {
-                Some(sock) => {
-                    let max = self.udp.as_ref().map_or(0, |u| u.max_frame);
-                    Some(Box::new(SgsSocket::new(sock, max, Arc::clone(&self.counters)))
-                        as Box<dyn crate::sched::Ingress>)
-                }
-                None => None,
-            };
+            let udp = self.sgs_socket(k, false)?;
+            let ingress = self.ingress(k, udp)?;
             sched.attach(k, Attach { ingress, load: Some(Arc::clone(&self.board)) });
         }
         if let (Some(u), Some(kernel)) = (&self.udp, &self.kernel) {
@@ -201,16 +214,38 @@ impl Steering {
                 }
             }
         }
+        if let Ok(unix) = &self.unix {
+            unix.truncate(n);
+        }
         Ok(())
     }
 
-    /// Replaces SGS `k`'s socket with a new one (the old one is closed once the
+    /// SGS `k`'s ingress: its UDP socket and its Unix socket, those that exist.
+    fn ingress(
+        &self,
+        k: usize,
+        udp: Option<Arc<UdpSocket>>,
+    ) -> Result<Option<Box<dyn crate::sched::Ingress>>, SteerError> {
+        let mut parts: Vec<Box<dyn crate::sched::Ingress>> = Vec::new();
+        if let Some(sock) = udp {
+            let max = self.udp.as_ref().map_or(0, |u| u.max_frame);
+            let draining = self.udp.as_ref().map_or_else(Arc::default, |u| Arc::clone(&u.draining));
+            parts.push(Box::new(SgsSocket::new(sock, max, Arc::clone(&self.counters), draining)));
+        }
+        if let Ok(unix) = &self.unix {
+            if let Some(s) = unix.sgs_ingress(k)? {
+                parts.push(Box::new(s));
+            }
+        }
+        both::Both::of(parts).map_err(|e| SteerError::Io { what: "SGS ingress epoll", source: e })
+    }
+
+    /// Replaces SGS `k`'s UDP socket with a new one (the old one is closed once the
     /// SGS lets go of it) and hands it to the SGS; false when there is none to replace.
     pub fn replace_socket(&self, sched: &Scheduler, k: usize) -> Result<bool, SteerError> {
         let Some(sock) = self.sgs_socket(k, true)? else { return Ok(false) };
-        let max = self.udp.as_ref().map_or(0, |u| u.max_frame);
-        let ingress = Box::new(SgsSocket::new(sock, max, Arc::clone(&self.counters)));
-        Ok(sched.attach(k, Attach { ingress: Some(ingress), load: None }))
+        let ingress = self.ingress(k, Some(sock))?;
+        Ok(sched.attach(k, Attach { ingress, load: None }))
     }
 
     /// SGS `k`'s socket, made (and put in the socket map) when missing or `fresh`.
@@ -237,12 +272,36 @@ impl Steering {
         let Some(u) = &self.udp else { return Ok(()) };
         let (sock, stop, counters, max) =
             (Arc::clone(&u.default), Arc::clone(&u.stop), Arc::clone(&self.counters), u.max_frame);
+        let draining = Arc::clone(&u.draining);
         let t = std::thread::Builder::new()
             .name("udp-io".into())
-            .spawn(move || udp::serve_default(sock, dags, max, counters, stop))
+            .spawn(move || udp::serve_default(sock, dags, max, counters, stop, draining))
             .map_err(|e| SteerError::Io { what: "UDP I/O thread", source: e })?;
         *u.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
         Ok(())
+    }
+
+    /// The node starts draining: DAG requests that reach the daemon's own code
+    /// are answered `ShuttingDown` from now on. The kernel's routes and Unix SGS
+    /// slots are emptied, so that datagrams go to the UDP I/O thread's socket
+    /// and Unix frames to the I/O threads, which answer them (a stopping SGS
+    /// reads its sockets no more); requests already in an SGS's socket when
+    /// this runs are not answered.
+    pub fn drain(&self) {
+        if let Some(u) = &self.udp {
+            u.draining.store(true, Ordering::Release);
+        }
+        if let Some(k) = &self.kernel {
+            let mut k = k.lock().unwrap_or_else(|p| p.into_inner());
+            for dag in k.dags() {
+                if let Err(e) = k.publish(dag, &[]) {
+                    tracing::warn!(dag, error = %chain(&e), "drain: cannot remove the kernel's route");
+                }
+            }
+        }
+        if let Ok(unix) = &self.unix {
+            unix.truncate(0);
+        }
     }
 
     /// Stops the UDP I/O thread (SGS sockets close with their SGSs and this value).
@@ -259,6 +318,16 @@ impl Steering {
     pub fn counters(&self) -> ([u64; 5], [u64; 5]) {
         let kernel = self.kernel.as_ref().map_or([0; 5], |k| k.lock().unwrap_or_else(|p| p.into_inner()).counters());
         (kernel, self.counters.get())
+    }
+
+    /// The Unix verdict's counters (zeros without it).
+    pub fn unix_kernel_counters(&self) -> [u64; 5] {
+        self.kernel.as_ref().map_or([0; 5], |k| k.lock().unwrap_or_else(|p| p.into_inner()).unix_counters())
+    }
+
+    /// `(run_time_ns, run_cnt)` of the Unix verdict (while stats are enabled).
+    pub fn unix_run_stats(&self) -> Option<(u64, u64)> {
+        self.kernel.as_ref()?.lock().unwrap_or_else(|p| p.into_inner()).unix_run_stats()
     }
 
     /// `(run_time_ns, run_cnt)` of the kernel program (while stats are enabled).
@@ -291,6 +360,13 @@ impl Steering {
             "load": load,
             "kernel_counters": named(kernel),
             "udp_counters": named(user),
+            "unix": {
+                "mode": if self.unix.is_ok() { "kernel" } else { "userspace" },
+                "why": self.unix.as_ref().err(),
+                "adopted": self.unix.as_ref().map_or(0, |u| u.adopted()),
+                "kernel_counters": named(self.unix_kernel_counters()),
+                "sgs_counters": named(self.unix.as_ref().map_or([0; 5], |u| u.counters.get())),
+            },
         })
     }
 
@@ -302,6 +378,14 @@ impl Steering {
                 .absolute(kernel[k]);
             metrics::counter!(names::STEER_REQUESTS_TOTAL, "path" => "userspace", "outcome" => c.name())
                 .absolute(user[k]);
+        }
+        let unix = self.unix_kernel_counters();
+        let unix_sgs = self.unix.as_ref().map_or([0; 5], |u| u.counters.get());
+        for (k, c) in Counter::ALL.iter().enumerate() {
+            metrics::counter!(names::STEER_REQUESTS_TOTAL, "path" => "unix_kernel", "outcome" => c.name())
+                .absolute(unix[k]);
+            metrics::counter!(names::STEER_REQUESTS_TOTAL, "path" => "unix_sgs", "outcome" => c.name())
+                .absolute(unix_sgs[k]);
         }
         for k in 0..sgs.min(self.board.len()) {
             metrics::gauge!(names::STEER_SGS_QUEUED, "sgs" => k.to_string()).set(f64::from(self.board.queued(k)));
@@ -334,13 +418,14 @@ fn bind(addr: SocketAddr, kernel: Option<&mut Kernel>, max_frame: usize) -> Resu
         sgs: Mutex::new(Vec::new()),
         max_frame: max_frame.min(udp::MAX_DATAGRAM - crate::api::wire::HEADER_LEN),
         stop: Arc::new(AtomicBool::new(false)),
+        draining: Arc::new(AtomicBool::new(false)),
         thread: Mutex::new(None),
     };
     Ok(u)
 }
 
 /// An error and its sources on one line (the syscall's errno is at the end of the chain).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -352,14 +437,4 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-/// The installed steering (the node installs it before starting a scheduler).
-pub fn current() -> Option<Arc<Steering>> {
-    CURRENT.read().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
-/// The installed steering's status for Health (`None` before the node installs one).
-pub fn health(sgs: usize) -> Option<serde_json::Value> {
-    CURRENT.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.status(sgs))
 }

@@ -7,11 +7,11 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, ReusePortSockArray};
-use aya::programs::SkReuseport;
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, ReusePortSockArray, SockHash, SockMap};
+use aya::programs::{SkReuseport, SkSkb};
 use aya::Ebpf;
 
-use super::layout::{Counter, SteerRoutes, MAX_ROUTES, MAX_SGS};
+use super::layout::{Counter, SteerConn, SteerRoutes, MAX_ROUTES, MAX_SGS};
 use super::SteerError;
 use crate::sched::route::{LoadBoard, Route, SgsLoad};
 
@@ -20,6 +20,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/st
 /// `ok`, or why the build has no BPF object.
 pub const BUILD: &str = env!("GATI_BPF_BUILD");
 const PROGRAM: &str = "steer_udp";
+const UNIX_PROGRAM: &str = "steer_unix";
 
 /// Whether this build carries the program (else why not).
 pub fn built() -> Result<(), SteerError> {
@@ -36,6 +37,17 @@ pub struct Kernel {
     socks: ReusePortSockArray<MapData>,
     counters: PerCpuArray<MapData, u64>,
     load: Arc<LoadBoard>,
+    /// The Unix stream verdict and its maps, or why the kernel refused them.
+    unix: Result<UnixMaps, String>,
+}
+
+/// `steer_unix`'s maps (ebpf/steer.bpf.c): accepted connections (the verdict
+/// is attached to this sockhash), the SGSs' sockets, per-connection state.
+struct UnixMaps {
+    conns: SockHash<MapData, u64>,
+    sgs: SockMap<MapData>,
+    state: BpfHashMap<MapData, u64, SteerConn>,
+    counters: PerCpuArray<MapData, u64>,
 }
 
 impl Kernel {
@@ -57,7 +69,80 @@ impl Kernel {
             aya::maps::Map::Array(data) => Arc::new(map_load(data)?),
             _ => return Err(SteerError::Missing("steer_load (an array)")),
         };
-        Ok(Self { ebpf, routes, socks, counters, load })
+        let unix = load_unix(&mut ebpf).map_err(|e| super::chain(&e));
+        if let Err(why) = &unix {
+            tracing::warn!(why = %why, "the kernel refused the Unix stream verdict: Unix clients are steered in userspace");
+        }
+        Ok(Self { ebpf, routes, socks, counters, load, unix })
+    }
+
+    /// Whether the Unix stream verdict is loaded and attached (else why not).
+    pub fn unix_ready(&self) -> Result<(), String> {
+        self.unix.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
+    fn unix_maps(&mut self) -> Result<&mut UnixMaps, SteerError> {
+        self.unix.as_mut().map_err(|why| SteerError::Unavailable(why.clone()))
+    }
+
+    /// Adds an accepted connection (its socket cookie `cookie`) to the verdict's
+    /// sockhash, at a frame boundary.
+    pub fn unix_adopt(&mut self, cookie: u64, socket: &impl AsRawFd) -> Result<(), SteerError> {
+        let m = self.unix_maps()?;
+        m.state.insert(cookie, SteerConn::default(), 0).map_err(map_err)?;
+        if let Err(e) = m.conns.insert(cookie, socket.as_raw_fd(), 0) {
+            let _ = m.state.remove(&cookie);
+            return Err(map_err(e));
+        }
+        Ok(())
+    }
+
+    /// Makes the verdict pass everything on connection `cookie` from now on.
+    pub fn unix_mark_lost(&mut self, cookie: u64) {
+        if let Ok(m) = self.unix_maps() {
+            let _ = m.state.insert(cookie, SteerConn { remaining: 0, lost: 1 }, 0);
+        }
+    }
+
+    /// Forgets a connection (closing its socket removes it from the sockhash;
+    /// this also removes its state).
+    pub fn unix_forget(&mut self, cookie: u64) {
+        if let Ok(m) = self.unix_maps() {
+            let _ = m.conns.remove(&cookie);
+            let _ = m.state.remove(&cookie);
+        }
+    }
+
+    /// Puts SGS `slot`'s Unix socket where the verdict redirects its frames.
+    pub fn unix_set_sgs(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<(), SteerError> {
+        self.unix_maps()?.sgs.set(slot, socket, 0).map_err(map_err)
+    }
+
+    /// Empties SGS `slot`'s Unix slot (its frames then pass to the I/O thread).
+    pub fn unix_clear_sgs(&mut self, slot: u32) {
+        if let Ok(m) = self.unix_maps() {
+            let _ = m.sgs.clear_index(&slot);
+        }
+    }
+
+    /// The Unix verdict's counters summed over CPUs, in [`Counter::ALL`] order.
+    pub fn unix_counters(&self) -> [u64; 5] {
+        let mut out = [0; 5];
+        if let Ok(m) = &self.unix {
+            for (k, c) in Counter::ALL.iter().enumerate() {
+                if let Ok(v) = m.counters.get(&(*c as u32), 0) {
+                    out[k] = v.iter().sum();
+                }
+            }
+        }
+        out
+    }
+
+    /// `(run_time_ns, run_cnt)` of the Unix verdict (while stats are enabled).
+    pub fn unix_run_stats(&self) -> Option<(u64, u64)> {
+        let p: &SkSkb = self.ebpf.program(UNIX_PROGRAM)?.try_into().ok()?;
+        let info = p.info().ok()?;
+        Some((info.run_time().as_nanos() as u64, info.run_count()))
     }
 
     /// Makes the program the selector of `socket`'s `SO_REUSEPORT` group. It stays
@@ -133,6 +218,23 @@ impl Kernel {
         let info = self.program().ok()?.info().ok()?;
         Some((info.run_time().as_nanos() as u64, info.run_count()))
     }
+}
+
+/// Loads `steer_unix` and attaches it to its sockhash as the stream verdict.
+fn load_unix(ebpf: &mut Ebpf) -> Result<UnixMaps, SteerError> {
+    let mut take = |name: &'static str| ebpf.take_map(name).ok_or(SteerError::Missing(name));
+    let conns = SockHash::try_from(take("steer_unix_conns")?).map_err(map_err)?;
+    let sgs = SockMap::try_from(take("steer_unix_sgs")?).map_err(map_err)?;
+    let state = BpfHashMap::try_from(take("steer_unix_state")?).map_err(map_err)?;
+    let counters = PerCpuArray::try_from(take("steer_unix_counters")?).map_err(map_err)?;
+    let prog: &mut SkSkb = ebpf
+        .program_mut(UNIX_PROGRAM)
+        .ok_or(SteerError::Missing(UNIX_PROGRAM))?
+        .try_into()
+        .map_err(|e| SteerError::Program(Box::new(e)))?;
+    prog.load().map_err(|e| SteerError::Program(Box::new(e)))?;
+    prog.attach(conns.fd()).map_err(|e| SteerError::Program(Box::new(e)))?;
+    Ok(UnixMaps { conns, sgs, state, counters })
 }
 
 /// Turns on the kernel's run-time accounting of BPF programs while the fd lives.

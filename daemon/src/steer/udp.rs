@@ -254,12 +254,14 @@ pub struct SgsSocket {
     pub sock: Arc<UdpSocket>,
     pub max_frame: usize,
     pub counters: Arc<UdpCounters>,
+    /// The node drains: DAG requests are answered `ShuttingDown`.
+    pub draining: Arc<AtomicBool>,
     buf: Vec<u8>,
 }
 
 impl SgsSocket {
-    pub fn new(sock: Arc<UdpSocket>, max_frame: usize, counters: Arc<UdpCounters>) -> Self {
-        Self { sock, max_frame, counters, buf: vec![0; MAX_DATAGRAM + 1] }
+    pub fn new(sock: Arc<UdpSocket>, max_frame: usize, counters: Arc<UdpCounters>, draining: Arc<AtomicBool>) -> Self {
+        Self { sock, max_frame, counters, draining, buf: vec![0; MAX_DATAGRAM + 1] }
     }
 }
 
@@ -290,6 +292,10 @@ impl Ingress for SgsSocket {
                 respond(&self.sock, peer, k, rid, Status::UnknownKind, Dtype::Bytes, why, received);
                 continue;
             }
+            if self.draining.load(Ordering::Acquire) {
+                respond(&self.sock, peer, k, rid, Status::ShuttingDown, Dtype::Bytes, &[], received);
+                continue;
+            }
             if held + out.len() >= crate::sched::sgs::MAX_QUEUED {
                 telemetry::request_refused("sgs_queue");
                 let why = b"sgs_queue: the DAG's scheduler holds its most queued requests";
@@ -305,13 +311,15 @@ impl Ingress for SgsSocket {
 }
 
 /// The I/O thread's socket: until `stop`, answers Ping, routes InvokeDag
-/// through the userspace table (`Scheduler::submit`), refuses other kinds.
+/// through the userspace table (`Scheduler::submit`) or, once `draining`,
+/// answers it `ShuttingDown`, refuses other kinds.
 pub fn serve_default(
     sock: Arc<UdpSocket>,
     dags: Arc<DagService>,
     max_frame: usize,
     counters: Arc<UdpCounters>,
     stop: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -340,6 +348,10 @@ pub fn serve_default(
                 Some(Kind::Ping) => {
                     counters.bump(Counter::Other);
                     respond(&sock, peer, k, rid, Status::Ok, Dtype::Bytes, &[], received);
+                }
+                Some(Kind::InvokeDag) if draining.load(Ordering::Acquire) => {
+                    counters.bump(Counter::Fallback);
+                    respond(&sock, peer, k, rid, Status::ShuttingDown, Dtype::Bytes, &[], received);
                 }
                 Some(Kind::InvokeDag) => {
                     let Some(sched) = dags.get() else {

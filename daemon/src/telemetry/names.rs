@@ -272,8 +272,9 @@ pub const FAMILIES: &[Family] = &[
         STEER_REQUESTS_TOTAL,
         Counter,
         Some(Unit::Count),
-        "UDP requests seen by the steering layer, by path (kernel: the SK_REUSEPORT program's per-CPU counters; \
-         userspace: the UDP I/O thread) and outcome (steered, fallback, other, malformed, dropped).",
+        "Requests seen by the steering layer, by path (kernel: the SK_REUSEPORT program's per-CPU counters; \
+         userspace: the UDP I/O thread; unix_kernel: the Unix stream verdict's, per client write; unix_sgs: \
+         Unix frames the SGSs read) and outcome (steered, fallback, other, malformed, dropped).",
     ),
     family(STEER_SGS_QUEUED, Gauge, Some(Unit::Count), "Requests an SGS holds, as the steering rule reads it, by SGS."),
     family(STEER_KERNEL, Gauge, None, "1 when kernel (eBPF) steering is active, 0 with the userspace table."),

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, squeue, types, IoUring};
 use zerocopy::IntoBytes;
 
+mod adopt;
 mod dag;
 mod frames;
 mod mailbox;
@@ -152,6 +153,10 @@ struct Conn {
     read_shut: bool,
     /// Gone: free as soon as no ring operation refers to it.
     dead: bool,
+    /// Handed to the kernel's Unix steering under this socket cookie.
+    steer_cookie: Option<u64>,
+    /// The hand-off was tried and refused (stays on this thread's path).
+    steer_refused: bool,
 }
 
 impl Conn {
@@ -396,6 +401,8 @@ impl Worker {
             closing: false,
             read_shut: false,
             dead: false,
+            steer_cookie: None,
+            steer_refused: false,
         });
         let slot = match self.free.pop() {
             Some(s) => {
@@ -407,6 +414,7 @@ impl Worker {
                 (self.conns.len() - 1) as u32
             }
         };
+        self.try_adopt(slot);
         self.arm_recv(slot)
     }
 
@@ -440,6 +448,12 @@ impl Worker {
             self.dirty.push(slot);
             return;
         }
+        if res == -libc::EAGAIN {
+            // The ring gave up after repeated wake-ups with nothing to read
+            // (the kernel's Unix steering takes the bytes that woke it): read again.
+            self.dirty.push(slot);
+            return;
+        }
         if res <= 0 {
             c.dead = true;
             self.dirty.push(slot);
@@ -448,6 +462,7 @@ impl Worker {
         let n = res as usize;
         c.inbuf.extend_from_slice(&c.rbuf[..n]);
         self.parse_frames(slot);
+        self.try_adopt(slot);
         self.dirty.push(slot);
     }
 
@@ -564,6 +579,9 @@ impl Worker {
 
     fn release(&mut self, slot: u32) {
         if let Some(c) = self.conns[slot as usize].take() {
+            if let (Some(us), Some(cookie)) = (self.ctx.steering.as_ref().and_then(|s| s.unix()), c.steer_cookie) {
+                us.release(cookie);
+            }
             c.out.close();
             self.free.push(slot);
             telemetry::connections(-1.0);

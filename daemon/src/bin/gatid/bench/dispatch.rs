@@ -9,6 +9,11 @@
 //! `configs/dag.toml`. Capacity is measured first (closed loop); then an
 //! open-loop trace (Poisson, with 3× bursts) is replayed at fractions of it.
 //! Prints a table, writes `bench/results/dispatch.json` and a PNG.
+//!
+//! `--steer ebpf` adds a mode, `gati+ebpf`: gati with kernel steering of its
+//! Unix clients (`[steer] mode = "ebpf"`, `unix = "kernel"`: whole `InvokeDag`
+//! writes go from the client's connection straight to the SGS's socket), on
+//! the same trace, so its deadline figures sit next to gati's (needs root).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,6 +43,9 @@ pub struct Args {
     /// with shedding (`shed = true`), to see what each adds.
     #[arg(long)]
     pub ablation: bool,
+    /// `ebpf`: also run gati with kernel steering (`gati+ebpf`), same trace.
+    #[arg(long, default_value = "userspace", value_parser = ["userspace", "ebpf"])]
+    pub steer: String,
 }
 
 /// A work DAG: (name, deadline ms, share of the mix, µs of work per function in chain order).
@@ -49,6 +57,8 @@ const CLASSIFY: (&str, u64, f64) = ("classify", 100, 0.25);
 const MODES: [&str; 4] = ["gati", "baseline", BUDGET, BUDGET_SHED];
 const BUDGET: &str = "gati+budget";
 const BUDGET_SHED: &str = "gati+budget+shed";
+/// gati with the kernel steering its Unix clients (`--steer ebpf`).
+const EBPF: &str = "gati+ebpf";
 /// gati's SGS count bound per DAG; the baseline's single SGS gets as many workers in total.
 const MAX_SGS: i64 = 2;
 const MAX_WARM: i64 = 4;
@@ -135,6 +145,12 @@ fn tweak(t: &mut toml::Table, mode: &str) -> anyhow::Result<()> {
             ("shed", Value::Boolean(mode == BUDGET_SHED)),
         ]),
     );
+    if mode == EBPF {
+        t.insert(
+            "steer".into(),
+            table(&[("mode", Value::String("ebpf".into())), ("unix", Value::String("kernel".into()))]),
+        );
+    }
     Ok(())
 }
 
@@ -187,6 +203,8 @@ struct Level {
     p99_ms: f64,
     cold_starts: f64,
     per_dag_met: Vec<(String, f64)>,
+    /// Requests the kernel steered to their SGS (`gati+ebpf` only).
+    kernel_steered: Option<u64>,
 }
 
 /// Latency as counted: an answer other than the output counts as at least its deadline.
@@ -232,6 +250,7 @@ fn summarize(mix: &[Invocation], outcomes: &[Outcome], warmup: Duration, cold: f
         p99_ms: q(0.99),
         cold_starts: cold,
         per_dag_met,
+        kernel_steered: None,
     }
 }
 
@@ -272,6 +291,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         mix.iter().zip(&cost).map(|(m, c)| format!("{} {:.2}", m.dag, c * 1e3)).collect::<Vec<_>>().join(", ")
     );
     let deadlines: Vec<Duration> = mix.iter().map(|m| m.deadline).collect();
+    let mut modes: Vec<&str> = MODES.iter().take(if args.ablation { 4 } else { 2 }).copied().collect();
+    if args.steer == "ebpf" {
+        modes.push(EBPF);
+    }
     let mut levels = Vec::new();
     for &load in loads {
         let rate = load * cap;
@@ -290,12 +313,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             100.0 * bound
         );
         let mut per_mode = Vec::new();
-        for mode in MODES.iter().take(if args.ablation { 4 } else { 2 }) {
+        for mode in &modes {
             let d = start(&args.config, mode)?;
             let outcomes = loadgen::replay(&d.socket, &mix, &arrivals, CONNECTIONS, Duration::from_secs(20))?;
             let cold = cold_starts(&d)?;
+            let steered = if *mode == EBPF {
+                let h = d.client()?.control_json(gatid::api::wire::Kind::Health, 0, b"")?;
+                h["steer"]["unix"]["kernel_counters"]["steered"].as_u64()
+            } else {
+                None
+            };
             d.stop()?;
-            let l = summarize(&mix, &outcomes, warmup, cold);
+            let mut l = summarize(&mix, &outcomes, warmup, cold);
+            l.kernel_steered = steered;
             println!(
                 "  load {load:.2} ({rate:.0}/s) {mode:<8} {} requests, {:.2} % deadlines met ({:.2} % outside bursts), p50 {:.2} ms, p99 {:.2} ms, {} cold starts",
                 l.requests,
@@ -305,17 +335,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 l.p99_ms,
                 l.cold_starts
             );
+            if let Some(n) = l.kernel_steered {
+                println!("  load {load:.2} {mode}: {n} requests steered by the kernel");
+            }
             per_mode.push(l);
         }
         levels.push((load, rate, bound, per_mode));
     }
-    report(&args, cap, &cost, &levels)
+    report(&args, cap, &cost, &modes, &levels)
 }
 
 /// A load level: load, rate, the bound on deadlines met, and each mode's results.
 type LevelRun = (f64, f64, f64, Vec<Level>);
 
-fn report(args: &Args, cap: f64, solo_s: &[f64], levels: &[LevelRun]) -> anyhow::Result<()> {
+fn report(args: &Args, cap: f64, solo_s: &[f64], modes: &[&str], levels: &[LevelRun]) -> anyhow::Result<()> {
     println!();
     println!(
         "{:>5} {:>7} {:>7} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>8} {:>8} {:>6} | {:>8} {:>9}",
@@ -364,8 +397,12 @@ fn report(args: &Args, cap: f64, solo_s: &[f64], levels: &[LevelRun]) -> anyhow:
             "requests": g.requests,
             "per_dag_met": g.per_dag_met, "per_dag_met_baseline": b.per_dag_met,
         });
-        for (k, (mode, key)) in [(BUDGET, "budget"), (BUDGET_SHED, "budget_shed")].into_iter().enumerate() {
-            let Some(u) = m.get(2 + k) else { continue };
+        for (mode, u) in modes.iter().zip(m).skip(2) {
+            let key = match *mode {
+                BUDGET => "budget",
+                BUDGET_SHED => "budget_shed",
+                _ => "ebpf",
+            };
             println!(
                 "{:>5} {:>7} {:>7} | {:>7.2}% {:>8.2} {:>8.2} {:>6} | {mode}",
                 "",
@@ -380,6 +417,10 @@ fn report(args: &Args, cap: f64, solo_s: &[f64], levels: &[LevelRun]) -> anyhow:
             row[format!("deadline_met_steady_{key}")] = json!(u.deadline_met_steady);
             row[format!("p99_ms_{key}")] = json!(u.p99_ms);
             row[format!("per_dag_met_{key}")] = json!(u.per_dag_met);
+            row[format!("p50_ms_{key}")] = json!(u.p50_ms);
+            if let Some(n) = u.kernel_steered {
+                row[format!("kernel_steered_{key}")] = json!(n);
+            }
         }
         rows.push(row);
     }
@@ -392,7 +433,7 @@ fn report(args: &Args, cap: f64, solo_s: &[f64], levels: &[LevelRun]) -> anyhow:
     write_json(
         &args.out,
         &json!({
-            "quick": args.quick, "capacity_rps": cap, "solo_ms": solo_s.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
+            "quick": args.quick, "steer": args.steer, "modes": modes, "capacity_rps": cap, "solo_ms": solo_s.iter().map(|s| s * 1e3).collect::<Vec<_>>(),
             "bound_note": "deadline_met_bound: no scheduler can meet more of the trace (fluid model of the measured capacity; docs in bench/bound.rs)", "connections": CONNECTIONS, "dags": dags,
             "bursts": {"period_s": BURSTS.period.as_secs_f64(), "length_s": BURSTS.length.as_secs_f64(), "factor": BURSTS.factor},
             "latency_note": "from the scheduled send time; an answer other than the output counts as at least its deadline",

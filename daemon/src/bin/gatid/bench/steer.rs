@@ -1,13 +1,15 @@
 //! `gatid bench steer`: DAG round trips over UDP with kernel (eBPF) steering vs
 //! the userspace table vs one SGS on one socket, in the same run, at 1, 16 and
-//! 64 concurrent closed-loop clients; the Unix-socket round trip alongside; and
-//! the program's in-kernel cost per datagram from `BPF_ENABLE_STATS`
-//! (run_time_ns / run_cnt). Writes `bench/results/steer.json`.
+//! 64 concurrent closed-loop clients; Unix-socket clients with the kernel's
+//! stream verdict (`[steer] unix = "kernel"`, on the kernel daemon) vs the I/O
+//! thread's routing (on the userspace daemon); and each program's in-kernel
+//! cost per request from `BPF_ENABLE_STATS` (run_time_ns / run_cnt). Writes
+//! `bench/results/steer.json`.
 //!
 //! The DAG is one sandboxed echo function (`gati-fn-testkit echo`), so the
 //! round trip is mostly the path steering changes. Modes:
-//! - `kernel`: `[steer] mode = "ebpf"`, the DAG on 2 SGSs; the kernel picks the
-//!   SGS's socket, the SGS reads and answers it;
+//! - `kernel`: `[steer] mode = "ebpf"`, `unix = "kernel"`, the DAG on 2 SGSs;
+//!   the kernel picks the SGS's socket, the SGS reads and answers it;
 //! - `userspace`: `mode = "userspace"`, the DAG on 2 SGSs; the UDP I/O thread
 //!   reads every datagram and routes it (`Lb::route`) to the SGS's inbox;
 //! - `single`: `mode = "userspace"`, the DAG on 1 SGS (one socket, no choice).
@@ -53,7 +55,7 @@ fn config(dir: &Path, mode: &str) -> anyhow::Result<PathBuf> {
         bail!("{} is missing: cargo build --release -p gati-sdk", testkit.display());
     }
     let (steer, sgs) = match mode {
-        "kernel" => ("ebpf", 2),
+        "kernel" => ("ebpf\"\nunix = \"kernel", 2),
         "userspace" => ("userspace", 2),
         _ => ("userspace", 1),
     };
@@ -142,11 +144,11 @@ fn unix_run(socket: &Path, clients: usize, n: usize) -> anyhow::Result<Run> {
     })
 }
 
-/// `(run_time_ns, run_cnt)` summed over loaded programs named `steer_udp`.
-fn bpf_totals() -> (u64, u64) {
+/// `(run_time_ns, run_cnt)` summed over loaded programs named `name`.
+fn bpf_totals(name: &str) -> (u64, u64) {
     let mut t = (0, 0);
     for p in aya::programs::loaded_programs().flatten() {
-        if p.name_as_str() == Some("steer_udp") {
+        if p.name_as_str() == Some(name) {
             t.0 += p.run_time().as_nanos() as u64;
             t.1 += p.run_count();
         }
@@ -178,6 +180,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if steer["mode"] != want {
             bail!("{mode}: the daemon steers with {} ({})", steer["mode"], steer["why"]);
         }
+        let unix_want = if mode == "kernel" { "kernel" } else { "userspace" };
+        if steer["unix"]["mode"] != unix_want {
+            bail!("{mode}: Unix clients are steered by {} ({})", steer["unix"]["mode"], steer["unix"]["why"]);
+        }
         let addr: SocketAddr = steer["udp"].as_str().context("udp address")?.parse()?;
         // Warm up: pools started, first datagrams through.
         udp_run(addr, 4, 100)?;
@@ -186,26 +192,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let userspace = 1;
     let paths: Vec<(String, Leg)> = (0..MODES.len())
         .map(|k| (format!("udp_{}", MODES[k]), Leg::Udp(k)))
-        .chain([("unix_userspace".to_string(), Leg::Unix(userspace))])
+        .chain([("unix_kernel".to_string(), Leg::Unix(0)), ("unix_userspace".to_string(), Leg::Unix(userspace))])
         .collect();
     let mut rows = Vec::new();
     let mut bpf = (0u64, 0u64);
+    let mut bpf_unix = (0u64, 0u64);
     for &clients in &CLIENTS {
         let n = (per_client(clients, args.quick) / ROUNDS).max(10);
         let mut runs: Vec<Run> =
             paths.iter().map(|_| Run { rtts: Vec::new(), wall: Duration::ZERO, errors: 0 }).collect();
         let mut row_bpf = (0u64, 0u64);
+        let mut row_unix = (0u64, 0u64);
         for _ in 0..ROUNDS {
             for (k, (_, path)) in paths.iter().enumerate() {
-                let before = bpf_totals();
+                let before = bpf_totals("steer_udp");
+                let before_unix = bpf_totals("steer_unix");
                 let r = match *path {
                     Leg::Udp(m) => udp_run(daemons[m].2, clients, n)?,
                     Leg::Unix(m) => unix_run(&daemons[m].1.socket, clients, n)?,
                 };
                 if *path == Leg::Udp(0) {
-                    let after = bpf_totals();
+                    let after = bpf_totals("steer_udp");
                     row_bpf.0 += after.0 - before.0;
                     row_bpf.1 += after.1 - before.1;
+                }
+                if *path == Leg::Unix(0) {
+                    let after = bpf_totals("steer_unix");
+                    row_unix.0 += after.0 - before_unix.0;
+                    row_unix.1 += after.1 - before_unix.1;
                 }
                 runs[k].rtts.extend(r.rtts);
                 runs[k].wall += r.wall;
@@ -214,6 +228,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         bpf.0 += row_bpf.0;
         bpf.1 += row_bpf.1;
+        bpf_unix.0 += row_unix.0;
+        bpf_unix.1 += row_unix.1;
         let mut row = serde_json::Map::new();
         row.insert("clients".into(), json!(clients));
         for ((name, _), r) in paths.iter().zip(&runs) {
@@ -233,16 +249,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         let per = if row_bpf.1 == 0 { f64::NAN } else { row_bpf.0 as f64 / row_bpf.1 as f64 };
         row.insert("bpf_ns_per_request".into(), json!(per));
-        // Unix stream steering in the kernel (the item 4) is not built.
-        row.insert("unix_rtt_us_kernel".into(), Value::Null);
+        let per_unix = if row_unix.1 == 0 { f64::NAN } else { row_unix.0 as f64 / row_unix.1 as f64 };
+        row.insert("bpf_unix_ns_per_request".into(), json!(per_unix));
         let ratio = |a: &str, b: &str| match (row.get(a).and_then(Value::as_f64), row.get(b).and_then(Value::as_f64)) {
             (Some(a), Some(b)) => json!(a / b),
             _ => Value::Null,
         };
-        let p50 = ratio("udp_rtt_us_kernel", "udp_rtt_us_userspace");
-        let rps = ratio("udp_rps_kernel", "udp_rps_userspace");
-        row.insert("udp_p50_ratio_kernel_over_userspace".into(), p50);
-        row.insert("udp_rps_ratio_kernel_over_userspace".into(), rps);
+        let ratios = [
+            ("udp_p50_ratio_kernel_over_userspace", ratio("udp_rtt_us_kernel", "udp_rtt_us_userspace")),
+            ("udp_rps_ratio_kernel_over_userspace", ratio("udp_rps_kernel", "udp_rps_userspace")),
+            ("unix_p50_ratio_kernel_over_userspace", ratio("unix_rtt_us_kernel", "unix_rtt_us_userspace")),
+            ("unix_p99_ratio_kernel_over_userspace", ratio("unix_p99_us_kernel", "unix_p99_us_userspace")),
+            ("unix_rps_ratio_kernel_over_userspace", ratio("unix_rps_kernel", "unix_rps_userspace")),
+        ];
+        for (k, v) in ratios {
+            row.insert(k.into(), v);
+        }
         rows.push(Value::Object(row));
     }
     drop(stats);
@@ -251,20 +273,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let per_req = if bpf.1 == 0 { f64::NAN } else { bpf.0 as f64 / bpf.1 as f64 };
     println!("in-kernel cost: {per_req:.0} ns per datagram ({} runs)", bpf.1);
+    let per_unix = if bpf_unix.1 == 0 { f64::NAN } else { bpf_unix.0 as f64 / bpf_unix.1 as f64 };
+    println!("in-kernel cost: {per_unix:.0} ns per Unix write ({} runs)", bpf_unix.1);
     let out = json!({
         "bench": "steer",
         "quick": args.quick,
         "rounds": ROUNDS,
         "dag": "echo (one sandboxed gati-fn-testkit echo function)",
         "modes": {
-            "kernel": "[steer] mode = ebpf, 2 SGSs, each SGS reads its own socket",
+            "kernel": "[steer] mode = ebpf, unix = kernel, 2 SGSs, each SGS reads its own sockets",
             "userspace": "[steer] mode = userspace, 2 SGSs, every datagram via the UDP I/O thread",
             "single": "[steer] mode = userspace, 1 SGS"
         },
         "bpf_ns_per_request": per_req,
         "bpf_runs": bpf.1,
+        "bpf_unix_ns_per_request": per_unix,
+        "bpf_unix_runs": bpf_unix.1,
         "rows": rows,
-        "unix_note": "Unix stream clients are not kernel-steered in this build (item 4): unix_rtt_us_kernel is null",
+        "unix_modes": {
+            "kernel": "the kernel daemon: steer_unix redirects each whole InvokeDag write to its SGS's socket",
+            "userspace": "the userspace daemon: the I/O thread reads and routes every frame"
+        },
     });
     write_json(&args.out, &out)?;
     println!("wrote {}", args.out.display());
