@@ -332,7 +332,7 @@ mod tests {
             let l = &r.grants[0];
             assert_eq!(l.app, 0, "f = {f}: the GPU went to app {}", l.app);
             let len = l.expiry - l.start;
-            assert!(len >= MIN_LEASE_SHARE * 600.0 - 1e-9 && len <= 600.0 + 1e-9, "lease {len} s");
+            assert!((MIN_LEASE_SHARE * 600.0 - 1e-9..=600.0 + 1e-9).contains(&len), "lease {len} s");
         }
     }
 
