@@ -50,8 +50,6 @@ pub struct ArbiterConfig {
 pub struct RoundReport {
     pub expired: Vec<Lease>,
     pub grants: Vec<Lease>,
-    /// Leases ended early because their app won a move (a packed bundle elsewhere).
-    pub released: Vec<Lease>,
     /// Apps offered GPUs (the auction's participants).
     pub offered_to: usize,
     /// GPUs free when the auction ran.
@@ -182,10 +180,7 @@ impl Arbiter {
             // c_i as a time share: the whole bundle (a gang needs all of it at once) for c_i of a lease.
             let share = award.fraction.clamp(MIN_LEASE_SHARE, 1.0);
             report.withheld_gpu_s += (1.0 - share) * f64::from(bundle.total()) * self.cfg.lease_s;
-            let (bundle, moves) = (bundle.clone(), b.options[award.option].moves);
-            if moves {
-                report.released.extend(self.release_app(b.app));
-            }
+            let bundle = bundle.clone();
             self.grant(now, b.app, &bundle, share * self.cfg.lease_s, &just_had, &mut report);
         }
         // Leftover to the apps outside the auction, worst ρ first.
@@ -197,10 +192,7 @@ impl Arbiter {
             let b = bid(a, &held, &self.pool.counts(), &view);
             if let Some(best) = b.options.iter().min_by(|x, y| x.rho.total_cmp(&y.rho)) {
                 report.leftover_gpus += best.bundle.total();
-                let (bundle, moves) = (best.bundle.clone(), best.moves);
-                if moves {
-                    report.released.extend(self.release_app(a.spec.id));
-                }
+                let bundle = best.bundle.clone();
                 self.grant(now, a.spec.id, &bundle, self.cfg.lease_s, &just_had, &mut report);
             }
         }
@@ -359,23 +351,5 @@ mod tests {
         let short = r.grants.iter().filter(|l| l.expiry - l.start < 1000.0 - 1e-9).count();
         let withheld = r.withheld_gpu_s;
         assert!(withheld >= 0.0 && (short > 0) == (withheld > 1e-9), "{short} short leases, {withheld} GPU-s withheld");
-    }
-
-    /// An app that wins a move gives up its old GPUs: one lease, on the new node.
-    #[test]
-    fn a_move_releases_the_old_lease() {
-        let cfg = ArbiterConfig { fairness_f: 0.0, lease_s: 100.0 };
-        let mut arb = Arbiter::new(cfg, &[(0, 2), (1, 4)]).unwrap();
-        let mut apps = apps(1, 4);
-        apps[0].spec.model = Arc::new(ThroughputModel::linear(1.0, 0.5));
-        // It holds node 0's two GPUs; node 1 is free.
-        let gpus: Vec<GpuId> = (0..2).map(|index| GpuId { node: 0, index }).collect();
-        arb.pool.take_preferring(&Bundle::on(0, 2), &gpus).unwrap();
-        arb.leases.grant(0, gpus, 0.0, 1000.0, false).unwrap();
-        let refs: Vec<&App> = apps.iter().collect();
-        let r = arb.round(1.0, &refs);
-        assert_eq!(r.released.len(), 1, "{r:?}");
-        assert_eq!(arb.leases().held(0), Bundle::on(1, 4));
-        assert_eq!(arb.free(), Bundle::on(0, 2));
     }
 }

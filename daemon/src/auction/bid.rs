@@ -6,9 +6,7 @@
 //! exactly that; for each size the agent prices the best packed bundle (on the
 //! node it already uses if that has room, else best fit), packed ones on up
 //! to [`PACKED_NODES`] other nodes (so that bidders do not all want the same
-//! node), and the fewest-node spread one; an app that holds GPUs also bids
-//! moving (all it would have, packed on one node with room) when that beats
-//! adding. Only bundles that lower its ρ are bid.
+//! node), and the fewest-node spread one. Only bundles that lower its ρ are bid.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,15 +16,11 @@ use super::gpu::{best_bundle, spread_bundle, Bundle, NodeId};
 /// Packed bundles priced per size: on this many nodes at most (besides the best one).
 pub const PACKED_NODES: usize = 3;
 
-/// One line of a bid: this bundle (on top of what the app holds, or instead
-/// of it when `moves`) gives it this ρ.
+/// One line of a bid: this bundle (on top of what the app holds) gives it this ρ.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BidOption {
     pub bundle: Bundle,
     pub rho: f64,
-    /// The app gives up what it holds and runs on `bundle` alone (a packed
-    /// bundle elsewhere when adding to its GPUs would have to spread).
-    pub moves: bool,
 }
 
 /// An agent's answer to an offer.
@@ -68,21 +62,7 @@ pub fn bid(app: &App, held: &Bundle, offer: &Bundle, view: &ClusterView) -> Bid 
             }
             let rho = app.rho_with(&held.union(&b), view);
             if rho < rho_without {
-                options.push(BidOption { bundle: b, rho, moves: false });
-            }
-        }
-        // Moving: held + k GPUs packed on one node with room for all of them.
-        let total = held.total() + k;
-        if held.is_empty() || total > view.node_gpus {
-            continue;
-        }
-        let target = offer.iter().filter(|&(_, n)| n >= total).min_by_key(|&(node, n)| (n, node));
-        if let Some((node, _)) = target {
-            let b = Bundle::on(node, total);
-            let rho = app.rho_with(&b, view);
-            let best_add = options.iter().filter(|o| !o.moves).map(|o| o.rho).fold(f64::INFINITY, f64::min);
-            if rho < rho_without && rho < best_add {
-                options.push(BidOption { bundle: b, rho, moves: true });
+                options.push(BidOption { bundle: b, rho });
             }
         }
     }
@@ -117,28 +97,5 @@ mod tests {
         let spread4 = b.options.iter().find(|o| o.bundle.total() == 4 && o.bundle != Bundle::on(1, 4));
         assert!(spread4.is_none_or(|o| o.rho > best.rho));
         assert!(b.options.iter().all(|o| o.rho < b.rho_without));
-    }
-
-    /// Holding 2 packed GPUs on a full node, spreading to 4 gains nothing
-    /// (spread runs at half speed here); moving to 4 packed on another node does.
-    #[test]
-    fn a_held_app_bids_to_move_when_adding_would_spread() {
-        let app = App::new(AppSpec {
-            id: 3,
-            name: "t".into(),
-            demand: 4,
-            total_work: 1000.0,
-            model: Arc::new(ThroughputModel::linear(1.0, 0.5)),
-            arrival: 0.0,
-        });
-        let view = ClusterView { now: 0.0, gpus: 8, node_gpus: 4, lease_s: 60.0 };
-        let held = Bundle::on(0, 2);
-        let b = bid(&app, &held, &Bundle::on(1, 4), &view);
-        let best = b.options.iter().min_by(|x, y| x.rho.total_cmp(&y.rho)).unwrap();
-        assert!(best.moves, "{:?}", b.options);
-        assert_eq!(best.bundle, Bundle::on(1, 4));
-        // Without GPUs held there is nothing to move.
-        let fresh = bid(&app, &Bundle::default(), &Bundle::on(1, 4), &view);
-        assert!(fresh.options.iter().all(|o| !o.moves));
     }
 }
