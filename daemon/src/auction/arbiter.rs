@@ -2,13 +2,22 @@
 //!
 //! 1. leases that expired return their GPUs to the pool;
 //! 2. every app's agent reports ρ with what it holds; the ⌈(1 − f)·n⌉ apps
-//!    with the worst ρ (among those that could use more GPUs) get the offer;
+//!    with the worst ρ (among those that could use more GPUs), but never more
+//!    apps than there are free GPUs, get the offer;
 //! 3. their agents bid tables of ρ over bundles of the free GPUs ([`bid`]);
 //! 4. the partial-allocation mechanism ([`pa`]) picks winners and fractions;
-//!    a winner gets round(c_i · |bundle|) GPUs of its bundle (from the nodes
-//!    where it has most), as a lease;
+//!    a winner gets its whole bundle on a lease of c_i · `lease_s` (at least
+//!    [`MIN_LEASE_SHARE`] of it): the fraction as a time share, so that a
+//!    one-GPU winner is not rounded down to nothing;
 //! 5. what is left (unallocated or withheld) goes to the apps outside the
 //!    auction, worst ρ first, each its best option out of what remains.
+//!
+//! Why the two caps (docs/auction.md, "Why Themis lost"): rounding c_i to
+//! whole GPUs gave a one-GPU winner with c_i < ½ nothing, so the auction's
+//! GPUs went to the apps outside it, the best off; and when a few GPUs are
+//! offered to many bidders, Π 1/ρ picks the bidder with the largest relative
+//! gain, which is the one that has waited least (a long wait is sunk in both
+//! ρ with and ρ without), so the most starved app never won.
 //!
 //! The same code runs in the daemon (agents answer over the peer protocol)
 //! and in the simulator (agents are [`App`]s in memory).
@@ -22,6 +31,10 @@ use super::gpu::{Bundle, GpuId, NodeId, Pool};
 use super::lease::{Lease, LeaseTable};
 use super::nsw::{Agent, Choice, Problem};
 use super::{pa, AuctionError};
+
+/// The shortest lease a winner gets, as a share of a full one (c_i below it
+/// is raised to it, so that a GPU is not re-auctioned every few seconds).
+pub const MIN_LEASE_SHARE: f64 = 0.05;
 
 /// The arbiter's knobs.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -41,8 +54,10 @@ pub struct RoundReport {
     pub offered_to: usize,
     /// GPUs free when the auction ran.
     pub offered_gpus: u32,
-    /// GPUs the mechanism allocated and withheld (1 − c_i).
-    pub withheld_gpus: u32,
+    /// GPU-seconds the mechanism withheld from its winners ((1 − c_i) of
+    /// their bundles' lease time): their GPUs return to the pool that much
+    /// earlier and go to the next round.
+    pub withheld_gpu_s: f64,
     /// GPUs granted to apps outside the auction.
     pub leftover_gpus: u32,
     /// Time spent in the round, ms.
@@ -149,7 +164,8 @@ impl Arbiter {
             .map(|a| (a.rho_with(&self.leases.held(a.spec.id), &view), *a))
             .collect();
         eligible.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.spec.id.cmp(&y.1.spec.id)));
-        let n_offered = ((1.0 - self.cfg.fairness_f) * eligible.len() as f64).ceil() as usize;
+        let n_offered =
+            (((1.0 - self.cfg.fairness_f) * eligible.len() as f64).ceil() as usize).min(report.offered_gpus as usize);
         let (inside, outside) = eligible.split_at(n_offered.min(eligible.len()));
         report.offered_to = inside.len();
 
@@ -161,12 +177,11 @@ impl Arbiter {
         for award in &outcome.awards {
             let b = &bids[award.agent];
             let bundle = &b.options[award.option].bundle;
-            let keep = ((award.fraction * f64::from(bundle.total())).round() as u32).min(bundle.total());
-            report.withheld_gpus += bundle.total() - keep;
-            if keep > 0 {
-                let kept = bundle.truncate(keep);
-                self.grant(now, b.app, &kept, &just_had, &mut report);
-            }
+            // c_i as a time share: the whole bundle (a gang needs all of it at once) for c_i of a lease.
+            let share = award.fraction.clamp(MIN_LEASE_SHARE, 1.0);
+            report.withheld_gpu_s += (1.0 - share) * f64::from(bundle.total()) * self.cfg.lease_s;
+            let bundle = bundle.clone();
+            self.grant(now, b.app, &bundle, share * self.cfg.lease_s, &just_had, &mut report);
         }
         // Leftover to the apps outside the auction, worst ρ first.
         for (_, a) in outside {
@@ -178,7 +193,7 @@ impl Arbiter {
             if let Some(best) = b.options.iter().min_by(|x, y| x.rho.total_cmp(&y.rho)) {
                 report.leftover_gpus += best.bundle.total();
                 let bundle = best.bundle.clone();
-                self.grant(now, a.spec.id, &bundle, &just_had, &mut report);
+                self.grant(now, a.spec.id, &bundle, self.cfg.lease_s, &just_had, &mut report);
             }
         }
         report.elapsed_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -190,6 +205,7 @@ impl Arbiter {
         now: f64,
         app: AppId,
         b: &Bundle,
+        len_s: f64,
         just_had: &BTreeMap<AppId, Vec<GpuId>>,
         report: &mut RoundReport,
     ) {
@@ -198,7 +214,7 @@ impl Arbiter {
             return; // cannot happen: every bundle was built from the pool and the solver keeps within it
         };
         let renewal = !prefer.is_empty() && gpus.iter().all(|g| prefer.contains(g));
-        match self.leases.grant(app, gpus.clone(), now, self.cfg.lease_s, renewal) {
+        match self.leases.grant(app, gpus.clone(), now, len_s, renewal) {
             Ok(l) => report.grants.push(l.clone()),
             Err(_) => self.pool.put(&gpus),
         }
@@ -289,5 +305,51 @@ mod tests {
         assert!(arb.leases().iter().all(|l| l.gpus.iter().all(|g| g.node != 1)));
         assert_eq!(arb.gpus(), 2);
         assert!(Arbiter::new(ArbiterConfig { fairness_f: 1.5, lease_s: 1.0 }, &[]).is_err());
+    }
+
+    /// The most starved app wins a scarce offer: not withheld to the apps
+    /// outside the auction (c_i < ½ once rounded the one GPU away), not lost
+    /// to a bidder that waited less (the larger relative gain under Π 1/ρ).
+    #[test]
+    fn a_scarce_gpu_goes_to_the_most_starved_app() {
+        let spec = |id: AppId, arrival: f64| AppSpec {
+            id,
+            name: "t".into(),
+            demand: 1,
+            total_work: 100.0,
+            model: Arc::new(ThroughputModel::linear(1.0, 0.9)),
+            arrival,
+        };
+        // App 0 has waited 10 000 s for a 100 s job, apps 1–9 for 10 s.
+        let apps: Vec<App> = (0..10).map(|id| App::new(spec(id, if id == 0 { 0.0 } else { 9_990.0 }))).collect();
+        let refs: Vec<&App> = apps.iter().collect();
+        for f in [0.0, 0.5, 0.8] {
+            let cfg = ArbiterConfig { fairness_f: f, lease_s: 600.0 };
+            let mut arb = Arbiter::new(cfg, &[(0, 1)]).unwrap();
+            let r = arb.round(10_000.0, &refs);
+            assert_eq!(r.offered_to, 1, "f = {f}: one GPU is offered to one app");
+            assert_eq!(r.grants.len(), 1, "f = {f}");
+            let l = &r.grants[0];
+            assert_eq!(l.app, 0, "f = {f}: the GPU went to app {}", l.app);
+            let len = l.expiry - l.start;
+            assert!((MIN_LEASE_SHARE * 600.0 - 1e-9..=600.0 + 1e-9).contains(&len), "lease {len} s");
+        }
+    }
+
+    /// A winner's fraction is a time share of its whole bundle.
+    #[test]
+    fn fractions_shorten_leases_not_bundles() {
+        let cfg = ArbiterConfig { fairness_f: 0.0, lease_s: 1000.0 };
+        let mut arb = Arbiter::new(cfg, &[(0, 2)]).unwrap();
+        let apps = apps(3, 1);
+        let refs: Vec<&App> = apps.iter().collect();
+        let r = arb.round(0.0, &refs);
+        assert_eq!(r.offered_to, 2);
+        let granted: usize = r.grants.iter().map(|l| l.gpus.len()).sum();
+        assert_eq!(granted, 2, "no GPU withheld as idle: {:?}", r.grants);
+        assert!(r.grants.iter().all(|l| l.expiry - l.start <= 1000.0 + 1e-9));
+        let short = r.grants.iter().filter(|l| l.expiry - l.start < 1000.0 - 1e-9).count();
+        let withheld = r.withheld_gpu_s;
+        assert!(withheld >= 0.0 && (short > 0) == (withheld > 1e-9), "{short} short leases, {withheld} GPU-s withheld");
     }
 }

@@ -25,6 +25,9 @@ pub struct Summary {
     pub utilization: f64,
     /// Busy GPU-seconds over GPUs × (first arrival to last finish).
     pub utilization_span: f64,
+    /// GPU-seconds idle while an app wanted more GPUs, over GPUs × (first to
+    /// last arrival): 0 for a work-conserving policy.
+    pub idle_wanted: f64,
     pub makespan_s: f64,
     pub mean_round_ms: f64,
 }
@@ -73,6 +76,7 @@ pub fn summarize(r: &SimResult) -> Summary {
         p95_jct_s: quantile(&jcts, 0.95),
         utilization: r.window_busy_gpu_s / (f64::from(r.gpus) * r.window_s),
         utilization_span: r.busy_gpu_s / (f64::from(r.gpus) * r.span_s),
+        idle_wanted: r.window_idle_wanted_gpu_s / (f64::from(r.gpus) * r.window_s),
         makespan_s: r.span_s,
         mean_round_ms: if r.round_ms.is_empty() {
             0.0

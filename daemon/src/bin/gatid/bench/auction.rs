@@ -30,6 +30,7 @@ pub const DEFAULT_F: f64 = 0.8;
 pub struct Args {
     /// The first 500 jobs of the trace, 150 synthetic jobs, f ∈ {0.5, 0.8}.
     /// (`util` in the table: over the arrivals; `util*`: over the whole run;
+    /// `idle`: GPUs free while an app wanted more, over the arrivals;
     /// `max ρ 1h`: over the jobs with T_id ≥ 1 h.)
     #[arg(long)]
     pub quick: bool,
@@ -46,8 +47,9 @@ pub struct Args {
     /// Seconds between rounds.
     #[arg(long, default_value_t = 300.0)]
     pub round_s: f64,
-    /// Themis lease length, seconds.
-    #[arg(long, default_value_t = 1200.0)]
+    /// Themis lease length, seconds (default: one round period, as in
+    /// Themis: each lease period the arbiter re-offers; a long app renews).
+    #[arg(long, default_value_t = 300.0)]
     pub lease_s: f64,
     /// Seconds a job spends restarting whenever its GPUs change (all policies; 0 = free preemption).
     #[arg(long, default_value_t = 0.0)]
@@ -82,8 +84,19 @@ fn compare(name: &str, jobs: &[AppSpec], cfg: &SimConfig, fs: &[f64], args: &Arg
         cfg.restart_s
     );
     println!(
-        "{:<12} {:>8} {:>8} {:>8} {:>6} {:>11} {:>11} {:>6} {:>6} {:>6} {:>9}  worst job (id, GPUs, JCT h)",
-        "policy", "max ρ", "max ρ 1h", "med ρ", "Jain", "mean JCT h", "p95 JCT h", "util", "util*", "unfin", "round ms"
+        "{:<12} {:>8} {:>8} {:>8} {:>6} {:>11} {:>11} {:>6} {:>6} {:>6} {:>6} {:>9}  worst job (id, GPUs, JCT h)",
+        "policy",
+        "max ρ",
+        "max ρ 1h",
+        "med ρ",
+        "Jain",
+        "mean JCT h",
+        "p95 JCT h",
+        "util",
+        "util*",
+        "idle",
+        "unfin",
+        "round ms"
     );
     let mut out = Vec::new();
     let mut rhos = Vec::new();
@@ -92,7 +105,7 @@ fn compare(name: &str, jobs: &[AppSpec], cfg: &SimConfig, fs: &[f64], args: &Arg
         let s = summarize(&r);
         let worst = r.jobs.iter().max_by(|a, b| a.rho.total_cmp(&b.rho));
         println!(
-            "{:<12} {:>8.2} {:>8.2} {:>8.2} {:>6.3} {:>11.1} {:>11.1} {:>6.3} {:>6.3} {:>6} {:>9.3}  {}",
+            "{:<12} {:>8.2} {:>8.2} {:>8.2} {:>6.3} {:>11.1} {:>11.1} {:>6.3} {:>6.3} {:>6.3} {:>6} {:>9.3}  {}",
             s.policy,
             s.max_rho,
             s.max_rho_long,
@@ -102,6 +115,7 @@ fn compare(name: &str, jobs: &[AppSpec], cfg: &SimConfig, fs: &[f64], args: &Arg
             s.p95_jct_s / 3600.0,
             s.utilization,
             s.utilization_span,
+            s.idle_wanted,
             s.unfinished,
             s.mean_round_ms,
             worst.map_or(String::new(), |w| format!("{}, {}, {:.1}", w.id, w.demand, (w.finish - w.arrival) / 3600.0))
