@@ -147,6 +147,8 @@ struct Exits<'a> {
     prior: Option<Vec<Option<u32>>>,
     /// Per row: a calibration row (never answered from a cache).
     calibrate: Vec<bool>,
+    /// Per row: a hit shadow-checked because every hit is for now (not sampled).
+    eager: Vec<bool>,
     rng: &'a mut u64,
 }
 
@@ -188,8 +190,10 @@ impl Exits<'_> {
             p.stage = p.stage.max(cut as u16);
             p.finish_if_done(self.classes);
             telemetry::cache_exit(self.model, cut);
-            // A few hits also run on, off the request path, to measure disagreement.
-            keep[j] = unit(self.rng) < f64::from(self.caches.config.shadow_fraction);
+            // A few hits also run on, off the request path, to measure disagreement
+            // (every one for a while after a training on rows that were not live).
+            self.eager[r] = self.caches.eager_check();
+            keep[j] = self.eager[r] || unit(self.rng) < f64::from(self.caches.config.shadow_fraction);
         }
         keep
     }
@@ -254,6 +258,7 @@ pub(super) fn run(
             .stream_prior
             .then(|| caches.priors(&streams).into_iter().zip(&calibrate).map(|(p, &c)| p.filter(|_| !c)).collect()),
         calibrate,
+        eager: vec![false; rows],
         rng,
     };
     caches.rows.fetch_add(rows as u64, Ordering::Relaxed);
@@ -304,7 +309,8 @@ pub(super) fn run(
         let r = live[j];
         let out = &run.data[i * run.row_len..(i + 1) * run.row_len];
         let label = out.iter().enumerate().fold((0, f32::MIN), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0 as u32;
-        let weight = if ex.hit[r].is_some() { 1.0 / caches.config.shadow_fraction.max(1e-3) } else { 1.0 };
+        let sampled = ex.hit[r].is_some() && !ex.eager[r];
+        let weight = if sampled { 1.0 / caches.config.shadow_fraction.max(1e-3) } else { 1.0 };
         samples.push(Sample { features: std::mem::take(&mut ex.features[r]), label, weight });
         truth[r] = Some(label);
         match ex.hit[r] {

@@ -224,10 +224,45 @@ pub fn pool_features(dims: &[usize], data: &[f32]) -> (Vec<f32>, usize) {
     let channels = dims[1];
     let spatial: usize = dims[2..].iter().product::<usize>().max(1);
     let inv = 1.0 / spatial as f32;
-    let out = data.chunks_exact(spatial).map(|cell| cell.iter().sum::<f32>() * inv).collect();
+    let out = data.chunks_exact(spatial).map(|cell| sum8(cell) * inv).collect();
     (out, channels)
+}
+
+/// Σ of `v` in 8 lanes: a plain `sum` is one dependent add per value (the
+/// compiler may not reorder float adds), ~0.7 ms for the half million values
+/// of EfficientNet's stage outputs per row; lanes let it vectorise.
+fn sum8(v: &[f32]) -> f32 {
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    let mut acc = [0f32; 8];
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 fn ort_run(stage: usize, source: ort::Error) -> InferError {
     InferError::Ort { what: format!("running stage {}", stage + 1), source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooling_averages_each_channel_and_passes_flat_rows_through() {
+        // 2 rows × 3 channels × 5 × 7 (35 values a channel: 4 lanes of 8 and a tail).
+        let dims = [2, 3, 5, 7];
+        let data: Vec<f32> = (0..2 * 3 * 35).map(|i| ((i * 37) % 101) as f32 * 0.25).collect();
+        let (out, dim) = pool_features(&dims, &data);
+        assert_eq!((out.len(), dim), (6, 3));
+        for (k, cell) in data.chunks_exact(35).enumerate() {
+            let want = cell.iter().map(|&v| f64::from(v)).sum::<f64>() / 35.0;
+            assert!((f64::from(out[k]) - want).abs() < 1e-4, "channel {k}: {} vs {want}", out[k]);
+        }
+        assert_eq!(pool_features(&[2, 4], &[1.0; 8]), (vec![1.0; 8], 4));
+        assert_eq!(pool_features(&[0, 4], &[]), (Vec::new(), 0));
+    }
 }

@@ -71,7 +71,13 @@ struct Running {
 
 /// Starts a daemon serving only the stream's model, with `mode`'s cache, and
 /// warm-starts its caches when the stream says so.
-fn start_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool, selector: Option<&str>) -> anyhow::Result<Running> {
+fn start_mode(
+    config: &Path,
+    w: &Workload,
+    mode: &str,
+    calibrate: bool,
+    selector: Option<&str>,
+) -> anyhow::Result<Running> {
     let daemon = Daemon::start_with(config, |t| {
         if let Some(toml::Value::Array(models)) = t.get_mut("models") {
             // Only the stream's model: the others' load time is not this run's.
@@ -105,8 +111,14 @@ fn start_mode(config: &Path, w: &Workload, mode: &str, calibrate: bool, selector
         .as_array()
         .map(|v| v.iter().map(|s| s["cost_us_batch1"].as_f64().unwrap_or(0.0)).collect())
         .unwrap_or_default();
-    let trace =
-        Trace { latency: Vec::new(), exit: Vec::new(), class: Vec::new(), mem_bytes: 0.0, oracle: Vec::new(), stage_us };
+    let trace = Trace {
+        latency: Vec::new(),
+        exit: Vec::new(),
+        class: Vec::new(),
+        mem_bytes: 0.0,
+        oracle: Vec::new(),
+        stage_us,
+    };
     Ok(Running { daemon, client, trace })
 }
 
