@@ -207,7 +207,7 @@ fn overdue_worker_is_killed_and_retried() {
         let c = Arc::clone(&calls);
         let w = ThreadWorker::spawn(f.limits.time_limit, move |input| {
             if c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                std::thread::sleep(Duration::from_millis(500));
+                std::thread::sleep(Duration::from_secs(3));
             }
             Behaviour::Answer(input)
         })?;
@@ -218,8 +218,10 @@ fn overdue_worker_is_killed_and_retried() {
     let (req, rx) = request(&dep, b"x", None);
     assert!(sgs.submit(req).is_ok());
     let (res, at) = rx.recv_timeout(LONG).unwrap();
-    assert!(matches!(&res, DagResult::Ok { timings, .. } if timings[0].attempts == 2), "{res:?}");
-    assert!(at - started < Duration::from_millis(400), "did not wait for the hung worker");
+    // The hung first attempt was killed and a later one answered (on a loaded
+    // machine a retry can itself overrun the 50 ms limit and be retried again).
+    assert!(matches!(&res, DagResult::Ok { timings, .. } if timings[0].attempts >= 2), "{res:?}");
+    assert!(at - started < Duration::from_millis(2500), "waited for the hung worker (3 s)");
     assert!(sgs.join(LONG));
 }
 
