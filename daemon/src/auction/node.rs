@@ -106,8 +106,11 @@ impl ClusterNode {
                     l.expiry = expiry;
                 }
             }
-            Message::Revoke { lease, .. } => {
+            Message::Revoke { lease, app, .. } => {
                 v.leases.remove(&lease);
+                if !v.leases.values().any(|l| l.app == app) {
+                    v.commands.remove(&app);
+                }
             }
             Message::RhoReport { app, rho } => {
                 if v.rho.len() < super::node_arbiter::MAX_APPS || v.rho.contains_key(&app) {

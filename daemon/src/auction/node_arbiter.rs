@@ -99,6 +99,13 @@ impl ArbiterState {
         Message::Grant { lease: l.clone(), command }
     }
 
+    /// What brings a member's view up to date: `welcome`, then every lease.
+    pub fn resync(&self) -> Vec<Message> {
+        let mut v = vec![Message::Welcome { arbiter: self.me, lease_s: self.lease_s }];
+        v.extend(self.arbiter.leases().iter().map(|l| self.grant_msg(l)));
+        v
+    }
+
     /// A message from authenticated node `sender` at `now`; `Err` says why it
     /// is refused (counted as `malformed`).
     pub fn handle(&mut self, sender: NodeId, msg: Message, now: f64) -> Result<Vec<Out>, String> {
@@ -125,11 +132,8 @@ impl ArbiterState {
                     }
                     self.arbiter.add_node(node, n);
                 }
-                out.push(Out::To(node, Message::Welcome { arbiter: self.me, lease_s: self.lease_s }));
                 // The whole current view, so a (re)joined node agrees with the others.
-                for l in self.arbiter.leases().iter() {
-                    out.push(Out::To(node, self.grant_msg(l)));
-                }
+                out.extend(self.resync().into_iter().map(|m| Out::To(node, m)));
             }
             Message::Heartbeat { node } | Message::Inventory { node, .. } => {
                 if node != sender {

@@ -39,6 +39,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages queued to the arbiter before new ones are refused.
 pub const OUTBOX: usize = 1024;
+/// Messages queued on the arbiter for one member; past it the queue is
+/// dropped and replaced by a resync (`welcome` + every lease).
+pub const LINK_QUEUE: usize = 4096;
 
 /// Why the peer service did not start.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +110,7 @@ struct Shared {
     sealer: Mutex<Sealer>,
     node: Arc<ClusterNode>,
     arbiter: Option<Mutex<ArbiterState>>,
-    links: Mutex<HashMap<NodeId, (SocketAddr, mpsc::UnboundedSender<Message>)>>,
+    links: Mutex<HashMap<NodeId, (SocketAddr, mpsc::Sender<Message>)>>,
     connections: AtomicUsize,
     t0: Instant,
 }
@@ -156,13 +159,25 @@ impl Shared {
         };
         let fresh = links.get(&n).is_none_or(|(a, tx)| *a != addr || tx.is_closed());
         if fresh {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(link(Arc::clone(self), addr, rx));
-            links.insert(n, (addr, tx));
+            links.insert(n, self.new_link(addr));
         }
-        if let Some((_, tx)) = links.get(&n) {
-            let _ = tx.send(m);
+        let Some((_, tx)) = links.get(&n) else { return };
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(m) {
+            // The member is not reading: drop its backlog, resync it from the lease table.
+            tracing::warn!(node = n, "peer link backlog full; resyncing the node");
+            let link = self.new_link(addr);
+            let resync = self.arbiter_lock().map(|a| a.resync()).unwrap_or_default();
+            for m in resync {
+                let _ = link.1.try_send(m);
+            }
+            links.insert(n, link);
         }
+    }
+
+    fn new_link(self: &Arc<Self>, addr: SocketAddr) -> (SocketAddr, mpsc::Sender<Message>) {
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        tokio::spawn(link(Arc::clone(self), addr, rx));
+        (addr, tx)
     }
 
     /// A message arrived from authenticated `sender`.
@@ -350,12 +365,12 @@ async fn connect(addr: SocketAddr) -> Option<TcpStream> {
 
 /// An ordered stream of messages to one member; a message whose write failed
 /// is sent again first on the next connection.
-async fn link(shared: Arc<Shared>, addr: SocketAddr, mut rx: mpsc::UnboundedReceiver<Message>) {
+async fn link(shared: Arc<Shared>, addr: SocketAddr, mut rx: mpsc::Receiver<Message>) {
     let mut pending: Option<Message> = None;
     loop {
         let Some(mut s) = connect(addr).await else {
-            if rx.is_closed() && rx.is_empty() {
-                return;
+            if rx.is_closed() {
+                return; // the member left or was resynced on a new link
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
