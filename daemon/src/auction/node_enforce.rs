@@ -4,8 +4,10 @@
 //! group gets SIGTERM (the checkpoint signal) and, `grace` later, SIGKILL.
 //!
 //! [`Enforcer::reconcile`] is called on a short tick with the node's view of
-//! the leases; it is idempotent. An app's process that exits on its own is
-//! not restarted until its GPUs here change.
+//! the leases; it is idempotent. A change must persist for [`SETTLE`] before
+//! the process is signalled: a renewal arrives as `revoke` + `grant` of the
+//! same GPUs, and a tick between the two must not stop the app. An app's
+//! process that exits on its own is not restarted until its GPUs here change.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::CommandExt;
@@ -15,11 +17,16 @@ use std::time::{Duration, Instant};
 use super::app::AppId;
 use super::gpu::NodeId;
 
+/// How long an app's GPUs here must stay changed before its process is stopped.
+pub const SETTLE: Duration = Duration::from_millis(250);
+
 /// One app's process on this node.
 #[derive(Debug)]
 struct Running {
     child: Child,
     gpus: Vec<u32>,
+    /// Since when its desired GPUs differ from `gpus`.
+    changed_at: Option<Instant>,
     term_at: Option<Instant>,
 }
 
@@ -28,6 +35,7 @@ struct Running {
 pub struct Enforcer {
     node: NodeId,
     grace: Duration,
+    settle: Duration,
     running: HashMap<AppId, Running>,
     /// Apps whose process exited on its own, with the GPUs it had.
     exited: HashMap<AppId, Vec<u32>>,
@@ -38,7 +46,7 @@ pub type Desired = BTreeMap<AppId, (Vec<u32>, Vec<String>)>;
 
 impl Enforcer {
     pub fn new(node: NodeId, grace: Duration) -> Enforcer {
-        Enforcer { node, grace, running: HashMap::new(), exited: HashMap::new() }
+        Enforcer { node, grace, settle: SETTLE, running: HashMap::new(), exited: HashMap::new() }
     }
 
     /// Processes running (pid per app).
@@ -61,8 +69,10 @@ impl Enforcer {
                 continue;
             }
             let keep = desired.get(&app).is_some_and(|(g, _)| *g == r.gpus);
+            r.changed_at = if keep { None } else { r.changed_at.or(Some(now)) };
+            let settled = r.changed_at.is_some_and(|t| now.duration_since(t) >= self.settle);
             match r.term_at {
-                None if !keep => {
+                None if settled => {
                     tracing::info!(app, "lease ended here: SIGTERM (checkpoint)");
                     signal(&r.child, libc::SIGTERM);
                     r.term_at = Some(now);
@@ -83,7 +93,7 @@ impl Enforcer {
             match spawn(self.node, app, gpus, command) {
                 Ok(child) => {
                     tracing::info!(app, pid = child.id(), ?gpus, "app started");
-                    self.running.insert(app, Running { child, gpus: gpus.clone(), term_at: None });
+                    self.running.insert(app, Running { child, gpus: gpus.clone(), changed_at: None, term_at: None });
                 }
                 Err(e) => {
                     tracing::error!(app, error = %e, "app command did not start");
@@ -95,6 +105,7 @@ impl Enforcer {
 
     /// Stops every process: SIGTERM, then SIGKILL after the grace period (bounded wait).
     pub fn stop_all(&mut self) {
+        self.settle = Duration::ZERO;
         let empty = Desired::new();
         let until = Instant::now() + self.grace + Duration::from_secs(1);
         while !self.running.is_empty() && Instant::now() < until {
@@ -148,4 +159,53 @@ fn spawn(node: NodeId, app: AppId, gpus: &[u32], command: &[String]) -> std::io:
         });
     }
     cmd.spawn()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn poll(what: &str, mut f: impl FnMut() -> bool) {
+        let until = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < until, "{what}: not within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn an_app_sees_its_gpus_survives_a_renewal_and_is_terminated_then_killed() {
+        let dir = std::env::temp_dir().join(format!("gati-enforce-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let seen = dir.join("seen");
+        // Ignores SIGTERM: only SIGKILL stops it.
+        let script = format!(
+            "trap '' TERM; echo \"$CUDA_VISIBLE_DEVICES $GATI_APP_ID\" > {}; while :; do sleep 0.05; done",
+            seen.display()
+        );
+        let cmd = vec!["sh".to_string(), "-c".into(), script];
+        let mut e = Enforcer::new(3, Duration::from_millis(200));
+        let mut want = Desired::new();
+        want.insert(7, (vec![2, 3], cmd.clone()));
+        e.reconcile(&want);
+        let pid = e.pids()[&7];
+        poll("the app wrote what it sees", || std::fs::read_to_string(&seen).is_ok_and(|s| s.trim() == "2,3 7"));
+        // A one-tick gap (revoke, then the renewal's grant) does not stop it.
+        e.reconcile(&Desired::new());
+        e.reconcile(&want);
+        std::thread::sleep(SETTLE + Duration::from_millis(50));
+        e.reconcile(&want);
+        assert_eq!(e.pids().get(&7), Some(&pid), "renewed app kept running");
+        // The lease ends: SIGTERM (ignored), then SIGKILL after the grace period.
+        poll("the app was stopped", || {
+            e.reconcile(&Desired::new());
+            e.pids().is_empty()
+        });
+        // Exited because we stopped it: started again when it is leased again.
+        e.reconcile(&want);
+        assert_eq!(e.pids().len(), 1);
+        e.stop_all();
+        assert!(e.pids().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
