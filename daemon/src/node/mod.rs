@@ -258,8 +258,12 @@ async fn reload(
             return current;
         }
     };
-    if new.server != current.server || new.metrics != current.metrics || new.runtime != current.runtime {
-        tracing::warn!("changes to [server], [metrics] or [runtime] take effect on restart only");
+    if new.server != current.server
+        || new.metrics != current.metrics
+        || new.runtime != current.runtime
+        || new.cluster != current.cluster
+    {
+        tracing::warn!("changes to [server], [metrics], [runtime] or [cluster] take effect on restart only");
     }
     let old = registry.snapshot();
     let configs = new.models.clone();
