@@ -78,6 +78,8 @@ pub fn answer(ctx: &ServeContext, kind: Kind, header: &RequestHeader, payload: &
                 }
             },
         },
+        Kind::AppSubmit => cluster_answer(crate::auction::node::control_submit(payload)),
+        Kind::Apps => cluster_answer(crate::auction::node::control_apps()),
         Kind::Infer | Kind::Ping | Kind::InvokeDag => {
             json_answer(Status::UnknownKind, json!({ "error": "not a control request" }))
         }
@@ -96,6 +98,15 @@ pub fn kind_name(kind: Kind) -> &'static str {
         Kind::Health => "health",
         Kind::Ready => "ready",
         Kind::CacheTrain => "cache_train",
+        Kind::AppSubmit => "app_submit",
+        Kind::Apps => "apps",
+    }
+}
+
+fn cluster_answer(r: Result<serde_json::Value, String>) -> ControlAnswer {
+    match r {
+        Ok(v) => json_answer(Status::Ok, v),
+        Err(e) => json_answer(Status::BadPayload, json!({ "error": e })),
     }
 }
 

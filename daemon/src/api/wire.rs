@@ -40,6 +40,10 @@ pub enum Kind {
     /// Retrain a model's caches now (target id = the model); answers JSON with
     /// the generation to wait for (see `gati_cache_generation`).
     CacheTrain = 9,
+    /// Submit a cluster app (JSON payload; `[cluster]` nodes): answers its id.
+    AppSubmit = 10,
+    /// JSON list of the cluster's apps, their leases and ρ as this node sees them.
+    Apps = 11,
 }
 
 impl Kind {
@@ -55,6 +59,8 @@ impl Kind {
             7 => Self::Ready,
             8 => Self::InvokeDag,
             9 => Self::CacheTrain,
+            10 => Self::AppSubmit,
+            11 => Self::Apps,
             _ => return None,
         })
     }

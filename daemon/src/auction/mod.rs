@@ -9,7 +9,11 @@
 //! - [`nsw`] + [`pa`]: the mechanism (Nash-welfare allocation, fractions c_i);
 //! - [`lease`]: leases (never two on one GPU), expiry, revocation;
 //! - [`arbiter`]: the lease round that ties them together;
-//! - [`peer`]: the authenticated peer protocol between nodes;
+//! - [`peer`]: the authenticated peer protocol between nodes, and the
+//!   node's peer service;
+//! - [`node`], [`node_arbiter`], [`node_enforce`]: a gatid node's side of the
+//!   cluster (its view and control answers, the arbiter it may run, and the
+//!   enforcement of leases on its app processes);
 //! - [`sim`]: the trace-driven simulator that runs the same arbiter against
 //!   the baseline policies (`gatid bench auction`).
 
@@ -18,6 +22,9 @@ pub mod arbiter;
 pub mod bid;
 pub mod gpu;
 pub mod lease;
+pub mod node;
+pub mod node_arbiter;
+pub mod node_enforce;
 pub mod nsw;
 pub mod pa;
 pub mod peer;

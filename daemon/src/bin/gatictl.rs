@@ -74,6 +74,31 @@ enum Command {
         #[command(subcommand)]
         action: CacheAction,
     },
+    /// Cluster apps (`[cluster]` nodes): submit one.
+    App {
+        #[command(subcommand)]
+        action: AppAction,
+    },
+    /// Cluster apps this node knows: their leases and ρ.
+    Apps,
+}
+
+#[derive(Subcommand)]
+enum AppAction {
+    /// Submit a long-running GPU app to the cluster's auctions.
+    Submit {
+        #[arg(long)]
+        name: String,
+        /// Most GPUs it can use.
+        #[arg(long)]
+        gpus: u32,
+        /// Total work, in GPU-seconds of its throughput model.
+        #[arg(long)]
+        work: f64,
+        /// The command the nodes holding its GPUs run (after `--command`).
+        #[arg(long, num_args = 1.., allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -154,6 +179,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cache { action: CacheAction::Train { model, data, limit, timeout_s } } => {
             cache_train(&mut client, &model, &data, limit, timeout_s)?
         }
+        Command::App { action: AppAction::Submit { name, gpus, work, command } } => {
+            let req = json!({ "name": name, "gpus": gpus, "work": work, "command": command });
+            let v = client.control_json(Kind::AppSubmit, 0, &serde_json::to_vec(&req)?)?;
+            if cli.json {
+                println!("{v}");
+            } else {
+                println!("submitted app {} on node {}", v["app"], v["node"]);
+            }
+        }
+        Command::Apps => {
+            let v = client.control_json(Kind::Apps, 0, &[])?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_apps(&v);
+            }
+        }
         Command::Info { model } => println!("{}", serde_json::to_string_pretty(&client.model_info(&model)?)?),
         Command::Stats { raw } => {
             let text = client.stats_text()?;
@@ -215,6 +257,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// One aligned line per data-plane thread of a `Health` answer.
+fn print_apps(v: &Value) {
+    println!("node {}  arbiter {}  leases {}", v["node"], v["arbiter"], v["leases"].as_array().map_or(0, Vec::len));
+    println!("{:>14} {:<16} {:>8} {:>6}  leases (id: node:gpu..., expiry s)", "app", "name", "rho", "pid");
+    for a in v["apps"].as_array().into_iter().flatten() {
+        let leases: Vec<String> = a["leases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| {
+                let gpus: Vec<String> = l["gpus"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|g| format!("{}:{}", g["node"], g["index"]))
+                    .collect();
+                format!("{}: {} until {:.0}", l["id"], gpus.join(","), l["expiry"].as_f64().unwrap_or(0.0))
+            })
+            .collect();
+        println!(
+            "{:>14} {:<16} {:>8} {:>6}  {}",
+            a["app"],
+            a["name"].as_str().unwrap_or("-"),
+            a["rho"].as_f64().map_or("-".into(), |r| format!("{r:.3}")),
+            a["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
+            leases.join("; ")
+        );
+    }
+}
+
 fn print_threads(threads: &serde_json::Value) {
     use gatid::telemetry::table::{Align, Table};
     let Some(threads) = threads.as_array() else { return };

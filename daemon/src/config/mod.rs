@@ -6,6 +6,7 @@
 //! the directory of the config file.
 
 mod backend;
+mod cluster;
 mod dag;
 mod dispatch;
 mod model;
@@ -16,6 +17,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use backend::{Backend, Fallback};
+pub use cluster::{check_key_file, ClusterConfig, MAX_NODE_GPUS};
 pub use dag::{DagConfig, FunctionConfig, FunctionKind};
 pub use dispatch::{DispatchConfig, DispatchOrder, PoolMode};
 pub use model::{
@@ -110,6 +112,9 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
         if lib.is_relative() {
             *lib = base.join(&*lib);
         }
+    }
+    if let Some(k) = config.cluster.as_mut().map(|c| &mut c.key_file).filter(|p| p.is_relative()) {
+        *k = base.join(&*k);
     }
     if config.server.socket.is_relative() {
         config.server.socket = base.join(&config.server.socket);

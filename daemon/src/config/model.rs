@@ -31,6 +31,9 @@ pub struct Config {
     /// How DAG requests are steered to SGSs (eBPF or userspace).
     #[serde(default)]
     pub steer: super::SteerConfig,
+    /// Cluster-wide GPU auctions (`[cluster]`); none: the node runs alone.
+    #[serde(default)]
+    pub cluster: Option<super::ClusterConfig>,
 }
 
 /// The Unix socket listener and its limits.

@@ -24,12 +24,13 @@ pub(super) fn deserialize_all(text: &str) -> Result<(Config, Vec<ConfigIssue>), 
     let lines = Lines::new(text);
     let mut issues = Vec::new();
     for key in table.keys() {
-        if !["server", "runtime", "metrics", "models", "functions", "dags", "dispatch", "steer"].contains(&key.as_str())
+        if !["server", "runtime", "metrics", "models", "functions", "dags", "dispatch", "steer", "cluster"]
+            .contains(&key.as_str())
         {
             issues.push(lines.issue(
                 &[Seg::Key(key)],
                 format!(
-                    "unknown section `{key}` (expected server, runtime, metrics, models, functions, dags, dispatch, steer)"
+                    "unknown section `{key}` (expected server, runtime, metrics, models, functions, dags, dispatch, steer, cluster)"
                 ),
             ));
         }
@@ -46,7 +47,8 @@ pub(super) fn deserialize_all(text: &str) -> Result<(Config, Vec<ConfigIssue>), 
         issues.push(lines.issue(&path, "shed = true needs core_budget = true and order = \"least_slack\"".into()));
     }
     let steer = section::<super::SteerConfig>(&table, "steer", &lines, &mut issues).unwrap_or_default();
-    Ok((Config { server, runtime, metrics, models, functions, dags, dispatch, steer }, issues))
+    let cluster = section::<super::ClusterConfig>(&table, "cluster", &lines, &mut issues);
+    Ok((Config { server, runtime, metrics, models, functions, dags, dispatch, steer, cluster }, issues))
 }
 
 /// An array of tables (`[[key]]`), entry by entry.
@@ -213,6 +215,7 @@ pub(super) fn check(c: &Config, text: &str) -> Vec<ConfigIssue> {
         }
     }
     super::dag::check(c, &lines, &mut out);
+    super::cluster::check(c, &lines, &mut out);
     out
 }
 

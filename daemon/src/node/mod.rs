@@ -39,6 +39,8 @@ pub enum NodeError {
     Sched(#[from] SchedError),
     #[error("a data-plane thread died: {0}")]
     ThreadDied(String),
+    #[error(transparent)]
+    Cluster(#[from] crate::auction::peer::service::ServiceError),
     #[error("steering: {0}")]
     Steer(#[from] crate::steer::SteerError),
     #[error("{what}: {source}")]
@@ -103,6 +105,7 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     }
     let server = Server::start(std::os::fd::AsRawFd::as_raw_fd(&listener.fd), config.server.io_threads, ctx)
         .map_err(|source| NodeError::Io { what: "starting I/O threads", source })?;
+    let cluster = config.cluster.as_ref().map(crate::auction::peer::service::PeerService::start).transpose()?;
     state.set_ready(true);
     let where_ = match &listener.origin {
         crate::api::listener::Origin::Systemd => "socket from systemd".to_string(),
@@ -174,6 +177,9 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     systemd::stopping();
     state.start_draining();
     steering.drain();
+    if let Some(c) = cluster {
+        tokio::task::spawn_blocking(move || c.stop()).await.unwrap_or(());
+    }
     server.wake_all();
     let timeout = Duration::from_millis(current.server.drain_timeout_ms);
     let until = Instant::now() + timeout;
@@ -252,8 +258,12 @@ async fn reload(
             return current;
         }
     };
-    if new.server != current.server || new.metrics != current.metrics || new.runtime != current.runtime {
-        tracing::warn!("changes to [server], [metrics] or [runtime] take effect on restart only");
+    if new.server != current.server
+        || new.metrics != current.metrics
+        || new.runtime != current.runtime
+        || new.cluster != current.cluster
+    {
+        tracing::warn!("changes to [server], [metrics], [runtime] or [cluster] take effect on restart only");
     }
     let old = registry.snapshot();
     let configs = new.models.clone();

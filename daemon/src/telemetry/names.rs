@@ -33,6 +33,14 @@ pub const CONNECTIONS_REFUSED_TOTAL: &str = "gati_connections_refused_total";
 pub const REQUESTS_REFUSED_TOTAL: &str = "gati_requests_refused_total";
 /// Request bytes the node holds against its budget.
 pub const QUEUED_BYTES: &str = "gati_queued_bytes";
+/// Peer frames accepted (cluster).
+pub const PEER_FRAMES_TOTAL: &str = "gati_peer_frames_total";
+/// Peer frames refused (cluster).
+pub const PEER_FRAMES_REJECTED_TOTAL: &str = "gati_peer_frames_rejected_total";
+/// Leases in this node's view of the cluster.
+pub const CLUSTER_LEASES: &str = "gati_cluster_leases";
+/// Cluster members (on the arbiter).
+pub const CLUSTER_NODES: &str = "gati_cluster_nodes";
 /// Data-plane threads restarted after a failure.
 pub const THREAD_RESTARTS_TOTAL: &str = "gati_thread_restarts_total";
 /// Rows answered, by the stage that answered them.
@@ -107,6 +115,20 @@ use Kind::{Counter, Gauge, Histogram};
 
 /// Every family the daemon records.
 pub const FAMILIES: &[Family] = &[
+    family(
+        PEER_FRAMES_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Peer-protocol frames accepted and applied, by message kind (join, heartbeat, submit, grant, revoke, ...).",
+    ),
+    family(
+        PEER_FRAMES_REJECTED_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Peer-protocol frames refused, by reason (unauthenticated, replayed, malformed, version, refused, io, timeout, too_many_connections).",
+    ),
+    family(CLUSTER_LEASES, Gauge, Some(Unit::Count), "GPU leases in this node's view of the cluster."),
+    family(CLUSTER_NODES, Gauge, Some(Unit::Count), "Members of the cluster, as the arbiter node sees them."),
     family(
         REQUESTS_TOTAL,
         Counter,

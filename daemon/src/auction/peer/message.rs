@@ -28,14 +28,22 @@ pub enum Message {
     Heartbeat { node: NodeId },
     /// A node's GPUs (on join and when they change).
     Inventory { node: NodeId, gpus: Vec<GpuId> },
-    /// An agent's ρ with what its app holds now.
+    /// An agent's ρ with what its app holds now (also arbiter → nodes after
+    /// each round, so that every node can show it).
     RhoReport { app: AppId, rho: f64 },
     /// The arbiter offers these free GPUs (per node) in round `round`.
     Offer { round: u64, app: AppId, free: Vec<(NodeId, u32)> },
     /// An agent's bid in round `round`.
     Bid { round: u64, app: AppId, rho_without: f64, options: Vec<WireOption> },
-    /// A new lease.
-    Grant { lease: Lease },
+    /// A new app submitted on `node` (node → arbiter); `command` is what the
+    /// nodes holding its GPUs run.
+    Submit { node: NodeId, app: AppId, name: String, demand: u32, work: f64, command: Vec<String> },
+    /// A new lease (arbiter → every node); `command` is its app's.
+    Grant {
+        lease: Lease,
+        #[serde(default)]
+        command: Vec<String>,
+    },
     /// A lease extended to `expiry` (the same GPUs, the app keeps running).
     Renew { lease: LeaseId, app: AppId, expiry: f64 },
     /// A lease ended early (its node left, the app was withdrawn).

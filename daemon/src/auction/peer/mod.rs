@@ -6,11 +6,13 @@
 //! - [`frame`]: the envelope (magic, version, sender, counter, HMAC-SHA256
 //!   tag over all of it with the cluster key), sealing and opening, and the
 //!   per-sender counter that refuses a replayed frame;
-//! - [`io`]: reading and writing frames on a tokio stream, bounded.
+//! - [`io`]: reading and writing frames on a tokio stream, bounded;
+//! - [`service`]: the node's peer service (listener, links, the arbiter's rounds).
 
 pub mod frame;
 pub mod io;
 pub mod message;
+pub mod service;
 
 /// Why a frame was refused (each is counted by the receiver).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -1,0 +1,216 @@
+//! This node's side of the cluster: its view of the leases (as the arbiter
+//! broadcast them), the apps submitted here, and the control-socket answers
+//! (`gatictl app submit`, `gatictl apps`). The peer service
+//! ([`super::peer::service`]) feeds the view and runs the enforcer.
+//!
+//! One node per process: the running one is reachable through [`current`]
+//! (the control socket answers from it without a handle in `ServeContext`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use super::app::AppId;
+use super::gpu::NodeId;
+use super::lease::{Lease, LeaseId};
+use super::node_enforce::Desired;
+use super::peer::message::Message;
+use crate::config::ClusterConfig;
+
+/// What this node knows of the cluster.
+#[derive(Debug, Default)]
+pub struct View {
+    /// The arbiter's node id (from its `welcome`).
+    pub arbiter: Option<NodeId>,
+    pub leases: BTreeMap<LeaseId, Lease>,
+    pub commands: BTreeMap<AppId, Vec<String>>,
+    pub rho: BTreeMap<AppId, f64>,
+    /// Names of the apps submitted here.
+    pub names: BTreeMap<AppId, String>,
+    /// This node's app processes (from the enforcer).
+    pub pids: BTreeMap<AppId, u32>,
+    /// Grants of a GPU this view already had leased (must stay 0).
+    pub conflicts: u64,
+}
+
+/// The running node's cluster state.
+#[derive(Debug)]
+pub struct ClusterNode {
+    pub cfg: ClusterConfig,
+    pub view: Mutex<View>,
+    /// Messages to the arbiter (bounded: a full queue refuses, never grows).
+    pub outbox: tokio::sync::mpsc::Sender<Message>,
+    next_app: AtomicU64,
+}
+
+static CURRENT: Mutex<Option<Arc<ClusterNode>>> = Mutex::new(None);
+
+/// The node of this process, while its peer service runs.
+pub fn current() -> Option<Arc<ClusterNode>> {
+    CURRENT.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+}
+
+pub(crate) fn set_current(node: Option<Arc<ClusterNode>>) {
+    *CURRENT.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = node;
+}
+
+impl ClusterNode {
+    pub fn new(cfg: ClusterConfig, outbox: tokio::sync::mpsc::Sender<Message>) -> ClusterNode {
+        // App ids: this node's id in the high bits, so nodes never collide.
+        let first = u64::from(cfg.node_id) << 32;
+        ClusterNode { cfg, view: Mutex::new(View::default()), outbox, next_app: AtomicU64::new(first + 1) }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies a message from the arbiter; `Err` if `sender` is not the
+    /// arbiter or the message is not one the arbiter sends to nodes.
+    pub fn apply(&self, sender: NodeId, msg: Message) -> Result<(), String> {
+        let mut v = self.lock();
+        if let Message::Welcome { arbiter, .. } = &msg {
+            if *arbiter != sender {
+                return Err(format!("welcome naming arbiter {arbiter} sent by node {sender}"));
+            }
+            // A fresh view follows (the arbiter resends every lease).
+            v.arbiter = Some(sender);
+            v.leases.clear();
+            return Ok(());
+        }
+        if v.arbiter != Some(sender) {
+            return Err(format!("node {sender} is not this node's arbiter"));
+        }
+        match msg {
+            Message::Heartbeat { .. } => {}
+            Message::Grant { lease, command } => {
+                let clash =
+                    v.leases.values().any(|l| l.id != lease.id && l.gpus.iter().any(|g| lease.gpus.contains(g)));
+                if clash {
+                    v.conflicts += 1;
+                    tracing::error!(lease = lease.id, "grant of a GPU this node sees leased already");
+                }
+                if !command.is_empty() {
+                    v.commands.insert(lease.app, command);
+                }
+                v.leases.insert(lease.id, lease);
+            }
+            Message::Renew { lease, expiry, .. } => {
+                if let Some(l) = v.leases.get_mut(&lease) {
+                    l.expiry = expiry;
+                }
+            }
+            Message::Revoke { lease, app, .. } => {
+                v.leases.remove(&lease);
+                if !v.leases.values().any(|l| l.app == app) {
+                    v.commands.remove(&app);
+                }
+            }
+            Message::RhoReport { app, rho } => {
+                if v.rho.len() < super::node_arbiter::MAX_APPS || v.rho.contains_key(&app) {
+                    v.rho.insert(app, rho);
+                }
+            }
+            other => return Err(format!("a node does not take `{}`", super::node_arbiter::kind(&other))),
+        }
+        Ok(())
+    }
+
+    /// What the enforcer should run here.
+    pub fn desired(&self) -> Desired {
+        let v = self.lock();
+        let mut d = Desired::new();
+        for l in v.leases.values() {
+            let local: Vec<u32> = l.gpus.iter().filter(|g| g.node == self.id()).map(|g| g.index).collect();
+            if local.is_empty() {
+                continue;
+            }
+            let e = d.entry(l.app).or_insert_with(|| (Vec::new(), v.commands.get(&l.app).cloned().unwrap_or_default()));
+            e.0.extend(local);
+        }
+        for (g, _) in d.values_mut() {
+            g.sort_unstable();
+        }
+        d
+    }
+
+    pub fn set_pids(&self, pids: BTreeMap<AppId, u32>) {
+        self.lock().pids = pids;
+    }
+
+    /// `gatictl app submit`: payload `{"name", "gpus", "work", "command": [..]}`.
+    pub fn submit(&self, payload: &[u8]) -> Result<Value, String> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Req {
+            name: String,
+            gpus: u32,
+            work: f64,
+            command: Vec<String>,
+        }
+        let r: Req = serde_json::from_slice(payload).map_err(|e| format!("bad submit request: {e}"))?;
+        super::node_arbiter::check_app(&r.name, r.gpus, r.work, &r.command)?;
+        let app = self.next_app.fetch_add(1, Ordering::Relaxed);
+        let msg = Message::Submit {
+            node: self.id(),
+            app,
+            name: r.name.clone(),
+            demand: r.gpus,
+            work: r.work,
+            command: r.command,
+        };
+        self.outbox.try_send(msg).map_err(|_| "the peer service is not keeping up; try again".to_string())?;
+        self.lock().names.insert(app, r.name);
+        Ok(json!({ "app": app, "node": self.id() }))
+    }
+
+    /// `gatictl apps`: every app this node knows, its leases and ρ.
+    pub fn apps(&self) -> Value {
+        let v = self.lock();
+        let mut ids: Vec<AppId> = v.rho.keys().chain(v.names.keys()).copied().collect();
+        ids.extend(v.leases.values().map(|l| l.app));
+        ids.sort_unstable();
+        ids.dedup();
+        let apps: Vec<Value> = ids
+            .iter()
+            .map(|a| {
+                let leases: Vec<&Lease> = v.leases.values().filter(|l| l.app == *a).collect();
+                json!({
+                    "app": a,
+                    "name": v.names.get(a),
+                    "rho": v.rho.get(a),
+                    "leases": leases,
+                    "pid": v.pids.get(a),
+                })
+            })
+            .collect();
+        json!({
+            "node": self.id(),
+            "arbiter": v.arbiter,
+            "is_arbiter": self.cfg.is_arbiter(),
+            "apps": apps,
+            "leases": v.leases.values().collect::<Vec<_>>(),
+            "conflicts": v.conflicts,
+        })
+    }
+}
+
+/// Control answer for `AppSubmit`.
+pub fn control_submit(payload: &[u8]) -> Result<Value, String> {
+    current().ok_or_else(no_cluster)?.submit(payload)
+}
+
+/// Control answer for `Apps`.
+pub fn control_apps() -> Result<Value, String> {
+    Ok(current().ok_or_else(no_cluster)?.apps())
+}
+
+fn no_cluster() -> String {
+    "this node has no [cluster] section".into()
+}

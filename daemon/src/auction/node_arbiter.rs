@@ -1,0 +1,329 @@
+//! The arbiter as it runs inside a gatid node: the cluster's members (from
+//! their `join` and heartbeats), the submitted apps, and the existing
+//! [`Arbiter`] round every `round_s`. Pure state: it takes messages and the
+//! time, and returns what to send to which node; the network is
+//! [`super::peer::service`]'s.
+//!
+//! Every change to the lease table is broadcast to every member (expired and
+//! revoked leases as `revoke` before the round's `grant`s, on one ordered
+//! stream per member), so every node holds the same view of who leases which
+//! GPU. A member silent for [`DEAD_AFTER_HEARTBEATS`] heartbeat periods is
+//! removed and its leases revoked.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::app::{App, AppId, AppSpec, ClusterView};
+use super::arbiter::{Arbiter, ArbiterConfig, RoundReport};
+use super::gpu::NodeId;
+use super::lease::Lease;
+use super::peer::message::Message;
+use super::throughput::ThroughputModel;
+use super::AuctionError;
+use crate::config::ClusterConfig;
+
+/// A member silent this many heartbeat periods is gone.
+pub const DEAD_AFTER_HEARTBEATS: f64 = 4.0;
+/// Most apps the arbiter tracks (a submit over it is refused).
+pub const MAX_APPS: usize = 10_000;
+/// Most members.
+pub const MAX_NODES: usize = 1024;
+/// Most arguments and bytes of an app's command.
+pub const MAX_COMMAND_ARGS: usize = 256;
+pub const MAX_COMMAND_BYTES: usize = 64 << 10;
+
+/// The heartbeat period for a round length.
+pub fn heartbeat_s(round_s: f64) -> f64 {
+    (round_s / 2.0).clamp(0.05, 1.0)
+}
+
+/// A member of the cluster.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub listen: SocketAddr,
+    pub gpus: u32,
+    pub last_seen: f64,
+}
+
+/// A submitted app as the arbiter tracks it.
+#[derive(Clone, Debug)]
+pub struct TrackedApp {
+    pub app: App,
+    pub command: Vec<String>,
+}
+
+/// What to send: to one member, or to all.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Out {
+    To(NodeId, Message),
+    All(Message),
+}
+
+/// The arbiter node's state.
+#[derive(Debug)]
+pub struct ArbiterState {
+    me: NodeId,
+    arbiter: Arbiter,
+    members: BTreeMap<NodeId, Member>,
+    apps: BTreeMap<AppId, TrackedApp>,
+    heartbeat_s: f64,
+    lease_s: f64,
+    model: Arc<ThroughputModel>,
+}
+
+impl ArbiterState {
+    pub fn new(me: NodeId, cfg: &ClusterConfig) -> Result<ArbiterState, AuctionError> {
+        let arbiter = Arbiter::new(ArbiterConfig { fairness_f: cfg.f, lease_s: cfg.lease_s }, &[])?;
+        Ok(ArbiterState {
+            me,
+            arbiter,
+            members: BTreeMap::new(),
+            apps: BTreeMap::new(),
+            heartbeat_s: heartbeat_s(cfg.round_s),
+            lease_s: cfg.lease_s,
+            model: Arc::new(ThroughputModel::linear(1.0, 0.7)),
+        })
+    }
+
+    pub fn members(&self) -> &BTreeMap<NodeId, Member> {
+        &self.members
+    }
+
+    pub fn apps(&self) -> &BTreeMap<AppId, TrackedApp> {
+        &self.apps
+    }
+
+    fn grant_msg(&self, l: &Lease) -> Message {
+        let command = self.apps.get(&l.app).map(|a| a.command.clone()).unwrap_or_default();
+        Message::Grant { lease: l.clone(), command }
+    }
+
+    /// What brings a member's view up to date: `welcome`, then every lease.
+    pub fn resync(&self) -> Vec<Message> {
+        let mut v = vec![Message::Welcome { arbiter: self.me, lease_s: self.lease_s }];
+        v.extend(self.arbiter.leases().iter().map(|l| self.grant_msg(l)));
+        v
+    }
+
+    /// A message from authenticated node `sender` at `now`; `Err` says why it
+    /// is refused (counted as `malformed`).
+    pub fn handle(&mut self, sender: NodeId, msg: Message, now: f64) -> Result<Vec<Out>, String> {
+        let mut out = Vec::new();
+        match msg {
+            Message::Join { node, listen, gpus } => {
+                if node != sender {
+                    return Err(format!("join for node {node} sent by node {sender}"));
+                }
+                let listen: SocketAddr = listen.parse().map_err(|e| format!("join listen `{listen}`: {e}"))?;
+                let n = u32::try_from(gpus.len()).unwrap_or(u32::MAX);
+                if n > crate::config::MAX_NODE_GPUS || gpus.iter().any(|g| g.node != node || g.index >= n) {
+                    return Err(format!("join of node {node}: GPUs must be {node}:0..{n}, at most 1024"));
+                }
+                if !self.members.contains_key(&node) && self.members.len() >= MAX_NODES {
+                    return Err(format!("cluster full ({MAX_NODES} nodes)"));
+                }
+                let known = self.members.get(&node).map(|m| m.gpus);
+                self.members.insert(node, Member { listen, gpus: n, last_seen: now });
+                if known != Some(n) {
+                    // New, or its GPUs changed: its old leases (if any) end.
+                    for l in self.arbiter.remove_node(node) {
+                        out.push(Out::All(revoke(&l, "node rejoined with other GPUs")));
+                    }
+                    self.arbiter.add_node(node, n);
+                }
+                // The whole current view, so a (re)joined node agrees with the others.
+                out.extend(self.resync().into_iter().map(|m| Out::To(node, m)));
+            }
+            Message::Heartbeat { node } | Message::Inventory { node, .. } => {
+                if node != sender {
+                    return Err(format!("heartbeat for node {node} sent by node {sender}"));
+                }
+                match self.members.get_mut(&node) {
+                    Some(m) => m.last_seen = now,
+                    None => return Err(format!("heartbeat from node {node}, which has not joined")),
+                }
+            }
+            Message::Submit { node, app, name, demand, work, command } => {
+                if node != sender || !self.members.contains_key(&node) {
+                    return Err(format!("submit from node {sender} for node {node}"));
+                }
+                if self.apps.len() >= MAX_APPS {
+                    return Err(format!("too many apps ({MAX_APPS})"));
+                }
+                check_app(&name, demand, work, &command)?;
+                if self.apps.contains_key(&app) {
+                    return Err(format!("app {app} submitted twice"));
+                }
+                let spec =
+                    AppSpec { id: app, name, demand, total_work: work, model: Arc::clone(&self.model), arrival: now };
+                self.apps.insert(app, TrackedApp { app: App::new(spec), command });
+            }
+            other => return Err(format!("the arbiter does not take `{}`", kind(&other))),
+        }
+        Ok(out)
+    }
+
+    /// Members silent too long leave; their leases are revoked.
+    pub fn reap(&mut self, now: f64) -> Vec<Out> {
+        let limit = DEAD_AFTER_HEARTBEATS * self.heartbeat_s;
+        let dead: Vec<NodeId> =
+            self.members.iter().filter(|(_, m)| now - m.last_seen > limit).map(|(&n, _)| n).collect();
+        let mut out = Vec::new();
+        for n in dead {
+            tracing::warn!(node = n, "cluster member silent; removing it and revoking its leases");
+            self.members.remove(&n);
+            for l in self.arbiter.remove_node(n) {
+                out.push(Out::All(revoke(&l, "node left")));
+            }
+        }
+        out
+    }
+
+    /// One lease round at `now`: apps progress (by their throughput model),
+    /// finished ones release their GPUs, the arbiter runs, every change and
+    /// every app's ρ is broadcast.
+    pub fn round(&mut self, now: f64) -> (Vec<Out>, RoundReport) {
+        let mut out = self.reap(now);
+        let active = self.apps.len();
+        let mut finished = Vec::new();
+        for (&id, t) in &mut self.apps {
+            let held = self.arbiter.leases().held(id);
+            if t.app.advance(now, &held, active).is_some() {
+                finished.push(id);
+            }
+        }
+        for id in finished {
+            for l in self.arbiter.release_app(id) {
+                out.push(Out::All(revoke(&l, "app finished")));
+            }
+            self.apps.remove(&id);
+        }
+        let refs: Vec<&App> = self.apps.values().map(|t| &t.app).collect();
+        let report = self.arbiter.round(now, &refs);
+        for l in &report.expired {
+            out.push(Out::All(revoke(l, "expired")));
+        }
+        for l in &report.grants {
+            out.push(Out::All(self.grant_msg(l)));
+        }
+        let view = ClusterView {
+            now,
+            gpus: self.arbiter.gpus(),
+            node_gpus: self.members.values().map(|m| m.gpus).max().unwrap_or(0),
+            lease_s: self.lease_s,
+        };
+        for (&id, t) in &self.apps {
+            let rho = t.app.rho_with(&self.arbiter.leases().held(id), &view);
+            out.push(Out::All(Message::RhoReport { app: id, rho }));
+        }
+        (out, report)
+    }
+}
+
+fn revoke(l: &Lease, reason: &str) -> Message {
+    Message::Revoke { lease: l.id, app: l.app, reason: reason.into() }
+}
+
+/// Checks a submitted app's fields (on the submitting node and the arbiter).
+pub fn check_app(name: &str, demand: u32, work: f64, command: &[String]) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("app name must be 1-64 bytes".into());
+    }
+    if demand == 0 || demand > crate::config::MAX_NODE_GPUS * 64 {
+        return Err(format!("app demand {demand} must be 1..=65536 GPUs"));
+    }
+    if !work.is_finite() || work <= 0.0 {
+        return Err(format!("app work {work} must be positive"));
+    }
+    if command.is_empty()
+        || command.len() > MAX_COMMAND_ARGS
+        || command.iter().map(String::len).sum::<usize>() > MAX_COMMAND_BYTES
+    {
+        return Err(format!("app command must have 1..={MAX_COMMAND_ARGS} arguments, {MAX_COMMAND_BYTES} bytes"));
+    }
+    Ok(())
+}
+
+/// A message's `kind` tag (for logs and counters).
+pub fn kind(m: &Message) -> &'static str {
+    match m {
+        Message::Join { .. } => "join",
+        Message::Welcome { .. } => "welcome",
+        Message::Heartbeat { .. } => "heartbeat",
+        Message::Inventory { .. } => "inventory",
+        Message::RhoReport { .. } => "rho_report",
+        Message::Offer { .. } => "offer",
+        Message::Bid { .. } => "bid",
+        Message::Submit { .. } => "submit",
+        Message::Grant { .. } => "grant",
+        Message::Renew { .. } => "renew",
+        Message::Revoke { .. } => "revoke",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auction::gpu::GpuId;
+
+    fn cfg() -> ClusterConfig {
+        toml::from_str(
+            "node_id = 1\nlisten = \"127.0.0.1:1\"\nkey_file = \"k\"\narbiter = \"127.0.0.1:1\"\nlease_s = 10.0\nround_s = 1.0\n",
+        )
+        .unwrap()
+    }
+
+    fn join(node: NodeId, gpus: u32) -> Message {
+        Message::Join {
+            node,
+            listen: format!("127.0.0.1:{}", 100 + node),
+            gpus: (0..gpus).map(|index| GpuId { node, index }).collect(),
+        }
+    }
+
+    fn submit(node: NodeId, app: AppId, demand: u32) -> Message {
+        Message::Submit { node, app, name: "a".into(), demand, work: 1e6, command: vec!["true".into()] }
+    }
+
+    #[test]
+    fn members_join_apps_are_granted_and_a_silent_node_loses_its_leases() {
+        let mut a = ArbiterState::new(1, &cfg()).unwrap();
+        for n in 1..=3 {
+            a.handle(n, join(n, 2), 0.0).unwrap();
+        }
+        assert!(a.handle(2, join(3, 2), 0.0).is_err(), "spoofed join");
+        assert!(a.handle(9, Message::Heartbeat { node: 9 }, 0.0).is_err(), "not a member");
+        for app in 0..4 {
+            a.handle(1 + (app as u32 % 3), submit(1 + (app as u32 % 3), app, 2), 0.0).unwrap();
+        }
+        let (out, report) = a.round(0.5);
+        assert!(!report.grants.is_empty());
+        let grants = out.iter().filter(|o| matches!(o, Out::All(Message::Grant { .. }))).count();
+        assert_eq!(grants, report.grants.len());
+        // Nodes 1 and 2 keep beating, 3 goes silent.
+        for t in [1.0, 2.0, 3.0] {
+            a.handle(1, Message::Heartbeat { node: 1 }, t).unwrap();
+            a.handle(2, Message::Heartbeat { node: 2 }, t).unwrap();
+        }
+        let (out, _) = a.round(3.0);
+        assert!(!a.members().contains_key(&3));
+        assert!(a.arbiter.leases().iter().all(|l| l.gpus.iter().all(|g| g.node != 3)));
+        let had_node3 = report.grants.iter().any(|l| l.gpus.iter().any(|g| g.node == 3));
+        assert_eq!(
+            had_node3,
+            out.iter().any(|o| matches!(o, Out::All(Message::Revoke { reason, .. }) if reason == "node left"))
+        );
+    }
+
+    #[test]
+    fn bad_submits_are_refused() {
+        let mut a = ArbiterState::new(1, &cfg()).unwrap();
+        a.handle(1, join(1, 2), 0.0).unwrap();
+        assert!(a.handle(1, submit(1, 5, 0), 0.0).is_err());
+        assert!(a.handle(1, submit(2, 5, 1), 0.0).is_err());
+        a.handle(1, submit(1, 5, 1), 0.0).unwrap();
+        assert!(a.handle(1, submit(1, 5, 1), 0.0).is_err(), "twice");
+        assert!(a.handle(1, Message::Welcome { arbiter: 1, lease_s: 1.0 }, 0.0).is_err());
+    }
+}

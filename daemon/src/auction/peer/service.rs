@@ -1,0 +1,426 @@
+//! The peer service: a thread with its own tokio runtime, started by the node
+//! when `[cluster]` is set and stopped at drain.
+//!
+//! - a TCP listener: every connection is read frame by frame (length bounded
+//!   before allocation, a frame must arrive within [`READ_TIMEOUT`]), each
+//!   frame opened with the cluster key and the process-wide replay guard; a
+//!   refused frame is counted under its reason and closes the connection;
+//!   at most [`MAX_CONNECTIONS`] at once;
+//! - a link to the arbiter (a non-arbiter node): join, then heartbeats and
+//!   submits, reconnecting when it drops;
+//! - on the arbiter: one ordered link per member for what
+//!   [`ArbiterState`] broadcasts, and the lease round every `round_s`;
+//!   the arbiter node's own node-side traffic stays in process;
+//! - the enforcer's tick ([`Enforcer`]).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::frame::{open, ClusterKey, ReplayGuard, Sealer};
+use super::io::{read_frame, write_frame};
+use super::message::Message;
+use super::PeerError;
+use crate::auction::gpu::{GpuId, NodeId};
+use crate::auction::node::{set_current, ClusterNode};
+use crate::auction::node_arbiter::{heartbeat_s, kind, ArbiterState, Out};
+use crate::auction::node_enforce::Enforcer;
+use crate::config::{check_key_file, ClusterConfig};
+use crate::telemetry::names;
+
+/// Most peer connections open at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection silent this long is closed.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages queued to the arbiter before new ones are refused.
+pub const OUTBOX: usize = 1024;
+/// Messages queued on the arbiter for one member; past it the queue is
+/// dropped and replaced by a resync (`welcome` + every lease).
+pub const LINK_QUEUE: usize = 4096;
+
+/// Why the peer service did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("cluster key: {0}")]
+    Key(String),
+    #[error("peer listener on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("peer service: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("arbiter: {0}")]
+    Arbiter(#[from] crate::auction::AuctionError),
+}
+
+/// The running service; [`PeerService::stop`] ends it.
+#[derive(Debug)]
+pub struct PeerService {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeerService {
+    /// Reads the key, binds the listener, starts the thread.
+    pub fn start(cfg: &ClusterConfig) -> Result<PeerService, ServiceError> {
+        let key = ClusterKey::new(&check_key_file(&cfg.key_file).map_err(ServiceError::Key)?)
+            .map_err(|e| ServiceError::Key(e.to_string()))?;
+        let listener = std::net::TcpListener::bind(cfg.listen)
+            .map_err(|source| ServiceError::Bind { addr: cfg.listen, source })?;
+        listener.set_nonblocking(true)?;
+        let arbiter = if cfg.is_arbiter() { Some(ArbiterState::new(cfg.node_id, cfg)?) } else { None };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let cfg = cfg.clone();
+        let thread = std::thread::Builder::new().name("gati-peer".into()).spawn(move || {
+            rt.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => run(cfg, key, l, arbiter, stopped).await,
+                    Err(e) => tracing::error!(error = %e, "peer listener"),
+                }
+            });
+        })?;
+        tracing::info!("peer service started");
+        Ok(PeerService { stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// Stops the service: app processes get SIGTERM, then SIGKILL after the grace period.
+    pub fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Shared by the service's tasks.
+struct Shared {
+    me: NodeId,
+    key: ClusterKey,
+    guard: Mutex<ReplayGuard>,
+    sealer: Mutex<Sealer>,
+    node: Arc<ClusterNode>,
+    arbiter: Option<Mutex<ArbiterState>>,
+    links: Mutex<HashMap<NodeId, (SocketAddr, mpsc::Sender<Message>)>>,
+    connections: AtomicUsize,
+    t0: Instant,
+}
+
+impl Shared {
+    fn now(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64()
+    }
+
+    fn seal(&self, m: &Message) -> Vec<u8> {
+        self.sealer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).seal(m)
+    }
+
+    /// Sends what the arbiter decided; to this node itself, in process.
+    fn route(self: &Arc<Self>, outs: Vec<Out>) {
+        for o in outs {
+            match o {
+                Out::To(n, m) => self.send_to(n, m),
+                Out::All(m) => {
+                    let nodes: Vec<NodeId> =
+                        self.arbiter_lock().map(|a| a.members().keys().copied().collect()).unwrap_or_default();
+                    for n in nodes {
+                        self.send_to(n, m.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn arbiter_lock(&self) -> Option<std::sync::MutexGuard<'_, ArbiterState>> {
+        self.arbiter.as_ref().map(|a| a.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn send_to(self: &Arc<Self>, n: NodeId, m: Message) {
+        if n == self.me {
+            if let Err(e) = self.node.apply(self.me, m) {
+                tracing::warn!(error = %e, "own arbiter message refused");
+            }
+            return;
+        }
+        let addr = self.arbiter_lock().and_then(|a| a.members().get(&n).map(|m| m.listen));
+        let mut links = self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(addr) = addr else {
+            links.remove(&n);
+            return;
+        };
+        let fresh = links.get(&n).is_none_or(|(a, tx)| *a != addr || tx.is_closed());
+        if fresh {
+            links.insert(n, self.new_link(addr));
+        }
+        let Some((_, tx)) = links.get(&n) else { return };
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(m) {
+            // The member is not reading: drop its backlog, resync it from the lease table.
+            tracing::warn!(node = n, "peer link backlog full; resyncing the node");
+            let link = self.new_link(addr);
+            let resync = self.arbiter_lock().map(|a| a.resync()).unwrap_or_default();
+            for m in resync {
+                let _ = link.1.try_send(m);
+            }
+            links.insert(n, link);
+        }
+    }
+
+    fn new_link(self: &Arc<Self>, addr: SocketAddr) -> (SocketAddr, mpsc::Sender<Message>) {
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        tokio::spawn(link(Arc::clone(self), addr, rx));
+        (addr, tx)
+    }
+
+    /// A message arrived from authenticated `sender`.
+    fn dispatch(self: &Arc<Self>, sender: NodeId, msg: Message) {
+        let k = kind(&msg);
+        let to_arbiter = matches!(msg, Message::Join { .. } | Message::Submit { .. } | Message::Inventory { .. })
+            || (matches!(msg, Message::Heartbeat { .. }) && self.arbiter.is_some());
+        let r = if to_arbiter { self.handle_as_arbiter(sender, msg) } else { self.node.apply(sender, msg) };
+        match r {
+            Ok(()) => metrics::counter!(names::PEER_FRAMES_TOTAL, "kind" => k).increment(1),
+            Err(e) => {
+                tracing::warn!(sender, kind = k, error = %e, "peer message refused");
+                metrics::counter!(names::PEER_FRAMES_REJECTED_TOTAL, "reason" => "refused").increment(1);
+            }
+        }
+    }
+
+    fn handle_as_arbiter(self: &Arc<Self>, sender: NodeId, msg: Message) -> Result<(), String> {
+        let now = self.now();
+        let outs = match self.arbiter_lock() {
+            Some(mut a) => a.handle(sender, msg, now)?,
+            None => return Err("this node is not the arbiter".into()),
+        };
+        self.route(outs);
+        Ok(())
+    }
+}
+
+async fn run(
+    cfg: ClusterConfig,
+    key: ClusterKey,
+    listener: TcpListener,
+    arbiter: Option<ArbiterState>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let (outbox_tx, mut outbox) = mpsc::channel(OUTBOX);
+    let node = Arc::new(ClusterNode::new(cfg.clone(), outbox_tx));
+    set_current(Some(Arc::clone(&node)));
+    let start_us =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    let shared = Arc::new(Shared {
+        me: cfg.node_id,
+        key: key.clone(),
+        guard: Mutex::new(ReplayGuard::default()),
+        sealer: Mutex::new(Sealer::new(key, cfg.node_id, start_us)),
+        node: Arc::clone(&node),
+        arbiter: arbiter.map(Mutex::new),
+        links: Mutex::new(HashMap::new()),
+        connections: AtomicUsize::new(0),
+        t0: Instant::now(),
+    });
+    let join = Message::Join {
+        node: cfg.node_id,
+        listen: cfg.listen.to_string(),
+        gpus: (0..cfg.gpus).map(|index| GpuId { node: cfg.node_id, index }).collect(),
+    };
+    // To the arbiter: in process on the arbiter node, else over a link.
+    let (to_arb_tx, to_arb_rx) = mpsc::unbounded_channel::<Message>();
+    if shared.arbiter.is_some() {
+        let _ = shared.handle_as_arbiter(cfg.node_id, join.clone());
+    } else {
+        tokio::spawn(arbiter_link(Arc::clone(&shared), cfg.arbiter, join.clone(), to_arb_rx));
+    }
+    tokio::spawn(accept(Arc::clone(&shared), listener));
+
+    let hb = Duration::from_secs_f64(heartbeat_s(cfg.round_s));
+    let mut beat = tokio::time::interval(hb);
+    let mut round = tokio::time::interval(Duration::from_secs_f64(cfg.round_s));
+    let mut enforce = tokio::time::interval(Duration::from_millis(100));
+    for t in [&mut beat, &mut round, &mut enforce] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    let mut enforcer = Enforcer::new(cfg.node_id, Duration::from_secs_f64(cfg.grace_s));
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            Some(m) = outbox.recv() => {
+                if shared.arbiter.is_some() {
+                    if let Err(e) = shared.handle_as_arbiter(cfg.node_id, m) {
+                        tracing::warn!(error = %e, "own message refused by the arbiter");
+                    }
+                } else {
+                    let _ = to_arb_tx.send(m);
+                }
+            }
+            _ = beat.tick() => {
+                let hb = Message::Heartbeat { node: cfg.node_id };
+                if shared.arbiter.is_some() {
+                    let _ = shared.handle_as_arbiter(cfg.node_id, hb.clone());
+                    let others: Vec<NodeId> = shared.arbiter_lock().map(|a| a.members().keys().copied().filter(|&n| n != cfg.node_id).collect()).unwrap_or_default();
+                    for n in others {
+                        shared.send_to(n, hb.clone());
+                    }
+                } else {
+                    let _ = to_arb_tx.send(hb);
+                }
+            }
+            _ = round.tick(), if shared.arbiter.is_some() => {
+                let now = shared.now();
+                let (outs, report) = match shared.arbiter_lock() {
+                    Some(mut a) => {
+                        let r = a.round(now);
+                        metrics::gauge!(names::CLUSTER_NODES).set(a.members().len() as f64);
+                        r
+                    }
+                    None => continue,
+                };
+                if !report.grants.is_empty() || !report.expired.is_empty() {
+                    tracing::info!(grants = report.grants.len(), expired = report.expired.len(), offered_to = report.offered_to, ms = report.elapsed_ms, "lease round");
+                }
+                shared.route(outs);
+            }
+            _ = enforce.tick() => {
+                enforcer.reconcile(&node.desired());
+                node.set_pids(enforcer.pids());
+                let leases = node.view.lock().map(|v| v.leases.len()).unwrap_or(0);
+                metrics::gauge!(names::CLUSTER_LEASES).set(leases as f64);
+            }
+        }
+    }
+    set_current(None);
+    enforcer.stop_all();
+    tracing::info!("peer service stopped");
+}
+
+async fn accept(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if shared.connections.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!(names::PEER_FRAMES_REJECTED_TOTAL, "reason" => "too_many_connections").increment(1);
+            continue;
+        }
+        let s = Arc::clone(&shared);
+        tokio::spawn(async move {
+            if let Err(e) = serve_conn(&s, stream).await {
+                tracing::debug!(%peer, error = %e, "peer connection closed");
+            }
+            s.connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Reads frames until the stream ends or one is refused (counted, then closed).
+async fn serve_conn(shared: &Arc<Shared>, mut stream: TcpStream) -> Result<(), PeerError> {
+    loop {
+        let frame = match tokio::time::timeout(READ_TIMEOUT, read_frame(&mut stream)).await {
+            Err(_) => {
+                metrics::counter!(names::PEER_FRAMES_REJECTED_TOTAL, "reason" => "timeout").increment(1);
+                return Err(PeerError::Io("read timeout".into()));
+            }
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(f))) => f,
+            Ok(Err(e)) => {
+                metrics::counter!(names::PEER_FRAMES_REJECTED_TOTAL, "reason" => e.reason()).increment(1);
+                return Err(e);
+            }
+        };
+        let opened = {
+            let mut g = shared.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            open(&shared.key, &mut g, &frame)
+        };
+        match opened {
+            Ok(o) => shared.dispatch(o.sender, o.message),
+            Err(e) => {
+                metrics::counter!(names::PEER_FRAMES_REJECTED_TOTAL, "reason" => e.reason()).increment(1);
+                return Err(e);
+            }
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Option<TcpStream> {
+    match tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Some(s)
+        }
+        _ => None,
+    }
+}
+
+/// An ordered stream of messages to one member; a message whose write failed
+/// is sent again first on the next connection.
+async fn link(shared: Arc<Shared>, addr: SocketAddr, mut rx: mpsc::Receiver<Message>) {
+    let mut pending: Option<Message> = None;
+    loop {
+        let Some(mut s) = connect(addr).await else {
+            if rx.is_closed() {
+                return; // the member left or was resynced on a new link
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        loop {
+            let m = match pending.take() {
+                Some(m) => m,
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            if write_frame(&mut s, &shared.seal(&m)).await.is_err() {
+                pending = Some(m);
+                break;
+            }
+        }
+    }
+}
+
+/// A non-arbiter node's link to the arbiter: join on every (re)connect, then
+/// what the node sends (kept, up to [`OUTBOX`], while the arbiter is away;
+/// heartbeats queued meanwhile are stale and dropped).
+async fn arbiter_link(shared: Arc<Shared>, addr: SocketAddr, join: Message, mut rx: mpsc::UnboundedReceiver<Message>) {
+    let mut pending: std::collections::VecDeque<Message> = std::collections::VecDeque::new();
+    loop {
+        let Some(mut s) = connect(addr).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while let Ok(m) = rx.try_recv() {
+                if !matches!(m, Message::Heartbeat { .. }) && pending.len() < OUTBOX {
+                    pending.push_back(m);
+                }
+            }
+            continue;
+        };
+        if write_frame(&mut s, &shared.seal(&join)).await.is_err() {
+            continue;
+        }
+        loop {
+            let m = match pending.pop_front() {
+                Some(m) => m,
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            if write_frame(&mut s, &shared.seal(&m)).await.is_err() {
+                pending.push_front(m);
+                break;
+            }
+        }
+    }
+}

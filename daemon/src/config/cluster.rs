@@ -1,0 +1,177 @@
+//! The `[cluster]` section: this node's part in cluster-wide GPU auctions
+//! (Themis, `docs/peer-protocol.md`). Absent: the node runs alone and starts
+//! no peer service.
+//!
+//! The key file is read and checked at load (missing, shorter than 16 bytes,
+//! or readable by others: refused), so a node that starts has a usable key.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::validate::{Lines, Seg};
+use super::{Config, ConfigIssue};
+
+/// `[cluster]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id in the cluster (unique, small integer; names its GPUs).
+    pub node_id: u32,
+    /// TCP address the peer service listens on.
+    pub listen: SocketAddr,
+    /// The cluster key (≥ 16 bytes, mode 0600 or stricter), shared by every node.
+    pub key_file: PathBuf,
+    /// The other nodes' peer addresses (informational for a static arbiter;
+    /// the arbiter learns nodes from their `join`).
+    #[serde(default)]
+    pub peers: Vec<SocketAddr>,
+    /// The arbiter's peer address: this node's `listen` or a peer's (static;
+    /// etcd election is not implemented).
+    pub arbiter: SocketAddr,
+    /// GPUs this node declares (for nodes without NVIDIA hardware: the
+    /// protocol runs on CPU machines). Indices 0..gpus.
+    #[serde(default)]
+    pub gpus: u32,
+    /// Lease length, seconds.
+    #[serde(default = "default_lease_s")]
+    pub lease_s: f64,
+    /// Seconds between the arbiter's lease rounds.
+    #[serde(default = "default_round_s")]
+    pub round_s: f64,
+    /// Themis's f: the share of apps (best ρ first) left out of each auction.
+    #[serde(default = "default_f")]
+    pub f: f64,
+    /// Seconds between a lease's end (SIGTERM, the checkpoint signal) and SIGKILL.
+    #[serde(default = "default_grace_s")]
+    pub grace_s: f64,
+}
+
+fn default_lease_s() -> f64 {
+    60.0
+}
+fn default_round_s() -> f64 {
+    5.0
+}
+fn default_f() -> f64 {
+    0.8
+}
+fn default_grace_s() -> f64 {
+    10.0
+}
+
+impl ClusterConfig {
+    /// Whether this node is the arbiter.
+    pub fn is_arbiter(&self) -> bool {
+        self.arbiter == self.listen
+    }
+}
+
+/// Most GPUs one node may declare.
+pub const MAX_NODE_GPUS: u32 = 1024;
+
+/// Why a key file is refused.
+pub fn check_key_file(path: &Path) -> Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is readable by group or others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        ));
+    }
+    if meta.len() > 4096 {
+        return Err(format!("{} is {} bytes; a key is at most 4096", path.display(), meta.len()));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let key: Vec<u8> = bytes.trim_ascii().to_vec();
+    if key.len() < 16 {
+        return Err(format!("{} holds {} bytes; the cluster key needs at least 16", path.display(), key.len()));
+    }
+    Ok(key)
+}
+
+/// Semantic checks of `[cluster]`.
+pub(super) fn check(c: &Config, lines: &Lines, out: &mut Vec<ConfigIssue>) {
+    let Some(cl) = &c.cluster else { return };
+    let mut bad = |k: &'static str, msg: String| out.push(lines.issue(&[Seg::Key("cluster"), Seg::Key(k)], msg));
+    if let Err(e) = check_key_file(&cl.key_file) {
+        bad("key_file", e);
+    }
+    if cl.gpus > MAX_NODE_GPUS {
+        bad("gpus", format!("must be at most {MAX_NODE_GPUS}, got {}", cl.gpus));
+    }
+    let pos = |v: f64| v.is_finite() && v > 0.0;
+    if !pos(cl.lease_s) {
+        bad("lease_s", format!("must be a positive number of seconds, got {}", cl.lease_s));
+    }
+    if !pos(cl.round_s) || cl.round_s > cl.lease_s {
+        bad("round_s", format!("must be positive and at most lease_s ({}), got {}", cl.lease_s, cl.round_s));
+    }
+    if !(0.0..=1.0).contains(&cl.f) {
+        bad("f", format!("must be in [0, 1], got {}", cl.f));
+    }
+    if !cl.grace_s.is_finite() || cl.grace_s < 0.0 {
+        bad("grace_s", format!("must be a non-negative number of seconds, got {}", cl.grace_s));
+    }
+    if cl.arbiter != cl.listen && !cl.peers.contains(&cl.arbiter) {
+        bad("arbiter", format!("{} is neither `listen` nor one of `peers`", cl.arbiter));
+    }
+    if cl.peers.contains(&cl.listen) {
+        bad("peers", format!("lists this node's own address {}", cl.listen));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn key(dir: &Path, mode: u32, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(format!("key-{mode:o}-{}", bytes.len()));
+        std::fs::write(&p, bytes).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    fn text(key: &Path, extra: &str) -> String {
+        format!(
+            "[server]\nsocket = \"/tmp/x.sock\"\n[cluster]\nnode_id = 1\nlisten = \"127.0.0.1:7001\"\nkey_file = \"{}\"\narbiter = \"127.0.0.1:7001\"\ngpus = 4\n{extra}",
+            key.display()
+        )
+    }
+
+    #[test]
+    fn cluster_section_parses_and_bad_keys_and_values_are_refused() {
+        let dir = std::env::temp_dir().join(format!("gati-cluster-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = key(&dir, 0o600, &[b'k'; 32]);
+        let c = crate::config::parse(&text(&good, ""), &dir).unwrap();
+        let cl = c.cluster.unwrap();
+        assert!(cl.is_arbiter());
+        assert_eq!((cl.gpus, cl.lease_s, cl.round_s, cl.f), (4, 60.0, 5.0, 0.8));
+        assert!(crate::config::parse("[server]\nsocket = \"/tmp/x.sock\"\n", &dir).unwrap().cluster.is_none());
+        let errs = |t: String| {
+            crate::config::parse(&t, &dir).unwrap_err().iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+        };
+        let e = errs(text(&key(&dir, 0o644, &[b'k'; 32]), ""));
+        assert!(e.contains("cluster.key_file") && e.contains("readable by group or others"), "{e}");
+        let e = errs(text(&key(&dir, 0o600, b"short"), ""));
+        assert!(e.contains("at least 16"), "{e}");
+        let e = errs(text(&dir.join("missing"), ""));
+        assert!(e.contains("cannot read"), "{e}");
+        let e = errs(text(&good, "f = 1.5\nround_s = 100.0\n"));
+        assert!(e.contains("cluster.f") && e.contains("cluster.round_s"), "{e}");
+        let e = errs(text(&good, "").replace("arbiter = \"127.0.0.1:7001\"", "arbiter = \"127.0.0.1:9\""));
+        assert!(e.contains("neither `listen` nor one of `peers`"), "{e}");
+        let e = errs(text(&good, "bogus = 1\n"));
+        assert!(e.contains("bogus"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
