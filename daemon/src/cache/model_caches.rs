@@ -102,9 +102,11 @@ pub type StageCosts = Box<dyn Fn() -> Vec<f64> + Send + Sync>;
 /// Largest share of the budget a tuning may spend (also the starting share):
 /// the rest absorbs what certifying on the window cannot see — the choice
 /// among many cuts, predictors and budget shares on the same held-out rows,
-/// and hits known only through the few shadow-checked ones. (0.8 let a
-/// shuffled ImageNet stream run at 1.18 % against a 1 % budget.)
-const MAX_BUDGET_SCALE: f32 = 0.7;
+/// and hits known only through the few shadow-checked ones (each standing
+/// for 1/shadow_fraction requests). Measured on EfficientNet's recurring and
+/// shuffled streams: 0.8 gave 1.18 %, 0.7 gave 1.03–1.10 % against a 1 %
+/// budget — served disagreement ~1.5× what the window certified.
+const MAX_BUDGET_SCALE: f32 = 0.5;
 
 /// Shadow checks (over all cuts) the live estimate needs before the tuning
 /// follows it, and before its counters are halved to follow the stream.
