@@ -112,9 +112,10 @@ const MAX_BUDGET_SCALE: f32 = 0.5;
 /// follows it, and before its counters are halved to follow the stream.
 const LIVE_CHECKS: u64 = 100;
 
-/// Hits shadow-checked every one after caches were trained on rows that were
-/// not live traffic (calibration rows, a restored state, a retraining forced
-/// by over-budget mismatches), before the usual `shadow_fraction` applies:
+/// Hits shadow-checked every one after the first training and after caches
+/// were trained on rows that were not live traffic (calibration rows, a
+/// restored state, a retraining forced by over-budget mismatches), before the
+/// usual `shadow_fraction` applies:
 /// live traffic can differ from what they were certified on, and at 5 % a
 /// drifted cut would answer hundreds of rows before a second mismatch
 /// switched it off (measured: 1.5 % disagreement on the second half of vtest
@@ -567,7 +568,8 @@ fn trainer(me: std::sync::Weak<ModelCaches>, beat: &crate::liveness::Beat) {
         // metrics gets the new caches from its next batch on.
         let active = Arc::new(active);
         caches.offer(Some(Arc::clone(&active)));
-        if forced {
+        // The first caches' first answers are checked too: nothing live has judged them yet.
+        if forced || active.generation == 1 {
             caches.eager.store(EAGER_CHECKS, Ordering::Relaxed);
         }
         let mem: usize = active.cuts.iter().flatten().map(|e| e.cache.mem_bytes()).sum();
