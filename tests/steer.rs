@@ -538,15 +538,6 @@ fn daemon_serves_unix_dag_requests_steered_in_the_kernel() {
     drop(c);
 }
 
-/// An sdk binary next to this test's target dir (`<target>/<profile>/`).
-fn sdk_program(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
-    let p = dir.join(name);
-    assert!(p.exists(), "{} missing: build with cargo build --release --workspace", p.display());
-    p
-}
-
 #[test]
 #[cfg_attr(gati_unprivileged, ignore = "needs root: loads a BPF program in a private network namespace")]
 #[cfg_attr(all(gati_no_bpf, not(gati_unprivileged)), ignore = "built without clang: no BPF program to load")]

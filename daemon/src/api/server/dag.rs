@@ -9,8 +9,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::frames::elapsed_us;
 use super::frames::{refusal, request_deadline, Answer};
-use super::{elapsed_us, Conn, Worker};
+use super::{Conn, Worker};
 use crate::api::budget::Charge;
 use crate::api::conn::Frame;
 use crate::api::wire::{Dtype, Kind, RequestHeader, Status};

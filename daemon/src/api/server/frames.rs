@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use zerocopy::IntoBytes;
 
-use super::{elapsed_us, Conn, Mailbox, ServeContext, Worker, FLAG_BEST_EFFORT, FLAG_CALIBRATE};
+use super::{Conn, Mailbox, ServeContext, Worker, FLAG_BEST_EFFORT, FLAG_CALIBRATE};
 use crate::api::budget::Charge;
 use crate::api::conn::{ConnOut, Frame};
 use crate::api::control;
@@ -332,4 +332,9 @@ impl Answer {
             self.mailbox.post(self.slot, self.gen);
         }
     }
+}
+
+/// Microseconds since `t`, saturated (the response header's `server_us`).
+pub(super) fn elapsed_us(t: Instant) -> u32 {
+    u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX)
 }

@@ -590,10 +590,6 @@ impl Worker {
     }
 }
 
-fn elapsed_us(t: Instant) -> u32 {
-    u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX)
-}
-
 /// Best-effort refusal on a connection that will not be served.
 fn refuse(fd: &OwnedFd, status: Status) {
     let h = ResponseHeader::new(0, 0, status, Dtype::Bytes, &[], 0);
