@@ -150,6 +150,37 @@ fn sighup_reload_adds_replaces_removes_models_without_failing_requests() {
 }
 
 #[test]
+fn sighup_during_start_up_or_the_moment_the_node_answers_is_a_reload_never_an_exit() {
+    let dir = tempdir("early-hup");
+    let text = config(&dir, "", &[fmnist_model("fmnist", "")]);
+    // While the models load: held until the node runs, then a reload.
+    let mut d = TestDaemon::spawn(&dir, &text);
+    std::thread::sleep(Duration::from_millis(30));
+    d.signal(libc::SIGHUP);
+    d.wait_ready();
+    // The moment it first answers (the main thread may still be setting up).
+    for _ in 0..3 {
+        let sent = Instant::now();
+        d.signal(libc::SIGHUP);
+        loop {
+            assert!(d.child.try_wait().unwrap().is_none(), "gatid exited on SIGHUP");
+            let health = d.client().control_json(Kind::Health, 0, &[]).unwrap();
+            let age = health["last_reload"]["age_s"].as_f64();
+            if age.is_some_and(|a| a <= sent.elapsed().as_secs_f64()) {
+                assert_eq!(health["last_reload"]["ok"], true, "{health}");
+                break;
+            }
+            assert!(sent.elapsed() < Duration::from_secs(10), "SIGHUP not handled as a reload: {health}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert!(d.child.try_wait().unwrap().is_none(), "gatid exited on SIGHUP");
+    d.client().ping().unwrap();
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(20)).success());
+}
+
+#[test]
 fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let dir = tempdir("drain");
     let mut d =

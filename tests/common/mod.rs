@@ -119,7 +119,22 @@ impl TestDaemon {
         d
     }
 
-    fn wait_ready(&mut self) {
+    /// Starts the daemon and returns at once, before it answers.
+    pub fn spawn(dir: &Path, config_text: &str) -> Self {
+        let config = dir.join("gatid.toml");
+        std::fs::write(&config, config_text).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_gatid"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("GATI_LOG", std::env::var("GATI_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn gatid");
+        Self { child, dir: dir.to_owned(), socket: dir.join("gatid.sock"), config }
+    }
+
+    /// Waits (bounded) until the daemon answers a ping; panics if it exits first.
+    pub fn wait_ready(&mut self) {
         let until = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {

@@ -53,6 +53,11 @@ pub enum NodeError {
 
 /// Runs the daemon until SIGTERM/SIGINT, then drains and returns.
 pub fn serve(config_path: &Path) -> Result<(), NodeError> {
+    // Held pending until `run` has its handlers (then unblocked there): a
+    // SIGHUP or SIGTERM during start-up is a reload or drain once the node
+    // runs, not the default action (exit). Threads started meanwhile inherit
+    // the mask, so these signals reach the main thread only.
+    set_stop_signals_blocked(true);
     let config = config::load(config_path)?;
     infer::runtime::environment(config.runtime.ort_library.as_deref()).map_err(NodeError::Runtime)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -63,6 +68,15 @@ pub fn serve(config_path: &Path) -> Result<(), NodeError> {
 }
 
 async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
+    // First, before anything can answer: a SIGHUP or SIGTERM that arrives
+    // once a client (or systemd) has seen the node answer must be a reload or
+    // a drain, never the default action (exit). Signals that arrive while
+    // models load wait here and are handled when the loop below starts.
+    let mut hup = signal(SignalKind::hangup()).map_err(|source| NodeError::Io { what: "SIGHUP handler", source })?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|source| NodeError::Io { what: "SIGTERM handler", source })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| NodeError::Io { what: "SIGINT handler", source })?;
+    set_stop_signals_blocked(false);
     let (metrics, exporter) = telemetry::install(config.metrics.listen)?;
     if let Some(exporter) = exporter {
         tokio::spawn(async move {
@@ -114,10 +128,6 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     tracing::info!(socket = %where_, models = count, io_threads = config.server.io_threads, "gatid ready");
     systemd::ready(&format!("serving {count} model(s) on {where_}"));
 
-    let mut hup = signal(SignalKind::hangup()).map_err(|source| NodeError::Io { what: "SIGHUP handler", source })?;
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|source| NodeError::Io { what: "SIGTERM handler", source })?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|source| NodeError::Io { what: "SIGINT handler", source })?;
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
     let stall = stall_period();
     let mut rebalance = tokio::time::interval(Duration::from_secs(1));
@@ -209,6 +219,20 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
     match fatal {
         Some(why) => Err(NodeError::ThreadDied(why)),
         None => Ok(()),
+    }
+}
+
+/// Blocks (or unblocks) SIGHUP, SIGTERM and SIGINT on the calling thread.
+fn set_stop_signals_blocked(blocked: bool) {
+    // SAFETY: sigset manipulation on a local set, then this thread's own mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGHUP, libc::SIGTERM, libc::SIGINT] {
+            libc::sigaddset(&mut set, sig);
+        }
+        let how = if blocked { libc::SIG_BLOCK } else { libc::SIG_UNBLOCK };
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
     }
 }
 

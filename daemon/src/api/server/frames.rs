@@ -1,6 +1,7 @@
 //! Frames in, answers out: parsing a connection's input, answering control
 //! requests, submitting inference jobs, and the answer a batcher sends back.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use crate::api::budget::Charge;
 use crate::api::conn::{ConnOut, Frame};
 use crate::api::control;
 use crate::api::request::check_infer;
-use crate::api::wire::{Dtype, Kind, RequestHeader, Status, HEADER_LEN};
+use crate::api::wire::{Dtype, Kind, RequestHeader, ResponseHeader, Status, HEADER_LEN};
 use crate::api::NodeState;
 use crate::infer::batcher::Rejected;
 use crate::infer::{Job, JobResult, Reply};
@@ -337,4 +338,13 @@ impl Answer {
 /// Microseconds since `t`, saturated (the response header's `server_us`).
 pub(super) fn elapsed_us(t: Instant) -> u32 {
     u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX)
+}
+
+/// Best-effort refusal on a connection that will not be served.
+pub(super) fn refuse(fd: &OwnedFd, status: Status) {
+    let h = ResponseHeader::new(0, 0, status, Dtype::Bytes, &[], 0);
+    // SAFETY: non-blocking send of a live 64-byte buffer on our socket.
+    unsafe {
+        libc::send(fd.as_raw_fd(), h.as_bytes().as_ptr().cast(), HEADER_LEN, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    };
 }

@@ -14,7 +14,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types, IoUring};
-use zerocopy::IntoBytes;
 
 mod adopt;
 mod dag;
@@ -22,13 +21,14 @@ mod frames;
 mod mailbox;
 mod supervise;
 
+use frames::refuse;
 use mailbox::Mailbox;
 use supervise::supervise;
 
 use super::budget::Charge;
 use super::conn::{ConnOut, Frame};
 use super::listener::peer_cred;
-use super::wire::{Dtype, ResponseHeader, Status, HEADER_LEN};
+use super::wire::Status;
 use super::ServeContext;
 use crate::telemetry;
 
@@ -455,6 +455,7 @@ impl Worker {
             return;
         }
         if res <= 0 {
+            tracing::debug!(slot, res, "connection closed: recv ended");
             c.dead = true;
             self.dirty.push(slot);
             return;
@@ -483,6 +484,7 @@ impl Worker {
         };
         c.send_armed = false;
         if res < 0 {
+            tracing::debug!(slot, res, "connection closed: send failed");
             c.dead = true;
         } else {
             c.sent += res as usize;
@@ -531,7 +533,8 @@ impl Worker {
                     // Try the socket first; the ring takes what does not fit.
                     match c.out.send_now(&c.sending[c.sent..]) {
                         Ok(n) => c.sent += n,
-                        Err(_) => {
+                        Err(e) => {
+                            tracing::debug!(slot, error = %e, "connection closed: send failed");
                             c.dead = true;
                             self.dirty.push(slot);
                             continue;
@@ -588,13 +591,4 @@ impl Worker {
             self.ctx.state.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
-}
-
-/// Best-effort refusal on a connection that will not be served.
-fn refuse(fd: &OwnedFd, status: Status) {
-    let h = ResponseHeader::new(0, 0, status, Dtype::Bytes, &[], 0);
-    // SAFETY: non-blocking send of a live 64-byte buffer on our socket.
-    unsafe {
-        libc::send(fd.as_raw_fd(), h.as_bytes().as_ptr().cast(), HEADER_LEN, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-    };
 }
