@@ -150,3 +150,35 @@ fn calibration_fits_requests_to_the_models_max_batch() {
     let err = calibrate::send(&mut c, "nosuch", &set, 16, |_| {}).unwrap_err();
     assert!(err.to_string().to_lowercase().contains("model"), "{err}");
 }
+
+/// Caches trained on rows that were not live traffic (here: a calibration
+/// set) answer nothing until live traffic has judged them: their first
+/// would-be hits are answered by the full model, which checks what the cache
+/// would have said; only then do they answer early.
+#[test]
+fn caches_trained_off_live_traffic_answer_only_after_live_probes() {
+    use gatid::client::calibrate;
+    let dir = tempdir("caches-probation");
+    let cache = "cache = { kind = \"learned\", budget = 0.1, min_samples = 256, shadow_fraction = 0.05 }";
+    let d = TestDaemon::start(&dir, &config(&dir, "", &[fmnist_model("fmnist", &format!("max_batch = 16\n{cache}"))]));
+    let mut c = d.client();
+    let mut set = calibrate::read(&root().join("data/fashion-mnist/calib-images-idx3-ubyte"), [28, 28, 1])
+        .expect("run scripts/setup.sh");
+    set.images.truncate(800);
+    assert_eq!(calibrate::send(&mut c, "fmnist", &set, 16, |_| {}).unwrap(), 800);
+    let id = gatid::id::model_id("fmnist");
+    c.control_json(gatid::api::wire::Kind::CacheTrain, id, &[]).unwrap();
+    wait_cache_generation(&mut c, "fmnist", 1);
+    let test = fmnist_test(10_000);
+    let stages: Vec<u16> = local_stream(400)
+        .iter()
+        .map(|&k| c.infer("fmnist", Dtype::U8, &[28, 28, 1], &test[k].0, 0).unwrap().ok().unwrap().exit_stage)
+        .collect();
+    let last = 7u16;
+    // At most PROBATION_HITS (32) would-be hits are withheld: the first 32
+    // requests are all answered by the full model, whichever of them the
+    // caches were sure of.
+    assert!(stages[..32].iter().all(|&s| s == last), "answered early while on probation: {:?}", &stages[..32]);
+    let early = stages.iter().filter(|&&s| s < last).count();
+    assert!(early > 50, "caches never answered after their probation: {early} of 400");
+}

@@ -20,10 +20,13 @@ use std::time::Instant;
 
 use super::placement::{place, CutOption, CutState, Plan, Problem};
 use super::policy::min_certifiable_rows;
+
+mod live;
 use super::store;
 use super::train::{self, Candidate};
 use super::CutCache;
 use crate::config::CacheConfig;
+pub use live::PROBATION_HITS;
 
 /// One cut's cache and threshold.
 #[derive(Clone)]
@@ -77,8 +80,8 @@ pub struct ModelCaches {
     /// Rows in the window, and whether a training was asked for (CacheTrain, shadow checks).
     window_rows: std::sync::atomic::AtomicUsize,
     force: AtomicBool,
-    /// Hits still to be shadow-checked every one (see [`EAGER_CHECKS`]).
-    eager: AtomicU64,
+    /// Hits still to be withheld and judged by the full model (see [`PROBATION_HITS`]).
+    probation: AtomicU64,
     window: Mutex<Window>,
     wake: Condvar,
     stop: AtomicBool,
@@ -111,16 +114,6 @@ const MAX_BUDGET_SCALE: f32 = 0.5;
 /// Shadow checks (over all cuts) the live estimate needs before the tuning
 /// follows it, and before its counters are halved to follow the stream.
 const LIVE_CHECKS: u64 = 100;
-
-/// Hits shadow-checked every one after the first training and after caches
-/// were trained on rows that were not live traffic (calibration rows, a
-/// restored state, a retraining forced by over-budget mismatches), before the
-/// usual `shadow_fraction` applies:
-/// live traffic can differ from what they were certified on, and at 5 % a
-/// drifted cut would answer hundreds of rows before a second mismatch
-/// switched it off (measured: 1.5 % disagreement on the second half of vtest
-/// after a warm start on the first).
-pub const EAGER_CHECKS: u64 = 32;
 
 /// Connections remembered for the stream prior before the map is cleared.
 const MAX_STREAMS: usize = 65_536;
@@ -157,7 +150,7 @@ impl ModelCaches {
             generation: AtomicU64::new(0),
             window_rows: std::sync::atomic::AtomicUsize::new(0),
             force: AtomicBool::new(false),
-            eager: AtomicU64::new(0),
+            probation: AtomicU64::new(0),
             window: Mutex::new(Window { samples: VecDeque::new(), fresh: 0 }),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -236,66 +229,6 @@ impl ModelCaches {
     fn rows_needed(&self) -> usize {
         let scale = f32::from_bits(self.budget_scale.load(Ordering::Relaxed));
         self.config.min_samples.max(min_certifiable_rows(self.config.budget * scale)).min(self.config.window)
-    }
-
-    /// Whether the hit being answered must be shadow-checked regardless of
-    /// `shadow_fraction` (one of the [`EAGER_CHECKS`] after a forced training).
-    pub fn eager_check(&self) -> bool {
-        self.eager.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
-    }
-
-    /// A shadow-checked hit at `cut` said `cached`; the full model said `full`.
-    /// A mismatch that puts the live disagreement over budget switches that cut
-    /// off at once and asks for a retraining.
-    pub fn shadow(&self, cut: usize, cached: u32, full: u32) {
-        let s = &self.stats[cut];
-        s.shadow_checks.fetch_add(1, Ordering::Relaxed);
-        if cached == full {
-            return;
-        }
-        s.shadow_mismatches.fetch_add(1, Ordering::Relaxed);
-        // An ~80 % lower bound, not the point estimate: one unlucky mismatch among
-        // few checks must not switch off a cut the held-out data certified, while
-        // a cache that is wrong on every check (a class it never saw) goes at once.
-        if self.live_estimate(0.84) > self.config.budget {
-            // Over budget: this cut stops answering now (its confidences cannot be
-            // trusted — a cache that never saw a new class can be sure and wrong)
-            // and the trainer refits on the traffic that proved it wrong.
-            let mut guard = self.active.write().unwrap_or_else(|p| p.into_inner());
-            let mut next = (**guard).clone();
-            if next.cuts.get_mut(cut).and_then(Option::take).is_some() {
-                tracing::info!(model = %self.name, cut, live = self.live_disagreement(), "live disagreement over budget: cut switched off until the next training");
-                crate::telemetry::cache_cut_state(&self.name, cut, CutState::LiveDisagreement, 0.0);
-            }
-            let old = std::mem::replace(&mut *guard, Arc::new(next));
-            drop(guard);
-            self.offered.lock().unwrap_or_else(|p| p.into_inner()).retired.push(old);
-            self.train_now();
-        }
-    }
-
-    /// Estimated fraction of rows answered differently from the full model:
-    /// Σ over cuts of hit rate × shadow mismatch rate.
-    pub fn live_disagreement(&self) -> f32 {
-        self.live_estimate(0.0)
-    }
-
-    /// Σ over cuts of hit rate × a bound on the shadow mismatch rate: the
-    /// mismatches counted as m − z·√m (z = 0: the point estimate).
-    fn live_estimate(&self, z: f32) -> f32 {
-        let rows = self.rows.load(Ordering::Relaxed).max(1) as f32;
-        self.stats
-            .iter()
-            .map(|s| {
-                let checks = s.shadow_checks.load(Ordering::Relaxed);
-                if checks == 0 {
-                    return 0.0;
-                }
-                let m = s.shadow_mismatches.load(Ordering::Relaxed) as f32;
-                let rate = (m - z * m.sqrt()).max(0.0) / checks as f32;
-                s.hits.load(Ordering::Relaxed) as f32 / rows * rate
-            })
-            .sum()
     }
 
     /// The model's previous answer on each of `streams` (connections), if any.
@@ -454,7 +387,7 @@ impl ModelCaches {
         self.generation.store(state.meta.generation, Ordering::Relaxed);
         self.budget_scale.store(state.meta.budget_scale.clamp(0.05, MAX_BUDGET_SCALE).to_bits(), Ordering::Relaxed);
         self.install(Active { cuts: restored, generation: state.meta.generation, plan: None });
-        self.eager.store(EAGER_CHECKS, Ordering::Relaxed);
+        self.start_probation();
         crate::telemetry::cache_trained(&self.name, state.meta.generation, 0.0, 0.0);
         for (c, e) in restored_states.iter().enumerate() {
             crate::telemetry::cache_cut_state(&self.name, c, *e, 0.0);
@@ -568,9 +501,10 @@ fn trainer(me: std::sync::Weak<ModelCaches>, beat: &crate::liveness::Beat) {
         // metrics gets the new caches from its next batch on.
         let active = Arc::new(active);
         caches.offer(Some(Arc::clone(&active)));
-        // The first caches' first answers are checked too: nothing live has judged them yet.
+        // The first caches, and caches trained on rows that were not live, are
+        // judged on live traffic before they answer.
         if forced || active.generation == 1 {
-            caches.eager.store(EAGER_CHECKS, Ordering::Relaxed);
+            caches.start_probation();
         }
         let mem: usize = active.cuts.iter().flatten().map(|e| e.cache.mem_bytes()).sum();
         crate::telemetry::cache_state(&caches.name, caches.live_disagreement(), mem);

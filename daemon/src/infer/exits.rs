@@ -147,8 +147,9 @@ struct Exits<'a> {
     prior: Option<Vec<Option<u32>>>,
     /// Per row: a calibration row (never answered from a cache).
     calibrate: Vec<bool>,
-    /// Per row: a hit shadow-checked because every hit is for now (not sampled).
-    eager: Vec<bool>,
+    /// Per row: the (cut, class) a cache on probation would have answered;
+    /// the full model answers the row and judges the cache's guess.
+    probe: Vec<Option<(usize, u32)>>,
     rng: &'a mut u64,
 }
 
@@ -173,11 +174,18 @@ impl Exits<'_> {
             if !self.calibrate[r] {
                 self.guesses[r].push((cut, class));
             }
-            if self.hit[r].is_some() || self.calibrate[r] || conf < entry.threshold {
+            if self.hit[r].is_some() || self.probe[r].is_some() || self.calibrate[r] || conf < entry.threshold {
+                continue;
+            }
+            self.caches.stats[cut].hits.fetch_add(1, Ordering::Relaxed);
+            if self.caches.on_probation() {
+                // Not answered: nothing live has judged these caches yet (the first
+                // training, a restore, a retraining after a cut proved wrong). The
+                // full model answers, and judges what the cache would have said.
+                self.probe[r] = Some((cut, class));
                 continue;
             }
             self.hit[r] = Some((cut, class));
-            self.caches.stats[cut].hits.fetch_add(1, Ordering::Relaxed);
             let (k, row) = self.owner[r];
             let p = &mut self.pending[k];
             p.out[row * self.classes..(row + 1) * self.classes].copy_from_slice(&hit_row(
@@ -188,12 +196,12 @@ impl Exits<'_> {
             ));
             p.remaining -= 1;
             p.stage = p.stage.max(cut as u16);
-            p.finish_if_done(self.classes);
+            // Counted before the answer goes out: a client that reads its
+            // answer and then the metrics sees its own exit.
             telemetry::cache_exit(self.model, cut);
-            // A few hits also run on, off the request path, to measure disagreement
-            // (every one for a while after a training on rows that were not live).
-            self.eager[r] = self.caches.eager_check();
-            keep[j] = self.eager[r] || unit(self.rng) < f64::from(self.caches.config.shadow_fraction);
+            p.finish_if_done(self.classes);
+            // A few hits also run on, off the request path, to measure disagreement.
+            keep[j] = unit(self.rng) < f64::from(self.caches.config.shadow_fraction);
         }
         keep
     }
@@ -258,7 +266,7 @@ pub(super) fn run(
             .stream_prior
             .then(|| caches.priors(&streams).into_iter().zip(&calibrate).map(|(p, &c)| p.filter(|_| !c)).collect()),
         calibrate,
-        eager: vec![false; rows],
+        probe: vec![None; rows],
         rng,
     };
     caches.rows.fetch_add(rows as u64, Ordering::Relaxed);
@@ -307,7 +315,7 @@ pub(super) fn run(
         let r = live[j];
         let out = &run.data[i * run.row_len..(i + 1) * run.row_len];
         let label = out.iter().enumerate().fold((0, f32::MIN), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0 as u32;
-        let sampled = ex.hit[r].is_some() && !ex.eager[r];
+        let sampled = ex.hit[r].is_some();
         let weight = if sampled { 1.0 / caches.config.shadow_fraction.max(1e-3) } else { 1.0 };
         samples.push(Sample { features: std::mem::take(&mut ex.features[r]), label, weight });
         truth[r] = Some(label);
@@ -315,14 +323,17 @@ pub(super) fn run(
         match ex.hit[r] {
             Some((cut, cached)) => caches.shadow(cut, cached, label),
             None => {
+                if let Some((cut, guess)) = ex.probe[r] {
+                    caches.shadow(cut, guess, label);
+                }
                 let (k, row) = ex.owner[r];
                 let p = &mut ex.pending[k];
                 let n = run.row_len.min(classes);
                 p.out[row * classes..row * classes + n].copy_from_slice(&out[..n]);
                 p.remaining -= 1;
                 p.stage = last;
-                p.finish_if_done(classes);
                 telemetry::cache_exit(model, last as usize);
+                p.finish_if_done(classes);
             }
         }
     }

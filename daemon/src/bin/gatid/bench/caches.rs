@@ -19,7 +19,7 @@ use gatid::api::wire::Dtype;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Shorter streams (of the ImageNet ones only 300 steady recurring-objects
-    /// frames, after a warm start on 400 warm-up frames).
+    /// frames, after a warm start on 700 warm-up frames).
     #[arg(long)]
     pub quick: bool,
     /// Node config with the `cifar10`, `fmnist` and `imagenet` models.
