@@ -52,24 +52,22 @@ pub fn tune_shared(
         order.sort_by(|&a, &b| cut[b].1.total_cmp(&cut[a].1));
         // Longest prefix (by descending confidence) within the errors still allowed,
         // cut only between different confidence values so `conf >= t` selects it exactly.
-        let (mut errors, mut taken, mut taken_sq) = (0f32, 0f32, 0f32);
-        let (mut best_len, mut best_bound, mut best_taken) = (0usize, 0f32, 0f32);
+        let (mut errors, mut taken) = (0f32, 0f32);
+        let (mut best_len, mut best_errors, mut best_taken) = (0usize, 0f32, 0f32);
         for (i, &r) in order.iter().enumerate() {
             taken += w(r);
-            taken_sq += w(r) * w(r);
             if cut[r].0 != labels[r] {
                 errors += w(r);
             }
             // One-sided ~95 % upper bound on the errors behind `errors` observed
             // (3 when none were: the rule of three): a prefix is taken only if even
             // that bound fits the budget left, so small held-out sets activate nothing.
-            let bound = weighted_errors_upper(errors, taken, taken_sq);
-            if bound > limit {
+            if errors_upper(errors) > limit {
                 break;
             }
             let boundary = order.get(i + 1).is_none_or(|&next| cut[next].1 < cut[r].1);
             if boundary {
-                (best_len, best_bound, best_taken) = (i + 1, bound, taken);
+                (best_len, best_errors, best_taken) = (i + 1, errors, taken);
             }
         }
         if best_len == 0 || best_taken < min_hits.max(1.0) {
@@ -77,7 +75,7 @@ pub fn tune_shared(
             continue;
         }
         let threshold = cut[order[best_len - 1]].1;
-        allowed -= best_bound.min(allowed);
+        allowed -= errors_upper(best_errors).min(allowed);
         remaining = order[best_len..].to_vec();
         out.push(threshold);
     }
@@ -96,21 +94,6 @@ pub fn min_certifiable_rows(budget: f32) -> usize {
 /// ~95 % upper bound on the expected errors given `e` observed.
 fn errors_upper(e: f32) -> f32 {
     e + 1.645 * (e + 1.0).sqrt() + 1.35
-}
-
-/// [`errors_upper`] for weighted rows: `errors` and `taken` are sums of
-/// weights, `taken_sq` the sum of squared weights. The rows carry only as
-/// much evidence as their effective count (Kish: `taken² / taken_sq`): 20
-/// shadow-checked hits of weight 20 stand for 400 requests but are 20
-/// observations, and 0 errors among 20 bounds the rate at ~15 %, not ~0.75 %.
-/// The bound is computed on that many rows and scaled back to `taken`; with
-/// unit weights it is [`errors_upper`].
-fn weighted_errors_upper(errors: f32, taken: f32, taken_sq: f32) -> f32 {
-    if taken <= 0.0 {
-        return errors_upper(errors);
-    }
-    let scale = (taken_sq / taken).max(1.0);
-    scale * errors_upper(errors / scale)
 }
 
 #[cfg(test)]
@@ -172,30 +155,6 @@ mod tests {
         // Errors admitted stay within the budget either way.
         let errors = (0..n).filter(|&r| c0[r].1 >= shared[0] && c0[r].0 != 0).count();
         assert!(errors as f32 <= 0.01 * n as f32, "{errors}");
-    }
-
-    #[test]
-    fn weighted_rows_certify_as_many_observations_as_they_are() {
-        // 1000 requests, every one answered right: seen one by one they certify
-        // a 1 % budget; seen through 50 shadow checks of weight 20 they do not
-        // (0 errors in 50 bounds the rate near 6 %).
-        let right = vec![(0u32, 0.9f32); 1000];
-        assert_eq!(tune(std::slice::from_ref(&right), &vec![0u32; 1000], &[], 0.01, 1.0), vec![0.9]);
-        let checked = vec![(0u32, 0.9f32); 50];
-        assert_eq!(tune(std::slice::from_ref(&checked), &[0u32; 50], &[20.0; 50], 0.01, 1.0), vec![OFF]);
-        // Mixed: 900 unit rows and 5 checked hits (1000 requests) still certify
-        // at 1 % (the unit rows carry the evidence) …
-        let mut mixed = vec![(0u32, 0.9f32); 905];
-        let mut weights = vec![1.0f32; 900];
-        weights.extend([20.0; 5]);
-        assert_eq!(tune(std::slice::from_ref(&mixed), &vec![0u32; 905], &weights, 0.01, 1.0), vec![0.9]);
-        // … but one wrong checked hit (20 of 1000 requests) does not.
-        mixed[903].0 = 1;
-        assert_eq!(tune(&[mixed], &vec![0u32; 905], &weights, 0.01, 1.0), vec![OFF]);
-        // With unit weights the weighted bound is the plain one.
-        for e in [0.0, 1.0, 7.0, 30.0] {
-            assert!((weighted_errors_upper(e, 500.0, 500.0) - errors_upper(e)).abs() < 1e-4);
-        }
     }
 
     #[test]

@@ -73,23 +73,45 @@ pub fn thumbnail(row: &[f32], row_shape: &[usize]) -> Vec<f32> {
     let mut counts = vec![0f32; THUMB * THUMB];
     let clean = |v: f32| if v.is_finite() { v } else { 0.0 };
     if ch_axis != 1 {
-        // Channels first or last: walk the row in memory order through a
-        // pixel → cell map (the general walk below costs ~4× more per value).
-        let cells: Vec<usize> = (0..h * w).map(|p| (p / w * THUMB / h) * THUMB + (p % w) * THUMB / w).collect();
-        for &cell in &cells {
-            counts[cell] += 1.0;
+        // Channels first or last: walk the row in memory order, a cell index
+        // per row and per column (a per-pixel map cost ~0.35 ms to build per
+        // 260×260 row, and dividing per pixel as much again).
+        let ycell: Vec<usize> = (0..h).map(|y| y * THUMB / h * THUMB).collect();
+        let xcell: Vec<usize> = (0..w).map(|x| x * THUMB / w).collect();
+        let (mut ny, mut nx) = ([0f32; THUMB], [0f32; THUMB]);
+        for &c in &ycell {
+            ny[c / THUMB] += 1.0;
+        }
+        for &c in &xcell {
+            nx[c] += 1.0;
+        }
+        for (cell, n) in counts.iter_mut().enumerate() {
+            *n = ny[cell / THUMB] * nx[cell % THUMB];
         }
         if ch_axis == 0 {
             for (ch, plane) in row.chunks_exact(h * w).enumerate() {
                 let o = &mut out[ch * THUMB * THUMB..(ch + 1) * THUMB * THUMB];
-                for (&v, &cell) in plane.iter().zip(&cells) {
-                    o[cell] += clean(v);
+                for (line, &yc) in plane.chunks_exact(w).zip(&ycell) {
+                    let o = &mut o[yc..yc + THUMB];
+                    for (&v, &xc) in line.iter().zip(&xcell) {
+                        o[xc] += clean(v);
+                    }
                 }
             }
         } else {
-            for (px, &cell) in row.chunks_exact(chans).zip(&cells) {
-                for (ch, &v) in px.iter().enumerate() {
-                    out[ch * THUMB * THUMB + cell] += clean(v);
+            // Cell-major sums (channels adjacent), laid out channel-major after.
+            let mut acc = vec![0f32; THUMB * THUMB * chans];
+            for (line, &yc) in row.chunks_exact(w * chans).zip(&ycell) {
+                for (px, &xc) in line.chunks_exact(chans).zip(&xcell) {
+                    let a = &mut acc[(yc + xc) * chans..(yc + xc + 1) * chans];
+                    for (a, &v) in a.iter_mut().zip(px) {
+                        *a += clean(v);
+                    }
+                }
+            }
+            for (cell, sums) in acc.chunks_exact(chans).enumerate() {
+                for (ch, &v) in sums.iter().enumerate() {
+                    out[ch * THUMB * THUMB + cell] = v;
                 }
             }
         }

@@ -286,7 +286,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut traces = Vec::new();
     for w in &workloads {
+        let t0 = Instant::now();
         let per_mode = run_modes(&args.config, w, &args)?;
+        println!("  {:<18} ({:.0} s, daemons' start-up and warm start included)", w.name, t0.elapsed().as_secs_f64());
         for (mode, t) in MODES.iter().zip(&per_mode) {
             let mut per_cut = BTreeMap::new();
             t.exit.iter().for_each(|&e| *per_cut.entry(e).or_insert(0u64) += 1);
