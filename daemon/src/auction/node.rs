@@ -122,6 +122,17 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// Forgets the arbiter and every lease (this node's etcd lease expired:
+    /// the arbiter has revoked its leases); its app processes stop.
+    pub fn forget_view(&self) {
+        let mut v = self.lock();
+        if v.arbiter.take().is_some() || !v.leases.is_empty() {
+            tracing::warn!("lost the cluster (etcd lease expired); forgetting every lease");
+        }
+        v.leases.clear();
+        v.commands.clear();
+    }
+
     /// What the enforcer should run here.
     pub fn desired(&self) -> Desired {
         let v = self.lock();
@@ -193,7 +204,8 @@ impl ClusterNode {
         json!({
             "node": self.id(),
             "arbiter": v.arbiter,
-            "is_arbiter": self.cfg.is_arbiter(),
+            "is_arbiter": v.arbiter == Some(self.id()),
+            "elected": self.cfg.uses_etcd(),
             "apps": apps,
             "leases": v.leases.values().collect::<Vec<_>>(),
             "conflicts": v.conflicts,
