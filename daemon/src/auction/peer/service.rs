@@ -559,11 +559,17 @@ async fn arbiter_link(
         if write_frame(&mut s, &shared.seal(&join)).await.is_err() {
             continue;
         }
+        // The arbiter never writes on this connection: anything readable is
+        // its end (it died or closed), seen before a message is written into
+        // a dead connection and lost.
+        let (mut rd, mut wr) = s.split();
+        let mut eof = [0u8; 1];
         loop {
             let m = match pending.pop_front() {
                 Some(m) => m,
                 None => tokio::select! {
                     () = target.changed() => break,
+                    _ = tokio::io::AsyncReadExt::read(&mut rd, &mut eof) => break,
                     m = rx.recv() => match m {
                         Some(m) => m,
                         None => return,
@@ -574,7 +580,7 @@ async fn arbiter_link(
                 pending.push_front(m);
                 break; // the leader changed
             }
-            if write_frame(&mut s, &shared.seal(&m)).await.is_err() {
+            if write_frame(&mut wr, &shared.seal(&m)).await.is_err() {
                 pending.push_front(m);
                 break;
             }

@@ -1,0 +1,265 @@
+//! Three gatid daemons on loopback form a cluster on etcd (an etcd started by
+//! the test, `/usr/bin/etcd` from Debian's etcd-server, which
+//! `scripts/setup.sh` installs): the nodes register, elect an arbiter, and
+//! an app submitted on any node is granted; a killed non-arbiter node's
+//! leases are reclaimed within one lease period; the arbiter killed, the
+//! survivor is elected and grants a new app within one lease period; and at
+//! every poll no GPU is in two leases in any live node's view.
+//!
+//! Bounds: one lease period (`LEASE_S`) from the kill plus [`MARGIN_S`] for
+//! etcd's TTL granularity (TTLs are whole seconds, here 2 s, and etcd checks
+//! for expired leases every 500 ms). Nothing else is timed.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestDaemon;
+use gatid::api::wire::Kind;
+use serde_json::{json, Value};
+
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+const ETCD: &str = "/usr/bin/etcd";
+/// Lease length: at least 2 × the etcd TTL (2 s) + round_s, as config checks require.
+const LEASE_S: f64 = 6.0;
+/// etcd's TTL granularity (see the module doc).
+const MARGIN_S: f64 = 1.0;
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// An etcd of the test's own: free loopback ports, a temporary data dir, killed on drop.
+struct TestEtcd {
+    child: Child,
+    url: String,
+    dir: PathBuf,
+}
+
+impl TestEtcd {
+    fn start(dir: &Path) -> TestEtcd {
+        assert!(
+            Path::new(ETCD).exists(),
+            "{ETCD} is missing: run scripts/setup.sh (it installs Debian's etcd-server), then rerun this test"
+        );
+        let (client, peer) = (free_port(), free_port());
+        let data = dir.join("etcd-data");
+        let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
+        let child = Command::new(ETCD)
+            .args(["--name", "gati-test", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &format!("http://{client}")])
+            .args(["--advertise-client-urls", &format!("http://{client}")])
+            .args(["--listen-peer-urls", &format!("http://{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://{peer}")])
+            .args(["--initial-cluster", &format!("gati-test=http://{peer}")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd");
+        let mut e = TestEtcd { child, url: format!("http://{client}"), dir: dir.to_owned() };
+        poll_until("etcd listening", Duration::from_secs(30), || {
+            if let Some(st) = e.child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(e.dir.join("etcd.log")).unwrap_or_default();
+                panic!("etcd exited at start-up ({st}):\n{log}");
+            }
+            TcpStream::connect(client).is_ok()
+        });
+        e
+    }
+}
+
+impl Drop for TestEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node_config(dir: &Path, key: &Path, id: u32, addrs: &[SocketAddr], etcd: &str) -> String {
+    let me = addrs[id as usize - 1];
+    let peers: Vec<String> = addrs.iter().filter(|a| **a != me).map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "{}\n[cluster]\nnode_id = {id}\nlisten = \"{me}\"\nkey_file = \"{}\"\npeers = [{}]\netcd = [\"{etcd}\"]\netcd_prefix = \"/gati-test/\"\ngpus = 2\nlease_s = {LEASE_S}\nround_s = 0.5\nf = 0.5\ngrace_s = 0.5\n",
+        common::config(dir, "", &[]),
+        key.display(),
+        peers.join(", "),
+    )
+}
+
+fn poll_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t0.elapsed()
+}
+
+/// A node's view, checked: no GPU in two leases, no clashing grant seen.
+/// Returns (app, GPUs as (node, index)) per lease.
+fn view_checked(d: &TestDaemon, who: u32) -> (Value, Vec<(u64, Vec<(u64, u64)>)>) {
+    let view = d.client().control_json(Kind::Apps, 0, &[]).expect("apps");
+    assert_eq!(view["conflicts"], 0, "node {who}: a grant clashed with a lease it saw: {view}");
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for l in view["leases"].as_array().unwrap() {
+        let gpus: Vec<(u64, u64)> = l["gpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| (g["node"].as_u64().unwrap(), g["index"].as_u64().unwrap()))
+            .collect();
+        for g in &gpus {
+            assert!(seen.insert(*g), "node {who}: GPU {g:?} leased twice: {view}");
+        }
+        out.push((l["app"].as_u64().unwrap(), gpus));
+    }
+    (view, out)
+}
+
+type Nodes = Vec<Option<TestDaemon>>;
+
+/// Every live node's view, each checked.
+fn views(nodes: &Nodes) -> Vec<(u32, Value, Vec<(u64, Vec<(u64, u64)>)>)> {
+    (0..nodes.len())
+        .filter_map(|i| nodes[i].as_ref().map(|d| (i as u32 + 1, d)))
+        .map(|(id, d)| {
+            let (v, l) = view_checked(d, id);
+            (id, v, l)
+        })
+        .collect()
+}
+
+fn metric(d: &TestDaemon, line_prefix: &str) -> f64 {
+    let text = d.client().stats_text().unwrap();
+    text.lines().find_map(|l| l.strip_prefix(line_prefix)).map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+fn submit(d: &TestDaemon, name: &str, gpus: u32) -> u64 {
+    let req = json!({ "name": name, "gpus": gpus, "work": 1e6, "command": ["sleep", "20"] });
+    let v = d.client().control_json(Kind::AppSubmit, 0, req.to_string().as_bytes()).expect("submit");
+    v["app"].as_u64().unwrap()
+}
+
+#[test]
+fn cluster_on_etcd_elects_an_arbiter_reclaims_a_dead_node_and_fails_over() {
+    let root = common::tempdir("cluster-etcd");
+    let etcd = TestEtcd::start(&root);
+    let key = root.join("cluster.key");
+    std::fs::write(&key, KEY).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    let mut nodes: Nodes = (1..=3u32)
+        .map(|id| {
+            let dir = root.join(format!("n{id}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            Some(TestDaemon::start(&dir, &node_config(&dir, &key, id, &addrs, &etcd.url)))
+        })
+        .collect();
+    let bound = Duration::from_secs_f64(LEASE_S + MARGIN_S);
+
+    // An arbiter is elected; every node's view names it.
+    let mut arbiter = 0u32;
+    poll_until("an arbiter elected and known to every node", Duration::from_secs(30), || {
+        let v = views(&nodes);
+        let first = v[0].1["arbiter"].as_u64();
+        let same = v.iter().all(|(_, view, _)| view["arbiter"].as_u64() == first && view["elected"] == true);
+        arbiter = first.unwrap_or(0) as u32;
+        same && first.is_some()
+    });
+    let arb = nodes[arbiter as usize - 1].as_ref().unwrap();
+    assert_eq!(metric(arb, &format!("gati_cluster_arbiter{{node=\"{arbiter}\"}} ")), 1.0);
+    eprintln!("arbiter elected: node {arbiter}");
+
+    // An app of 6 GPUs (every node's 2), submitted on a non-arbiter node: granted on all three.
+    let other = (1..=3).find(|&n| n != arbiter).unwrap();
+    let a = submit(nodes[other as usize - 1].as_ref().unwrap(), "wide", 6);
+    poll_until("app granted GPUs on all three nodes", Duration::from_secs(30), || {
+        views(&nodes).iter().all(|(_, _, leases)| {
+            let on: BTreeSet<u64> = leases.iter().filter(|(app, _)| *app == a).flat_map(|(_, g)| g.iter().map(|g| g.0)).collect();
+            on.len() == 3
+        })
+    });
+
+    // A non-arbiter node dies: its leases are reclaimed in every live view within one lease period.
+    let victim = (1..=3).find(|&n| n != arbiter).unwrap();
+    let mut dead = nodes[victim as usize - 1].take().unwrap();
+    dead.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    dead.wait_exit(Duration::from_secs(10));
+    poll_until("the dead node's leases reclaimed", bound.saturating_sub(killed.elapsed()), || {
+        views(&nodes).iter().all(|(_, _, leases)| leases.iter().all(|(_, g)| g.iter().all(|g| g.0 != u64::from(victim))))
+    });
+    eprintln!("node {victim} killed: its leases reclaimed after {:.2} s", killed.elapsed().as_secs_f64());
+    // The app is re-granted on the two live nodes.
+    poll_until("app re-granted on the live nodes", Duration::from_secs(20), || {
+        views(&nodes).iter().all(|(_, _, leases)| {
+            let on: BTreeSet<u64> = leases.iter().filter(|(app, _)| *app == a).flat_map(|(_, g)| g.iter().map(|g| g.0)).collect();
+            on.len() == 2
+        })
+    });
+
+    // The arbiter dies: the survivor is elected and takes over the stored apps and leases, and an app the old
+    // arbiter never granted is granted by the new one, within one lease period of the kill. The new app is
+    // submitted just before the kill, while the wide app holds every live GPU on a fresh lease (so the old
+    // arbiter cannot grant it first), and once every node has heard of it (so the old arbiter stored it).
+    let survivor = (1..=3).find(|&n| n != arbiter && n != victim).unwrap();
+    let sv = survivor as usize - 1;
+    let c = submit(nodes[sv].as_ref().unwrap(), "after-failover", 1);
+    poll_until("every node has heard of the new app", Duration::from_secs(10), || {
+        views(&nodes).iter().all(|(_, v, _)| v["apps"].as_array().unwrap().iter().any(|x| x["app"] == c))
+    });
+    let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let (_, leases) = view_checked(nodes[sv].as_ref().unwrap(), survivor);
+    assert!(leases.iter().all(|(app, _)| *app != c), "the new app was granted before the failover: {leases:?}");
+    let mut old = nodes[arbiter as usize - 1].take().unwrap();
+    old.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    let killed_unix = unix_now();
+    old.wait_exit(Duration::from_secs(10));
+    poll_until("the survivor elected", bound.saturating_sub(killed.elapsed()), || {
+        views(&nodes).iter().all(|(_, v, _)| v["arbiter"].as_u64() == Some(u64::from(survivor)))
+    });
+    let elected = killed.elapsed();
+    let mut last = Value::Null;
+    let until = Instant::now() + bound.saturating_sub(killed.elapsed());
+    while !views(&nodes).iter().all(|(_, v, leases)| {
+        last = v.clone();
+        leases.iter().any(|(app, _)| *app == c)
+    }) {
+        assert!(Instant::now() < until, "the new app {c} was not granted within {bound:?} of the kill: {last}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let granted_lease = last["leases"].as_array().unwrap().iter().find(|l| l["app"] == c).unwrap().clone();
+    assert!(granted_lease["start"].as_f64().unwrap() > killed_unix, "granted by the new arbiter: {granted_lease}");
+    let s = || nodes[sv].as_ref().unwrap();
+    let granted = killed.elapsed();
+    eprintln!(
+        "arbiter node {arbiter} killed: node {survivor} elected after {:.2} s, new app granted after {:.2} s (bound {:.1} s)",
+        elected.as_secs_f64(),
+        granted.as_secs_f64(),
+        bound.as_secs_f64()
+    );
+    // The dead arbiter's GPUs are no one's; the new arbiter says so in its metrics.
+    let (_, leases) = view_checked(s(), survivor);
+    assert!(leases.iter().all(|(_, g)| g.iter().all(|g| g.0 == u64::from(survivor))), "{leases:?}");
+    assert_eq!(metric(s(), &format!("gati_cluster_arbiter{{node=\"{survivor}\"}} ")), 1.0);
+    assert!(metric(s(), "gati_cluster_elections_won_total ") >= 1.0);
+
+    // Drain.
+    for d in nodes.iter_mut().flatten() {
+        d.signal(libc::SIGTERM);
+    }
+    for d in nodes.iter_mut().flatten() {
+        assert!(d.wait_exit(Duration::from_secs(30)).success());
+    }
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&root);
+}
