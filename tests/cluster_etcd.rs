@@ -102,9 +102,12 @@ fn poll_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Dura
     t0.elapsed()
 }
 
+/// A lease in a view: its app and its GPUs as (node, index).
+type LeaseSeen = (u64, Vec<(u64, u64)>);
+
 /// A node's view, checked: no GPU in two leases, no clashing grant seen.
 /// Returns (app, GPUs as (node, index)) per lease.
-fn view_checked(d: &TestDaemon, who: u32) -> (Value, Vec<(u64, Vec<(u64, u64)>)>) {
+fn view_checked(d: &TestDaemon, who: u32) -> (Value, Vec<LeaseSeen>) {
     let view = d.client().control_json(Kind::Apps, 0, &[]).expect("apps");
     assert_eq!(view["conflicts"], 0, "node {who}: a grant clashed with a lease it saw: {view}");
     let mut seen = BTreeSet::new();
@@ -127,7 +130,7 @@ fn view_checked(d: &TestDaemon, who: u32) -> (Value, Vec<(u64, Vec<(u64, u64)>)>
 type Nodes = Vec<Option<TestDaemon>>;
 
 /// Every live node's view, each checked.
-fn views(nodes: &Nodes) -> Vec<(u32, Value, Vec<(u64, Vec<(u64, u64)>)>)> {
+fn views(nodes: &Nodes) -> Vec<(u32, Value, Vec<LeaseSeen>)> {
     (0..nodes.len())
         .filter_map(|i| nodes[i].as_ref().map(|d| (i as u32 + 1, d)))
         .map(|(id, d)| {
@@ -183,7 +186,8 @@ fn cluster_on_etcd_elects_an_arbiter_reclaims_a_dead_node_and_fails_over() {
     let a = submit(nodes[other as usize - 1].as_ref().unwrap(), "wide", 6);
     poll_until("app granted GPUs on all three nodes", Duration::from_secs(30), || {
         views(&nodes).iter().all(|(_, _, leases)| {
-            let on: BTreeSet<u64> = leases.iter().filter(|(app, _)| *app == a).flat_map(|(_, g)| g.iter().map(|g| g.0)).collect();
+            let on: BTreeSet<u64> =
+                leases.iter().filter(|(app, _)| *app == a).flat_map(|(_, g)| g.iter().map(|g| g.0)).collect();
             on.len() == 3
         })
     });
@@ -195,13 +199,16 @@ fn cluster_on_etcd_elects_an_arbiter_reclaims_a_dead_node_and_fails_over() {
     let killed = Instant::now();
     dead.wait_exit(Duration::from_secs(10));
     poll_until("the dead node's leases reclaimed", bound.saturating_sub(killed.elapsed()), || {
-        views(&nodes).iter().all(|(_, _, leases)| leases.iter().all(|(_, g)| g.iter().all(|g| g.0 != u64::from(victim))))
+        views(&nodes)
+            .iter()
+            .all(|(_, _, leases)| leases.iter().all(|(_, g)| g.iter().all(|g| g.0 != u64::from(victim))))
     });
     eprintln!("node {victim} killed: its leases reclaimed after {:.2} s", killed.elapsed().as_secs_f64());
     // The app is re-granted on the two live nodes.
     poll_until("app re-granted on the live nodes", Duration::from_secs(20), || {
         views(&nodes).iter().all(|(_, _, leases)| {
-            let on: BTreeSet<u64> = leases.iter().filter(|(app, _)| *app == a).flat_map(|(_, g)| g.iter().map(|g| g.0)).collect();
+            let on: BTreeSet<u64> =
+                leases.iter().filter(|(app, _)| *app == a).flat_map(|(_, g)| g.iter().map(|g| g.0)).collect();
             on.len() == 2
         })
     });
@@ -260,6 +267,57 @@ fn cluster_on_etcd_elects_an_arbiter_reclaims_a_dead_node_and_fails_over() {
     for d in nodes.iter_mut().flatten() {
         assert!(d.wait_exit(Duration::from_secs(30)).success());
     }
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Fencing, against the test's etcd: an arbiter's commits hold only while its
+/// election key is the one it won with. Once its etcd lease is gone (here
+/// revoked; in a failure, expired) another candidate wins, the old leader's
+/// next commit is refused, and the new one reads what the old one stored.
+#[test]
+fn a_deposed_arbiter_cannot_commit() {
+    use gatid::auction::etcd::record::{AppRecord, LeaderRecord, Op};
+    use gatid::auction::etcd::{Etcd, EtcdError};
+
+    let root = common::tempdir("cluster-etcd-fence");
+    let etcd = TestEtcd::start(&root);
+    let cfg: gatid::config::ClusterConfig = toml::from_str(&format!(
+        "node_id = 1\nlisten = \"127.0.0.1:1\"\nkey_file = \"k\"\netcd = [\"{}\"]\netcd_prefix = \"/fence/\"\n",
+        etcd.url
+    ))
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let app = |id: u64| AppRecord {
+            id,
+            node: 1,
+            name: format!("a{id}"),
+            demand: 1,
+            work: 1.0,
+            command: vec!["true".into()],
+            arrival: 0.0,
+            progress: Default::default(),
+        };
+        let mut a = Etcd::connect(&cfg).await.unwrap();
+        let mut b = Etcd::connect(&cfg).await.unwrap();
+        let la = a.grant(2).await.unwrap();
+        let ka = a.campaign(la, &LeaderRecord { node: 1, listen: "127.0.0.1:1".into() }).await.unwrap();
+        a.commit(&ka, &[Op::PutApp(app(1))]).await.unwrap();
+        // b campaigns (waits), a's lease goes, b wins.
+        let lb = b.grant(2).await.unwrap();
+        let mut b2 = b.clone();
+        let won =
+            tokio::spawn(async move { b2.campaign(lb, &LeaderRecord { node: 2, listen: "127.0.0.1:2".into() }).await });
+        a.revoke(la).await.unwrap();
+        let kb = tokio::time::timeout(Duration::from_secs(10), won).await.expect("b elected").unwrap().unwrap();
+        let fenced = a.commit(&ka, &[Op::PutApp(app(2))]).await;
+        assert!(matches!(fenced, Err(EtcdError::Fenced)), "{fenced:?}");
+        b.commit(&kb, &[Op::PutApp(app(3))]).await.unwrap();
+        let (snap, _) = b.snapshot().await.unwrap();
+        let ids: Vec<u64> = snap.apps.iter().map(|x| x.id).collect();
+        assert_eq!(ids, vec![1, 3], "the deposed arbiter's write is not stored");
+    });
     drop(etcd);
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -19,8 +19,8 @@ pub mod record;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaderKey, PutOptions, Txn, TxnOp,
-    WatchOptions, WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaderKey, PutOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
 };
 
 use self::record::{AppRecord, Keys, LeaderRecord, NodeRecord, Op, Snapshot};

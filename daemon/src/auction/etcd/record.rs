@@ -127,7 +127,8 @@ mod tests {
         assert_eq!(k.node_of(b"/gati/nodes/3"), Some(3));
         assert_eq!(k.node_of(b"/other/nodes/3"), None);
         assert_eq!(k.election(), "/gati/arbiter");
-        let l = Lease { id: 9, app: 4, gpus: vec![GpuId { node: 1, index: 0 }], start: 1.0, expiry: 2.0, renewal: false };
+        let l =
+            Lease { id: 9, app: 4, gpus: vec![GpuId { node: 1, index: 0 }], start: 1.0, expiry: 2.0, renewal: false };
         let (key, v) = k.op(&Op::PutLease(l.clone()));
         assert_eq!(key, "/gati/leases/9");
         assert_eq!(serde_json::from_slice::<Lease>(&v.unwrap()).unwrap(), l);

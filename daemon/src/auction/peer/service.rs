@@ -30,11 +30,11 @@ use super::frame::{open, ClusterKey, ReplayGuard, Sealer};
 use super::io::{read_frame, write_frame};
 use super::message::Message;
 use super::PeerError;
+use crate::auction::etcd::record::LeaderRecord;
 use crate::auction::gpu::{GpuId, NodeId};
 use crate::auction::node::{set_current, ClusterNode};
 use crate::auction::node_arbiter::{heartbeat_s, kind, ArbiterState, Out};
 use crate::auction::node_enforce::Enforcer;
-use crate::auction::etcd::record::LeaderRecord;
 use crate::config::{check_key_file, ClusterConfig};
 use crate::telemetry::names;
 
@@ -306,7 +306,8 @@ async fn run(
     if let Some(t) = target {
         tokio::spawn(arbiter_link(Arc::clone(&shared), t, join.clone(), to_arb_rx));
     }
-    metrics::gauge!(names::CLUSTER_ARBITER, "node" => cfg.node_id.to_string()).set(f64::from(u8::from(cfg.is_arbiter())));
+    metrics::gauge!(names::CLUSTER_ARBITER, "node" => cfg.node_id.to_string())
+        .set(f64::from(u8::from(cfg.is_arbiter())));
     tokio::spawn(accept(Arc::clone(&shared), listener));
 
     let hb = Duration::from_secs_f64(heartbeat_s(cfg.round_s));

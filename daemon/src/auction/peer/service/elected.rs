@@ -152,8 +152,11 @@ async fn lead(
     let (snap, rev) = etcd.snapshot().await?;
     let now = shared.now();
     let (members, apps, leases) = (snap.members.len(), snap.apps.len(), snap.leases.len());
-    let (state, outs) = ArbiterState::elected(cfg.node_id, cfg, snap, now)
-        .map_err(|e| EtcdError::BadValue { op: "snapshot", key: "config".into(), msg: e.to_string() })?;
+    let (state, outs) = ArbiterState::elected(cfg.node_id, cfg, snap, now).map_err(|e| EtcdError::BadValue {
+        op: "snapshot",
+        key: "config".into(),
+        msg: e.to_string(),
+    })?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Batch>();
     *shared.arbiter_lock() = Some(state);
     el.set_commits(Some(tx));
