@@ -481,4 +481,66 @@ mod tests {
         assert!(a.handle(1, submit(1, 5, 1), 0.0).is_err(), "twice");
         assert!(a.handle(1, Message::Welcome { arbiter: 1, lease_s: 1.0 }, 0.0).is_err());
     }
+
+    /// A new arbiter on etcd: the stored leases in force are honoured (same
+    /// ids, their GPUs not granted again), those of a node that is gone, of
+    /// an unknown app or already expired are dropped (and deleted from etcd);
+    /// every change afterwards is journalled before it is sent.
+    #[test]
+    fn an_elected_arbiter_takes_over_the_stored_state() {
+        use crate::auction::etcd::record::{AppRecord, NodeRecord, Op, Snapshot};
+        let rec = |gpus| NodeRecord { listen: "127.0.0.1:7".into(), gpus };
+        let app = |id: AppId| AppRecord {
+            id,
+            node: 1,
+            name: "a".into(),
+            demand: 2,
+            work: 1e6,
+            command: vec!["true".into()],
+            arrival: 90.0,
+            progress: Default::default(),
+        };
+        let lease = |id, app, node, expiry| Lease {
+            id,
+            app,
+            gpus: vec![GpuId { node, index: 0 }, GpuId { node, index: 1 }],
+            start: 95.0,
+            expiry,
+            renewal: false,
+        };
+        let snap = Snapshot {
+            members: [(1, rec(2)), (2, rec(2))].into_iter().collect(),
+            apps: vec![app(10), app(11), app(12)],
+            leases: vec![
+                lease(5, 10, 1, 200.0), // in force: kept
+                lease(6, 11, 3, 200.0), // node 3 is gone
+                lease(7, 99, 2, 200.0), // unknown app
+                lease(8, 12, 2, 99.0),  // expired
+            ],
+        };
+        let (mut a, out) = ArbiterState::elected(1, &cfg(), snap, 100.0).unwrap();
+        assert_eq!(a.take_ops(), vec![Op::DelLease(6), Op::DelLease(7), Op::DelLease(8)]);
+        let kept: Vec<u64> = a.arbiter.leases().iter().map(|l| l.id).collect();
+        assert_eq!(kept, vec![5]);
+        // Both members get a welcome and the kept lease.
+        for n in [1, 2] {
+            assert!(out.contains(&Out::To(n, Message::Welcome { arbiter: 1, lease_s: 10.0 })));
+            assert!(out
+                .iter()
+                .any(|o| matches!(o, Out::To(m, Message::Grant { lease, .. }) if *m == n && lease.id == 5)));
+        }
+        // The next round grants node 2's GPUs only, with new ids, and journals them.
+        let (_, report) = a.round(101.0);
+        assert!(report.grants.iter().all(|l| l.id > 8 && l.gpus.iter().all(|g| g.node == 2)), "{:?}", report.grants);
+        let ops = a.take_ops();
+        assert!(report.grants.iter().all(|l| ops.contains(&Op::PutLease(l.clone()))));
+        // Membership from etcd: no heartbeat timeout; a node whose registration ends loses its leases.
+        assert!(a.reap(1e9).is_empty());
+        let out = a.member_down(1);
+        assert!(out.iter().any(|o| matches!(o, Out::All(Message::Revoke { lease: 5, .. }))));
+        assert!(a.take_ops().contains(&Op::DelLease(5)));
+        assert!(a.handle(1, join(1, 2), 102.0).is_err(), "a join needs a registration in etcd");
+        let out = a.member_up(1, &rec(2), 103.0);
+        assert!(out.contains(&Out::To(1, Message::Welcome { arbiter: 1, lease_s: 10.0 })));
+    }
 }

@@ -235,7 +235,7 @@ mod tests {
         let cl = crate::config::parse(&etcd("etcd = [\"http://127.0.0.1:2379\"]\n"), &dir).unwrap().cluster.unwrap();
         assert!(cl.uses_etcd() && !cl.is_arbiter());
         assert_eq!((cl.etcd_prefix.as_str(), cl.etcd_ttl_s()), ("/gati/", 4));
-        let e = errs(etcd("etcd = [\"127.0.0.1:2379\"]\netcd_prefix = \"gati\"\nlease_s = 5.0\nround_s = 1.0\n"));
+        let e = errs(etcd("etcd = [\"127.0.0.1:2379\"]\netcd_prefix = \"gati\"\nlease_s = 4.0\nround_s = 1.0\n"));
         assert!(
             e.contains("http://host:port") && e.contains("cluster.etcd_prefix") && e.contains("cluster.lease_s"),
             "{e}"

@@ -12,7 +12,8 @@
 //! its messages go out; a failed or refused commit, a lost keep-alive, an
 //! ended watch or observe ends the session: the node stops arbitrating at
 //! once (fencing by stopping), revokes its etcd lease (so the next candidate
-//! wins without waiting for the TTL) and starts over as a candidate.
+//! wins without waiting for the TTL) and starts over as a candidate (after
+//! [`RETRY`], backing off to [`RETRY_MAX`] while etcd is unreachable).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,8 +27,10 @@ use crate::auction::node_arbiter::{ArbiterState, Out};
 use crate::config::ClusterConfig;
 use crate::telemetry::names;
 
-/// Pause between sessions.
+/// Pause between sessions; doubled after each session that failed before
+/// registering (etcd unreachable), up to [`RETRY_MAX`].
 pub const RETRY: Duration = Duration::from_millis(500);
+pub const RETRY_MAX: Duration = Duration::from_secs(5);
 
 type Batch = (Vec<Op>, Vec<Out>);
 
@@ -78,7 +81,9 @@ fn arbiter_gauge(me: u32, on: bool) {
 /// Sessions, one after the other, for as long as the peer service runs.
 pub(super) async fn session_loop(shared: Arc<Shared>, cfg: ClusterConfig) {
     let Some(el) = shared.elected.as_ref() else { return };
+    let mut pause = RETRY;
     loop {
+        let started = Instant::now();
         let r = session(&shared, &cfg).await;
         // Whatever ended it: stop arbitrating first (no step queues any more).
         el.set_commits(None);
@@ -94,7 +99,9 @@ pub(super) async fn session_loop(shared: Arc<Shared>, cfg: ClusterConfig) {
             // This node's etcd lease has expired: the arbiter revoked its leases.
             shared.node.forget_view();
         }
-        tokio::time::sleep(RETRY).await;
+        // A session that ran a while starts over quickly; etcd being away backs off.
+        pause = if started.elapsed() > ttl { RETRY } else { (pause * 2).min(RETRY_MAX) };
+        tokio::time::sleep(pause).await;
     }
 }
 
