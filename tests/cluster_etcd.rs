@@ -129,6 +129,52 @@ fn view_checked(d: &TestDaemon, who: u32) -> (Value, Vec<LeaseSeen>) {
 
 type Nodes = Vec<Option<TestDaemon>>;
 
+/// Samples every node's view in a thread of its own, back to back, for the
+/// whole test (the main thread's polls pause while it kills and submits):
+/// each view checked as [`view_checked`] does. A dead node's socket refuses
+/// and is skipped. Returns the number of views checked, or the first violation.
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<u64, String>>>,
+}
+
+impl Sampler {
+    fn start(sockets: Vec<PathBuf>) -> Sampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                for (i, sock) in sockets.iter().enumerate() {
+                    let Ok(mut c) = gatid::client::Client::connect(sock) else { continue };
+                    let Ok(view) = c.control_json(Kind::Apps, 0, &[]) else { continue };
+                    if view["conflicts"] != 0 {
+                        return Err(format!("node {}: a grant clashed with a lease it saw: {view}", i + 1));
+                    }
+                    let mut seen = BTreeSet::new();
+                    for l in view["leases"].as_array().into_iter().flatten() {
+                        for g in l["gpus"].as_array().into_iter().flatten() {
+                            if !seen.insert((g["node"].as_u64(), g["index"].as_u64())) {
+                                return Err(format!("node {}: GPU {g} leased twice: {view}", i + 1));
+                            }
+                        }
+                    }
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(n)
+        });
+        Sampler { stop, thread: Some(thread) }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let r = self.thread.take().unwrap().join().expect("sampler thread");
+        r.unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
 /// Every live node's view, each checked.
 fn views(nodes: &Nodes) -> Vec<(u32, Value, Vec<LeaseSeen>)> {
     (0..nodes.len())
@@ -167,6 +213,7 @@ fn cluster_on_etcd_elects_an_arbiter_reclaims_a_dead_node_and_fails_over() {
         })
         .collect();
     let bound = Duration::from_secs_f64(LEASE_S + MARGIN_S);
+    let sampler = Sampler::start(nodes.iter().flatten().map(|d| d.socket.clone()).collect());
 
     // An arbiter is elected; every node's view names it.
     let mut arbiter = 0u32;
@@ -259,6 +306,10 @@ fn cluster_on_etcd_elects_an_arbiter_reclaims_a_dead_node_and_fails_over() {
     assert!(leases.iter().all(|(_, g)| g.iter().all(|g| g.0 == u64::from(survivor))), "{leases:?}");
     assert_eq!(metric(s(), &format!("gati_cluster_arbiter{{node=\"{survivor}\"}} ")), 1.0);
     assert!(metric(s(), "gati_cluster_elections_won_total ") >= 1.0);
+
+    let sampled = sampler.finish();
+    assert!(sampled > 0);
+    eprintln!("{sampled} node views sampled throughout, none with a GPU in two leases");
 
     // Drain.
     for d in nodes.iter_mut().flatten() {
