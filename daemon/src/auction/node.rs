@@ -58,8 +58,12 @@ pub(crate) fn set_current(node: Option<Arc<ClusterNode>>) {
 
 impl ClusterNode {
     pub fn new(cfg: ClusterConfig, outbox: tokio::sync::mpsc::Sender<Message>) -> ClusterNode {
-        // App ids: this node's id in the high bits, so nodes never collide.
-        let first = u64::from(cfg.node_id) << 32;
+        // App ids: this node's id in the high bits, so nodes never collide;
+        // the low bits start from the clock (seconds mod 2^20, × 4096), so a
+        // restarted node does not reuse the ids of apps the cluster still
+        // holds (on etcd they outlive every process).
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let first = (u64::from(cfg.node_id) << 32) + ((secs & 0xF_FFFF) << 12);
         ClusterNode { cfg, view: Mutex::new(View::default()), outbox, next_app: AtomicU64::new(first + 1) }
     }
 
