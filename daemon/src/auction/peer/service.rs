@@ -361,6 +361,10 @@ async fn run(
         }
     }
     set_current(None);
+    if let Some(e) = &shared.elected {
+        // Leave etcd now rather than after the TTL: another node takes over at once.
+        e.leave(&shared).await;
+    }
     enforcer.stop_all();
     tracing::info!("peer service stopped");
 }

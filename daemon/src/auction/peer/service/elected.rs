@@ -42,11 +42,40 @@ pub(super) struct Elected {
     commits: Mutex<Option<mpsc::UnboundedSender<Batch>>>,
     /// The last confirmed keep-alive of this node's etcd lease.
     alive: Mutex<Instant>,
+    /// The session's connection and etcd lease, for [`Elected::leave`].
+    session: Mutex<Option<(Etcd, i64)>>,
+    /// Set by [`Elected::leave`]: no new session starts.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 impl Elected {
     pub(super) fn new() -> Elected {
-        Elected { leader: watch::channel(None).0, commits: Mutex::new(None), alive: Mutex::new(Instant::now()) }
+        Elected {
+            leader: watch::channel(None).0,
+            commits: Mutex::new(None),
+            alive: Mutex::new(Instant::now()),
+            session: Mutex::new(None),
+            leaving: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// At drain: stops arbitrating and revokes this node's etcd lease
+    /// (bounded), so its registration and candidacy go at once.
+    pub(super) async fn leave(&self, shared: &Shared) {
+        self.leaving.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.set_commits(None);
+        shared.arbiter_lock().take();
+        let s = self.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        match s {
+            Some((mut etcd, lease)) => match etcd.revoke(lease).await {
+                Ok(()) => tracing::info!(lease, "left etcd"),
+                Err(e) => {
+                    count(&e);
+                    tracing::warn!(error = %e, "leaving etcd");
+                }
+            },
+            None => tracing::info!("no etcd session to leave"),
+        }
     }
 
     /// The leader etcd names now, as this node last saw it.
@@ -82,7 +111,7 @@ fn arbiter_gauge(me: u32, on: bool) {
 pub(super) async fn session_loop(shared: Arc<Shared>, cfg: ClusterConfig) {
     let Some(el) = shared.elected.as_ref() else { return };
     let mut pause = RETRY;
-    loop {
+    while !el.leaving.load(std::sync::atomic::Ordering::Relaxed) {
         let started = Instant::now();
         let r = session(&shared, &cfg).await;
         // Whatever ended it: stop arbitrating first (no step queues any more).
@@ -111,8 +140,16 @@ async fn session(shared: &Arc<Shared>, cfg: &ClusterConfig) -> Result<(), EtcdEr
     let lease = etcd.grant(ttl).await?;
     if let Some(el) = &shared.elected {
         *el.alive.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+        *el.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((etcd.clone(), lease));
     }
     let r = registered(shared, cfg, &etcd, lease, ttl).await;
+    let leaving = shared.elected.as_ref().is_none_or(|el| {
+        el.session.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        el.leaving.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    if leaving {
+        return r; // Elected::leave revokes the lease
+    }
     if let Err(e) = etcd.revoke(lease).await {
         count(&e);
     }
