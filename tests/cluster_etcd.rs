@@ -372,3 +372,71 @@ fn a_deposed_arbiter_cannot_commit() {
     drop(etcd);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// An arbiter that is alive but lost its etcd lease (frozen with SIGSTOP
+/// past the TTL, as a partition or a stall would) is replaced; when it
+/// wakes, its etcd commits are refused, it sends no grant, stops
+/// arbitrating, and rejoins as a member of the new arbiter's view. No view
+/// ever shows a GPU in two leases.
+#[test]
+fn a_stalled_arbiter_is_fenced_and_rejoins_as_a_member() {
+    let root = common::tempdir("cluster-etcd-stall");
+    let etcd = TestEtcd::start(&root);
+    let key = root.join("cluster.key");
+    std::fs::write(&key, KEY).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let addrs: Vec<SocketAddr> = (0..2).map(|_| free_port()).collect();
+    let nodes: Nodes = (1..=2u32)
+        .map(|id| {
+            let dir = root.join(format!("n{id}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            Some(TestDaemon::start(&dir, &node_config(&dir, &key, id, &addrs, &etcd.url)))
+        })
+        .collect();
+    let bound = Duration::from_secs_f64(LEASE_S + MARGIN_S);
+    let mut x = 0u32;
+    poll_until("an arbiter elected", Duration::from_secs(30), || {
+        let v = views(&nodes);
+        x = v[0].1["arbiter"].as_u64().unwrap_or(0) as u32;
+        x != 0 && v.iter().all(|(_, view, _)| view["arbiter"].as_u64() == Some(u64::from(x)))
+    });
+    let y = 3 - x;
+    let (dx, dy) = (nodes[x as usize - 1].as_ref().unwrap(), nodes[y as usize - 1].as_ref().unwrap());
+    let p = submit(dy, "wide", 4);
+    poll_until("the wide app granted on both nodes", Duration::from_secs(30), || {
+        views(&nodes).iter().all(|(_, _, l)| l.iter().filter(|(a, _)| *a == p).flat_map(|(_, g)| g).count() == 4)
+    });
+
+    // The arbiter stalls (its control socket does not answer either: only y is polled meanwhile).
+    dx.signal(libc::SIGSTOP);
+    let stalled = Instant::now();
+    poll_until("y elected while x stalls", bound, || {
+        let (v, l) = view_checked(dy, y);
+        v["arbiter"].as_u64() == Some(u64::from(y)) && l.iter().all(|(_, g)| g.iter().all(|g| g.0 == u64::from(y)))
+    });
+    eprintln!("arbiter {x} stalled: node {y} elected after {:.2} s", stalled.elapsed().as_secs_f64());
+    let q = submit(dy, "during-stall", 1);
+    poll_until("the new arbiter grants", bound, || view_checked(dy, y).1.iter().any(|(a, _)| *a == q));
+
+    // x wakes: fenced, it stops arbitrating and takes y's view; every view stays disjoint.
+    dx.signal(libc::SIGCONT);
+    poll_until("x rejoins under y", Duration::from_secs(20), || {
+        let v = views(&nodes);
+        v.iter().all(|(_, view, _)| view["arbiter"].as_u64() == Some(u64::from(y)))
+            && metric(dx, &format!("gati_cluster_arbiter{{node=\"{x}\"}} ")) == 0.0
+    });
+    assert_eq!(metric(dy, &format!("gati_cluster_arbiter{{node=\"{y}\"}} ")), 1.0);
+    for _ in 0..20 {
+        views(&nodes);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "node {x} after waking: etcd errors fenced {} keepalive {} commit {}",
+        metric(dx, "gati_etcd_errors_total{op=\"fenced\"} "),
+        metric(dx, "gati_etcd_errors_total{op=\"keepalive\"} "),
+        metric(dx, "gati_etcd_errors_total{op=\"commit\"} ")
+    );
+    drop(nodes);
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&root);
+}
