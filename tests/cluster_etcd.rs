@@ -4,7 +4,10 @@
 //! an app submitted on any node is granted; a killed non-arbiter node's
 //! leases are reclaimed within one lease period; the arbiter killed, the
 //! survivor is elected and grants a new app within one lease period; and at
-//! every poll no GPU is in two leases in any live node's view.
+//! every poll no GPU is in two leases in any live node's view. Also: a
+//! deposed arbiter's etcd commit is refused (fencing, against etcd
+//! directly), and a stalled arbiter (SIGSTOP past its TTL) is replaced and
+//! wakes fenced, rejoining under the new one.
 //!
 //! Bounds: one lease period (`LEASE_S`) from the kill plus [`MARGIN_S`] for
 //! etcd's TTL granularity (TTLs are whole seconds, here 2 s, and etcd checks
