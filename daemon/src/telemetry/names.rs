@@ -145,7 +145,7 @@ pub const FAMILIES: &[Family] = &[
         ETCD_ERRORS_TOTAL,
         Counter,
         Some(Unit::Count),
-        "etcd operations that failed, by op (connect, register, keepalive, campaign, observe, snapshot, watch, commit, fenced).",
+        "etcd operations that failed, by op (connect, register, keepalive, campaign, observe, snapshot, watch, commit, fenced, revoke).",
     ),
     family(
         CLUSTER_ELECTIONS_WON_TOTAL,
