@@ -14,8 +14,11 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 #    service is neither started nor needed); clang + libbpf-dev build the eBPF
 #    steering program (ebpf/*.bpf.c; without them gatid builds and reports
 #    kernel steering unavailable); util-linux (setpriv, unshare) and iproute2 (ip)
-#    for the steering tests' private network namespaces.
-apt_pkgs=(dataset-fashion-mnist opencv-doc systemd prometheus clang libbpf-dev util-linux iproute2)
+#    for the steering tests' private network namespaces; etcd-server (3.4,
+#    /usr/bin/etcd) for the cluster's membership and arbiter election (the test
+#    tests/cluster_etcd.rs starts its own; the packaged service is not needed)
+#    and protobuf-compiler (protoc) for the etcd-client crate's build.
+apt_pkgs=(dataset-fashion-mnist opencv-doc systemd prometheus clang libbpf-dev util-linux iproute2 etcd-server protobuf-compiler)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

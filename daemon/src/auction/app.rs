@@ -50,6 +50,19 @@ pub struct App {
     stall: f64,
 }
 
+/// An app's progress as [`App::progress`] saves it and [`App::resume`] restores it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Work done.
+    pub done: f64,
+    /// ∫ active apps dt since arrival.
+    pub contention_s: f64,
+    /// GPU-seconds received.
+    pub attained: f64,
+    /// When it was last advanced (seconds on the arbiter's clock).
+    pub last: f64,
+}
+
 /// What [`App::rho_with`] needs about the cluster.
 #[derive(Clone, Copy, Debug)]
 pub struct ClusterView {
@@ -102,6 +115,22 @@ impl App {
         self.contention_s += self.contention_now * dt;
         self.last = now;
         finished
+    }
+
+    /// What the app has done so far, to be carried over to another arbiter.
+    pub fn progress(&self) -> Progress {
+        Progress { done: self.done, contention_s: self.contention_s, attained: self.attained, last: self.last }
+    }
+
+    /// An app resumed at `p` (failover: a new arbiter continues from the
+    /// last progress the old one stored).
+    pub fn resume(spec: AppSpec, p: Progress) -> App {
+        let mut a = App::new(spec);
+        a.done = p.done.clamp(0.0, a.spec.total_work);
+        a.contention_s = p.contention_s.max(0.0);
+        a.attained = p.attained.max(0.0);
+        a.last = p.last.max(a.spec.arrival);
+        a
     }
 
     /// The app's GPUs changed: it spends `seconds` restarting from its

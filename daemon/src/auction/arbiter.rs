@@ -126,6 +126,24 @@ impl Arbiter {
         revoked
     }
 
+    /// Puts back a lease another arbiter granted (failover); refuses one
+    /// whose GPUs are not all free here (unknown node, or leased already).
+    pub fn restore_lease(&mut self, lease: Lease) -> Result<(), AuctionError> {
+        if let Some(g) = lease.gpus.iter().find(|g| self.nodes.get(&g.node).is_none_or(|&n| g.index >= n)) {
+            return Err(AuctionError::Config(format!("lease {}: GPU {g:?} is not in the cluster", lease.id)));
+        }
+        if !self.pool.take_exact(&lease.gpus) {
+            return Err(AuctionError::Config(format!("lease {}: a GPU of it is leased already", lease.id)));
+        }
+        let gpus = lease.gpus.clone();
+        self.leases.restore(lease).inspect_err(|_| self.pool.put(&gpus))
+    }
+
+    /// New lease ids are above `id`.
+    pub fn skip_lease_ids_to(&mut self, id: u64) {
+        self.leases.skip_ids_to(id);
+    }
+
     /// An app finished or was withdrawn: its leases end now.
     pub fn release_app(&mut self, app: AppId) -> Vec<Lease> {
         let ended = self.leases.release_app(app);

@@ -59,6 +59,32 @@ impl LeaseTable {
         Ok(self.leases.entry(id).or_insert(Lease { id, app, gpus, start: now, expiry: now + len_s, renewal }))
     }
 
+    /// Puts back a lease another arbiter granted (failover: the new arbiter
+    /// honours it until it expires), keeping its id; refuses (and changes
+    /// nothing) if its id or any of its GPUs is taken. Later grants get
+    /// higher ids.
+    pub fn restore(&mut self, lease: Lease) -> Result<(), AuctionError> {
+        if let Some(g) = lease.gpus.iter().find(|g| self.by_gpu.contains_key(g)) {
+            return Err(AuctionError::AlreadyLeased(*g));
+        }
+        if self.leases.contains_key(&lease.id) {
+            return Err(AuctionError::Config(format!("lease {} restored twice", lease.id)));
+        }
+        self.next = self.next.max(lease.id);
+        for g in &lease.gpus {
+            self.by_gpu.insert(*g, lease.id);
+        }
+        self.by_app.entry(lease.app).or_default().push(lease.id);
+        self.leases.insert(lease.id, lease);
+        Ok(())
+    }
+
+    /// Lease ids from here on are above `id` (a new arbiter continues above
+    /// every id the old one may have used).
+    pub fn skip_ids_to(&mut self, id: LeaseId) {
+        self.next = self.next.max(id);
+    }
+
     fn remove(&mut self, id: LeaseId) -> Option<Lease> {
         let l = self.leases.remove(&id)?;
         for g in &l.gpus {
@@ -149,5 +175,11 @@ mod tests {
         t.grant(2, vec![g(0, 1), g(1, 0)], 10.0, 10.0, false).unwrap();
         assert_eq!(t.revoke_node(1).len(), 1);
         assert_eq!(t.leased_gpus(), 0);
+        // Restored leases keep their ids and block their GPUs.
+        let old = Lease { id: 40, app: 7, gpus: vec![g(0, 0)], start: 0.0, expiry: 5.0, renewal: false };
+        t.restore(old.clone()).unwrap();
+        assert!(t.restore(Lease { id: 41, ..old.clone() }).is_err(), "GPU taken");
+        assert_eq!(t.holder(g(0, 0)), Some(7));
+        assert!(t.grant(8, vec![g(0, 1)], 0.0, 1.0, false).unwrap().id > 40);
     }
 }

@@ -11,6 +11,8 @@
 //! - [`arbiter`]: the lease round that ties them together;
 //! - [`peer`]: the authenticated peer protocol between nodes, and the
 //!   node's peer service;
+//! - [`etcd`]: membership and the arbiter election on etcd (the
+//!   alternative to a static arbiter), and what the arbiter stores there;
 //! - [`node`], [`node_arbiter`], [`node_enforce`]: a gatid node's side of the
 //!   cluster (its view and control answers, the arbiter it may run, and the
 //!   enforcement of leases on its app processes);
@@ -20,6 +22,7 @@
 pub mod app;
 pub mod arbiter;
 pub mod bid;
+pub mod etcd;
 pub mod gpu;
 pub mod lease;
 pub mod node;

@@ -58,8 +58,12 @@ pub(crate) fn set_current(node: Option<Arc<ClusterNode>>) {
 
 impl ClusterNode {
     pub fn new(cfg: ClusterConfig, outbox: tokio::sync::mpsc::Sender<Message>) -> ClusterNode {
-        // App ids: this node's id in the high bits, so nodes never collide.
-        let first = u64::from(cfg.node_id) << 32;
+        // App ids: this node's id in the high bits, so nodes never collide;
+        // the low bits start from the clock (seconds mod 2^20, × 4096), so a
+        // restarted node does not reuse the ids of apps the cluster still
+        // holds (on etcd they outlive every process).
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let first = (u64::from(cfg.node_id) << 32) + ((secs & 0xF_FFFF) << 12);
         ClusterNode { cfg, view: Mutex::new(View::default()), outbox, next_app: AtomicU64::new(first + 1) }
     }
 
@@ -120,6 +124,17 @@ impl ClusterNode {
             other => return Err(format!("a node does not take `{}`", super::node_arbiter::kind(&other))),
         }
         Ok(())
+    }
+
+    /// Forgets the arbiter and every lease (this node's etcd lease expired:
+    /// the arbiter has revoked its leases); its app processes stop.
+    pub fn forget_view(&self) {
+        let mut v = self.lock();
+        if v.arbiter.take().is_some() || !v.leases.is_empty() {
+            tracing::warn!("lost the cluster (etcd lease expired); forgetting every lease");
+        }
+        v.leases.clear();
+        v.commands.clear();
     }
 
     /// What the enforcer should run here.
@@ -193,7 +208,8 @@ impl ClusterNode {
         json!({
             "node": self.id(),
             "arbiter": v.arbiter,
-            "is_arbiter": self.cfg.is_arbiter(),
+            "is_arbiter": v.arbiter == Some(self.id()),
+            "elected": self.cfg.uses_etcd(),
             "apps": apps,
             "leases": v.leases.values().collect::<Vec<_>>(),
             "conflicts": v.conflicts,

@@ -9,6 +9,13 @@
 //! stream per member), so every node holds the same view of who leases which
 //! GPU. A member silent for [`DEAD_AFTER_HEARTBEATS`] heartbeat periods is
 //! removed and its leases revoked.
+//!
+//! On etcd ([`ArbiterState::elected`]) the members are the nodes registered
+//! in etcd ([`ArbiterState::member_up`] / [`ArbiterState::member_down`], no
+//! heartbeat timeout), the state starts from what the previous arbiter
+//! stored, and every change to apps and leases is also journalled as an
+//! [`Op`] ([`ArbiterState::take_ops`]) that the service writes to etcd before
+//! it sends the messages of the same step.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,6 +23,7 @@ use std::sync::Arc;
 
 use super::app::{App, AppId, AppSpec, ClusterView};
 use super::arbiter::{Arbiter, ArbiterConfig, RoundReport};
+use super::etcd::record::{AppRecord, NodeRecord, Op, Snapshot};
 use super::gpu::NodeId;
 use super::lease::Lease;
 use super::peer::message::Message;
@@ -51,6 +59,8 @@ pub struct Member {
 pub struct TrackedApp {
     pub app: App,
     pub command: Vec<String>,
+    /// The node it was submitted on.
+    pub node: NodeId,
 }
 
 /// What to send: to one member, or to all.
@@ -70,6 +80,9 @@ pub struct ArbiterState {
     heartbeat_s: f64,
     lease_s: f64,
     model: Arc<ThroughputModel>,
+    /// Members come from etcd (no heartbeat timeout) and changes are journalled.
+    on_etcd: bool,
+    ops: Vec<Op>,
 }
 
 impl ArbiterState {
@@ -83,7 +96,123 @@ impl ArbiterState {
             heartbeat_s: heartbeat_s(cfg.round_s),
             lease_s: cfg.lease_s,
             model: Arc::new(ThroughputModel::linear(1.0, 0.7)),
+            on_etcd: false,
+            ops: Vec::new(),
         })
+    }
+
+    /// The arbiter a node runs once elected on etcd, from what the previous
+    /// one stored: the members registered now, the apps, and the leases in
+    /// force — honoured until they expire (a lease on a GPU of a node that is
+    /// gone, of an app that is gone, or already expired at `now` is dropped).
+    /// Returns the state and what brings every member's view to it.
+    pub fn elected(
+        me: NodeId,
+        cfg: &ClusterConfig,
+        snap: Snapshot,
+        now: f64,
+    ) -> Result<(ArbiterState, Vec<Out>), AuctionError> {
+        let mut s = ArbiterState::new(me, cfg)?;
+        s.on_etcd = true;
+        for (n, rec) in snap.members {
+            if let Some(m) = member(&rec, now) {
+                s.arbiter.add_node(n, m.gpus);
+                s.members.insert(n, m);
+            }
+        }
+        for a in snap.apps {
+            let spec = AppSpec {
+                id: a.id,
+                name: a.name,
+                demand: a.demand,
+                total_work: a.work,
+                model: Arc::clone(&s.model),
+                arrival: a.arrival,
+            };
+            s.apps.insert(a.id, TrackedApp { app: App::resume(spec, a.progress), command: a.command, node: a.node });
+        }
+        s.arbiter.skip_lease_ids_to(snap.leases.iter().map(|l| l.id).max().unwrap_or(0));
+        for l in snap.leases {
+            let id = l.id;
+            let keep = s.apps.contains_key(&l.app) && l.expiry > now;
+            if !keep || s.arbiter.restore_lease(l).is_err() {
+                s.ops.push(Op::DelLease(id));
+            }
+        }
+        let out = s.members.keys().flat_map(|&n| s.resync().into_iter().map(move |m| Out::To(n, m))).collect();
+        Ok((s, out))
+    }
+
+    /// The changes to store since the last call (on etcd; empty otherwise).
+    pub fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.ops)
+    }
+
+    fn journal(&mut self, op: Op) {
+        if self.on_etcd {
+            self.ops.push(op);
+        }
+    }
+
+    fn journal_app(&mut self, id: AppId) {
+        if !self.on_etcd {
+            return;
+        }
+        if let Some(t) = self.apps.get(&id) {
+            let s = &t.app.spec;
+            self.ops.push(Op::PutApp(AppRecord {
+                id,
+                node: t.node,
+                name: s.name.clone(),
+                demand: s.demand,
+                work: s.total_work,
+                command: t.command.clone(),
+                arrival: s.arrival,
+                progress: t.app.progress(),
+            }));
+        }
+    }
+
+    /// A lease ended: every member hears it, etcd forgets it.
+    fn ended(&mut self, l: &Lease, reason: &str, out: &mut Vec<Out>) {
+        out.push(Out::All(revoke(l, reason)));
+        self.journal(Op::DelLease(l.id));
+    }
+
+    /// A node registered in etcd (or re-registered, maybe with other GPUs).
+    pub fn member_up(&mut self, node: NodeId, rec: &NodeRecord, now: f64) -> Vec<Out> {
+        let mut out = Vec::new();
+        let Some(m) = member(rec, now) else {
+            tracing::warn!(node, listen = %rec.listen, gpus = rec.gpus, "etcd member record refused");
+            return out;
+        };
+        if !self.members.contains_key(&node) && self.members.len() >= MAX_NODES {
+            return out;
+        }
+        let known = self.members.get(&node).map(|m| m.gpus);
+        let n = m.gpus;
+        self.members.insert(node, m);
+        if known != Some(n) {
+            for l in self.arbiter.remove_node(node) {
+                self.ended(&l, "node rejoined with other GPUs", &mut out);
+            }
+            self.arbiter.add_node(node, n);
+        }
+        out.extend(self.resync().into_iter().map(|m| Out::To(node, m)));
+        out
+    }
+
+    /// A node's etcd registration is gone (its etcd lease expired: it died
+    /// or lost etcd): it leaves, its leases are revoked.
+    pub fn member_down(&mut self, node: NodeId) -> Vec<Out> {
+        let mut out = Vec::new();
+        if self.members.remove(&node).is_some() {
+            tracing::warn!(node, "cluster member's etcd lease ended; removing it and revoking its leases");
+        }
+        for l in self.arbiter.remove_node(node) {
+            self.ended(&l, "node left", &mut out);
+        }
+        out
     }
 
     pub fn members(&self) -> &BTreeMap<NodeId, Member> {
@@ -119,6 +248,14 @@ impl ArbiterState {
                 let n = u32::try_from(gpus.len()).unwrap_or(u32::MAX);
                 if n > crate::config::MAX_NODE_GPUS || gpus.iter().any(|g| g.node != node || g.index >= n) {
                     return Err(format!("join of node {node}: GPUs must be {node}:0..{n}, at most 1024"));
+                }
+                if self.on_etcd {
+                    // Members come from etcd; a join only asks for the current view.
+                    if !self.members.contains_key(&node) {
+                        return Err(format!("join of node {node}, which is not registered in etcd"));
+                    }
+                    out.extend(self.resync().into_iter().map(|m| Out::To(node, m)));
+                    return Ok(out);
                 }
                 if !self.members.contains_key(&node) && self.members.len() >= MAX_NODES {
                     return Err(format!("cluster full ({MAX_NODES} nodes)"));
@@ -157,7 +294,8 @@ impl ArbiterState {
                 }
                 let spec =
                     AppSpec { id: app, name, demand, total_work: work, model: Arc::clone(&self.model), arrival: now };
-                self.apps.insert(app, TrackedApp { app: App::new(spec), command });
+                self.apps.insert(app, TrackedApp { app: App::new(spec), command, node });
+                self.journal_app(app);
             }
             other => return Err(format!("the arbiter does not take `{}`", kind(&other))),
         }
@@ -166,6 +304,9 @@ impl ArbiterState {
 
     /// Members silent too long leave; their leases are revoked.
     pub fn reap(&mut self, now: f64) -> Vec<Out> {
+        if self.on_etcd {
+            return Vec::new(); // etcd's lease TTL decides (member_down)
+        }
         let limit = DEAD_AFTER_HEARTBEATS * self.heartbeat_s;
         let dead: Vec<NodeId> =
             self.members.iter().filter(|(_, m)| now - m.last_seen > limit).map(|(&n, _)| n).collect();
@@ -195,17 +336,25 @@ impl ArbiterState {
         }
         for id in finished {
             for l in self.arbiter.release_app(id) {
-                out.push(Out::All(revoke(&l, "app finished")));
+                self.ended(&l, "app finished", &mut out);
             }
             self.apps.remove(&id);
+            self.journal(Op::DelApp(id));
         }
         let refs: Vec<&App> = self.apps.values().map(|t| &t.app).collect();
         let report = self.arbiter.round(now, &refs);
+        let mut touched = std::collections::BTreeSet::new();
         for l in &report.expired {
-            out.push(Out::All(revoke(l, "expired")));
+            self.ended(l, "expired", &mut out);
+            touched.insert(l.app);
         }
         for l in &report.grants {
             out.push(Out::All(self.grant_msg(l)));
+            self.journal(Op::PutLease(l.clone()));
+            touched.insert(l.app);
+        }
+        for id in touched {
+            self.journal_app(id);
         }
         let view = ClusterView {
             now,
@@ -219,6 +368,12 @@ impl ArbiterState {
         }
         (out, report)
     }
+}
+
+/// A member from its etcd record (`None`: a bad address or GPU count).
+fn member(rec: &NodeRecord, now: f64) -> Option<Member> {
+    let listen: SocketAddr = rec.listen.parse().ok()?;
+    (rec.gpus <= crate::config::MAX_NODE_GPUS).then_some(Member { listen, gpus: rec.gpus, last_seen: now })
 }
 
 fn revoke(l: &Lease, reason: &str) -> Message {
@@ -325,5 +480,67 @@ mod tests {
         a.handle(1, submit(1, 5, 1), 0.0).unwrap();
         assert!(a.handle(1, submit(1, 5, 1), 0.0).is_err(), "twice");
         assert!(a.handle(1, Message::Welcome { arbiter: 1, lease_s: 1.0 }, 0.0).is_err());
+    }
+
+    /// A new arbiter on etcd: the stored leases in force are honoured (same
+    /// ids, their GPUs not granted again), those of a node that is gone, of
+    /// an unknown app or already expired are dropped (and deleted from etcd);
+    /// every change afterwards is journalled before it is sent.
+    #[test]
+    fn an_elected_arbiter_takes_over_the_stored_state() {
+        use crate::auction::etcd::record::{AppRecord, NodeRecord, Op, Snapshot};
+        let rec = |gpus| NodeRecord { listen: "127.0.0.1:7".into(), gpus };
+        let app = |id: AppId| AppRecord {
+            id,
+            node: 1,
+            name: "a".into(),
+            demand: 2,
+            work: 1e6,
+            command: vec!["true".into()],
+            arrival: 90.0,
+            progress: Default::default(),
+        };
+        let lease = |id, app, node, expiry| Lease {
+            id,
+            app,
+            gpus: vec![GpuId { node, index: 0 }, GpuId { node, index: 1 }],
+            start: 95.0,
+            expiry,
+            renewal: false,
+        };
+        let snap = Snapshot {
+            members: [(1, rec(2)), (2, rec(2))].into_iter().collect(),
+            apps: vec![app(10), app(11), app(12)],
+            leases: vec![
+                lease(5, 10, 1, 200.0), // in force: kept
+                lease(6, 11, 3, 200.0), // node 3 is gone
+                lease(7, 99, 2, 200.0), // unknown app
+                lease(8, 12, 2, 99.0),  // expired
+            ],
+        };
+        let (mut a, out) = ArbiterState::elected(1, &cfg(), snap, 100.0).unwrap();
+        assert_eq!(a.take_ops(), vec![Op::DelLease(6), Op::DelLease(7), Op::DelLease(8)]);
+        let kept: Vec<u64> = a.arbiter.leases().iter().map(|l| l.id).collect();
+        assert_eq!(kept, vec![5]);
+        // Both members get a welcome and the kept lease.
+        for n in [1, 2] {
+            assert!(out.contains(&Out::To(n, Message::Welcome { arbiter: 1, lease_s: 10.0 })));
+            assert!(out
+                .iter()
+                .any(|o| matches!(o, Out::To(m, Message::Grant { lease, .. }) if *m == n && lease.id == 5)));
+        }
+        // The next round grants node 2's GPUs only, with new ids, and journals them.
+        let (_, report) = a.round(101.0);
+        assert!(report.grants.iter().all(|l| l.id > 8 && l.gpus.iter().all(|g| g.node == 2)), "{:?}", report.grants);
+        let ops = a.take_ops();
+        assert!(report.grants.iter().all(|l| ops.contains(&Op::PutLease(l.clone()))));
+        // Membership from etcd: no heartbeat timeout; a node whose registration ends loses its leases.
+        assert!(a.reap(1e9).is_empty());
+        let out = a.member_down(1);
+        assert!(out.iter().any(|o| matches!(o, Out::All(Message::Revoke { lease: 5, .. }))));
+        assert!(a.take_ops().contains(&Op::DelLease(5)));
+        assert!(a.handle(1, join(1, 2), 102.0).is_err(), "a join needs a registration in etcd");
+        let out = a.member_up(1, &rec(2), 103.0);
+        assert!(out.contains(&Out::To(1, Message::Welcome { arbiter: 1, lease_s: 10.0 })));
     }
 }

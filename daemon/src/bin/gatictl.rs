@@ -258,7 +258,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// One aligned line per data-plane thread of a `Health` answer.
 fn print_apps(v: &Value) {
-    println!("node {}  arbiter {}  leases {}", v["node"], v["arbiter"], v["leases"].as_array().map_or(0, Vec::len));
+    let how = if v["elected"] == true { " (elected on etcd)" } else { "" };
+    println!(
+        "node {}  arbiter {}{how}  leases {}",
+        v["node"],
+        v["arbiter"],
+        v["leases"].as_array().map_or(0, Vec::len)
+    );
     println!("{:>14} {:<16} {:>8} {:>6}  leases (id: node:gpu..., expiry s)", "app", "name", "rho", "pid");
     for a in v["apps"].as_array().into_iter().flatten() {
         let leases: Vec<String> = a["leases"]

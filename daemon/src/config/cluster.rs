@@ -28,9 +28,17 @@ pub struct ClusterConfig {
     /// the arbiter learns nodes from their `join`).
     #[serde(default)]
     pub peers: Vec<SocketAddr>,
-    /// The arbiter's peer address: this node's `listen` or a peer's (static;
-    /// etcd election is not implemented).
-    pub arbiter: SocketAddr,
+    /// A static arbiter's peer address: this node's `listen` or a peer's.
+    /// Exactly one of `arbiter` and `etcd`.
+    #[serde(default)]
+    pub arbiter: Option<SocketAddr>,
+    /// etcd endpoints (`http://host:port`): membership and arbiter election
+    /// on etcd (`docs/peer-protocol.md`, "On etcd"). Exactly one of `arbiter` and `etcd`.
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    /// Key prefix of this cluster in etcd (several clusters can share one etcd).
+    #[serde(default = "default_etcd_prefix")]
+    pub etcd_prefix: String,
     /// GPUs this node declares (for nodes without NVIDIA hardware: the
     /// protocol runs on CPU machines). Indices 0..gpus.
     #[serde(default)]
@@ -61,13 +69,33 @@ fn default_f() -> f64 {
 fn default_grace_s() -> f64 {
     10.0
 }
+fn default_etcd_prefix() -> String {
+    "/gati/".into()
+}
 
 impl ClusterConfig {
-    /// Whether this node is the arbiter.
+    /// Whether this node is the static arbiter (with etcd: never; the
+    /// arbiter is elected).
     pub fn is_arbiter(&self) -> bool {
-        self.arbiter == self.listen
+        self.arbiter == Some(self.listen)
+    }
+
+    /// Whether membership and the arbiter come from etcd.
+    pub fn uses_etcd(&self) -> bool {
+        !self.etcd.is_empty()
+    }
+
+    /// The TTL of this node's etcd lease, whole seconds: four heartbeat
+    /// periods, at least [`MIN_ETCD_TTL_S`] (etcd's own floor).
+    pub fn etcd_ttl_s(&self) -> i64 {
+        let hb = (self.round_s / 2.0).clamp(0.05, 1.0);
+        ((4.0 * hb).ceil() as i64).max(MIN_ETCD_TTL_S)
     }
 }
+
+/// The shortest etcd lease TTL gati asks for (etcd raises shorter ones to
+/// about 1.5 × its election timeout, 2 s with its defaults).
+pub const MIN_ETCD_TTL_S: i64 = 2;
 
 /// Most GPUs one node may declare.
 pub const MAX_NODE_GPUS: u32 = 1024;
@@ -119,8 +147,37 @@ pub(super) fn check(c: &Config, lines: &Lines, out: &mut Vec<ConfigIssue>) {
     if !cl.grace_s.is_finite() || cl.grace_s < 0.0 {
         bad("grace_s", format!("must be a non-negative number of seconds, got {}", cl.grace_s));
     }
-    if cl.arbiter != cl.listen && !cl.peers.contains(&cl.arbiter) {
-        bad("arbiter", format!("{} is neither `listen` nor one of `peers`", cl.arbiter));
+    match (cl.arbiter, cl.uses_etcd()) {
+        (Some(_), true) => bad("etcd", "set either `arbiter` (static) or `etcd` (elected), not both".into()),
+        (None, false) => bad("arbiter", "missing: set `arbiter` (a static arbiter) or `etcd` (endpoints)".into()),
+        (Some(a), false) if a != cl.listen && !cl.peers.contains(&a) => {
+            bad("arbiter", format!("{a} is neither `listen` nor one of `peers`"));
+        }
+        _ => {}
+    }
+    if cl.uses_etcd() {
+        for e in &cl.etcd {
+            let hostport = e.strip_prefix("http://").unwrap_or("");
+            if hostport.is_empty() || hostport.contains('/') || !hostport.contains(':') {
+                bad("etcd", format!("endpoint `{e}` must be http://host:port (TLS is not supported)"));
+            }
+        }
+        let p = &cl.etcd_prefix;
+        if !p.starts_with('/') || !p.ends_with('/') || p.len() > 128 {
+            bad("etcd_prefix", format!("`{p}` must start and end with `/` (at most 128 bytes)"));
+        }
+        // Failover fits in a lease: the old arbiter's etcd lease expires
+        // (TTL), a new one is elected and runs its first round (round_s).
+        let ttl = cl.etcd_ttl_s() as f64;
+        if pos(cl.lease_s) && cl.lease_s < 2.0 * ttl + cl.round_s {
+            bad(
+                "lease_s",
+                format!(
+                    "with etcd must be at least 2 × the etcd TTL ({ttl} s) + round_s ({}) so that failover fits in one lease, got {}",
+                    cl.round_s, cl.lease_s
+                ),
+            );
+        }
     }
     if cl.peers.contains(&cl.listen) {
         bad("peers", format!("lists this node's own address {}", cl.listen));
@@ -170,6 +227,19 @@ mod tests {
         assert!(e.contains("cluster.f") && e.contains("cluster.round_s"), "{e}");
         let e = errs(text(&good, "").replace("arbiter = \"127.0.0.1:7001\"", "arbiter = \"127.0.0.1:9\""));
         assert!(e.contains("neither `listen` nor one of `peers`"), "{e}");
+        let e = errs(text(&good, "etcd = [\"http://127.0.0.1:2379\"]\n"));
+        assert!(e.contains("not both"), "{e}");
+        let e = errs(text(&good, "").replace("arbiter = \"127.0.0.1:7001\"\n", ""));
+        assert!(e.contains("cluster.arbiter") && e.contains("missing"), "{e}");
+        let etcd = |extra: &str| text(&good, extra).replace("arbiter = \"127.0.0.1:7001\"\n", "");
+        let cl = crate::config::parse(&etcd("etcd = [\"http://127.0.0.1:2379\"]\n"), &dir).unwrap().cluster.unwrap();
+        assert!(cl.uses_etcd() && !cl.is_arbiter());
+        assert_eq!((cl.etcd_prefix.as_str(), cl.etcd_ttl_s()), ("/gati/", 4));
+        let e = errs(etcd("etcd = [\"127.0.0.1:2379\"]\netcd_prefix = \"gati\"\nlease_s = 4.0\nround_s = 1.0\n"));
+        assert!(
+            e.contains("http://host:port") && e.contains("cluster.etcd_prefix") && e.contains("cluster.lease_s"),
+            "{e}"
+        );
         let e = errs(text(&good, "bogus = 1\n"));
         assert!(e.contains("bogus"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);

@@ -41,6 +41,12 @@ pub const PEER_FRAMES_REJECTED_TOTAL: &str = "gati_peer_frames_rejected_total";
 pub const CLUSTER_LEASES: &str = "gati_cluster_leases";
 /// Cluster members (on the arbiter).
 pub const CLUSTER_NODES: &str = "gati_cluster_nodes";
+/// 1 on the node that is the cluster's arbiter now, else 0.
+pub const CLUSTER_ARBITER: &str = "gati_cluster_arbiter";
+/// etcd operations that failed (cluster on etcd), by operation.
+pub const ETCD_ERRORS_TOTAL: &str = "gati_etcd_errors_total";
+/// Times this node won the arbiter election (cluster on etcd).
+pub const CLUSTER_ELECTIONS_WON_TOTAL: &str = "gati_cluster_elections_won_total";
 /// Data-plane threads restarted after a failure.
 pub const THREAD_RESTARTS_TOTAL: &str = "gati_thread_restarts_total";
 /// Rows answered, by the stage that answered them.
@@ -129,6 +135,24 @@ pub const FAMILIES: &[Family] = &[
     ),
     family(CLUSTER_LEASES, Gauge, Some(Unit::Count), "GPU leases in this node's view of the cluster."),
     family(CLUSTER_NODES, Gauge, Some(Unit::Count), "Members of the cluster, as the arbiter node sees them."),
+    family(
+        CLUSTER_ARBITER,
+        Gauge,
+        None,
+        "1 while this node is the cluster's arbiter (static, or elected on etcd and running rounds), else 0; label node.",
+    ),
+    family(
+        ETCD_ERRORS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "etcd operations that failed, by op (connect, register, keepalive, campaign, observe, snapshot, watch, commit, fenced, revoke).",
+    ),
+    family(
+        CLUSTER_ELECTIONS_WON_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Times this node won the arbiter election on etcd and took over the lease rounds.",
+    ),
     family(
         REQUESTS_TOTAL,
         Counter,

@@ -7,7 +7,9 @@
 //!   refused frame is counted under its reason and closes the connection;
 //!   at most [`MAX_CONNECTIONS`] at once;
 //! - a link to the arbiter (a non-arbiter node): join, then heartbeats and
-//!   submits, reconnecting when it drops;
+//!   submits, reconnecting when it drops — to the static arbiter, or on etcd
+//!   to whoever leads now ([`elected`]: registration, election, the stored
+//!   state and its fenced commits);
 //! - on the arbiter: one ordered link per member for what
 //!   [`ArbiterState`] broadcasts, and the lease round every `round_s`;
 //!   the arbiter node's own node-side traffic stays in process;
@@ -20,12 +22,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+mod elected;
 
 use super::frame::{open, ClusterKey, ReplayGuard, Sealer};
 use super::io::{read_frame, write_frame};
 use super::message::Message;
 use super::PeerError;
+use crate::auction::etcd::record::LeaderRecord;
 use crate::auction::gpu::{GpuId, NodeId};
 use crate::auction::node::{set_current, ClusterNode};
 use crate::auction::node_arbiter::{heartbeat_s, kind, ArbiterState, Out};
@@ -75,6 +80,7 @@ impl PeerService {
         let listener = std::net::TcpListener::bind(cfg.listen)
             .map_err(|source| ServiceError::Bind { addr: cfg.listen, source })?;
         listener.set_nonblocking(true)?;
+        // A static arbiter from the start; on etcd, once elected.
         let arbiter = if cfg.is_arbiter() { Some(ArbiterState::new(cfg.node_id, cfg)?) } else { None };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -109,15 +115,56 @@ struct Shared {
     guard: Mutex<ReplayGuard>,
     sealer: Mutex<Sealer>,
     node: Arc<ClusterNode>,
-    arbiter: Option<Mutex<ArbiterState>>,
+    /// The arbiter this node runs: the static one, or on etcd while elected.
+    arbiter: Mutex<Option<ArbiterState>>,
+    /// On etcd: the leader seen, and the commit queue while this node leads.
+    elected: Option<elected::Elected>,
     links: Mutex<HashMap<NodeId, (SocketAddr, mpsc::Sender<Message>)>>,
     connections: AtomicUsize,
     t0: Instant,
 }
 
 impl Shared {
+    /// The arbiter's clock: since this process started for a static arbiter;
+    /// on etcd, seconds since the Unix epoch, so that a new arbiter reads the
+    /// old one's lease expiries on the same clock (nodes' clocks synchronised).
     fn now(&self) -> f64 {
+        if self.elected.is_some() {
+            return std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        }
         self.t0.elapsed().as_secs_f64()
+    }
+
+    fn is_arbiter(&self) -> bool {
+        self.arbiter_lock().is_some()
+    }
+
+    /// Runs `f` on this node's arbiter (if it is one now) and sends what it
+    /// decided: at once with a static arbiter; on etcd, in order, once the
+    /// step's changes are stored (a deposed arbiter's are refused by etcd and
+    /// never sent).
+    fn step<R>(self: &Arc<Self>, f: impl FnOnce(&mut ArbiterState) -> (Vec<Out>, R)) -> Option<R> {
+        let mut g = self.arbiter_lock();
+        let a = g.as_mut()?;
+        let (outs, r) = f(a);
+        match &self.elected {
+            Some(e) => {
+                let ops = a.take_ops();
+                if !ops.is_empty() || !outs.is_empty() {
+                    e.enqueue(ops, outs); // under the lock: in the order decided
+                }
+                drop(g);
+            }
+            None => {
+                drop(g);
+                self.route(outs);
+            }
+        }
+        Some(r)
+    }
+
+    fn members(&self) -> Vec<NodeId> {
+        self.arbiter_lock().as_ref().map(|a| a.members().keys().copied().collect()).unwrap_or_default()
     }
 
     fn seal(&self, m: &Message) -> Vec<u8> {
@@ -130,9 +177,7 @@ impl Shared {
             match o {
                 Out::To(n, m) => self.send_to(n, m),
                 Out::All(m) => {
-                    let nodes: Vec<NodeId> =
-                        self.arbiter_lock().map(|a| a.members().keys().copied().collect()).unwrap_or_default();
-                    for n in nodes {
+                    for n in self.members() {
                         self.send_to(n, m.clone());
                     }
                 }
@@ -140,8 +185,8 @@ impl Shared {
         }
     }
 
-    fn arbiter_lock(&self) -> Option<std::sync::MutexGuard<'_, ArbiterState>> {
-        self.arbiter.as_ref().map(|a| a.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    fn arbiter_lock(&self) -> std::sync::MutexGuard<'_, Option<ArbiterState>> {
+        self.arbiter.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn send_to(self: &Arc<Self>, n: NodeId, m: Message) {
@@ -151,7 +196,7 @@ impl Shared {
             }
             return;
         }
-        let addr = self.arbiter_lock().and_then(|a| a.members().get(&n).map(|m| m.listen));
+        let addr = self.arbiter_lock().as_ref().and_then(|a| a.members().get(&n).map(|m| m.listen));
         let mut links = self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(addr) = addr else {
             links.remove(&n);
@@ -166,7 +211,7 @@ impl Shared {
             // The member is not reading: drop its backlog, resync it from the lease table.
             tracing::warn!(node = n, "peer link backlog full; resyncing the node");
             let link = self.new_link(addr);
-            let resync = self.arbiter_lock().map(|a| a.resync()).unwrap_or_default();
+            let resync = self.arbiter_lock().as_ref().map(ArbiterState::resync).unwrap_or_default();
             for m in resync {
                 let _ = link.1.try_send(m);
             }
@@ -184,8 +229,18 @@ impl Shared {
     fn dispatch(self: &Arc<Self>, sender: NodeId, msg: Message) {
         let k = kind(&msg);
         let to_arbiter = matches!(msg, Message::Join { .. } | Message::Submit { .. } | Message::Inventory { .. })
-            || (matches!(msg, Message::Heartbeat { .. }) && self.arbiter.is_some());
-        let r = if to_arbiter { self.handle_as_arbiter(sender, msg) } else { self.node.apply(sender, msg) };
+            || (matches!(msg, Message::Heartbeat { .. }) && self.is_arbiter());
+        let r = if to_arbiter {
+            self.handle_as_arbiter(sender, msg)
+        } else {
+            match &self.elected {
+                // On etcd a welcome (a new view) is taken only from the elected leader.
+                Some(e) if matches!(msg, Message::Welcome { .. }) && e.leader().map(|l| l.node) != Some(sender) => {
+                    Err(format!("welcome from node {sender}, which etcd does not name the arbiter"))
+                }
+                _ => self.node.apply(sender, msg),
+            }
+        };
         match r {
             Ok(()) => metrics::counter!(names::PEER_FRAMES_TOTAL, "kind" => k).increment(1),
             Err(e) => {
@@ -197,12 +252,11 @@ impl Shared {
 
     fn handle_as_arbiter(self: &Arc<Self>, sender: NodeId, msg: Message) -> Result<(), String> {
         let now = self.now();
-        let outs = match self.arbiter_lock() {
-            Some(mut a) => a.handle(sender, msg, now)?,
-            None => return Err("this node is not the arbiter".into()),
-        };
-        self.route(outs);
-        Ok(())
+        let r = self.step(|a| match a.handle(sender, msg, now) {
+            Ok(outs) => (outs, Ok(())),
+            Err(e) => (Vec::new(), Err(e)),
+        });
+        r.unwrap_or_else(|| Err("this node is not the arbiter".into()))
     }
 }
 
@@ -224,7 +278,8 @@ async fn run(
         guard: Mutex::new(ReplayGuard::default()),
         sealer: Mutex::new(Sealer::new(key, cfg.node_id, start_us)),
         node: Arc::clone(&node),
-        arbiter: arbiter.map(Mutex::new),
+        arbiter: Mutex::new(arbiter),
+        elected: cfg.uses_etcd().then(elected::Elected::new),
         links: Mutex::new(HashMap::new()),
         connections: AtomicUsize::new(0),
         t0: Instant::now(),
@@ -236,11 +291,23 @@ async fn run(
     };
     // To the arbiter: in process on the arbiter node, else over a link.
     let (to_arb_tx, to_arb_rx) = mpsc::unbounded_channel::<Message>();
-    if shared.arbiter.is_some() {
-        let _ = shared.handle_as_arbiter(cfg.node_id, join.clone());
-    } else {
-        tokio::spawn(arbiter_link(Arc::clone(&shared), cfg.arbiter, join.clone(), to_arb_rx));
+    let target = match (&shared.elected, cfg.arbiter) {
+        (Some(e), _) => {
+            tokio::spawn(elected::session_loop(Arc::clone(&shared), cfg.clone()));
+            Some(Target::Elected(e.subscribe()))
+        }
+        (None, Some(_)) if cfg.is_arbiter() => {
+            let _ = shared.handle_as_arbiter(cfg.node_id, join.clone());
+            None
+        }
+        (None, Some(addr)) => Some(Target::Static(addr)),
+        (None, None) => None, // refused by config checks
+    };
+    if let Some(t) = target {
+        tokio::spawn(arbiter_link(Arc::clone(&shared), t, join.clone(), to_arb_rx));
     }
+    metrics::gauge!(names::CLUSTER_ARBITER, "node" => cfg.node_id.to_string())
+        .set(f64::from(u8::from(cfg.is_arbiter())));
     tokio::spawn(accept(Arc::clone(&shared), listener));
 
     let hb = Duration::from_secs_f64(heartbeat_s(cfg.round_s));
@@ -255,7 +322,7 @@ async fn run(
         tokio::select! {
             _ = &mut stopped => break,
             Some(m) = outbox.recv() => {
-                if shared.arbiter.is_some() {
+                if shared.is_arbiter() {
                     if let Err(e) = shared.handle_as_arbiter(cfg.node_id, m) {
                         tracing::warn!(error = %e, "own message refused by the arbiter");
                     }
@@ -265,30 +332,25 @@ async fn run(
             }
             _ = beat.tick() => {
                 let hb = Message::Heartbeat { node: cfg.node_id };
-                if shared.arbiter.is_some() {
+                if shared.is_arbiter() {
                     let _ = shared.handle_as_arbiter(cfg.node_id, hb.clone());
-                    let others: Vec<NodeId> = shared.arbiter_lock().map(|a| a.members().keys().copied().filter(|&n| n != cfg.node_id).collect()).unwrap_or_default();
-                    for n in others {
+                    for n in shared.members().into_iter().filter(|&n| n != cfg.node_id) {
                         shared.send_to(n, hb.clone());
                     }
                 } else {
                     let _ = to_arb_tx.send(hb);
                 }
             }
-            _ = round.tick(), if shared.arbiter.is_some() => {
+            _ = round.tick() => {
                 let now = shared.now();
-                let (outs, report) = match shared.arbiter_lock() {
-                    Some(mut a) => {
-                        let r = a.round(now);
-                        metrics::gauge!(names::CLUSTER_NODES).set(a.members().len() as f64);
-                        r
-                    }
-                    None => continue,
-                };
-                if !report.grants.is_empty() || !report.expired.is_empty() {
+                let report = shared.step(|a| {
+                    let r = a.round(now);
+                    metrics::gauge!(names::CLUSTER_NODES).set(a.members().len() as f64);
+                    r
+                });
+                if let Some(report) = report.filter(|r| !r.grants.is_empty() || !r.expired.is_empty()) {
                     tracing::info!(grants = report.grants.len(), expired = report.expired.len(), offered_to = report.offered_to, ms = report.elapsed_ms, "lease round");
                 }
-                shared.route(outs);
             }
             _ = enforce.tick() => {
                 enforcer.reconcile(&node.desired());
@@ -299,6 +361,10 @@ async fn run(
         }
     }
     set_current(None);
+    if let Some(e) = &shared.elected {
+        // Leave etcd now rather than after the TTL: another node takes over at once.
+        e.leave(&shared).await;
+    }
     enforcer.stop_all();
     tracing::info!("peer service stopped");
 }
@@ -391,33 +457,135 @@ async fn link(shared: Arc<Shared>, addr: SocketAddr, mut rx: mpsc::Receiver<Mess
     }
 }
 
+/// Where a node's link to the arbiter goes.
+enum Target {
+    /// The static arbiter of the config.
+    Static(SocketAddr),
+    /// Whoever etcd names the leader now.
+    Elected(watch::Receiver<Option<LeaderRecord>>),
+}
+
+/// Where to send now.
+enum Dest {
+    Peer(SocketAddr),
+    /// This node leads: its arbiter takes the messages in process.
+    Me,
+    /// No arbiter yet (or it is this node and it is still loading).
+    Nobody,
+}
+
+impl Target {
+    fn dest(&self, shared: &Shared) -> Dest {
+        match self {
+            Target::Static(a) => Dest::Peer(*a),
+            Target::Elected(rx) => match &*rx.borrow() {
+                Some(l) if l.node == shared.me => {
+                    if shared.is_arbiter() {
+                        Dest::Me
+                    } else {
+                        Dest::Nobody
+                    }
+                }
+                Some(l) => l.listen.parse().map_or(Dest::Nobody, Dest::Peer),
+                None => Dest::Nobody,
+            },
+        }
+    }
+
+    /// Until the leader changes (never, for a static arbiter).
+    async fn changed(&mut self) {
+        match self {
+            Target::Static(_) => std::future::pending().await,
+            Target::Elected(rx) => {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+}
+
 /// A non-arbiter node's link to the arbiter: join on every (re)connect, then
 /// what the node sends (kept, up to [`OUTBOX`], while the arbiter is away;
-/// heartbeats queued meanwhile are stale and dropped).
-async fn arbiter_link(shared: Arc<Shared>, addr: SocketAddr, join: Message, mut rx: mpsc::UnboundedReceiver<Message>) {
+/// heartbeats queued meanwhile are stale and dropped). On etcd it follows the
+/// leader: a new one gets a new connection and the join, and when this node
+/// is elected what it queued goes to its own arbiter.
+async fn arbiter_link(
+    shared: Arc<Shared>,
+    mut target: Target,
+    join: Message,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+) {
     let mut pending: std::collections::VecDeque<Message> = std::collections::VecDeque::new();
+    let keep = |pending: &mut std::collections::VecDeque<Message>, m: Message| {
+        if !matches!(m, Message::Heartbeat { .. }) && pending.len() < OUTBOX {
+            pending.push_back(m);
+        }
+    };
     loop {
+        let addr = match target.dest(&shared) {
+            Dest::Peer(a) => a,
+            Dest::Me => {
+                while let Ok(m) = rx.try_recv() {
+                    keep(&mut pending, m);
+                }
+                for m in pending.drain(..) {
+                    if let Err(e) = shared.handle_as_arbiter(shared.me, m) {
+                        tracing::warn!(error = %e, "own message refused by the arbiter");
+                    }
+                }
+                tokio::select! {
+                    () = target.changed() => {}
+                    m = rx.recv() => match m {
+                        Some(m) => keep(&mut pending, m),
+                        None => return,
+                    },
+                }
+                continue;
+            }
+            Dest::Nobody => {
+                while let Ok(m) = rx.try_recv() {
+                    keep(&mut pending, m);
+                }
+                tokio::select! {
+                    () = target.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                continue;
+            }
+        };
         let Some(mut s) = connect(addr).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             while let Ok(m) = rx.try_recv() {
-                if !matches!(m, Message::Heartbeat { .. }) && pending.len() < OUTBOX {
-                    pending.push_back(m);
-                }
+                keep(&mut pending, m);
             }
             continue;
         };
         if write_frame(&mut s, &shared.seal(&join)).await.is_err() {
             continue;
         }
+        // The arbiter never writes on this connection: anything readable is
+        // its end (it died or closed), seen before a message is written into
+        // a dead connection and lost.
+        let (mut rd, mut wr) = s.split();
+        let mut eof = [0u8; 1];
         loop {
             let m = match pending.pop_front() {
                 Some(m) => m,
-                None => match rx.recv().await {
-                    Some(m) => m,
-                    None => return,
+                None => tokio::select! {
+                    () = target.changed() => break,
+                    _ = tokio::io::AsyncReadExt::read(&mut rd, &mut eof) => break,
+                    m = rx.recv() => match m {
+                        Some(m) => m,
+                        None => return,
+                    },
                 },
             };
-            if write_frame(&mut s, &shared.seal(&m)).await.is_err() {
+            if !matches!(target.dest(&shared), Dest::Peer(a) if a == addr) {
+                pending.push_front(m);
+                break; // the leader changed
+            }
+            if write_frame(&mut wr, &shared.seal(&m)).await.is_err() {
                 pending.push_front(m);
                 break;
             }
