@@ -117,9 +117,10 @@ async fn run(config_path: PathBuf, config: Config) -> Result<(), NodeError> {
             max_inflight_per_conn: config.server.max_inflight_per_conn,
         });
     }
+    // Before the I/O threads: a client the node answers finds its cluster view.
+    let cluster = config.cluster.as_ref().map(crate::auction::peer::service::PeerService::start).transpose()?;
     let server = Server::start(std::os::fd::AsRawFd::as_raw_fd(&listener.fd), config.server.io_threads, ctx)
         .map_err(|source| NodeError::Io { what: "starting I/O threads", source })?;
-    let cluster = config.cluster.as_ref().map(crate::auction::peer::service::PeerService::start).transpose()?;
     state.set_ready(true);
     let where_ = match &listener.origin {
         crate::api::listener::Origin::Systemd => "socket from systemd".to_string(),

@@ -85,10 +85,15 @@ impl PeerService {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let cfg = cfg.clone();
+        // This node's view exists before the service returns (before the node
+        // answers its first client): `Apps` and `AppSubmit` never find it missing.
+        let (outbox_tx, outbox) = mpsc::channel(OUTBOX);
+        let node = Arc::new(ClusterNode::new(cfg.clone(), outbox_tx));
+        set_current(Some(Arc::clone(&node)));
         let thread = std::thread::Builder::new().name("gati-peer".into()).spawn(move || {
             rt.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(l) => run(cfg, key, l, arbiter, stopped).await,
+                    Ok(l) => run(cfg, key, l, arbiter, stopped, node, outbox).await,
                     Err(e) => tracing::error!(error = %e, "peer listener"),
                 }
             });
@@ -266,10 +271,9 @@ async fn run(
     listener: TcpListener,
     arbiter: Option<ArbiterState>,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
+    node: Arc<ClusterNode>,
+    mut outbox: mpsc::Receiver<Message>,
 ) {
-    let (outbox_tx, mut outbox) = mpsc::channel(OUTBOX);
-    let node = Arc::new(ClusterNode::new(cfg.clone(), outbox_tx));
-    set_current(Some(Arc::clone(&node)));
     let start_us =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
     let shared = Arc::new(Shared {
