@@ -8,7 +8,8 @@ export ORT_DYLIB_PATH="$(pwd)/.venv/libonnxruntime.so"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --release --workspace -- --test-threads=2 "$@" 2>&1 | tee "$log"
+# --no-fail-fast: every test binary runs, so one failure does not hide others.
+cargo test --release --workspace --no-fail-fast -- --test-threads=2 "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole suite (cargo prints one per test binary).
