@@ -347,7 +347,10 @@ impl Batcher {
         let end = self.state.base.elapsed() + predicted;
         self.state.busy_until_ns.store(end.as_nanos() as u64, Ordering::Relaxed);
         telemetry::batch_size(&self.name, rows);
-        if let Some(caches) = self.caches.clone() {
+        let calibrating = live.iter().any(|j| j.calibrate);
+        let idle =
+            self.caches.as_ref().filter(|c| c.idle_skip(calibrating, super::exits::unit(&mut self.rng))).cloned();
+        if let Some(caches) = self.caches.clone().filter(|_| idle.is_none()) {
             let result = super::exits::run(
                 &mut self.pipeline,
                 &caches,
@@ -392,6 +395,23 @@ impl Batcher {
                 }
                 let row_out = out.data.len() / rows.max(1);
                 let exit_stage = u16::try_from(out.stage_times.len()).unwrap_or(u16::MAX);
+                if let Some(caches) = &idle {
+                    // Caches that answer nothing: the full model answered every row.
+                    // Each stream's prior: its job's last row.
+                    let mut end = 0;
+                    let answers: Vec<(u64, u32)> = live
+                        .iter()
+                        .map(|j| {
+                            end += j.rows * row_out;
+                            (j.stream, out.data.get(end.saturating_sub(row_out)..end).map_or(0, super::exits::argmax))
+                        })
+                        .collect();
+                    caches.idle_served(rows as u64, answers);
+                    for _ in 0..rows {
+                        telemetry::cache_exit(&self.name, exit_stage as usize);
+                        telemetry::cache_oracle_exit(&self.name, exit_stage as usize);
+                    }
+                }
                 let mut offset = 0;
                 for job in live {
                     let n = job.rows * row_out;

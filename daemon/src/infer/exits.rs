@@ -145,11 +145,16 @@ pub fn thumbnail(row: &[f32], row_shape: &[usize]) -> Vec<f32> {
 }
 
 /// Next xorshift64 draw as a uniform number in [0, 1).
-fn unit(state: &mut u64) -> f64 {
+pub(super) fn unit(state: &mut u64) -> f64 {
     *state ^= *state << 13;
     *state ^= *state >> 7;
     *state ^= *state << 17;
     (*state >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The class a row of model outputs answers.
+pub(super) fn argmax(out: &[f32]) -> u32 {
+    out.iter().enumerate().fold((0, f32::MIN), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0 as u32
 }
 
 /// Per-batch bookkeeping shared by every cut.
@@ -336,7 +341,7 @@ pub(super) fn run(
     for (i, &j) in run.finished.iter().enumerate() {
         let r = live[j];
         let out = &run.data[i * run.row_len..(i + 1) * run.row_len];
-        let label = out.iter().enumerate().fold((0, f32::MIN), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0 as u32;
+        let label = argmax(out);
         let sampled = ex.hit[r].is_some();
         let weight = if sampled { 1.0 / caches.config.shadow_fraction.max(1e-3) } else { 1.0 };
         samples.push(Sample { features: std::mem::take(&mut ex.features[r]), label, weight });
