@@ -15,7 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::TestDaemon;
+use common::{leases_checked, TestDaemon};
 use gatid::api::wire::Kind;
 use gatid::auction::peer::frame::{ClusterKey, Sealer};
 use gatid::auction::peer::message::Message;
@@ -42,26 +42,6 @@ fn node_config(dir: &Path, key: &Path, id: u32, addrs: &[SocketAddr]) -> String 
 
 fn apps(d: &TestDaemon) -> Value {
     d.client().control_json(Kind::Apps, 0, &[]).expect("apps")
-}
-
-/// Every lease in a node's view, checked: no GPU in two leases.
-fn leases_checked(view: &Value, who: &str) -> Vec<(u64, Vec<(u64, u64)>)> {
-    assert_eq!(view["conflicts"], 0, "{who}: a grant clashed with a lease it saw: {view}");
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for l in view["leases"].as_array().unwrap() {
-        let gpus: Vec<(u64, u64)> = l["gpus"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|g| (g["node"].as_u64().unwrap(), g["index"].as_u64().unwrap()))
-            .collect();
-        for g in &gpus {
-            assert!(seen.insert(*g), "{who}: GPU {g:?} leased twice: {view}");
-        }
-        out.push((l["app"].as_u64().unwrap(), gpus));
-    }
-    out
 }
 
 fn rejected(d: &TestDaemon, reason: &str) -> f64 {

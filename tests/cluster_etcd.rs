@@ -112,22 +112,8 @@ type LeaseSeen = (u64, Vec<(u64, u64)>);
 /// Returns (app, GPUs as (node, index)) per lease.
 fn view_checked(d: &TestDaemon, who: u32) -> (Value, Vec<LeaseSeen>) {
     let view = d.client().control_json(Kind::Apps, 0, &[]).expect("apps");
-    assert_eq!(view["conflicts"], 0, "node {who}: a grant clashed with a lease it saw: {view}");
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for l in view["leases"].as_array().unwrap() {
-        let gpus: Vec<(u64, u64)> = l["gpus"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|g| (g["node"].as_u64().unwrap(), g["index"].as_u64().unwrap()))
-            .collect();
-        for g in &gpus {
-            assert!(seen.insert(*g), "node {who}: GPU {g:?} leased twice: {view}");
-        }
-        out.push((l["app"].as_u64().unwrap(), gpus));
-    }
-    (view, out)
+    let leases = common::leases_checked(&view, &format!("node {who}"));
+    (view, leases)
 }
 
 type Nodes = Vec<Option<TestDaemon>>;

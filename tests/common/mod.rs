@@ -429,3 +429,23 @@ pub fn assert_restored_caches(
     assert_eq!(model_metric(&mut c, "gati_cache_generation", "fmnist"), generation, "restored, not retrained");
     assert_eq!(fmnist_answers(&mut c, test), before, "every answer (exit cut and class) is the same after the restart");
 }
+
+/// Every lease in a node's view, checked: no GPU in two leases.
+pub fn leases_checked(view: &serde_json::Value, who: &str) -> Vec<(u64, Vec<(u64, u64)>)> {
+    assert_eq!(view["conflicts"], 0, "{who}: a grant clashed with a lease it saw: {view}");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for l in view["leases"].as_array().unwrap() {
+        let gpus: Vec<(u64, u64)> = l["gpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| (g["node"].as_u64().unwrap(), g["index"].as_u64().unwrap()))
+            .collect();
+        for g in &gpus {
+            assert!(seen.insert(*g), "{who}: GPU {g:?} leased twice: {view}");
+        }
+        out.push((l["app"].as_u64().unwrap(), gpus));
+    }
+    out
+}
