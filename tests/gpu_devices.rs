@@ -5,11 +5,12 @@
 //! its cgroup denies gives EPERM — that difference is what is checked.
 //!
 //! - a one-node cluster grants an app 1 of the 3 GPUs: it opens only its own,
-//!   and `gatictl apps`, Health and the metrics say the rules are cgroup-v1;
-//! - the enforcer on the same config: after a lease change the running
-//!   process can no longer open the GPU it lost (rules narrowed before its
-//!   checkpoint signal), and the restarted one opens exactly its new set;
-//!   the app's cgroup is gone when it ends;
+//!   and `gatictl apps`, Health and the metrics say which rules (cgroup-v1 here);
+//! - the enforcer on the same config, with the cgroup-v1 devices controller
+//!   and with the cgroup-v2 BPF device program: after a lease change the
+//!   running process can no longer open the GPU it lost (rules narrowed
+//!   before its checkpoint signal), and the restarted one opens exactly its
+//!   new set; the app's cgroup is gone when it ends;
 //! - `gpu_devices = "env"`: the app runs with `CUDA_VISIBLE_DEVICES` only,
 //!   and every node says so.
 
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::TestDaemon;
 use gatid::api::wire::Kind;
-use gatid::auction::devices::{DeviceSpec, Devices};
+use gatid::auction::devices::{v1, v2, DeviceSpec, Devices, Hierarchy};
 use gatid::auction::gang::{Gang, Want};
 use gatid::auction::node_enforce::{Desired, Enforcer};
 use serde_json::{json, Value};
@@ -71,7 +72,8 @@ fn cluster_config(dir: &Path, mode: &str, dev: &Path) -> String {
 /// to `report` at start and at SIGTERM (then exits), and sleeps in between.
 fn probe_script(dev: &Path, report: &Path) -> String {
     format!(
-        r#"probe() {{ r=""; for i in 0 1 2; do e=$( {{ head -c0 < {dev}/nvidia$i; }} 2>&1 ); case "$e" in *"not permitted"*) r="$r $i:denied";; *"No such file"*) r="$r $i:missing";; *) r="$r $i:open";; esac; done; echo "$r"; }}
+        r#"exec 2>/dev/null
+probe() {{ r=""; for i in 0 1 2; do e=$( {{ head -c0 < {dev}/nvidia$i; }} 2>&1 ); case "$e" in *"not permitted"*) r="$r $i:denied";; *"No such file"*) r="$r $i:missing";; *) r="$r $i:open";; esac; done; echo "$r"; }}
 line() {{ echo "$1 $CUDA_VISIBLE_DEVICES $GATI_GPU_DEVICE_RULES $GATI_RANK/$GATI_WORLD_SIZE$(probe)" >> {report}; }}
 trap 'line term; exit 0' TERM
 line start
@@ -109,21 +111,24 @@ fn a_granted_app_opens_only_its_own_gpu_and_every_view_says_cgroup() {
     poll_until("the app reported", Duration::from_secs(20), || !lines(&report).is_empty());
     let first = lines(&report).remove(0);
     let gpu: u32 = first.split(' ').nth(1).unwrap().parse().expect("one GPU in CUDA_VISIBLE_DEVICES");
-    assert_eq!(first, format!("start {gpu} cgroup-v1 0/1 {}", only(&[gpu])), "it opens only its own GPU");
+    // cgroup-v1 where the devices controller is mounted (this machine), cgroup-v2 on a pure v2 host.
+    let mode = first.split(' ').nth(2).unwrap().to_string();
+    assert!(["cgroup-v1", "cgroup-v2"].contains(&mode.as_str()), "{first}");
+    assert_eq!(first, format!("start {gpu} {mode} 0/1 {}", only(&[gpu])), "it opens only its own GPU");
 
     let apps: Value = d.client().control_json(Kind::Apps, 0, &[]).expect("apps");
-    assert_eq!(apps["gpu_devices"]["mode"], "cgroup-v1", "{apps}");
+    assert_eq!(apps["gpu_devices"]["mode"], mode, "{apps}");
     assert_eq!(apps["gpu_devices"]["configured"], "cgroup");
     let entry = apps["apps"].as_array().unwrap().iter().find(|a| a["app"] == app).expect("the app listed").clone();
-    assert_eq!(entry["devices"]["rules"], "cgroup-v1", "{entry}");
+    assert_eq!(entry["devices"]["rules"], mode, "{entry}");
     assert_eq!(entry["devices"]["allowed"], json!([gpu]));
     let cgroup = PathBuf::from(entry["devices"]["cgroup"].as_str().unwrap());
     let pid = entry["pid"].as_u64().unwrap().to_string();
     let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
     assert!(procs.lines().any(|l| l == pid), "the app's process is in {}: {procs}", cgroup.display());
     let health: Value = d.client().control_json(Kind::Health, 0, &[]).expect("health");
-    assert_eq!(health["gpu_devices"]["mode"], "cgroup-v1", "{health}");
-    assert_eq!(metric(&d, "gati_cluster_gpu_device_rules{mode=\"cgroup-v1\"} "), Some(1.0));
+    assert_eq!(health["gpu_devices"]["mode"], mode, "{health}");
+    assert_eq!(metric(&d, &format!("gati_cluster_gpu_device_rules{{mode=\"{mode}\"}} ")), Some(1.0));
 
     // The daemon stops: the app gets its checkpoint signal and its cgroup is removed.
     let mut d = d;
@@ -134,20 +139,19 @@ fn a_granted_app_opens_only_its_own_gpu_and_every_view_says_cgroup() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-#[cfg_attr(gati_unprivileged, ignore = "needs root: mknod and the cgroup-v1 devices controller")]
-fn after_a_lease_change_the_app_opens_only_its_new_gpus() {
-    common::require_root();
+/// The lease-change scenario on the enforcer, with the rules in `hierarchy`.
+fn lease_change(hierarchy: Hierarchy, node: u32) {
     let dir = common::tempdir("gpu-devices-change");
     let dev = fake_gpus(&dir);
     let report = dir.join("report");
     let cfg = gatid::config::parse(&cluster_config(&dir, "cgroup", &dev), &dir).unwrap().cluster.unwrap();
-    let devices = Devices::detect(9101, DeviceSpec::of(&cfg));
-    assert_eq!(devices.mode(), "cgroup-v1", "{:?}", devices.status());
-    let mut e = Enforcer::with_devices(9101, Duration::from_millis(500), devices);
+    let devices = Devices::detect_at(&[hierarchy], node, DeviceSpec::of(&cfg));
+    let mode = devices.mode();
+    assert!(mode.starts_with("cgroup-"), "{:?}", devices.status());
+    let mut e = Enforcer::with_devices(node, Duration::from_millis(500), devices);
     let command = vec!["sh".to_string(), "-c".into(), probe_script(&dev, &report)];
     let want = |gpus: &[u32]| {
-        let gang = Gang { nodes: vec![9101], node_gpus: vec![gpus.len() as u32], rank: 0, expiry: 60.0 };
+        let gang = Gang { nodes: vec![node], node_gpus: vec![gpus.len() as u32], rank: 0, expiry: 60.0 };
         let mut d = Desired::new();
         d.insert(5, Want { gpus: gpus.to_vec(), command: command.clone(), gang });
         d
@@ -161,23 +165,40 @@ fn after_a_lease_change_the_app_opens_only_its_new_gpus() {
 
     // 1 of 3.
     tick_until(&mut e, &want(&[1]), "first start", 1);
-    assert_eq!(lines(&report)[0], format!("start 1 cgroup-v1 0/1 {}", only(&[1])));
+    assert_eq!(lines(&report)[0], format!("start 1 {mode} 0/1 {}", only(&[1])));
     let cgroup = PathBuf::from(e.app_devices()[&5].cgroup.clone().unwrap());
     // The lease changes to GPUs 0 and 2: at its checkpoint signal the old
     // process can open none of its GPUs any more; the new one opens 0 and 2.
     tick_until(&mut e, &want(&[0, 2]), "the restart after the change", 3);
     let l = lines(&report);
-    assert_eq!(l[1], format!("term 1 cgroup-v1 0/1 {}", only(&[])), "{l:?}");
-    assert_eq!(l[2], format!("start 0,2 cgroup-v1 0/1 {}", only(&[0, 2])), "{l:?}");
+    assert_eq!(l[1], format!("term 1 {mode} 0/1 {}", only(&[])), "{l:?}");
+    assert_eq!(l[2], format!("start 0,2 {mode} 0/1 {}", only(&[0, 2])), "{l:?}");
     assert_eq!(e.app_devices()[&5].allowed, vec![0, 2]);
     // The lease ends: the process stops and its cgroup is removed.
     poll_until("the app ended", Duration::from_secs(20), || {
         e.reconcile(&Desired::new());
         e.pids().is_empty() && !cgroup.exists()
     });
-    assert_eq!(lines(&report)[3], format!("term 0,2 cgroup-v1 0/1 {}", only(&[])));
+    assert_eq!(lines(&report)[3], format!("term 0,2 {mode} 0/1 {}", only(&[])));
     drop(e);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+#[cfg_attr(gati_unprivileged, ignore = "needs root: mknod and the cgroup-v1 devices controller")]
+fn after_a_lease_change_the_app_opens_only_its_new_gpus_v1() {
+    common::require_root();
+    assert!(Path::new(v1::MOUNT).join("devices.allow").exists(), "no cgroup-v1 devices controller at {}", v1::MOUNT);
+    lease_change(Hierarchy::V1(v1::MOUNT), 9101);
+}
+
+#[test]
+#[cfg_attr(gati_unprivileged, ignore = "needs root: mknod, cgroup v2 and BPF")]
+#[cfg_attr(gati_no_bpf, ignore = "built without clang: no cgroup-v2 device program")]
+fn after_a_lease_change_the_app_opens_only_its_new_gpus_v2_bpf() {
+    common::require_root();
+    let mount = if Path::new(v2::MOUNT).join("cgroup.controllers").exists() { v2::MOUNT } else { v2::HYBRID_MOUNT };
+    lease_change(Hierarchy::V2(mount), 9102);
 }
 
 #[test]

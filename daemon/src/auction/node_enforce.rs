@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::app::AppId;
-use super::devices::{self, v1, AppDevices, DeviceSpec, Devices};
+use super::devices::{self, AppDevices, DeviceSpec, Devices, Group};
 use super::gang::{Want, WantKey};
 use super::gpu::NodeId;
 use super::node::ClusterNode;
@@ -58,9 +58,9 @@ pub struct Enforcer {
     /// Apps whose process exited on its own, with what it had.
     exited: HashMap<AppId, WantKey>,
     /// Each app's cgroup, while it runs or is leased GPUs here.
-    groups: HashMap<AppId, (v1::Group, Vec<u32>)>,
+    groups: HashMap<AppId, (Group, Vec<u32>)>,
     /// Groups still busy (processes leaving) when their app ended.
-    leftover: Vec<v1::Group>,
+    leftover: Vec<Group>,
     published: BTreeMap<AppId, AppDevices>,
 }
 
@@ -113,7 +113,7 @@ impl Enforcer {
             .map(|&app| {
                 let d = match self.groups.get(&app) {
                     Some((g, allowed)) => AppDevices {
-                        rules: "cgroup-v1",
+                        rules: g.kind(),
                         cgroup: Some(g.dir().display().to_string()),
                         allowed: allowed.clone(),
                     },
@@ -187,14 +187,14 @@ impl Enforcer {
             .copied()
             .collect();
         for app in idle {
-            if let Some((g, _)) = self.groups.remove(&app) {
+            if let Some((mut g, _)) = self.groups.remove(&app) {
                 g.kill_all();
                 if !g.try_remove() {
                     self.leftover.push(g);
                 }
             }
         }
-        self.leftover.retain(|g| {
+        self.leftover.retain_mut(|g| {
             g.kill_all();
             !g.try_remove()
         });
@@ -266,7 +266,7 @@ impl Enforcer {
         self.exited.clear();
         self.leftover.extend(self.groups.drain().map(|(_, (g, _))| g));
         for _ in 0..50 {
-            self.leftover.retain(|g| {
+            self.leftover.retain_mut(|g| {
                 g.kill_all();
                 !g.try_remove()
             });
@@ -285,6 +285,9 @@ impl Enforcer {
 impl Drop for Enforcer {
     fn drop(&mut self) {
         self.kill_all();
+        if self.leftover.is_empty() {
+            self.devices.remove_base();
+        }
     }
 }
 
@@ -302,7 +305,7 @@ fn spawn(
     app: AppId,
     want: &Want,
     devices: &Devices,
-    group: Option<&v1::Group>,
+    group: Option<&Group>,
     unix_clock: bool,
 ) -> std::io::Result<Child> {
     let command = &want.command;
@@ -315,7 +318,7 @@ fn spawn(
         .env("GATI_APP_ID", app.to_string())
         .env("GATI_NODE_ID", node.to_string())
         .env("GATI_GPU_DEVICES", devices.paths(&want.gpus))
-        .env("GATI_GPU_DEVICE_RULES", if group.is_some() { "cgroup-v1" } else { "env" })
+        .env("GATI_GPU_DEVICE_RULES", group.map_or("env", Group::kind))
         .envs(want.gang.env(unix_clock))
         .stdin(Stdio::null())
         .process_group(0);
@@ -407,7 +410,7 @@ mod tests {
 
     #[test]
     fn without_a_devices_controller_auto_runs_on_the_env_and_cgroup_refuses_to_start() {
-        let nowhere = std::path::Path::new("/nonexistent/devices");
+        let nowhere = &[devices::Hierarchy::V1("/nonexistent/devices"), devices::Hierarchy::V2("/nonexistent/v2")][..];
         let spec = |mode| DeviceSpec { mode, ..DeviceSpec::default() };
         let auto = Devices::detect_at(nowhere, 4, spec(GpuDevicesMode::Auto));
         let st = auto.status();

@@ -3,18 +3,21 @@
 //! `/dev/nvidia<i>`), on top of `CUDA_VISIBLE_DEVICES`.
 //!
 //! Decided once per node, at start ([`Devices::detect`], `[cluster]
-//! gpu_devices`): with the cgroup-v1 `devices` controller mounted and gatid
-//! root, each app gets a group of its own ([`v1`]) that its process joins
-//! between fork and exec, so it never runs a moment outside its rules.
-//! Otherwise (`env`, or `auto` without the controller) apps run with
-//! `CUDA_VISIBLE_DEVICES` only; the reason is logged once, shown in `gatictl
-//! apps` and Health, and in the `gati_cluster_gpu_device_rules` gauge.
+//! gpu_devices`): each app gets a group of its own that its process joins
+//! between fork and exec, so it never runs a moment outside its rules —
+//! with the cgroup-v1 `devices` controller where it is mounted ([`v1`]), on a
+//! pure cgroup-v2 host a `BPF_PROG_TYPE_CGROUP_DEVICE` program attached to
+//! the group ([`v2`]); both need root. Otherwise (`env`, or `auto` without
+//! either) apps run with `CUDA_VISIBLE_DEVICES` only; the reason is logged
+//! once, shown in `gatictl apps` and Health, and in the
+//! `gati_cluster_gpu_device_rules` gauge.
 //!
 //! The rules cover the GPU minors `0..=MAX_GPU_MINOR` of the configured
 //! major; the control nodes (`/dev/nvidiactl` 195:255, `nvidia-modeset`
 //! 195:254, `/dev/nvidia-uvm*` on their own major) stay open to every app.
 
 pub mod v1;
+pub mod v2;
 
 use std::ffi::CString;
 use std::io;
@@ -85,56 +88,207 @@ impl DeviceSpec {
 pub struct DeviceStatus {
     /// `[cluster] gpu_devices`: auto, cgroup or env.
     pub configured: &'static str,
-    /// In use: `cgroup-v1` (device rules) or `env` (`CUDA_VISIBLE_DEVICES` only).
+    /// In use: `cgroup-v1`, `cgroup-v2` (device rules) or `env` (`CUDA_VISIBLE_DEVICES` only).
     pub mode: &'static str,
     /// Why there are no device rules, when there are none.
     pub reason: Option<String>,
     pub major: u32,
     pub dir: String,
-    /// Where the apps' groups are (cgroup-v1).
+    /// Where the apps' groups are (with rules).
     pub cgroup_base: Option<String>,
 }
 
 /// One app's rules, as `gatictl apps` shows them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AppDevices {
-    /// `cgroup-v1` or `env`.
+    /// `cgroup-v1`, `cgroup-v2` or `env`.
     pub rules: &'static str,
     pub cgroup: Option<String>,
     /// GPUs (local indices) its group may open now.
     pub allowed: Vec<u32>,
 }
 
+/// Where the rules live.
+#[derive(Debug)]
+enum Backend {
+    V1(v1::Base),
+    V2(v2::Base),
+}
+
+impl Backend {
+    fn dir(&self) -> &Path {
+        match self {
+            Backend::V1(b) => b.dir(),
+            Backend::V2(b) => b.dir(),
+        }
+    }
+
+    fn mode(&self) -> &'static str {
+        match self {
+            Backend::V1(_) => "cgroup-v1",
+            Backend::V2(_) => "cgroup-v2",
+        }
+    }
+
+    fn group(&self, app: AppId) -> Result<Group, DeviceError> {
+        Ok(match self {
+            Backend::V1(b) => Group::V1(b.group(app)?),
+            Backend::V2(b) => Group::V2(b.group(app)?),
+        })
+    }
+}
+
+/// Which hierarchy [`Devices::detect_at`] looks in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hierarchy {
+    /// The v1 `devices` controller mounted here.
+    V1(&'static str),
+    /// The v2 hierarchy mounted here.
+    V2(&'static str),
+}
+
+/// One app's group, in either hierarchy.
+#[derive(Debug)]
+pub enum Group {
+    V1(v1::Group),
+    V2(v2::Group),
+}
+
+impl Group {
+    pub fn dir(&self) -> &Path {
+        match self {
+            Group::V1(g) => g.dir(),
+            Group::V2(g) => g.dir(),
+        }
+    }
+
+    /// `cgroup-v1` or `cgroup-v2`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Group::V1(_) => "cgroup-v1",
+            Group::V2(_) => "cgroup-v2",
+        }
+    }
+
+    fn procs_path(&self) -> &CString {
+        match self {
+            Group::V1(g) => g.procs_path(),
+            Group::V2(g) => g.procs_path(),
+        }
+    }
+
+    /// Lets the group open exactly the GPU minors `allowed` of `major`.
+    pub fn set_rules(&self, major: u32, allowed: &[u32]) -> Result<(), DeviceError> {
+        match self {
+            Group::V1(g) => g.set_rules(major, allowed),
+            Group::V2(g) => g.set_rules(major, allowed),
+        }
+    }
+
+    /// Pids in the group.
+    pub fn pids(&self) -> Vec<libc::pid_t> {
+        std::fs::read_to_string(self.dir().join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// SIGKILLs every process left in the group.
+    pub fn kill_all(&self) {
+        for pid in self.pids() {
+            // SAFETY: kill(2) of a process in this app's own group, which only
+            // gatid's enforcer puts processes into.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Removes the group; `false` while processes keep it busy.
+    pub fn try_remove(&mut self) -> bool {
+        match self {
+            Group::V1(g) => g.try_remove(),
+            Group::V2(g) => g.try_remove(),
+        }
+    }
+}
+
+/// `rmdir`; `true` when the directory is gone.
+fn rmdir(dir: &Path) -> bool {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => true,
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
+    }
+}
+
+/// Removes the empty `app-*` groups an earlier run of this node left in
+/// `dir` (busy ones stay; they are reused if their app comes back).
+fn remove_empty_app_groups(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().as_encoded_bytes().starts_with(b"app-") {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+}
+
 /// The device control of one node.
 #[derive(Debug)]
 pub struct Devices {
     spec: DeviceSpec,
-    base: Option<v1::Base>,
+    base: Option<Backend>,
     reason: Option<String>,
 }
 
 impl Devices {
-    /// Detects what the node allows, says it once in the log and in the gauge.
+    /// Detects what the node allows, says it once in the log and in the gauge:
+    /// the v2 hierarchy on a pure v2 host, else the v1 devices controller, else
+    /// (a hybrid host without it) the v2 mount at `/sys/fs/cgroup/unified`.
     pub fn detect(node: NodeId, spec: DeviceSpec) -> Devices {
-        Devices::detect_at(Path::new(v1::MOUNT), node, spec)
+        let order: &[Hierarchy] = if Path::new(v2::MOUNT).join("cgroup.controllers").exists() {
+            &[Hierarchy::V2(v2::MOUNT)]
+        } else {
+            &[Hierarchy::V1(v1::MOUNT), Hierarchy::V2(v2::HYBRID_MOUNT)]
+        };
+        Devices::detect_at(order, node, spec)
     }
 
-    /// As [`Devices::detect`], with the devices controller looked for at `mount`.
-    pub fn detect_at(mount: &Path, node: NodeId, spec: DeviceSpec) -> Devices {
+    /// As [`Devices::detect`], trying these hierarchies in order.
+    pub fn detect_at(order: &[Hierarchy], node: NodeId, spec: DeviceSpec) -> Devices {
         let (base, reason) = match spec.mode {
             GpuDevicesMode::Env => (None, Some("gpu_devices = \"env\"".to_string())),
-            GpuDevicesMode::Auto | GpuDevicesMode::Cgroup => match v1::Base::detect(mount, node) {
-                Ok(b) => (Some(b), None),
-                Err(why) => (None, Some(why)),
-            },
+            GpuDevicesMode::Auto | GpuDevicesMode::Cgroup => {
+                let mut why = Vec::new();
+                let mut found = None;
+                for h in order {
+                    let r = match *h {
+                        Hierarchy::V1(m) => v1::Base::detect(Path::new(m), node).map(Backend::V1),
+                        Hierarchy::V2(m) => v2::Base::detect(Path::new(m), node, spec.major).map(Backend::V2),
+                    };
+                    match r {
+                        Ok(b) => {
+                            found = Some(b);
+                            break;
+                        }
+                        Err(e) => why.push(e),
+                    }
+                }
+                let reason = if found.is_none() { Some(why.join("; ")) } else { None };
+                (found, reason)
+            }
         };
         let d = Devices { spec, base, reason };
         match (&d.base, &d.reason) {
             (Some(b), _) => {
-                tracing::info!(base = %b.dir().display(), major = d.spec.major, "GPU device rules: cgroup v1")
+                tracing::info!(base = %b.dir().display(), major = d.spec.major, mode = b.mode(), "GPU device rules")
             }
             (None, Some(why)) if d.spec.mode == GpuDevicesMode::Cgroup => {
                 tracing::error!(reason = %why, "gpu_devices = \"cgroup\" but no device rules can be set: apps will not start");
+            }
+            (None, why) if d.spec.mode == GpuDevicesMode::Env => {
+                tracing::info!(reason = ?why, "no GPU device rules: apps run with CUDA_VISIBLE_DEVICES only");
             }
             (None, why) => {
                 tracing::warn!(reason = ?why, "no GPU device rules: apps run with CUDA_VISIBLE_DEVICES only")
@@ -160,13 +314,9 @@ impl Devices {
         &self.spec
     }
 
-    /// `cgroup-v1` or `env`.
+    /// `cgroup-v1`, `cgroup-v2` or `env`.
     pub fn mode(&self) -> &'static str {
-        if self.base.is_some() {
-            "cgroup-v1"
-        } else {
-            "env"
-        }
+        self.base.as_ref().map_or("env", Backend::mode)
     }
 
     pub fn status(&self) -> DeviceStatus {
@@ -188,8 +338,8 @@ impl Devices {
         &self,
         app: AppId,
         gpus: &[u32],
-        reuse: Option<v1::Group>,
-    ) -> Result<Option<v1::Group>, (DeviceError, Option<v1::Group>)> {
+        reuse: Option<Group>,
+    ) -> Result<Option<Group>, (DeviceError, Option<Group>)> {
         let Some(base) = &self.base else {
             if self.spec.mode == GpuDevicesMode::Cgroup {
                 let why = self.reason.as_deref().unwrap_or("no controller");
@@ -207,6 +357,13 @@ impl Devices {
         }
     }
 
+    /// Removes this node's (empty) base group; at the enforcer's end.
+    pub fn remove_base(&self) {
+        if let Some(b) = &self.base {
+            let _ = std::fs::remove_dir(b.dir());
+        }
+    }
+
     /// Whether a failure to confine an app keeps it from starting.
     pub fn required(&self) -> bool {
         self.spec.mode == GpuDevicesMode::Cgroup
@@ -217,24 +374,30 @@ impl Devices {
         gpus.iter().map(|&g| self.spec.node_path(g).display().to_string()).collect::<Vec<_>>().join(",")
     }
 
-    /// Warns of declared GPUs whose node is missing or not the expected
-    /// character device (the rules go by major:minor, not by path).
+    /// Warns (once) of declared GPUs whose node is missing or not the
+    /// expected character device (the rules go by major:minor, not by path).
     fn check_nodes(&self) {
-        for g in 0..self.spec.gpus {
-            let path = self.spec.node_path(g);
-            let ok = std::fs::metadata(&path).is_ok_and(|m| {
-                let rdev = m.rdev();
-                m.file_type().is_char_device() && libc::major(rdev) == self.spec.major && libc::minor(rdev) == g
-            });
-            if !ok {
-                tracing::warn!(path = %path.display(), major = self.spec.major, minor = g, "declared GPU has no such device node");
-            }
+        let odd: Vec<u32> = (0..self.spec.gpus)
+            .filter(|&g| {
+                !std::fs::metadata(self.spec.node_path(g)).is_ok_and(|m| {
+                    let rdev = m.rdev();
+                    m.file_type().is_char_device() && libc::major(rdev) == self.spec.major && libc::minor(rdev) == g
+                })
+            })
+            .collect();
+        if !odd.is_empty() {
+            tracing::warn!(
+                dir = %self.spec.dir.display(),
+                major = self.spec.major,
+                gpus = ?odd,
+                "declared GPUs without their device node <dir>/nvidia<i> (c major:i); rules still apply by major:minor"
+            );
         }
     }
 }
 
 /// Makes the child of `cmd` join `group` between fork and exec.
-pub fn join_before_exec(cmd: &mut Command, group: &v1::Group) {
+pub fn join_before_exec(cmd: &mut Command, group: &Group) {
     let procs: CString = group.procs_path().clone();
     // SAFETY: the closure runs in the child between fork and exec and only
     // makes open(2), write(2) and close(2) calls on a path prepared before

@@ -55,14 +55,7 @@ impl Base {
                 }
             }
         }
-        if let Ok(entries) = fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                if e.file_name().as_bytes().starts_with(b"app-") {
-                    // Busy (processes left) groups stay; they are reused if their app comes back.
-                    let _ = fs::remove_dir(e.path());
-                }
-            }
-        }
+        super::remove_empty_app_groups(&dir);
         Ok(Base { dir })
     }
 
@@ -127,32 +120,9 @@ impl Group {
         Ok(())
     }
 
-    /// Pids in the group.
-    pub fn pids(&self) -> Vec<libc::pid_t> {
-        fs::read_to_string(self.dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    }
-
-    /// SIGKILLs every process left in the group.
-    pub fn kill_all(&self) {
-        for pid in self.pids() {
-            // SAFETY: kill(2) of a process in this app's own group, which only
-            // gatid's enforcer puts processes into.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-        }
-    }
-
     /// Removes the group; `false` while processes keep it busy.
-    pub fn try_remove(&self) -> bool {
-        match fs::remove_dir(&self.dir) {
-            Ok(()) => true,
-            Err(e) => e.kind() == io::ErrorKind::NotFound,
-        }
+    pub fn try_remove(&mut self) -> bool {
+        super::rmdir(&self.dir)
     }
 
     fn read(&self, file: &str) -> Result<String, DeviceError> {
