@@ -219,13 +219,14 @@ impl Enforcer {
             }
         };
         let unix_clock = self.publish.as_ref().is_some_and(|n| n.cfg.uses_etcd());
+        let rules = group.as_ref().map_or("env", Group::kind);
         let started = spawn(self.node, app, want, &self.devices, group.as_ref(), unix_clock);
         if let Some(g) = group {
             self.groups.insert(app, (g, want.gpus.clone()));
         }
         match started {
             Ok(child) => {
-                tracing::info!(app, pid = child.id(), gpus = ?want.gpus, rank = want.gang.rank, rules = self.devices.mode(), "app started");
+                tracing::info!(app, pid = child.id(), gpus = ?want.gpus, rank = want.gang.rank, rules, "app started");
                 self.running.insert(app, Running { child, key: want.key(), changed_at: None, term_at: None });
             }
             Err(e) => {
