@@ -164,6 +164,54 @@ fn grants_other(line: &str, major: u32, allowed: &[u32]) -> bool {
 mod tests {
     use super::*;
 
+    /// Under a parent that is an allow-list (as in a container: `a` denied,
+    /// `c 195:*` and a few others allowed) the group ends up allowing the
+    /// granted minor and the control minors, nothing else of 195, and a
+    /// process in it opens exactly that.
+    #[test]
+    #[cfg_attr(gati_unprivileged, ignore = "needs root: the cgroup-v1 devices controller")]
+    fn under_an_allow_list_parent_only_the_granted_minor_and_the_control_nodes_stay() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root; rebuild as the user who runs it");
+        let mount = Path::new(MOUNT);
+        assert!(mount.join("devices.allow").exists(), "no cgroup-v1 devices controller at {MOUNT}");
+        let parent = mount.join("gati").join(format!("test-allow-list-{}", std::process::id()));
+        fs::create_dir_all(&parent).unwrap();
+        for (file, rule) in [("devices.deny", "a"), ("devices.allow", "c 195:* rwm"), ("devices.allow", "c 1:3 rwm")] {
+            fs::write(parent.join(file), rule).unwrap();
+        }
+        let base = Base { dir: parent.clone() };
+        let group = base.group(7).unwrap();
+        group.set_rules(195, &[1]).unwrap();
+        let list = fs::read_to_string(group.dir().join("devices.list")).unwrap();
+        let mut lines: Vec<&str> = list.lines().collect();
+        lines.sort_unstable();
+        assert_eq!(lines, ["c 195:1 rwm", "c 195:254 rwm", "c 195:255 rwm", "c 1:3 rwm"], "{list}");
+        // A process in the group: 195:1 is allowed (ENXIO: no driver), 195:0 is not (EPERM).
+        let dev = std::env::temp_dir().join(format!("gati-allow-list-{}", std::process::id()));
+        fs::create_dir_all(&dev).unwrap();
+        for m in [0, 1] {
+            let st = std::process::Command::new("mknod")
+                .arg(dev.join(format!("g{m}")))
+                .args(["c", "195", &m.to_string()])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c").arg(format!(
+            "for m in 0 1; do e=$( {{ head -c0 < {}/g$m; }} 2>&1 ); case \"$e\" in *'not permitted'*) echo $m:denied;; *) echo $m:open;; esac; done",
+            dev.display()
+        ));
+        super::super::join_before_exec(&mut cmd, &super::super::Group::V1(base.group(7).unwrap()));
+        let out = cmd.output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "0:denied\n1:open\n");
+        let mut g = group;
+        assert!(g.try_remove());
+        fs::remove_dir(&parent).unwrap();
+        let _ = fs::remove_dir_all(&dev);
+    }
+
     #[test]
     fn a_list_line_that_lets_other_gpus_through_is_found() {
         assert!(grants_other("a *:* rwm", 195, &[1]));
