@@ -85,6 +85,7 @@ pub const SCHED_COLD_STARTS_TOTAL: &str = "gati_sched_cold_starts_total";
 pub const SCHED_PRESTARTS_TOTAL: &str = "gati_sched_prestarts_total";
 /// Workers that died.
 pub const SCHED_WORKER_CRASHES_TOTAL: &str = "gati_sched_worker_crashes_total";
+pub const FUNCTION_STDERR_LINES_TOTAL: &str = "gati_function_stderr_lines_total";
 /// Function runs retried.
 pub const SCHED_RETRIES_TOTAL: &str = "gati_sched_retries_total";
 /// Live workers per function.
@@ -307,6 +308,12 @@ pub const FAMILIES: &[Family] = &[
         Counter,
         Some(Unit::Count),
         "Function workers started ahead of demand by the warm pools (all SGSs).",
+    ),
+    family(
+        FUNCTION_STDERR_LINES_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Lines function workers wrote to stderr, by function and result: logged, or dropped over the per-function rate limit.",
     ),
     family(
         SCHED_WORKER_CRASHES_TOTAL,
