@@ -121,7 +121,10 @@ impl FakeNode {
                     let mut len = [0u8; 4];
                     match c.read_exact(&mut len) {
                         Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut =>
+                        {
                             continue
                         }
                         Err(_) => break,

@@ -461,10 +461,10 @@ fn a_submit_sent_to_a_dying_arbiter_is_granted_by_the_next_one_exactly_once() {
         x != 0 && v.iter().all(|(_, view, _)| view["arbiter"].as_u64() == Some(u64::from(x)))
     });
     let h = (1..=3).find(|&n| n != x).unwrap();
+    let mut old = nodes[x as usize - 1].take().unwrap();
     let home = || nodes[h as usize - 1].as_ref().unwrap();
     let sent = |d: &TestDaemon| metric(d, "gati_peer_frames_sent_total{kind=\"submit\"} ");
 
-    let mut old = nodes[x as usize - 1].take().unwrap();
     old.signal(libc::SIGSTOP);
     let before = sent(home());
     let c = submit(home(), "lost-submit", 1);
@@ -482,12 +482,14 @@ fn a_submit_sent_to_a_dying_arbiter_is_granted_by_the_next_one_exactly_once() {
         assert!(Instant::now() < until, "the app {c} was not granted within {bound:?} of the kill: {last}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let resent = metric(home(), "gati_cluster_submits_resent_total ");
     eprintln!(
-        "arbiter {x} killed: app {c} granted by node {} after {:.2} s; its submit was sent {} times",
+        "arbiter {x} killed: app {c} granted by node {} after {:.2} s; its submit written {} times over TCP, resent {resent} times on a welcome",
         last["arbiter"],
         killed.elapsed().as_secs_f64(),
         sent(home()) - before
     );
+    assert!(resent >= 1.0, "the home node sent the submit again");
     // One app: never more than its one GPU leased in any view, one entry in every list.
     for _ in 0..20 {
         for (id, v, leases) in views(&nodes) {

@@ -105,8 +105,9 @@ impl ClusterNode {
             v.leases.clear();
             // This arbiter may be new and not have every app submitted here.
             for m in self.agents().unconfirmed() {
-                if let Err(e) = self.send(m) {
-                    tracing::warn!(error = %e, "submit not sent again to the new arbiter");
+                match self.send(m) {
+                    Ok(()) => metrics::counter!(crate::telemetry::names::CLUSTER_SUBMITS_RESENT_TOTAL).increment(1),
+                    Err(e) => tracing::warn!(error = %e, "submit not sent again to the new arbiter"),
                 }
             }
             return Ok(());

@@ -43,6 +43,8 @@ pub const PEER_FRAMES_SENT_TOTAL: &str = "gati_peer_frames_sent_total";
 pub const AUCTION_OFFERS_TOTAL: &str = "gati_auction_offers_total";
 /// Bids: sent by this node's agents, or taken/refused/missing on the arbiter.
 pub const AUCTION_BIDS_TOTAL: &str = "gati_auction_bids_total";
+/// Submits this node sent again to a (new) arbiter that had not shown it has them.
+pub const CLUSTER_SUBMITS_RESENT_TOTAL: &str = "gati_cluster_submits_resent_total";
 /// Leases in this node's view of the cluster.
 pub const CLUSTER_LEASES: &str = "gati_cluster_leases";
 /// Cluster members (on the arbiter).
@@ -156,6 +158,12 @@ pub const FAMILIES: &[Family] = &[
         Counter,
         Some(Unit::Count),
         "Bids, by result: sent (by this node's agents), accepted, missing (offered, no bid by the deadline), or refused as stale, not_offered, invalid, too_many_options, duplicate (on the arbiter).",
+    ),
+    family(
+        CLUSTER_SUBMITS_RESENT_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Submits of apps of this node sent again on an arbiter's welcome, because the node had not yet seen them in the arbiter's state.",
     ),
     family(CLUSTER_LEASES, Gauge, Some(Unit::Count), "GPU leases in this node's view of the cluster."),
     family(CLUSTER_NODES, Gauge, Some(Unit::Count), "Members of the cluster, as the arbiter node sees them."),
