@@ -8,7 +8,7 @@
 //!   by the auction;
 //! - an app whose home node is SIGSTOPped does not bid, takes no part in the
 //!   auction of the rounds while it is stopped, and the cluster keeps
-//!   granting the others;
+//!   granting the others; woken, the node rejoins and its agent bids again;
 //! - the test's agent sends over-size, non-positive-ρ, stale and
 //!   not-offered bids, each refused and counted under its reason, then a
 //!   valid one, which the auction grants.
@@ -247,7 +247,13 @@ fn agents_bid_over_the_wire_a_stopped_agent_sits_out_and_bad_bids_are_refused() 
         sat_out && others_granted
     });
     assert!(bids(arb, "missing") > missing_before);
+    // Node 3 wakes: removed meanwhile, it is made to rejoin (its heartbeats are refused and its
+    // connection closed), and its agent bids again.
+    let stopped_until = rounds(arb).iter().map(|r| r["round"].as_u64().unwrap()).max().unwrap();
     nodes[2].signal(libc::SIGCONT);
+    poll_until("node 3 rejoins and its agent bids again", Duration::from_secs(30), || {
+        rounds(arb).iter().any(|r| r["round"].as_u64().unwrap() > stopped_until && ids(r, "bids").contains(&app[2]))
+    });
 
     // The test's own agent: a member with no GPUs and one app.
     let fake = FakeNode::join(addrs[0]);

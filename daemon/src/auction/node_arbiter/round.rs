@@ -325,10 +325,60 @@ impl ArbiterState {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::tests::{cfg, join, Homes};
+pub(super) mod tests {
+    use super::super::tests::{cfg, join, submit};
     use super::*;
+    use crate::auction::lease::Lease;
     use crate::auction::peer::message::Message;
+
+    /// The home nodes' agents: each submit goes through them, as on a node.
+    #[derive(Default)]
+    pub(in crate::auction::node_arbiter) struct Homes(pub BTreeMap<NodeId, crate::auction::agent::Agents>);
+
+    impl Homes {
+        pub fn submit(&mut self, a: &mut ArbiterState, node: NodeId, app: AppId, demand: u32, now: f64) {
+            let Message::Submit { name, work, command, .. } = submit(node, app, demand) else { unreachable!() };
+            let home = crate::auction::agent::HomeApp { name, demand, work, command, confirmed: false };
+            let m = self.0.entry(node).or_insert_with(|| crate::auction::agent::Agents::new(node)).add(app, home);
+            a.handle(node, m.unwrap(), now).unwrap();
+        }
+
+        /// One round at `now`, every offer answered by its home node's agent
+        /// (those of `silent` nodes never answer); the round closed at its
+        /// deadline if a bid is missing. Returns what was sent and the leases granted.
+        pub fn round(&mut self, a: &mut ArbiterState, now: f64, silent: &[NodeId]) -> (Vec<Out>, Vec<Lease>) {
+            let (mut out, id) = a.begin_round(now);
+            let offers: Vec<(NodeId, Message)> = out
+                .iter()
+                .filter_map(|o| match o {
+                    Out::To(n, m @ Message::Offer { .. }) => Some((*n, m.clone())),
+                    _ => None,
+                })
+                .collect();
+            for (n, offer) in offers {
+                if silent.contains(&n) {
+                    continue;
+                }
+                let Message::Bid { round, app, rho_without, options } =
+                    self.0.get_mut(&n).unwrap().answer(&offer).unwrap()
+                else {
+                    unreachable!()
+                };
+                out.extend(a.take_bid(n, round, app, rho_without, &options, now).unwrap());
+            }
+            if let Some(id) = id {
+                out.extend(a.close_round(id, now).0);
+            }
+            let grants = out
+                .iter()
+                .filter_map(|o| match o {
+                    Out::All(Message::Grant { lease, .. }) => Some(lease.clone()),
+                    _ => None,
+                })
+                .collect();
+            (out, grants)
+        }
+    }
 
     /// Three members of 2 GPUs, `apps` apps of demand 2 (app i on node 1 + i % 3), Themis's `f`.
     fn cluster(apps: u64, f: f64) -> (ArbiterState, Homes) {

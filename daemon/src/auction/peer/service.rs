@@ -233,8 +233,11 @@ impl Shared {
         (addr, tx)
     }
 
-    /// A message arrived from authenticated `sender`.
-    fn dispatch(self: &Arc<Self>, sender: NodeId, msg: Message) {
+    /// A message arrived from authenticated `sender`; `false`: close the
+    /// connection (the arbiter refused a message from a node that is not a
+    /// member — e.g. one removed while it was silent — so that its link
+    /// reconnects and joins again).
+    fn dispatch(self: &Arc<Self>, sender: NodeId, msg: Message) -> bool {
         let k = kind(&msg);
         let to_arbiter = matches!(
             msg,
@@ -252,10 +255,14 @@ impl Shared {
             }
         };
         match r {
-            Ok(()) => metrics::counter!(names::PEER_FRAMES_TOTAL, "kind" => k).increment(1),
+            Ok(()) => {
+                metrics::counter!(names::PEER_FRAMES_TOTAL, "kind" => k).increment(1);
+                true
+            }
             Err(e) => {
                 tracing::warn!(sender, kind = k, error = %e, "peer message refused");
                 metrics::counter!(names::PEER_FRAMES_REJECTED_TOTAL, "reason" => "refused").increment(1);
+                !to_arbiter || self.arbiter_lock().as_ref().is_none_or(|a| a.members().contains_key(&sender))
             }
         }
     }
@@ -421,7 +428,11 @@ async fn serve_conn(shared: &Arc<Shared>, mut stream: TcpStream) -> Result<(), P
             open(&shared.key, &mut g, &frame)
         };
         match opened {
-            Ok(o) => shared.dispatch(o.sender, o.message),
+            Ok(o) => {
+                if !shared.dispatch(o.sender, o.message) {
+                    return Err(PeerError::Io(format!("node {} is not a member", o.sender)));
+                }
+            }
             Err(e) => {
                 metrics::counter!(names::PEER_FRAMES_REJECTED_TOTAL, "reason" => e.reason()).increment(1);
                 return Err(e);
