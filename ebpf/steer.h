@@ -35,9 +35,10 @@ struct steer_routes {
 };
 
 /* map `steer_load`: ARRAY (mmapable), key = SGS index; written by each SGS
- * as it runs, read by the program: the least `queued` wins, ties by weight. */
+ * as it runs, read by the program: the least `queued` wins, ties by weight;
+ * each pick adds 1 to its SGS's `queued` until the SGS next publishes. */
 struct steer_load {
-	__u32 queued; /* requests held (queued or running, not yet answered) */
+	__u32 queued; /* requests held (queued or running, not yet answered) + picked since */
 	__u32 idle;   /* idle warm workers */
 };
 

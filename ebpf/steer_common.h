@@ -4,7 +4,11 @@
  * steer_pick() is the one routing rule, mirrored by
  * sched::route::pick_least_loaded in Rust: among the DAG's routes, those whose
  * SGS holds the fewest requests (steer_load.queued); among those, the request
- * id modulo their total weight walks the routes in order.
+ * id modulo their total weight walks the routes in order. The pick counts
+ * itself on the chosen SGS's `queued` (atomically) until that SGS next
+ * publishes what it holds, so a burst between two publishes spreads over the
+ * routes instead of all going to the SGS that was least loaded at the last
+ * publish (userspace: sched::route::UserRouteTable::lookup does the same).
  */
 #ifndef GATI_STEER_COMMON_H
 #define GATI_STEER_COMMON_H
@@ -80,7 +84,12 @@ static __always_inline __u32 steer_pick(__u32 dag, __u64 key)
 	if (pick >= STEER_MAX_ROUTES)
 		return STEER_NO_SLOT;
 	__u32 slot = r->sgs[pick];
-	return slot < STEER_MAX_SGS ? slot : STEER_NO_SLOT;
+	if (slot >= STEER_MAX_SGS)
+		return STEER_NO_SLOT;
+	struct steer_load *l = bpf_map_lookup_elem(&steer_load, &slot);
+	if (l)
+		__sync_fetch_and_add(&l->queued, 1);
+	return slot;
 }
 
 #endif

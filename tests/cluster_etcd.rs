@@ -7,7 +7,9 @@
 //! every poll no GPU is in two leases in any live node's view. Also: a
 //! deposed arbiter's etcd commit is refused (fencing, against etcd
 //! directly), and a stalled arbiter (SIGSTOP past its TTL) is replaced and
-//! wakes fenced, rejoining under the new one.
+//! wakes fenced, rejoining under the new one. And a submit written to an
+//! arbiter that then dies without storing it is granted by the next arbiter,
+//! once (the home node sends it again until it sees it).
 //!
 //! Bounds: one lease period (`LEASE_S`) from the kill plus [`MARGIN_S`] for
 //! etcd's TTL granularity (TTLs are whole seconds, here 2 s, and etcd checks
@@ -426,6 +428,85 @@ fn a_stalled_arbiter_is_fenced_and_rejoins_as_a_member() {
         metric(dx, "gati_etcd_errors_total{op=\"commit\"} ")
     );
     drop(nodes);
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A submit the arbiter never stores is not lost: the arbiter is stopped
+/// (SIGSTOP: it neither handles nor stores what reaches it), an app is
+/// submitted on another node and written to the stopped arbiter's
+/// connection, the arbiter is killed. The home node keeps the app until it
+/// sees it in the arbiter's state and sends it again to the next arbiter,
+/// which grants it within one lease period of the kill, as one app.
+#[test]
+fn a_submit_sent_to_a_dying_arbiter_is_granted_by_the_next_one_exactly_once() {
+    let root = common::tempdir("cluster-etcd-submit");
+    let etcd = TestEtcd::start(&root);
+    let key = root.join("cluster.key");
+    std::fs::write(&key, KEY).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    let mut nodes: Nodes = (1..=3u32)
+        .map(|id| {
+            let dir = root.join(format!("n{id}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            Some(TestDaemon::start(&dir, &node_config(&dir, &key, id, &addrs, &etcd.url)))
+        })
+        .collect();
+    let bound = Duration::from_secs_f64(LEASE_S + MARGIN_S);
+    let mut x = 0u32;
+    poll_until("an arbiter elected", Duration::from_secs(30), || {
+        let v = views(&nodes);
+        x = v[0].1["arbiter"].as_u64().unwrap_or(0) as u32;
+        x != 0 && v.iter().all(|(_, view, _)| view["arbiter"].as_u64() == Some(u64::from(x)))
+    });
+    let h = (1..=3).find(|&n| n != x).unwrap();
+    let mut old = nodes[x as usize - 1].take().unwrap();
+    let home = || nodes[h as usize - 1].as_ref().unwrap();
+    let sent = |d: &TestDaemon| metric(d, "gati_peer_frames_sent_total{kind=\"submit\"} ");
+
+    old.signal(libc::SIGSTOP);
+    let before = sent(home());
+    let c = submit(home(), "lost-submit", 1);
+    poll_until("the submit written to the arbiter's connection", Duration::from_secs(10), || sent(home()) > before);
+    old.signal(libc::SIGKILL);
+    let killed = Instant::now();
+    old.wait_exit(Duration::from_secs(10));
+    drop(old);
+    let mut last = Value::Null;
+    let until = killed + bound;
+    while !views(&nodes).iter().all(|(_, v, leases)| {
+        last = v.clone();
+        v["arbiter"].as_u64().is_some_and(|a| a != u64::from(x)) && leases.iter().any(|(app, _)| *app == c)
+    }) {
+        assert!(Instant::now() < until, "the app {c} was not granted within {bound:?} of the kill: {last}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let resent = metric(home(), "gati_cluster_submits_resent_total ");
+    eprintln!(
+        "arbiter {x} killed: app {c} granted by node {} after {:.2} s; its submit written {} times over TCP, resent {resent} times on a welcome",
+        last["arbiter"],
+        killed.elapsed().as_secs_f64(),
+        sent(home()) - before
+    );
+    assert!(resent >= 1.0, "the home node sent the submit again");
+    // One app: never more than its one GPU leased in any view, one entry in every list.
+    for _ in 0..20 {
+        for (id, v, leases) in views(&nodes) {
+            let held: usize = leases.iter().filter(|(app, _)| *app == c).map(|(_, g)| g.len()).sum();
+            assert!(held <= 1, "node {id}: app {c} holds {held} GPUs: {v}");
+            let listed = v["apps"].as_array().unwrap().iter().filter(|a| a["app"] == c).count();
+            assert_eq!(listed, 1, "node {id}: {v}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(home().client().control_json(Kind::Apps, 0, &[]).unwrap()["agents"], 1);
+    for d in nodes.iter_mut().flatten() {
+        d.signal(libc::SIGTERM);
+    }
+    for d in nodes.iter_mut().flatten() {
+        assert!(d.wait_exit(Duration::from_secs(30)).success());
+    }
     drop(etcd);
     let _ = std::fs::remove_dir_all(&root);
 }

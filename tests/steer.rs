@@ -114,34 +114,51 @@ fn kernel_steers_each_datagram_as_the_maps_say() {
     private_netns();
     let mut g = Group::new(3);
     let board = g.kernel.load_board();
-    let picks = |g: &Group, dag: u32, rids: std::ops::Range<u64>| rids.map(|r| g.dag(dag, r)).collect::<Vec<_>>();
+    // Each SGS publishes what it holds (`held`) before every datagram.
+    let picks = |g: &Group, dag: u32, rids: std::ops::Range<u64>, held: [u32; 3]| {
+        rids.map(|r| {
+            for (s, &q) in held.iter().enumerate() {
+                board.set(s, q, 0);
+            }
+            g.dag(dag, r)
+        })
+        .collect::<Vec<_>>()
+    };
 
     // Weights: request id modulo the total weight walks the routes.
     g.kernel.publish(7, &routes(&[(0, 1), (2, 3)])).unwrap();
-    assert_eq!(picks(&g, 7, 0..8), vec![0, 2, 2, 2, 0, 2, 2, 2]);
+    assert_eq!(picks(&g, 7, 0..8, [0; 3]), vec![0, 2, 2, 2, 0, 2, 2, 2]);
     let mut steered = 8;
 
     // Least loaded first: what the SGSs publish on the mapped board.
-    board.set(2, 5, 0);
-    assert_eq!(picks(&g, 7, 0..4), vec![0; 4], "SGS 2 holds more requests");
-    board.set(0, 9, 1);
-    assert_eq!(picks(&g, 7, 0..4), vec![2; 4], "now SGS 0 does");
+    assert_eq!(picks(&g, 7, 0..4, [0, 0, 5]), vec![0; 4], "SGS 2 holds more requests");
+    assert_eq!(picks(&g, 7, 0..4, [9, 0, 0]), vec![2; 4], "now SGS 0 does");
+    steered += 8;
+
+    // A burst between two publishes: each pick counts on its SGS, so the
+    // burst levels the two and then alternates instead of herding onto SGS 0.
+    board.set(0, 3, 0);
+    board.set(2, 6, 0);
+    let burst: Vec<u32> = (0..11).map(|r| g.dag(7, r * 4)).collect();
+    assert_eq!(&burst[..3], &[0, 0, 0], "{burst:?}");
+    assert_eq!(burst.iter().filter(|&&s| s == 0).count(), 7, "{burst:?}");
+    assert_eq!((board.queued(0), board.queued(2)), (10, 10), "each pick counted on its SGS");
     board.set(0, 0, 0);
     board.set(2, 0, 0);
-    steered += 8;
+    steered += 11;
 
     // The LB rescales: the new routes apply to the next datagram.
     g.kernel.publish(7, &routes(&[(1, 1)])).unwrap();
-    assert_eq!(picks(&g, 7, 0..3), vec![1; 3]);
+    assert_eq!(picks(&g, 7, 0..3, [0; 3]), vec![1; 3]);
     g.kernel.publish(7, &routes(&[(0, 1), (1, 1)])).unwrap();
-    assert_eq!(picks(&g, 7, 0..4), vec![0, 1, 0, 1]);
+    assert_eq!(picks(&g, 7, 0..4, [0; 3]), vec![0, 1, 0, 1]);
     steered += 7;
 
     // An SGS's socket is replaced: the old one closes, the new one receives.
     let fresh = reuseport_socket(g.addr).unwrap();
     g.kernel.set_socket(1, &fresh).unwrap();
     g.sgs[1] = fresh;
-    assert_eq!(picks(&g, 7, 0..4), vec![0, 1, 0, 1], "slot 1 is the new socket");
+    assert_eq!(picks(&g, 7, 0..4, [0; 3]), vec![0, 1, 0, 1], "slot 1 is the new socket");
     steered += 4;
     assert_eq!(g.count(Counter::Steered), steered);
 
@@ -410,10 +427,18 @@ fn unix_verdict_steers_whole_frames_as_the_maps_say() {
     let mut g = UnixGroup::new(3);
     let board = g.kernel.load_board();
     g.kernel.publish(7, &routes(&[(0, 1), (2, 3)])).unwrap();
-    let picks: Vec<_> = (0..8).map(|r| g.dag(7, r)).collect();
+    // Each SGS publishes what it holds (nothing) before every write.
+    let picks: Vec<_> = (0..8)
+        .map(|r| {
+            (0..3).for_each(|s| board.set(s, 0, 0));
+            g.dag(7, r)
+        })
+        .collect();
     assert_eq!(picks, [0, 2, 2, 2, 0, 2, 2, 2].map(Some));
+    board.set(0, 0, 0);
     board.set(2, 5, 0);
     assert_eq!(g.dag(7, 1), Some(0), "SGS 2 holds more requests");
+    assert_eq!(board.queued(0), 1, "the pick counted on its SGS");
     board.set(2, 0, 0);
     g.kernel.publish(7, &routes(&[(1, 1)])).unwrap();
     assert_eq!(g.dag(7, 0), Some(1), "after the LB rescaled");

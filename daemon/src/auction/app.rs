@@ -61,6 +61,14 @@ pub struct Progress {
     pub attained: f64,
     /// When it was last advanced (seconds on the arbiter's clock).
     pub last: f64,
+    /// Active apps at the last observation (used while no time has passed;
+    /// absent in records of older versions: 1).
+    #[serde(default = "one")]
+    pub contention_now: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// What [`App::rho_with`] needs about the cluster.
@@ -119,7 +127,13 @@ impl App {
 
     /// What the app has done so far, to be carried over to another arbiter.
     pub fn progress(&self) -> Progress {
-        Progress { done: self.done, contention_s: self.contention_s, attained: self.attained, last: self.last }
+        Progress {
+            done: self.done,
+            contention_s: self.contention_s,
+            attained: self.attained,
+            last: self.last,
+            contention_now: self.contention_now,
+        }
     }
 
     /// An app resumed at `p` (failover: a new arbiter continues from the
@@ -130,6 +144,7 @@ impl App {
         a.contention_s = p.contention_s.max(0.0);
         a.attained = p.attained.max(0.0);
         a.last = p.last.max(a.spec.arrival);
+        a.contention_now = if p.contention_now.is_finite() { p.contention_now.max(1.0) } else { 1.0 };
         a
     }
 

@@ -60,8 +60,36 @@ pub struct RoundReport {
     pub withheld_gpu_s: f64,
     /// GPUs granted to apps outside the auction.
     pub leftover_gpus: u32,
+    /// Apps granted a lease by the auction (the rest of `grants` are leftover).
+    pub auctioned: Vec<AppId>,
+    /// Offered apps whose agent did not bid (they took no part in the auction).
+    pub no_bid: Vec<AppId>,
     /// Time spent in the round, ms.
     pub elapsed_ms: f64,
+}
+
+/// A round between its two phases: what was offered, to whom.
+#[derive(Clone, Debug)]
+pub struct OpenRound {
+    /// The round's time and the cluster as the agents price it.
+    pub view: ClusterView,
+    /// Free GPUs per node, offered to every app of [`OpenRound::inside`].
+    pub offer: Bundle,
+    /// The apps offered GPUs, worst ρ first.
+    pub inside: Vec<AppId>,
+    /// The other apps that could use more GPUs, worst ρ first (the leftover's order).
+    pub outside: Vec<AppId>,
+    just_had: BTreeMap<AppId, Vec<GpuId>>,
+    report: RoundReport,
+    /// Time spent in the first phase, ms.
+    ms: f64,
+}
+
+impl OpenRound {
+    /// Leases that expired at the round's start (their GPUs are in the offer).
+    pub fn expired(&self) -> &[Lease] {
+        &self.report.expired
+    }
 }
 
 /// The cluster's GPUs, who leases them, and the rounds.
@@ -153,8 +181,25 @@ impl Arbiter {
         ended
     }
 
-    /// One lease round at `now` over the active `apps`.
+    /// One lease round at `now` over the active `apps`, every agent answering
+    /// in process (the simulator): [`Arbiter::open_round`], [`bid`] for each
+    /// offered app, [`Arbiter::close_round`].
     pub fn round(&mut self, now: f64, apps: &[&App]) -> RoundReport {
+        let open = self.open_round(now, apps);
+        let by_id: BTreeMap<AppId, &App> = apps.iter().map(|a| (a.spec.id, *a)).collect();
+        let bids: Vec<Bid> = open
+            .inside
+            .iter()
+            .filter_map(|id| by_id.get(id))
+            .map(|a| bid(a, &self.leases.held(a.spec.id), &open.offer, &open.view))
+            .collect();
+        self.close_round(open, bids, apps)
+    }
+
+    /// The first phase of a round at `now`: expired leases return, the apps
+    /// are ranked by ρ and the worst get the offer ([`OpenRound::inside`],
+    /// each offered [`OpenRound::offer`] on top of what it holds).
+    pub fn open_round(&mut self, now: f64, apps: &[&App]) -> OpenRound {
         let t0 = Instant::now();
         let mut report = RoundReport { expired: self.leases.expire(now), ..RoundReport::default() };
         for l in &report.expired {
@@ -171,9 +216,18 @@ impl Arbiter {
             lease_s: self.cfg.lease_s,
         };
         report.offered_gpus = self.pool.total();
-        if report.offered_gpus == 0 {
-            report.elapsed_ms = t0.elapsed().as_secs_f64() * 1e3;
-            return report;
+        let mut open = OpenRound {
+            view,
+            offer: self.pool.counts(),
+            inside: Vec::new(),
+            outside: Vec::new(),
+            just_had,
+            report,
+            ms: 0.0,
+        };
+        if open.report.offered_gpus == 0 {
+            open.ms = t0.elapsed().as_secs_f64() * 1e3;
+            return open;
         }
         // Agents' ρ reports; only apps that could use more GPUs take part.
         let mut eligible: Vec<(f64, &App)> = apps
@@ -182,39 +236,73 @@ impl Arbiter {
             .map(|a| (a.rho_with(&self.leases.held(a.spec.id), &view), *a))
             .collect();
         eligible.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.spec.id.cmp(&y.1.spec.id)));
-        let n_offered =
-            (((1.0 - self.cfg.fairness_f) * eligible.len() as f64).ceil() as usize).min(report.offered_gpus as usize);
+        let n_offered = (((1.0 - self.cfg.fairness_f) * eligible.len() as f64).ceil() as usize)
+            .min(open.report.offered_gpus as usize);
         let (inside, outside) = eligible.split_at(n_offered.min(eligible.len()));
-        report.offered_to = inside.len();
+        open.report.offered_to = inside.len();
+        open.inside = inside.iter().map(|(_, a)| a.spec.id).collect();
+        open.outside = outside.iter().map(|(_, a)| a.spec.id).collect();
+        open.ms = t0.elapsed().as_secs_f64() * 1e3;
+        open
+    }
 
-        // The auction.
-        let offer = self.pool.counts();
-        let bids: Vec<Bid> = inside.iter().map(|(_, a)| bid(a, &self.leases.held(a.spec.id), &offer, &view)).collect();
-        let problem = to_problem(&offer, &bids);
-        let outcome = pa::run(&problem);
-        for award in &outcome.awards {
-            let b = &bids[award.agent];
-            let bundle = &b.options[award.option].bundle;
-            // c_i as a time share: the whole bundle (a gang needs all of it at once) for c_i of a lease.
-            let share = award.fraction.clamp(MIN_LEASE_SHARE, 1.0);
-            report.withheld_gpu_s += (1.0 - share) * f64::from(bundle.total()) * self.cfg.lease_s;
-            let bundle = bundle.clone();
-            self.grant(now, b.app, &bundle, share * self.cfg.lease_s, &just_had, &mut report);
+    /// The second phase: the mechanism over the `bids` received (one per
+    /// offered app at most; an offered app without one takes no part, and
+    /// counts as outside the auction for the leftover), then the leftover to
+    /// the apps outside, worst ρ first. `apps` are the active apps (those of
+    /// [`OpenRound`] missing from it are skipped). Options that no longer fit
+    /// the free GPUs (a node left since the offer) are dropped.
+    pub fn close_round(&mut self, open: OpenRound, bids: Vec<Bid>, apps: &[&App]) -> RoundReport {
+        let t0 = Instant::now();
+        let OpenRound { view, offer, inside, outside, just_had, mut report, ms } = open;
+        let now = view.now;
+        // The GPUs offered that are still free.
+        let free = self.pool.counts();
+        let mut capacity = Bundle::default();
+        for (n, k) in offer.iter() {
+            capacity.add(n, k.min(free.on_node(n)));
         }
-        // Leftover to the apps outside the auction, worst ρ first.
-        for (_, a) in outside {
+        let mut bids = bids;
+        for b in &mut bids {
+            b.options.retain(|o| o.bundle.iter().all(|(n, k)| k <= capacity.on_node(n)));
+        }
+        let by_id: BTreeMap<AppId, &App> = apps.iter().map(|a| (a.spec.id, *a)).collect();
+        if !capacity.is_empty() && !bids.is_empty() {
+            let problem = to_problem(&capacity, &bids);
+            let outcome = pa::run(&problem);
+            for award in &outcome.awards {
+                let b = &bids[award.agent];
+                let bundle = &b.options[award.option].bundle;
+                // c_i as a time share: the whole bundle (a gang needs all of it at once) for c_i of a lease.
+                let share = award.fraction.clamp(MIN_LEASE_SHARE, 1.0);
+                report.withheld_gpu_s += (1.0 - share) * f64::from(bundle.total()) * self.cfg.lease_s;
+                let bundle = bundle.clone();
+                let before = report.grants.len();
+                self.grant(now, b.app, &bundle, share * self.cfg.lease_s, &just_had, &mut report);
+                if report.grants.len() > before {
+                    report.auctioned.push(b.app);
+                }
+            }
+        }
+        // Leftover to the apps outside the auction, worst ρ first: offered
+        // apps that did not bid (they ranked worst), then the rest.
+        let bidders: Vec<AppId> = bids.iter().map(|b| b.app).collect();
+        report.no_bid = inside.iter().copied().filter(|a| !bidders.contains(a)).collect();
+        let leftover_to: Vec<AppId> = report.no_bid.iter().chain(&outside).copied().collect();
+        for id in leftover_to {
             if self.pool.total() == 0 {
                 break;
             }
-            let held = self.leases.held(a.spec.id);
+            let Some(a) = by_id.get(&id) else { continue };
+            let held = self.leases.held(id);
             let b = bid(a, &held, &self.pool.counts(), &view);
             if let Some(best) = b.options.iter().min_by(|x, y| x.rho.total_cmp(&y.rho)) {
                 report.leftover_gpus += best.bundle.total();
                 let bundle = best.bundle.clone();
-                self.grant(now, a.spec.id, &bundle, self.cfg.lease_s, &just_had, &mut report);
+                self.grant(now, id, &bundle, self.cfg.lease_s, &just_had, &mut report);
             }
         }
-        report.elapsed_ms = t0.elapsed().as_secs_f64() * 1e3;
+        report.elapsed_ms = ms + t0.elapsed().as_secs_f64() * 1e3;
         report
     }
 

@@ -6,6 +6,8 @@
 //! - [`throughput`]: an app's rate over GPU count and placement;
 //! - [`app`]: an app's progress and its ρ;
 //! - [`bid`]: an agent's placement-aware bid (ρ over bundles);
+//! - [`agent`]: an app's agent on its home node (answers offers with bids,
+//!   keeps its submit until the arbiter has it);
 //! - [`nsw`] + [`pa`]: the mechanism (Nash-welfare allocation, fractions c_i);
 //! - [`lease`]: leases (never two on one GPU), expiry, revocation;
 //! - [`arbiter`]: the lease round that ties them together;
@@ -21,6 +23,7 @@
 //! - [`sim`]: the trace-driven simulator that runs the same arbiter against
 //!   the baseline policies (`gatid bench auction`).
 
+pub mod agent;
 pub mod app;
 pub mod arbiter;
 pub mod bid;

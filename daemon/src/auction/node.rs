@@ -1,6 +1,8 @@
 //! This node's side of the cluster: its view of the leases (as the arbiter
 //! broadcast them), the apps submitted here, and the control-socket answers
-//! (`gatictl app submit`, `gatictl apps`). The peer service
+//! (`gatictl app submit`, `gatictl apps`), and the agents of the apps
+//! submitted here ([`super::agent`]: they answer the arbiter's offers and
+//! send a submit again to a new arbiter until it has it). The peer service
 //! ([`super::peer::service`]) feeds the view and runs the enforcer.
 //!
 //! One node per process: the running one is reachable through [`current`]
@@ -12,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
+use super::agent::{Agents, HomeApp};
 use super::app::AppId;
 use super::devices::{AppDevices, DeviceStatus};
 use super::gang::{Gang, Want};
@@ -39,6 +42,8 @@ pub struct View {
     pub devices: Option<DeviceStatus>,
     /// Each running app's device rules (from the enforcer).
     pub app_devices: BTreeMap<AppId, AppDevices>,
+    /// On the arbiter node: its last rounds (`gatictl apps` shows them).
+    pub rounds: Option<Value>,
 }
 
 /// The running node's cluster state.
@@ -48,6 +53,8 @@ pub struct ClusterNode {
     pub view: Mutex<View>,
     /// Messages to the arbiter (bounded: a full queue refuses, never grows).
     pub outbox: tokio::sync::mpsc::Sender<Message>,
+    /// The agents of the apps submitted here (locked after `view`, never before).
+    pub agents: Mutex<Agents>,
     next_app: AtomicU64,
 }
 
@@ -70,7 +77,8 @@ impl ClusterNode {
         // holds (on etcd they outlive every process).
         let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let first = (u64::from(cfg.node_id) << 32) + ((secs & 0xF_FFFF) << 12);
-        ClusterNode { cfg, view: Mutex::new(View::default()), outbox, next_app: AtomicU64::new(first + 1) }
+        let agents = Mutex::new(Agents::new(cfg.node_id));
+        ClusterNode { cfg, view: Mutex::new(View::default()), outbox, agents, next_app: AtomicU64::new(first + 1) }
     }
 
     pub fn id(&self) -> NodeId {
@@ -79,6 +87,15 @@ impl ClusterNode {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, View> {
         self.view.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn agents(&self) -> std::sync::MutexGuard<'_, Agents> {
+        self.agents.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// To the arbiter (its own node's arbiter takes it in process).
+    fn send(&self, m: Message) -> Result<(), String> {
+        self.outbox.try_send(m).map_err(|_| "the peer service is not keeping up; try again".to_string())
     }
 
     /// Applies a message from the arbiter; `Err` if `sender` is not the
@@ -92,6 +109,13 @@ impl ClusterNode {
             // A fresh view follows (the arbiter resends every lease).
             v.arbiter = Some(sender);
             v.leases.clear();
+            // This arbiter may be new and not have every app submitted here.
+            for m in self.agents().unconfirmed() {
+                match self.send(m) {
+                    Ok(()) => metrics::counter!(crate::telemetry::names::CLUSTER_SUBMITS_RESENT_TOTAL).increment(1),
+                    Err(e) => tracing::warn!(error = %e, "submit not sent again to the new arbiter"),
+                }
+            }
             return Ok(());
         }
         if v.arbiter != Some(sender) {
@@ -109,6 +133,7 @@ impl ClusterNode {
                 if !command.is_empty() {
                     v.commands.insert(lease.app, command);
                 }
+                self.agents().confirm(lease.app);
                 v.leases.insert(lease.id, lease);
             }
             Message::Renew { lease, expiry, .. } => {
@@ -116,13 +141,22 @@ impl ClusterNode {
                     l.expiry = expiry;
                 }
             }
-            Message::Revoke { lease, app, .. } => {
+            Message::Revoke { lease, app, reason } => {
+                if reason == super::node_arbiter::FINISHED {
+                    self.agents().forget(app);
+                }
                 v.leases.remove(&lease);
                 if !v.leases.values().any(|l| l.app == app) {
                     v.commands.remove(&app);
                 }
             }
+            offer @ Message::Offer { .. } => {
+                let bid = self.agents().answer(&offer)?;
+                self.send(bid)?;
+                metrics::counter!(crate::telemetry::names::AUCTION_BIDS_TOTAL, "result" => "sent").increment(1);
+            }
             Message::RhoReport { app, rho } => {
+                self.agents().confirm(app);
                 if v.rho.len() < super::node_arbiter::MAX_APPS || v.rho.contains_key(&app) {
                     v.rho.insert(app, rho);
                 }
@@ -198,15 +232,12 @@ impl ClusterNode {
         let r: Req = serde_json::from_slice(payload).map_err(|e| format!("bad submit request: {e}"))?;
         super::node_arbiter::check_app(&r.name, r.gpus, r.work, &r.command)?;
         let app = self.next_app.fetch_add(1, Ordering::Relaxed);
-        let msg = Message::Submit {
-            node: self.id(),
-            app,
-            name: r.name.clone(),
-            demand: r.gpus,
-            work: r.work,
-            command: r.command,
-        };
-        self.outbox.try_send(msg).map_err(|_| "the peer service is not keeping up; try again".to_string())?;
+        let home = HomeApp { name: r.name.clone(), demand: r.gpus, work: r.work, command: r.command, confirmed: false };
+        let msg = self.agents().add(app, home)?;
+        if let Err(e) = self.send(msg) {
+            self.agents().forget(app);
+            return Err(e);
+        }
         self.lock().names.insert(app, r.name);
         Ok(json!({ "app": app, "node": self.id() }))
     }
@@ -241,6 +272,8 @@ impl ClusterNode {
             "leases": v.leases.values().collect::<Vec<_>>(),
             "conflicts": v.conflicts,
             "gpu_devices": v.devices,
+            "agents": self.agents().len(),
+            "rounds": v.rounds,
         })
     }
 }

@@ -17,12 +17,16 @@
 //! [`Op`] ([`ArbiterState::take_ops`]) that the service writes to etcd before
 //! it sends the messages of the same step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::app::{App, AppId, AppSpec, ClusterView};
-use super::arbiter::{Arbiter, ArbiterConfig, RoundReport};
+mod round;
+
+pub use round::{BidRefusal, RoundSummary, MAX_BID_OPTIONS, RECENT_ROUNDS};
+
+use super::app::{App, AppId, AppSpec};
+use super::arbiter::{Arbiter, ArbiterConfig};
 use super::etcd::record::{AppRecord, NodeRecord, Op, Snapshot};
 use super::gpu::NodeId;
 use super::lease::Lease;
@@ -31,6 +35,8 @@ use super::throughput::ThroughputModel;
 use super::AuctionError;
 use crate::config::ClusterConfig;
 
+/// The `revoke` reason of a finished app's leases (its agent goes with it).
+pub const FINISHED: &str = "app finished";
 /// A member silent this many heartbeat periods is gone.
 pub const DEAD_AFTER_HEARTBEATS: f64 = 4.0;
 /// Most apps the arbiter tracks (a submit over it is refused).
@@ -83,6 +89,14 @@ pub struct ArbiterState {
     /// Members come from etcd (no heartbeat timeout) and changes are journalled.
     on_etcd: bool,
     ops: Vec<Op>,
+    /// How long a round waits for its bids, seconds.
+    bid_deadline_s: f64,
+    /// The last round id (starts from the clock: a new arbiter's rounds are
+    /// not its predecessor's).
+    round_seq: u64,
+    /// The round waiting for bids.
+    pending: Option<round::Pending>,
+    recent: VecDeque<RoundSummary>,
 }
 
 impl ArbiterState {
@@ -95,9 +109,15 @@ impl ArbiterState {
             apps: BTreeMap::new(),
             heartbeat_s: heartbeat_s(cfg.round_s),
             lease_s: cfg.lease_s,
-            model: Arc::new(ThroughputModel::linear(1.0, 0.7)),
+            model: super::agent::submitted_model(),
             on_etcd: false,
             ops: Vec::new(),
+            bid_deadline_s: cfg.bid_deadline_s(),
+            round_seq: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
+            pending: None,
+            recent: VecDeque::new(),
         })
     }
 
@@ -285,17 +305,24 @@ impl ArbiterState {
                 if node != sender || !self.members.contains_key(&node) {
                     return Err(format!("submit from node {sender} for node {node}"));
                 }
+                // Idempotent by app id: a home node sends an app again to
+                // every new arbiter until it sees it in the arbiter's state.
+                match self.apps.get(&app) {
+                    Some(t) if t.node == node => return Ok(out),
+                    Some(t) => return Err(format!("app {app} of node {} submitted by node {node}", t.node)),
+                    None => {}
+                }
                 if self.apps.len() >= MAX_APPS {
                     return Err(format!("too many apps ({MAX_APPS})"));
                 }
                 check_app(&name, demand, work, &command)?;
-                if self.apps.contains_key(&app) {
-                    return Err(format!("app {app} submitted twice"));
-                }
                 let spec =
                     AppSpec { id: app, name, demand, total_work: work, model: Arc::clone(&self.model), arrival: now };
                 self.apps.insert(app, TrackedApp { app: App::new(spec), command, node });
                 self.journal_app(app);
+            }
+            Message::Bid { round, app, rho_without, options } => {
+                return self.take_bid(sender, round, app, rho_without, &options, now).map_err(|e| e.to_string());
             }
             other => return Err(format!("the arbiter does not take `{}`", kind(&other))),
         }
@@ -319,54 +346,6 @@ impl ArbiterState {
             }
         }
         out
-    }
-
-    /// One lease round at `now`: apps progress (by their throughput model),
-    /// finished ones release their GPUs, the arbiter runs, every change and
-    /// every app's ρ is broadcast.
-    pub fn round(&mut self, now: f64) -> (Vec<Out>, RoundReport) {
-        let mut out = self.reap(now);
-        let active = self.apps.len();
-        let mut finished = Vec::new();
-        for (&id, t) in &mut self.apps {
-            let held = self.arbiter.leases().held(id);
-            if t.app.advance(now, &held, active).is_some() {
-                finished.push(id);
-            }
-        }
-        for id in finished {
-            for l in self.arbiter.release_app(id) {
-                self.ended(&l, "app finished", &mut out);
-            }
-            self.apps.remove(&id);
-            self.journal(Op::DelApp(id));
-        }
-        let refs: Vec<&App> = self.apps.values().map(|t| &t.app).collect();
-        let report = self.arbiter.round(now, &refs);
-        let mut touched = std::collections::BTreeSet::new();
-        for l in &report.expired {
-            self.ended(l, "expired", &mut out);
-            touched.insert(l.app);
-        }
-        for l in &report.grants {
-            out.push(Out::All(self.grant_msg(l)));
-            self.journal(Op::PutLease(l.clone()));
-            touched.insert(l.app);
-        }
-        for id in touched {
-            self.journal_app(id);
-        }
-        let view = ClusterView {
-            now,
-            gpus: self.arbiter.gpus(),
-            node_gpus: self.members.values().map(|m| m.gpus).max().unwrap_or(0),
-            lease_s: self.lease_s,
-        };
-        for (&id, t) in &self.apps {
-            let rho = t.app.rho_with(&self.arbiter.leases().held(id), &view);
-            out.push(Out::All(Message::RhoReport { app: id, rho }));
-        }
-        (out, report)
     }
 }
 
@@ -418,18 +397,19 @@ pub fn kind(m: &Message) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    use super::round::tests::Homes;
     use super::*;
     use crate::auction::gpu::GpuId;
 
-    fn cfg() -> ClusterConfig {
+    pub(super) fn cfg() -> ClusterConfig {
         toml::from_str(
             "node_id = 1\nlisten = \"127.0.0.1:1\"\nkey_file = \"k\"\narbiter = \"127.0.0.1:1\"\nlease_s = 10.0\nround_s = 1.0\n",
         )
         .unwrap()
     }
 
-    fn join(node: NodeId, gpus: u32) -> Message {
+    pub(super) fn join(node: NodeId, gpus: u32) -> Message {
         Message::Join {
             node,
             listen: format!("127.0.0.1:{}", 100 + node),
@@ -437,7 +417,7 @@ mod tests {
         }
     }
 
-    fn submit(node: NodeId, app: AppId, demand: u32) -> Message {
+    pub(super) fn submit(node: NodeId, app: AppId, demand: u32) -> Message {
         Message::Submit { node, app, name: "a".into(), demand, work: 1e6, command: vec!["true".into()] }
     }
 
@@ -449,22 +429,23 @@ mod tests {
         }
         assert!(a.handle(2, join(3, 2), 0.0).is_err(), "spoofed join");
         assert!(a.handle(9, Message::Heartbeat { node: 9 }, 0.0).is_err(), "not a member");
+        let mut homes = Homes::default();
         for app in 0..4 {
-            a.handle(1 + (app as u32 % 3), submit(1 + (app as u32 % 3), app, 2), 0.0).unwrap();
+            homes.submit(&mut a, 1 + (app as u32 % 3), app, 2, 0.0);
         }
-        let (out, report) = a.round(0.5);
-        assert!(!report.grants.is_empty());
-        let grants = out.iter().filter(|o| matches!(o, Out::All(Message::Grant { .. }))).count();
-        assert_eq!(grants, report.grants.len());
+        let (_, granted) = homes.round(&mut a, 0.5, &[]);
+        assert!(!granted.is_empty());
+        let summary = a.recent_rounds().last().unwrap().clone();
+        assert!(summary.missing.is_empty() && !summary.auctioned.is_empty(), "{summary:?}");
         // Nodes 1 and 2 keep beating, 3 goes silent.
         for t in [1.0, 2.0, 3.0] {
             a.handle(1, Message::Heartbeat { node: 1 }, t).unwrap();
             a.handle(2, Message::Heartbeat { node: 2 }, t).unwrap();
         }
-        let (out, _) = a.round(3.0);
+        let (out, _) = homes.round(&mut a, 3.0, &[3]);
         assert!(!a.members().contains_key(&3));
         assert!(a.arbiter.leases().iter().all(|l| l.gpus.iter().all(|g| g.node != 3)));
-        let had_node3 = report.grants.iter().any(|l| l.gpus.iter().any(|g| g.node == 3));
+        let had_node3 = granted.iter().any(|l| l.gpus.iter().any(|g| g.node == 3));
         assert_eq!(
             had_node3,
             out.iter().any(|o| matches!(o, Out::All(Message::Revoke { reason, .. }) if reason == "node left"))
@@ -478,7 +459,11 @@ mod tests {
         assert!(a.handle(1, submit(1, 5, 0), 0.0).is_err());
         assert!(a.handle(1, submit(2, 5, 1), 0.0).is_err());
         a.handle(1, submit(1, 5, 1), 0.0).unwrap();
-        assert!(a.handle(1, submit(1, 5, 1), 0.0).is_err(), "twice");
+        // Sent again (to a new arbiter): taken once, by app id.
+        assert_eq!(a.handle(1, submit(1, 5, 1), 0.0).unwrap(), Vec::new());
+        assert_eq!(a.apps().len(), 1);
+        a.handle(2, join(2, 2), 0.0).unwrap();
+        assert!(a.handle(2, submit(2, 5, 1), 0.0).is_err(), "another node's app id");
         assert!(a.handle(1, Message::Welcome { arbiter: 1, lease_s: 1.0 }, 0.0).is_err());
     }
 
@@ -530,10 +515,27 @@ mod tests {
                 .any(|o| matches!(o, Out::To(m, Message::Grant { lease, .. }) if *m == n && lease.id == 5)));
         }
         // The next round grants node 2's GPUs only, with new ids, and journals them.
-        let (_, report) = a.round(101.0);
-        assert!(report.grants.iter().all(|l| l.id > 8 && l.gpus.iter().all(|g| g.node == 2)), "{:?}", report.grants);
+        // (The apps were submitted on node 1 before the failover: their agents are there.)
+        let mut homes = Homes::default();
+        let mut agents = crate::auction::agent::Agents::new(1);
+        for id in [10, 11, 12] {
+            let home = crate::auction::agent::HomeApp {
+                name: "a".into(),
+                demand: 2,
+                work: 1e6,
+                command: vec!["true".into()],
+                confirmed: false,
+            };
+            agents.add(id, home).unwrap();
+        }
+        homes.0.insert(1, agents);
+        let (_, grants) = homes.round(&mut a, 101.0, &[]);
+        assert!(
+            !grants.is_empty() && grants.iter().all(|l| l.id > 8 && l.gpus.iter().all(|g| g.node == 2)),
+            "{grants:?}"
+        );
         let ops = a.take_ops();
-        assert!(report.grants.iter().all(|l| ops.contains(&Op::PutLease(l.clone()))));
+        assert!(grants.iter().all(|l| ops.contains(&Op::PutLease(l.clone()))));
         // Membership from etcd: no heartbeat timeout; a node whose registration ends loses its leases.
         assert!(a.reap(1e9).is_empty());
         let out = a.member_down(1);

@@ -298,6 +298,20 @@ fn print_apps(v: &Value) {
             leases.join("; ")
         );
     }
+    // On the arbiter node: its last round (the offers and the agents' bids).
+    if let Some(r) = v["rounds"].as_array().and_then(|r| r.last()) {
+        let n = |k: &str| r[k].as_array().map_or(0, Vec::len);
+        println!(
+            "last round {}: offered {}, bids {}, missing {}, refused {}, auctioned {}, leftover {}",
+            r["round"],
+            n("offered"),
+            n("bids"),
+            n("missing"),
+            r["refused"],
+            n("auctioned"),
+            n("leftover")
+        );
+    }
 }
 
 fn print_threads(threads: &serde_json::Value) {

@@ -49,6 +49,11 @@ pub struct ClusterConfig {
     /// Seconds between the arbiter's lease rounds.
     #[serde(default = "default_round_s")]
     pub round_s: f64,
+    /// How long a round waits for the offered agents' bids, seconds (an
+    /// agent that has not bid by then takes no part in that round's
+    /// auction). Less than `round_s`; default [`ClusterConfig::bid_deadline_s`].
+    #[serde(default)]
+    pub bid_deadline_s: Option<f64>,
     /// Themis's f: the share of apps (best ρ first) left out of each auction.
     #[serde(default = "default_f")]
     pub f: f64,
@@ -123,6 +128,12 @@ impl ClusterConfig {
         self.arbiter == Some(self.listen)
     }
 
+    /// The bid deadline: as configured, else a quarter of `round_s`,
+    /// between 50 ms and 2 s.
+    pub fn bid_deadline_s(&self) -> f64 {
+        self.bid_deadline_s.unwrap_or((0.25 * self.round_s).clamp(0.05, 2.0).min(0.5 * self.round_s))
+    }
+
     /// Whether membership and the arbiter come from etcd.
     pub fn uses_etcd(&self) -> bool {
         !self.etcd.is_empty()
@@ -186,6 +197,11 @@ pub(super) fn check(c: &Config, lines: &Lines, out: &mut Vec<ConfigIssue>) {
     }
     if !pos(cl.round_s) || cl.round_s > cl.lease_s {
         bad("round_s", format!("must be positive and at most lease_s ({}), got {}", cl.lease_s, cl.round_s));
+    }
+    if let Some(d) = cl.bid_deadline_s {
+        if !pos(d) || d >= cl.round_s {
+            bad("bid_deadline_s", format!("must be positive and below round_s ({}), got {d}", cl.round_s));
+        }
     }
     if !(0.0..=1.0).contains(&cl.f) {
         bad("f", format!("must be in [0, 1], got {}", cl.f));
@@ -276,6 +292,7 @@ mod tests {
         let cl = c.cluster.unwrap();
         assert!(cl.is_arbiter());
         assert_eq!((cl.gpus, cl.lease_s, cl.round_s, cl.f), (4, 60.0, 5.0, 0.8));
+        assert_eq!(cl.bid_deadline_s(), 1.25, "a quarter of round_s by default");
         assert!(crate::config::parse("[server]\nsocket = \"/tmp/x.sock\"\n", &dir).unwrap().cluster.is_none());
         let errs = |t: String| {
             crate::config::parse(&t, &dir).unwrap_err().iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
@@ -288,6 +305,8 @@ mod tests {
         assert!(e.contains("cannot read"), "{e}");
         let e = errs(text(&good, "f = 1.5\nround_s = 100.0\n"));
         assert!(e.contains("cluster.f") && e.contains("cluster.round_s"), "{e}");
+        let e = errs(text(&good, "bid_deadline_s = 5.0\n"));
+        assert!(e.contains("cluster.bid_deadline_s"), "{e}");
         let e = errs(text(&good, "").replace("arbiter = \"127.0.0.1:7001\"", "arbiter = \"127.0.0.1:9\""));
         assert!(e.contains("neither `listen` nor one of `peers`"), "{e}");
         let e = errs(text(&good, "etcd = [\"http://127.0.0.1:2379\"]\n"));

@@ -217,15 +217,17 @@ fn steps(plan: &Plan, go_read: RawFd) -> Result<Infallible, Failure> {
 
         // stdin and stdout to /dev/null (a function's stdout would otherwise be
         // the daemon's: under systemd the journal stream that the daemon's own
-        // logs share); memfd, request and response eventfds at 3, 4, 5.
-        // stderr stays the daemon's, for a function's diagnostics.
-        let sources = [plan.devnull, plan.devnull, plan.fds[0], plan.fds[1], plan.fds[2]];
-        let mut high = [-1; 5];
+        // logs share); stderr to the daemon's rate-limited pipe (the daemon's
+        // own stderr when it has none); memfd, request and response eventfds
+        // at 3, 4, 5.
+        let stderr = if plan.stderr >= 0 { plan.stderr } else { 2 };
+        let sources = [plan.devnull, plan.devnull, stderr, plan.fds[0], plan.fds[1], plan.fds[2]];
+        let mut high = [-1; 6];
         for (h, fd) in high.iter_mut().zip(sources) {
             *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
             check(Step::Dup, (*h).into())?;
         }
-        for (h, target) in high.into_iter().zip([0, 1, 3, 4, 5]) {
+        for (h, target) in high.into_iter().zip([0, 1, 2, 3, 4, 5]) {
             check(Step::Dup, libc::dup2(h, target).into())?;
         }
         // Anything else the daemon left open without CLOEXEC closes on exec.

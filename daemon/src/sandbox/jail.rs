@@ -35,6 +35,9 @@ pub struct JailRequest<'a> {
     pub cgroup: Option<&'a Cgroup>,
     /// Address-space limit to set when there is no memory cgroup.
     pub address_space_limit: Option<u64>,
+    /// Where the function's stderr goes (a pipe's write end, see
+    /// [`super::stderr`]); `None` keeps the daemon's.
+    pub stderr: Option<RawFd>,
 }
 
 /// A started (exec'd) process.
@@ -50,6 +53,8 @@ pub struct Plan {
     pub hostname: Option<CString>,
     pub devnull: RawFd,
     pub fds: [RawFd; 3],
+    /// The function's stderr (the daemon's own when `-1`).
+    pub stderr: RawFd,
     pub rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     pub ids: Option<(u32, u32)>,
     pub drop_bounding_set: bool,
@@ -148,6 +153,7 @@ fn spawn_with(
         hostname: (flags & libc::CLONE_NEWUTS as u64 != 0).then(|| c"gati-sandbox".to_owned()),
         devnull: devnull.as_raw_fd(),
         fds: request.fds,
+        stderr: request.stderr.unwrap_or(-1),
         rlimits,
         ids,
         drop_bounding_set: privileged || user_ns,

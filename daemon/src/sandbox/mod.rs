@@ -16,6 +16,7 @@ pub mod jail;
 pub mod rootfs;
 pub mod seccomp;
 pub mod shm;
+pub mod stderr;
 mod worker;
 
 use std::io;

@@ -68,12 +68,17 @@ impl Sandbox {
         let address_space_limit = cgroup
             .is_none()
             .then(|| spec.limits.memory_bytes.saturating_add(region.layout().total_len() as u64 + AS_HEADROOM));
+        let log = super::stderr::pipe();
         let jailed = jail::spawn(&JailRequest {
             spec,
             fds: [region.fd(), request.fd(), response.fd()],
             cgroup: cgroup.as_ref(),
             address_space_limit,
+            stderr: log.as_ref().map(|(_, w)| w.as_raw_fd()),
         })?;
+        if let Some((read, _write)) = log {
+            super::stderr::watch(read, &spec.name, jailed.pid);
+        }
         let mut isolation = jailed.isolation;
         isolation.cgroup_note = cgroup_note;
         let mut sandbox = Sandbox {

@@ -8,7 +8,10 @@
 //! The rule: among a DAG's routes, those whose SGS holds the fewest requests
 //! (the [`LoadBoard`] each SGS updates as it runs); among those, `key` modulo
 //! their total weight walks them in order. With equal loads this is the plain
-//! weighted choice ([`pick`]).
+//! weighted choice ([`pick`]). A lookup counts its pick on the board
+//! ([`LoadBoard::bump`]) until the SGS next publishes what it holds, so a
+//! burst of requests between two publishes spreads over the routes rather than
+//! herding onto the SGS that was least loaded at the last publish.
 
 use std::collections::HashMap;
 use std::ptr::NonNull;
@@ -120,6 +123,13 @@ impl LoadBoard {
         self.get(sgs).map_or(0, |l| l.idle.load(Ordering::Relaxed))
     }
 
+    /// Counts one more request routed to SGS `sgs` (until its next [`Self::set`]).
+    pub fn bump(&self, sgs: SgsIndex) {
+        if let Some(l) = self.get(sgs) {
+            l.queued.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Publishes SGS `sgs`'s load (ignored past the board).
     pub fn set(&self, sgs: SgsIndex, queued: u32, idle: u32) {
         if let Some(l) = self.get(sgs) {
@@ -198,7 +208,11 @@ impl RouteTable for UserRouteTable {
     fn lookup(&self, dag: u32, key: u64) -> Option<SgsIndex> {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner()).get(&dag).cloned()?;
         match &self.load {
-            Some(board) => pick_least_loaded(&routes, key, |s| board.queued(s)),
+            Some(board) => {
+                let s = pick_least_loaded(&routes, key, |s| board.queued(s))?;
+                board.bump(s);
+                Some(s)
+            }
             None => pick(&routes, key),
         }
     }
@@ -229,14 +243,41 @@ mod tests {
         let t = UserRouteTable::with_load(Arc::clone(&board));
         let routes = [Route { sgs: 0, weight: 1 }, Route { sgs: 2, weight: 3 }, Route { sgs: 3, weight: 1 }];
         t.publish(1, &routes);
-        let picks = |t: &UserRouteTable| (0..5).map(|k| t.lookup(1, k).unwrap()).collect::<Vec<_>>();
-        assert_eq!(picks(&t), vec![0, 2, 2, 2, 3], "equal loads: weights");
-        board.set(2, 5, 0);
-        assert_eq!(picks(&t), vec![0, 3, 0, 3, 0], "SGS 2 is busier: the others share by weight");
-        board.set(0, 1, 0);
-        assert_eq!(picks(&t), vec![3; 5], "the least loaded alone");
+        // Each SGS publishes what it holds before every request (no burst).
+        let picks = |t: &UserRouteTable, held: [u32; 4]| {
+            (0..5)
+                .map(|k| {
+                    for (s, &q) in held.iter().enumerate() {
+                        board.set(s, q, 0);
+                    }
+                    t.lookup(1, k).unwrap()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(picks(&t, [0; 4]), vec![0, 2, 2, 2, 3], "equal loads: weights");
+        assert_eq!(picks(&t, [0, 0, 5, 0]), vec![0, 3, 0, 3, 0], "SGS 2 is busier: the others share by weight");
+        assert_eq!(picks(&t, [1, 0, 5, 0]), vec![3; 5], "the least loaded alone");
         assert_eq!(board.queued(9), 0, "past the board reads 0");
         assert_eq!(pick_least_loaded(&[Route { sgs: 1, weight: 0 }], 7, |_| 0), Some(1), "zero weights: first");
         assert_eq!(pick_least_loaded(&[], 7, |_| 0), None);
+    }
+
+    #[test]
+    fn a_burst_between_publishes_spreads_instead_of_herding() {
+        let board = Arc::new(LoadBoard::heap(2));
+        let t = UserRouteTable::with_load(Arc::clone(&board));
+        t.publish(1, &[Route { sgs: 0, weight: 1 }, Route { sgs: 1, weight: 1 }]);
+        // At the last publish SGS 0 held 3 and SGS 1 held 6; 11 requests come
+        // before either publishes again: SGS 0 takes 3 until the two are level,
+        // then they alternate (by weight) — not all 11 to SGS 0.
+        board.set(0, 3, 0);
+        board.set(1, 6, 0);
+        let picks: Vec<_> = (0..11).map(|k| t.lookup(1, k).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&s| s == 0).count(), 7);
+        assert_eq!(&picks[..3], &[0, 0, 0]);
+        assert_eq!((board.queued(0), board.queued(1)), (10, 10), "each pick counted on its SGS");
+        // The SGS's next publish replaces the count with what it holds.
+        board.set(0, 1, 2);
+        assert_eq!((board.queued(0), board.idle(0)), (1, 2));
     }
 }

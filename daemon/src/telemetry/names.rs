@@ -37,6 +37,14 @@ pub const QUEUED_BYTES: &str = "gati_queued_bytes";
 pub const PEER_FRAMES_TOTAL: &str = "gati_peer_frames_total";
 /// Peer frames refused (cluster).
 pub const PEER_FRAMES_REJECTED_TOTAL: &str = "gati_peer_frames_rejected_total";
+/// Peer frames written (cluster).
+pub const PEER_FRAMES_SENT_TOTAL: &str = "gati_peer_frames_sent_total";
+/// Offers the arbiter sent to agents (cluster).
+pub const AUCTION_OFFERS_TOTAL: &str = "gati_auction_offers_total";
+/// Bids: sent by this node's agents, or taken/refused/missing on the arbiter.
+pub const AUCTION_BIDS_TOTAL: &str = "gati_auction_bids_total";
+/// Submits this node sent again to a (new) arbiter that had not shown it has them.
+pub const CLUSTER_SUBMITS_RESENT_TOTAL: &str = "gati_cluster_submits_resent_total";
 /// Leases in this node's view of the cluster.
 pub const CLUSTER_LEASES: &str = "gati_cluster_leases";
 /// Cluster members (on the arbiter).
@@ -89,6 +97,7 @@ pub const SCHED_COLD_STARTS_TOTAL: &str = "gati_sched_cold_starts_total";
 pub const SCHED_PRESTARTS_TOTAL: &str = "gati_sched_prestarts_total";
 /// Workers that died.
 pub const SCHED_WORKER_CRASHES_TOTAL: &str = "gati_sched_worker_crashes_total";
+pub const FUNCTION_STDERR_LINES_TOTAL: &str = "gati_function_stderr_lines_total";
 /// Function runs retried.
 pub const SCHED_RETRIES_TOTAL: &str = "gati_sched_retries_total";
 /// Live workers per function.
@@ -136,6 +145,30 @@ pub const FAMILIES: &[Family] = &[
         Counter,
         Some(Unit::Count),
         "Peer-protocol frames refused, by reason (unauthenticated, replayed, malformed, version, refused, io, timeout, too_many_connections).",
+    ),
+    family(
+        PEER_FRAMES_SENT_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Peer-protocol frames written to a peer's connection, by message kind (node to arbiter, and arbiter to members).",
+    ),
+    family(
+        AUCTION_OFFERS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Offers of free GPUs the arbiter sent to apps' agents (one per offered app and round).",
+    ),
+    family(
+        AUCTION_BIDS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Bids, by result: sent (by this node's agents), accepted, missing (offered, no bid by the deadline), or refused as stale, not_offered, invalid, too_many_options, duplicate (on the arbiter).",
+    ),
+    family(
+        CLUSTER_SUBMITS_RESENT_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Submits of apps of this node sent again on an arbiter's welcome, because the node had not yet seen them in the arbiter's state.",
     ),
     family(CLUSTER_LEASES, Gauge, Some(Unit::Count), "GPU leases in this node's view of the cluster."),
     family(CLUSTER_NODES, Gauge, Some(Unit::Count), "Members of the cluster, as the arbiter node sees them."),
@@ -323,6 +356,12 @@ pub const FAMILIES: &[Family] = &[
         Counter,
         Some(Unit::Count),
         "Function workers started ahead of demand by the warm pools (all SGSs).",
+    ),
+    family(
+        FUNCTION_STDERR_LINES_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Lines function workers wrote to stderr, by function and result: logged, or dropped over the per-function rate limit.",
     ),
     family(
         SCHED_WORKER_CRASHES_TOTAL,

@@ -21,6 +21,8 @@
 //! - `slow MS`: writes `testkit slow: request` to stderr, sleeps MS
 //!   milliseconds, then answers its input (a request to kill it during).
 //! - `flood`: writes to stdout without end and never answers.
+//! - `chatty`: input is a line count N; writes N lines to stderr, then one
+//!   10 KiB line, and answers `said N`.
 //! - `probe`: answers `key=value` lines describing what it can see: its pid,
 //!   the pids in /proc, its uid, root entries, network interfaces, hostname,
 //!   capabilities and seccomp state, and the result of reading each path given
@@ -46,6 +48,7 @@ fn main() {
         "probe" => Ok(probe(input).into_bytes()),
         "slow" => slow(&extra, input),
         "flood" => flood(),
+        "chatty" => chatty(input),
         other => Err(format!("unknown mode {other:?}")),
     })
 }
@@ -69,6 +72,19 @@ fn slow(ms: &str, input: &[u8]) -> Result<Vec<u8>, String> {
     eprintln!("testkit slow: request");
     std::thread::sleep(Duration::from_millis(ms));
     Ok(input.to_vec())
+}
+
+/// Writes as many stderr lines as the input says, then one 10 KiB line, and
+/// answers "said N".
+fn chatty(input: &[u8]) -> Result<Vec<u8>, String> {
+    use std::io::Write as _;
+    let n: usize = String::from_utf8_lossy(input).trim().parse().map_err(|_| "input must be a line count")?;
+    let mut err = std::io::stderr().lock();
+    for i in 0..n {
+        let _ = writeln!(err, "chatty line {i} of {n}");
+    }
+    let _ = writeln!(err, "{}", "L".repeat(10 << 10));
+    Ok(format!("said {n}").into_bytes())
 }
 
 fn flood() -> Result<Vec<u8>, String> {

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::auction::app::AppId;
+use crate::auction::app::{AppId, Progress};
 use crate::auction::gpu::{GpuId, NodeId};
 use crate::auction::lease::{Lease, LeaseId};
 
@@ -14,6 +14,23 @@ use crate::auction::lease::{Lease, LeaseId};
 pub struct WireOption {
     pub per_node: Vec<(NodeId, u32)>,
     pub rho: f64,
+}
+
+/// The cluster as an agent prices an offer (the arbiter's [`ClusterView`]
+/// of the round).
+///
+/// [`ClusterView`]: crate::auction::app::ClusterView
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfferView {
+    /// The round's time on the arbiter's clock.
+    pub now: f64,
+    /// GPUs in the cluster.
+    pub gpus: u32,
+    /// GPUs of the largest node.
+    pub node_gpus: u32,
+    /// Lease length, seconds.
+    pub lease_s: f64,
 }
 
 /// A peer message.
@@ -31,9 +48,22 @@ pub enum Message {
     /// An agent's ρ with what its app holds now (also arbiter → nodes after
     /// each round, so that every node can show it).
     RhoReport { app: AppId, rho: f64 },
-    /// The arbiter offers these free GPUs (per node) in round `round`.
-    Offer { round: u64, app: AppId, free: Vec<(NodeId, u32)> },
-    /// An agent's bid in round `round`.
+    /// The arbiter offers these free GPUs (per node) in round `round` to the
+    /// agent of `app` (on its home node), which holds `held` now; `view`,
+    /// `arrival` and `progress` are the arbiter's record of the cluster and
+    /// of the app (it keeps and stores the progress), which the agent prices
+    /// with its own throughput model.
+    Offer {
+        round: u64,
+        app: AppId,
+        free: Vec<(NodeId, u32)>,
+        held: Vec<(NodeId, u32)>,
+        view: OfferView,
+        arrival: f64,
+        progress: Progress,
+    },
+    /// An agent's bid in round `round`: ρ without new GPUs, and ρ with each
+    /// bundle of the offered GPUs (on top of what it holds).
     Bid { round: u64, app: AppId, rho_without: f64, options: Vec<WireOption> },
     /// A new app submitted on `node` (node → arbiter); `command` is what the
     /// nodes holding its GPUs run.

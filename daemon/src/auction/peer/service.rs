@@ -22,15 +22,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 mod elected;
+mod links;
+mod rounds;
+
+use links::{arbiter_link, link, Target};
 
 use super::frame::{open, ClusterKey, ReplayGuard, Sealer};
-use super::io::{read_frame, write_frame};
+use super::io::read_frame;
 use super::message::Message;
 use super::PeerError;
-use crate::auction::etcd::record::LeaderRecord;
 use crate::auction::gpu::{GpuId, NodeId};
 use crate::auction::node::{set_current, ClusterNode};
 use crate::auction::node_arbiter::{heartbeat_s, kind, ArbiterState, Out};
@@ -230,11 +233,16 @@ impl Shared {
         (addr, tx)
     }
 
-    /// A message arrived from authenticated `sender`.
-    fn dispatch(self: &Arc<Self>, sender: NodeId, msg: Message) {
+    /// A message arrived from authenticated `sender`; `false`: close the
+    /// connection (the arbiter refused a message from a node that is not a
+    /// member — e.g. one removed while it was silent — so that its link
+    /// reconnects and joins again).
+    fn dispatch(self: &Arc<Self>, sender: NodeId, msg: Message) -> bool {
         let k = kind(&msg);
-        let to_arbiter = matches!(msg, Message::Join { .. } | Message::Submit { .. } | Message::Inventory { .. })
-            || (matches!(msg, Message::Heartbeat { .. }) && self.is_arbiter());
+        let to_arbiter = matches!(
+            msg,
+            Message::Join { .. } | Message::Submit { .. } | Message::Inventory { .. } | Message::Bid { .. }
+        ) || (matches!(msg, Message::Heartbeat { .. }) && self.is_arbiter());
         let r = if to_arbiter {
             self.handle_as_arbiter(sender, msg)
         } else {
@@ -247,10 +255,14 @@ impl Shared {
             }
         };
         match r {
-            Ok(()) => metrics::counter!(names::PEER_FRAMES_TOTAL, "kind" => k).increment(1),
+            Ok(()) => {
+                metrics::counter!(names::PEER_FRAMES_TOTAL, "kind" => k).increment(1);
+                true
+            }
             Err(e) => {
                 tracing::warn!(sender, kind = k, error = %e, "peer message refused");
                 metrics::counter!(names::PEER_FRAMES_REJECTED_TOTAL, "reason" => "refused").increment(1);
+                !to_arbiter || self.arbiter_lock().as_ref().is_none_or(|a| a.members().contains_key(&sender))
             }
         }
     }
@@ -322,6 +334,7 @@ async fn run(
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     let mut enforcer = Enforcer::new(cfg.node_id, Duration::from_secs_f64(cfg.grace_s));
+    let mut close_at: Option<rounds::Deadline> = None;
     loop {
         tokio::select! {
             _ = &mut stopped => break,
@@ -346,17 +359,18 @@ async fn run(
                 }
             }
             _ = round.tick() => {
-                let now = shared.now();
-                let report = shared.step(|a| {
-                    let r = a.round(now);
-                    metrics::gauge!(names::CLUSTER_NODES).set(a.members().len() as f64);
-                    r
-                });
-                if let Some(report) = report.filter(|r| !r.grants.is_empty() || !r.expired.is_empty()) {
-                    tracing::info!(grants = report.grants.len(), expired = report.expired.len(), offered_to = report.offered_to, ms = report.elapsed_ms, "lease round");
+                if let Some((id, _)) = close_at.take() {
+                    rounds::close(&shared, id); // late (a slow machine): it closes before the next opens
+                }
+                close_at = rounds::begin(&shared, &cfg);
+            }
+            () = rounds::until(close_at), if close_at.is_some() => {
+                if let Some((id, _)) = close_at.take() {
+                    rounds::close(&shared, id);
                 }
             }
             _ = enforce.tick() => {
+                rounds::publish(&shared);
                 enforcer.reconcile(&node.desired());
                 node.set_pids(enforcer.pids());
                 let leases = node.view.lock().map(|v| v.leases.len()).unwrap_or(0);
@@ -414,184 +428,14 @@ async fn serve_conn(shared: &Arc<Shared>, mut stream: TcpStream) -> Result<(), P
             open(&shared.key, &mut g, &frame)
         };
         match opened {
-            Ok(o) => shared.dispatch(o.sender, o.message),
+            Ok(o) => {
+                if !shared.dispatch(o.sender, o.message) {
+                    return Err(PeerError::Io(format!("node {} is not a member", o.sender)));
+                }
+            }
             Err(e) => {
                 metrics::counter!(names::PEER_FRAMES_REJECTED_TOTAL, "reason" => e.reason()).increment(1);
                 return Err(e);
-            }
-        }
-    }
-}
-
-async fn connect(addr: SocketAddr) -> Option<TcpStream> {
-    match tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Some(s)
-        }
-        _ => None,
-    }
-}
-
-/// An ordered stream of messages to one member; a message whose write failed
-/// is sent again first on the next connection.
-async fn link(shared: Arc<Shared>, addr: SocketAddr, mut rx: mpsc::Receiver<Message>) {
-    let mut pending: Option<Message> = None;
-    loop {
-        let Some(mut s) = connect(addr).await else {
-            if rx.is_closed() {
-                return; // the member left or was resynced on a new link
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        loop {
-            let m = match pending.take() {
-                Some(m) => m,
-                None => match rx.recv().await {
-                    Some(m) => m,
-                    None => return,
-                },
-            };
-            if write_frame(&mut s, &shared.seal(&m)).await.is_err() {
-                pending = Some(m);
-                break;
-            }
-        }
-    }
-}
-
-/// Where a node's link to the arbiter goes.
-enum Target {
-    /// The static arbiter of the config.
-    Static(SocketAddr),
-    /// Whoever etcd names the leader now.
-    Elected(watch::Receiver<Option<LeaderRecord>>),
-}
-
-/// Where to send now.
-enum Dest {
-    Peer(SocketAddr),
-    /// This node leads: its arbiter takes the messages in process.
-    Me,
-    /// No arbiter yet (or it is this node and it is still loading).
-    Nobody,
-}
-
-impl Target {
-    fn dest(&self, shared: &Shared) -> Dest {
-        match self {
-            Target::Static(a) => Dest::Peer(*a),
-            Target::Elected(rx) => match &*rx.borrow() {
-                Some(l) if l.node == shared.me => {
-                    if shared.is_arbiter() {
-                        Dest::Me
-                    } else {
-                        Dest::Nobody
-                    }
-                }
-                Some(l) => l.listen.parse().map_or(Dest::Nobody, Dest::Peer),
-                None => Dest::Nobody,
-            },
-        }
-    }
-
-    /// Until the leader changes (never, for a static arbiter).
-    async fn changed(&mut self) {
-        match self {
-            Target::Static(_) => std::future::pending().await,
-            Target::Elected(rx) => {
-                if rx.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        }
-    }
-}
-
-/// A non-arbiter node's link to the arbiter: join on every (re)connect, then
-/// what the node sends (kept, up to [`OUTBOX`], while the arbiter is away;
-/// heartbeats queued meanwhile are stale and dropped). On etcd it follows the
-/// leader: a new one gets a new connection and the join, and when this node
-/// is elected what it queued goes to its own arbiter.
-async fn arbiter_link(
-    shared: Arc<Shared>,
-    mut target: Target,
-    join: Message,
-    mut rx: mpsc::UnboundedReceiver<Message>,
-) {
-    let mut pending: std::collections::VecDeque<Message> = std::collections::VecDeque::new();
-    let keep = |pending: &mut std::collections::VecDeque<Message>, m: Message| {
-        if !matches!(m, Message::Heartbeat { .. }) && pending.len() < OUTBOX {
-            pending.push_back(m);
-        }
-    };
-    loop {
-        let addr = match target.dest(&shared) {
-            Dest::Peer(a) => a,
-            Dest::Me => {
-                while let Ok(m) = rx.try_recv() {
-                    keep(&mut pending, m);
-                }
-                for m in pending.drain(..) {
-                    if let Err(e) = shared.handle_as_arbiter(shared.me, m) {
-                        tracing::warn!(error = %e, "own message refused by the arbiter");
-                    }
-                }
-                tokio::select! {
-                    () = target.changed() => {}
-                    m = rx.recv() => match m {
-                        Some(m) => keep(&mut pending, m),
-                        None => return,
-                    },
-                }
-                continue;
-            }
-            Dest::Nobody => {
-                while let Ok(m) = rx.try_recv() {
-                    keep(&mut pending, m);
-                }
-                tokio::select! {
-                    () = target.changed() => {}
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
-                }
-                continue;
-            }
-        };
-        let Some(mut s) = connect(addr).await else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            while let Ok(m) = rx.try_recv() {
-                keep(&mut pending, m);
-            }
-            continue;
-        };
-        if write_frame(&mut s, &shared.seal(&join)).await.is_err() {
-            continue;
-        }
-        // The arbiter never writes on this connection: anything readable is
-        // its end (it died or closed), seen before a message is written into
-        // a dead connection and lost.
-        let (mut rd, mut wr) = s.split();
-        let mut eof = [0u8; 1];
-        loop {
-            let m = match pending.pop_front() {
-                Some(m) => m,
-                None => tokio::select! {
-                    () = target.changed() => break,
-                    _ = tokio::io::AsyncReadExt::read(&mut rd, &mut eof) => break,
-                    m = rx.recv() => match m {
-                        Some(m) => m,
-                        None => return,
-                    },
-                },
-            };
-            if !matches!(target.dest(&shared), Dest::Peer(a) if a == addr) {
-                pending.push_front(m);
-                break; // the leader changed
-            }
-            if write_frame(&mut wr, &shared.seal(&m)).await.is_err() {
-                pending.push_front(m);
-                break;
             }
         }
     }

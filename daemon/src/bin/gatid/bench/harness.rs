@@ -16,6 +16,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts `gatid serve` with `config`, its socket moved into a private
     /// directory, and waits until it answers pings.
     pub fn start(config: &Path) -> anyhow::Result<Self> {

@@ -72,56 +72,87 @@ fn config(dir: &Path, mode: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Round trips of `clients` closed-loop clients, each sending `n` requests.
+/// Throughput counts only the window in which every client is sending: from
+/// the common start (after all have connected) to the moment the first client
+/// is done, so neither connecting nor the tail of the last stragglers (fewer
+/// clients in flight) enters it.
 struct Run {
     rtts: Vec<Duration>,
-    wall: Duration,
+    /// Requests answered inside the all-clients window, and its length.
+    window_done: usize,
+    window: Duration,
     errors: usize,
 }
 
 impl Run {
+    fn empty() -> Self {
+        Run { rtts: Vec::new(), window_done: 0, window: Duration::ZERO, errors: 0 }
+    }
+
+    fn add(&mut self, r: Run) {
+        self.rtts.extend(r.rtts);
+        self.window_done += r.window_done;
+        self.window += r.window;
+        self.errors += r.errors;
+    }
+
     fn summary(&self) -> Value {
         let mut v: Vec<f64> = self.rtts.iter().map(|d| d.as_secs_f64() * 1e6).collect();
         v.sort_by(f64::total_cmp);
         let q = |p: f64| v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
         json!({
             "p50_us": q(0.5), "p99_us": q(0.99),
-            "throughput_rps": v.len() as f64 / self.wall.as_secs_f64(),
+            "throughput_rps": self.window_done as f64 / self.window.as_secs_f64(),
             "requests": v.len(), "errors": self.errors,
         })
     }
 }
+
+/// One client's requests: round trips, answer times, errors.
+type ClientRun = (Vec<Duration>, Vec<Instant>, usize);
 
 fn run_clients(
     clients: usize,
     n: usize,
     one: impl Fn(usize) -> anyhow::Result<Box<dyn FnMut() -> bool>> + Sync,
 ) -> anyhow::Result<Run> {
-    let start = Instant::now();
-    let results: Vec<anyhow::Result<(Vec<Duration>, usize)>> = std::thread::scope(|s| {
+    let ready = std::sync::Barrier::new(clients + 1);
+    let (start, results): (Instant, Vec<anyhow::Result<ClientRun>>) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
             .map(|k| {
-                let one = &one;
+                let (one, ready) = (&one, &ready);
                 s.spawn(move || {
-                    let mut call = one(k)?;
-                    let (mut rtts, mut errors) = (Vec::with_capacity(n), 0);
+                    let call = one(k);
+                    ready.wait();
+                    let mut call = call?;
+                    let (mut rtts, mut done, mut errors) = (Vec::with_capacity(n), Vec::with_capacity(n), 0);
                     for _ in 0..n {
                         let t = Instant::now();
                         if call() {
-                            rtts.push(t.elapsed());
+                            let now = Instant::now();
+                            rtts.push(now - t);
+                            done.push(now);
                         } else {
                             errors += 1;
                         }
                     }
-                    Ok((rtts, errors))
+                    Ok((rtts, done, errors))
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))).collect()
+        ready.wait();
+        let start = Instant::now();
+        let results =
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))).collect();
+        (start, results)
     });
-    let wall = start.elapsed();
-    let mut run = Run { rtts: Vec::new(), wall, errors: 0 };
-    for r in results {
-        let (rtts, errors) = r?;
+    let results = results.into_iter().collect::<anyhow::Result<Vec<ClientRun>>>()?;
+    // The window closes when the first client has sent its last request.
+    let end = results.iter().filter_map(|(_, done, _)| done.last().copied()).min().unwrap_or(start);
+    let mut run = Run::empty();
+    run.window = end.saturating_duration_since(start);
+    for (rtts, done, errors) in results {
+        run.window_done += done.iter().filter(|&&t| t <= end).count();
         run.rtts.extend(rtts);
         run.errors += errors;
     }
@@ -145,6 +176,30 @@ fn unix_run(socket: &Path, clients: usize, n: usize) -> anyhow::Result<Run> {
 }
 
 /// `(run_time_ns, run_cnt)` summed over loaded programs named `name`.
+/// CPU time (ns, from schedstat) of `pid`'s threads: `(per SGS thread
+/// `sgs-N` by N, all threads of the process)`.
+fn cpu_ns(pid: u32) -> (Vec<u64>, u64) {
+    let (mut sgs, mut total) = (Vec::new(), 0);
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return (sgs, total) };
+    for t in dir.flatten() {
+        let Some(ns) = std::fs::read_to_string(t.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split(' ').next().and_then(|n| n.parse::<u64>().ok()))
+        else {
+            continue;
+        };
+        total += ns;
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if let Some(k) = comm.trim().strip_prefix("sgs-").and_then(|n| n.parse::<usize>().ok()) {
+            if sgs.len() <= k {
+                sgs.resize(k + 1, 0);
+            }
+            sgs[k] += ns;
+        }
+    }
+    (sgs, total)
+}
+
 fn bpf_totals(name: &str) -> (u64, u64) {
     let mut t = (0, 0);
     for p in aya::programs::loaded_programs().flatten() {
@@ -199,18 +254,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut bpf_unix = (0u64, 0u64);
     for &clients in &CLIENTS {
         let n = (per_client(clients, args.quick) / ROUNDS).max(10);
-        let mut runs: Vec<Run> =
-            paths.iter().map(|_| Run { rtts: Vec::new(), wall: Duration::ZERO, errors: 0 }).collect();
+        let mut runs: Vec<Run> = paths.iter().map(|_| Run::empty()).collect();
         let mut row_bpf = (0u64, 0u64);
         let mut row_unix = (0u64, 0u64);
+        // CPU of each SGS thread (balance) and of the whole daemon per path.
+        let mut split: Vec<Vec<u64>> = paths.iter().map(|_| Vec::new()).collect();
+        let mut daemon_ns: Vec<u64> = vec![0; paths.len()];
         for _ in 0..ROUNDS {
             for (k, (_, path)) in paths.iter().enumerate() {
                 let before = bpf_totals("steer_udp");
                 let before_unix = bpf_totals("steer_unix");
+                let pid = match *path {
+                    Leg::Udp(m) | Leg::Unix(m) => daemons[m].1.pid(),
+                };
+                let (ticks, total) = cpu_ns(pid);
                 let r = match *path {
                     Leg::Udp(m) => udp_run(daemons[m].2, clients, n)?,
                     Leg::Unix(m) => unix_run(&daemons[m].1.socket, clients, n)?,
                 };
+                let (after, after_total) = cpu_ns(pid);
+                daemon_ns[k] += after_total.saturating_sub(total);
+                for (i, t) in after.into_iter().enumerate() {
+                    if split[k].len() <= i {
+                        split[k].resize(i + 1, 0);
+                    }
+                    split[k][i] += t.saturating_sub(ticks.get(i).copied().unwrap_or(0));
+                }
                 if *path == Leg::Udp(0) {
                     let after = bpf_totals("steer_udp");
                     row_bpf.0 += after.0 - before.0;
@@ -221,9 +290,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     row_unix.0 += after.0 - before_unix.0;
                     row_unix.1 += after.1 - before_unix.1;
                 }
-                runs[k].rtts.extend(r.rtts);
-                runs[k].wall += r.wall;
-                runs[k].errors += r.errors;
+                runs[k].add(r);
             }
         }
         bpf.0 += row_bpf.0;
@@ -232,20 +299,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bpf_unix.1 += row_unix.1;
         let mut row = serde_json::Map::new();
         row.insert("clients".into(), json!(clients));
-        for ((name, _), r) in paths.iter().zip(&runs) {
+        for ((((name, _), r), ticks), &ns) in paths.iter().zip(&runs).zip(&split).zip(&daemon_ns) {
             let s = r.summary();
+            // The daemon's CPU (all its threads, not the sandboxed workers) per answer.
+            let cpu_us = ns as f64 / 1e3 / r.rtts.len().max(1) as f64;
+            // The busiest SGS's share of the SGS threads' CPU (1/2 = balanced on 2).
+            let total: u64 = ticks.iter().sum();
+            let busiest = if total == 0 { f64::NAN } else { *ticks.iter().max().unwrap_or(&0) as f64 / total as f64 };
             println!(
-                "{name:<15} {clients:>2} clients: p50 {:>7.1} µs  p99 {:>7.1} µs  {:>7.0} req/s  errors {}",
+                "{name:<15} {clients:>2} clients: p50 {:>7.1} µs  p99 {:>7.1} µs  {:>7.0} req/s  errors {}  daemon CPU {:>5.1} µs/req  busiest SGS {:.2}",
                 s["p50_us"].as_f64().unwrap_or(f64::NAN),
                 s["p99_us"].as_f64().unwrap_or(f64::NAN),
                 s["throughput_rps"].as_f64().unwrap_or(f64::NAN),
-                r.errors
+                r.errors,
+                cpu_us,
+                busiest
             );
             let (kind, mode) = name.split_once('_').unwrap_or((name, ""));
             row.insert(format!("{kind}_rtt_us_{mode}"), s["p50_us"].clone());
             row.insert(format!("{kind}_p99_us_{mode}"), s["p99_us"].clone());
             row.insert(format!("{kind}_rps_{mode}"), s["throughput_rps"].clone());
             row.insert(format!("{kind}_errors_{mode}"), json!(r.errors));
+            row.insert(format!("{kind}_busiest_sgs_cpu_share_{mode}"), json!(busiest));
+            row.insert(format!("{kind}_daemon_cpu_us_per_request_{mode}"), json!(cpu_us));
         }
         let per = if row_bpf.1 == 0 { f64::NAN } else { row_bpf.0 as f64 / row_bpf.1 as f64 };
         row.insert("bpf_ns_per_request".into(), json!(per));
