@@ -73,6 +73,17 @@ pub struct ClusterConfig {
     /// (minor `i`). A test points it at a temp dir of `mknod`ed nodes.
     #[serde(default = "default_gpu_device_dir")]
     pub gpu_device_dir: PathBuf,
+    /// Inbound peer connections open at once, in handshake or established
+    /// (`docs/peer-protocol.md`, "Limits and refusals").
+    #[serde(default = "default_peer_max_connections")]
+    pub peer_max_connections: usize,
+    /// Inbound peer connections in handshake (before their first authentic
+    /// frame) at once from one source IP; established ones do not count.
+    #[serde(default = "default_peer_max_per_ip")]
+    pub peer_max_per_ip: usize,
+    /// Seconds an inbound connection has to deliver its first authentic frame.
+    #[serde(default = "default_peer_handshake_timeout_s")]
+    pub peer_handshake_timeout_s: f64,
 }
 
 /// `[cluster] gpu_devices`.
@@ -103,6 +114,16 @@ fn default_gpu_device_major() -> u32 {
 }
 fn default_gpu_device_dir() -> PathBuf {
     PathBuf::from("/dev")
+}
+
+fn default_peer_max_connections() -> usize {
+    128
+}
+fn default_peer_max_per_ip() -> usize {
+    8
+}
+fn default_peer_handshake_timeout_s() -> f64 {
+    5.0
 }
 
 fn default_lease_s() -> f64 {
@@ -156,6 +177,14 @@ pub const MAX_NODE_GPUS: u32 = 1024;
 
 /// Largest character-device major Linux has (12 bits).
 pub const MAX_DEVICE_MAJOR: u32 = 4095;
+
+/// Most inbound peer connections `peer_max_connections` may allow (each is a
+/// file descriptor and a task).
+pub const MAX_PEER_CONNECTIONS: usize = 65_536;
+
+/// Longest `peer_handshake_timeout_s`: the idle timeout of an established
+/// link ([`crate::auction::peer::service::READ_TIMEOUT`], 30 s).
+pub const MAX_PEER_HANDSHAKE_TIMEOUT_S: f64 = 30.0;
 
 /// Why a key file is refused.
 pub fn check_key_file(path: &Path) -> Result<Vec<u8>, String> {
@@ -258,6 +287,22 @@ pub(super) fn check(c: &Config, lines: &Lines, out: &mut Vec<ConfigIssue>) {
             );
         }
     }
+    if cl.peer_max_connections == 0 || cl.peer_max_connections > MAX_PEER_CONNECTIONS {
+        bad("peer_max_connections", format!("must be in 1..={MAX_PEER_CONNECTIONS}, got {}", cl.peer_max_connections));
+    }
+    if cl.peer_max_per_ip == 0 || cl.peer_max_per_ip > cl.peer_max_connections.clamp(1, MAX_PEER_CONNECTIONS) {
+        bad(
+            "peer_max_per_ip",
+            format!("must be in 1..=peer_max_connections ({}), got {}", cl.peer_max_connections, cl.peer_max_per_ip),
+        );
+    }
+    let h = cl.peer_handshake_timeout_s;
+    if !pos(h) || h > MAX_PEER_HANDSHAKE_TIMEOUT_S {
+        bad(
+            "peer_handshake_timeout_s",
+            format!("must be positive and at most {MAX_PEER_HANDSHAKE_TIMEOUT_S} s (the idle timeout), got {h}"),
+        );
+    }
     if cl.peers.contains(&cl.listen) {
         bad("peers", format!("lists this node's own address {}", cl.listen));
     }
@@ -336,6 +381,19 @@ mod tests {
         assert!(e.contains("cluster.gpu_device_major") && e.contains("cluster.gpu_device_dir"), "{e}");
         let e = errs(text(&good, "gpu_devices = \"bpf\"\n"));
         assert!(e.contains("gpu_devices"), "{e}");
+        assert_eq!((cl.peer_max_connections, cl.peer_max_per_ip, cl.peer_handshake_timeout_s), (128, 8, 5.0));
+        let e = errs(text(&good, "peer_max_connections = 0\npeer_handshake_timeout_s = 0.0\n"));
+        assert!(
+            e.contains("cluster.peer_max_connections")
+                && e.contains("cluster.peer_max_per_ip")
+                && e.contains("cluster.peer_handshake_timeout_s"),
+            "{e}"
+        );
+        let e =
+            errs(text(&good, "peer_max_connections = 1000000\npeer_max_per_ip = 0\npeer_handshake_timeout_s = 60.0\n"));
+        assert!(e.contains("1..=65536") && e.contains("cluster.peer_max_per_ip") && e.contains("at most 30"), "{e}");
+        let e = errs(text(&good, "peer_max_connections = 4\npeer_max_per_ip = 5\n"));
+        assert!(e.contains("cluster.peer_max_per_ip") && !e.contains("cluster.peer_max_connections"), "{e}");
         let e = errs(text(&good, "bogus = 1\n"));
         assert!(e.contains("bogus"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);

@@ -39,6 +39,10 @@ pub const PEER_FRAMES_TOTAL: &str = "gati_peer_frames_total";
 pub const PEER_FRAMES_REJECTED_TOTAL: &str = "gati_peer_frames_rejected_total";
 /// Peer frames written (cluster).
 pub const PEER_FRAMES_SENT_TOTAL: &str = "gati_peer_frames_sent_total";
+/// Inbound peer connections refused at accept (cluster), by reason.
+pub const CLUSTER_PEER_CONNECTIONS_REFUSED_TOTAL: &str = "gati_cluster_peer_connections_refused_total";
+/// Inbound peer connections open (cluster), by state.
+pub const CLUSTER_PEER_CONNECTIONS: &str = "gati_cluster_peer_connections";
 /// Offers the arbiter sent to agents (cluster).
 pub const AUCTION_OFFERS_TOTAL: &str = "gati_auction_offers_total";
 /// Bids: sent by this node's agents, or taken/refused/missing on the arbiter.
@@ -144,13 +148,25 @@ pub const FAMILIES: &[Family] = &[
         PEER_FRAMES_REJECTED_TOTAL,
         Counter,
         Some(Unit::Count),
-        "Peer-protocol frames refused, by reason (unauthenticated, replayed, malformed, version, refused, io, timeout, too_many_connections).",
+        "Peer-protocol frames refused, by reason (unauthenticated, replayed, malformed, version, refused, io, timeout: an established connection idle for 30 s, handshake_timeout: no authentic first frame within peer_handshake_timeout_s).",
     ),
     family(
         PEER_FRAMES_SENT_TOTAL,
         Counter,
         Some(Unit::Count),
         "Peer-protocol frames written to a peer's connection, by message kind (node to arbiter, and arbiter to members).",
+    ),
+    family(
+        CLUSTER_PEER_CONNECTIONS_REFUSED_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Inbound peer connections closed at accept, by reason (per_ip: the source IP has peer_max_per_ip in handshake; handshakes: half of peer_max_connections in handshake and the IP not a known peer's; total: peer_max_connections open).",
+    ),
+    family(
+        CLUSTER_PEER_CONNECTIONS,
+        Gauge,
+        Some(Unit::Count),
+        "Inbound peer connections open, by state (handshake: before their first authentic frame; established).",
     ),
     family(
         AUCTION_OFFERS_TOTAL,

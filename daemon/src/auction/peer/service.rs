@@ -1,11 +1,13 @@
 //! The peer service: a thread with its own tokio runtime, started by the node
 //! when `[cluster]` is set and stopped at drain.
 //!
-//! - a TCP listener: every connection is read frame by frame (length bounded
-//!   before allocation, a frame must arrive within [`READ_TIMEOUT`]), each
-//!   frame opened with the cluster key and the process-wide replay guard; a
-//!   refused frame is counted under its reason and closes the connection;
-//!   at most [`MAX_CONNECTIONS`] at once;
+//! - a TCP listener: a connection is admitted or refused at accept
+//!   ([`admit`]: per source IP and in total), then read frame by frame
+//!   (length bounded before allocation; the first frame must open within
+//!   `peer_handshake_timeout_s`, later ones arrive within [`READ_TIMEOUT`]),
+//!   each frame opened with the cluster key and the process-wide replay
+//!   guard; a refused frame is counted under its reason and closes the
+//!   connection;
 //! - a link to the arbiter (a non-arbiter node): join, then heartbeats and
 //!   submits, reconnecting when it drops — to the static arbiter, or on etcd
 //!   to whoever leads now ([`elected`]: registration, election, the stored
@@ -17,13 +19,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+pub mod admit;
 mod elected;
 mod links;
 mod rounds;
@@ -41,9 +43,7 @@ use crate::auction::node_enforce::Enforcer;
 use crate::config::{check_key_file, ClusterConfig};
 use crate::telemetry::names;
 
-/// Most peer connections open at once.
-pub const MAX_CONNECTIONS: usize = 64;
-/// A connection silent this long is closed.
+/// An established connection silent this long is closed.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages queued to the arbiter before new ones are refused.
 pub const OUTBOX: usize = 1024;
@@ -128,7 +128,8 @@ struct Shared {
     /// On etcd: the leader seen, and the commit queue while this node leads.
     elected: Option<elected::Elected>,
     links: Mutex<HashMap<NodeId, (SocketAddr, mpsc::Sender<Message>)>>,
-    connections: AtomicUsize,
+    admission: Arc<admit::Admission>,
+    handshake_timeout: Duration,
     t0: Instant,
 }
 
@@ -297,7 +298,11 @@ async fn run(
         arbiter: Mutex::new(arbiter),
         elected: cfg.uses_etcd().then(elected::Elected::new),
         links: Mutex::new(HashMap::new()),
-        connections: AtomicUsize::new(0),
+        admission: admit::Admission::new(admit::Limits {
+            max_connections: cfg.peer_max_connections,
+            max_per_ip: cfg.peer_max_per_ip,
+        }),
+        handshake_timeout: Duration::from_secs_f64(cfg.peer_handshake_timeout_s),
         t0: Instant::now(),
     });
     let join = Message::Join {
@@ -393,28 +398,50 @@ async fn accept(shared: Arc<Shared>, listener: TcpListener) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        if shared.connections.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
-            shared.connections.fetch_sub(1, Ordering::Relaxed);
-            metrics::counter!(names::PEER_FRAMES_REJECTED_TOTAL, "reason" => "too_many_connections").increment(1);
-            continue;
-        }
+        let slot = match shared.admission.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(r) => {
+                drop(stream); // closed at once
+                if let Some(n) = shared.admission.warn_due(Instant::now()) {
+                    let l = shared.admission.limits();
+                    let (handshake, established) = shared.admission.open();
+                    tracing::warn!(
+                        refused = n,
+                        last_from = %peer,
+                        last_reason = r.reason(),
+                        handshake,
+                        established,
+                        max_connections = l.max_connections,
+                        max_per_ip = l.max_per_ip,
+                        "peer connections refused at accept since the last warning"
+                    );
+                }
+                continue;
+            }
+        };
         let s = Arc::clone(&shared);
         tokio::spawn(async move {
-            if let Err(e) = serve_conn(&s, stream).await {
+            if let Err(e) = serve_conn(&s, stream, slot).await {
                 tracing::debug!(%peer, error = %e, "peer connection closed");
             }
-            s.connections.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
-/// Reads frames until the stream ends or one is refused (counted, then closed).
-async fn serve_conn(shared: &Arc<Shared>, mut stream: TcpStream) -> Result<(), PeerError> {
+/// Reads frames until the stream ends or one is refused (counted, then
+/// closed); the first must open within the handshake timeout. `slot` is
+/// given back when the connection ends.
+async fn serve_conn(shared: &Arc<Shared>, mut stream: TcpStream, mut slot: admit::Slot) -> Result<(), PeerError> {
     loop {
-        let frame = match tokio::time::timeout(READ_TIMEOUT, read_frame(&mut stream)).await {
+        let (limit, on_timeout) = if slot.is_established() {
+            (READ_TIMEOUT, "timeout")
+        } else {
+            (shared.handshake_timeout, "handshake_timeout")
+        };
+        let frame = match tokio::time::timeout(limit, read_frame(&mut stream)).await {
             Err(_) => {
-                metrics::counter!(names::PEER_FRAMES_REJECTED_TOTAL, "reason" => "timeout").increment(1);
-                return Err(PeerError::Io("read timeout".into()));
+                metrics::counter!(names::PEER_FRAMES_REJECTED_TOTAL, "reason" => on_timeout).increment(1);
+                return Err(PeerError::Io(format!("{on_timeout} ({limit:?})")));
             }
             Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(f))) => f,
@@ -429,6 +456,7 @@ async fn serve_conn(shared: &Arc<Shared>, mut stream: TcpStream) -> Result<(), P
         };
         match opened {
             Ok(o) => {
+                slot.establish();
                 if !shared.dispatch(o.sender, o.message) {
                     return Err(PeerError::Io(format!("node {} is not a member", o.sender)));
                 }
