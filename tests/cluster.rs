@@ -4,11 +4,13 @@
 //! app runs with its GPUs in `CUDA_VISIBLE_DEVICES`, a killed node's leases
 //! are reclaimed within a few lease periods, and frames with a bad key,
 //! replayed frames and garbage are refused and counted while the daemon keeps
-//! serving.
+//! serving; a flood of silent connections from one IP is bounded at accept,
+//! closed after the handshake timeout, and locks no peer out.
 
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::Read;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -28,11 +30,11 @@ fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
-fn node_config(dir: &Path, key: &Path, id: u32, addrs: &[SocketAddr]) -> String {
+fn node_config(dir: &Path, key: &Path, id: u32, addrs: &[SocketAddr], extra: &str) -> String {
     let me = addrs[id as usize - 1];
     let peers: Vec<String> = addrs.iter().filter(|a| **a != me).map(|a| format!("\"{a}\"")).collect();
     format!(
-        "{}\n[cluster]\nnode_id = {id}\nlisten = \"{me}\"\nkey_file = \"{}\"\npeers = [{}]\narbiter = \"{}\"\ngpus = 2\nlease_s = {LEASE_S}\nround_s = 0.5\nf = 0.5\ngrace_s = 0.5\n",
+        "{}\n[cluster]\nnode_id = {id}\nlisten = \"{me}\"\nkey_file = \"{}\"\npeers = [{}]\narbiter = \"{}\"\ngpus = 2\nlease_s = {LEASE_S}\nround_s = 0.5\nf = 0.5\ngrace_s = 0.5\n{extra}",
         common::config(dir, "", &[]),
         key.display(),
         peers.join(", "),
@@ -44,10 +46,22 @@ fn apps(d: &TestDaemon) -> Value {
     d.client().control_json(Kind::Apps, 0, &[]).expect("apps")
 }
 
-fn rejected(d: &TestDaemon, reason: &str) -> f64 {
+/// A sample of the daemon's metrics, `family{label="value"}`; 0 when absent.
+fn metric(d: &TestDaemon, series: &str) -> f64 {
     let text = d.client().stats_text().unwrap();
-    let needle = format!("gati_peer_frames_rejected_total{{reason=\"{reason}\"}} ");
+    let needle = format!("{series} ");
     text.lines().find_map(|l| l.strip_prefix(&needle)).map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+fn rejected(d: &TestDaemon, reason: &str) -> f64 {
+    metric(d, &format!("gati_peer_frames_rejected_total{{reason=\"{reason}\"}}"))
+}
+
+fn key_file(root: &Path) -> std::path::PathBuf {
+    let key = root.join("cluster.key");
+    std::fs::write(&key, KEY).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    key
 }
 
 fn send_raw(addr: SocketAddr, bytes: &[u8]) {
@@ -75,9 +89,7 @@ fn poll_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 #[test]
 fn three_nodes_grant_disjoint_leases_reclaim_a_dead_node_and_refuse_bad_frames() {
     let root = common::tempdir("cluster");
-    let key = root.join("cluster.key");
-    std::fs::write(&key, KEY).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = key_file(&root);
     let out = root.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
@@ -85,7 +97,7 @@ fn three_nodes_grant_disjoint_leases_reclaim_a_dead_node_and_refuse_bad_frames()
         .map(|id| {
             let dir = root.join(format!("n{id}"));
             std::fs::create_dir_all(&dir).unwrap();
-            Some(TestDaemon::start(&dir, &node_config(&dir, &key, id, &addrs)))
+            Some(TestDaemon::start(&dir, &node_config(&dir, &key, id, &addrs, "")))
         })
         .collect();
     let node = |nodes: &[Option<TestDaemon>], i: usize| -> Value { apps(nodes[i].as_ref().unwrap()) };
@@ -175,6 +187,93 @@ fn three_nodes_grant_disjoint_leases_reclaim_a_dead_node_and_refuse_bad_frames()
         d.signal(libc::SIGTERM);
     }
     for d in nodes.iter_mut().flatten() {
+        assert!(d.wait_exit(Duration::from_secs(30)).success());
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `n` TCP connections to `to` from source address `src` (any of 127.0.0.0/8
+/// is this host), blocking.
+fn connect_from(src: [u8; 4], to: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+    rt.block_on(async {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(SocketAddr::from((src, 0))).unwrap();
+            let s = s.connect(to).await.unwrap().into_std().unwrap();
+            s.set_nonblocking(false).unwrap();
+            out.push(s);
+        }
+        out
+    })
+}
+
+#[test]
+fn a_silent_connection_flood_is_bounded_closed_after_the_handshake_and_locks_no_peer_out() {
+    const FLOOD: usize = 70; // more than the old total cap of 64
+    const PER_IP: usize = 4;
+    let root = common::tempdir("cluster-flood");
+    let key = key_file(&root);
+    let addrs: Vec<SocketAddr> = (0..2).map(|_| free_port()).collect();
+    let limits = format!("peer_max_connections = 16\npeer_max_per_ip = {PER_IP}\npeer_handshake_timeout_s = 3.0\n");
+    let mut nodes: Vec<TestDaemon> = (1..=2u32)
+        .map(|id| {
+            let dir = root.join(format!("n{id}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            TestDaemon::start(&dir, &node_config(&dir, &key, id, &addrs, &limits))
+        })
+        .collect();
+    poll_until("both nodes welcomed", Duration::from_secs(20), || nodes.iter().all(|d| apps(d)["arbiter"] == 1));
+    let arb = &nodes[0];
+    let refused =
+        |reason: &str| metric(arb, &format!("gati_cluster_peer_connections_refused_total{{reason=\"{reason}\"}}"));
+    let open = |state: &str| metric(arb, &format!("gati_cluster_peer_connections{{state=\"{state}\"}}"));
+
+    // A flood of silent connections to the arbiter's peer port from 127.0.0.2:
+    // PER_IP are held in handshake, the rest refused at accept.
+    let mut flood = connect_from([127, 0, 0, 2], addrs[0], FLOOD);
+    poll_until("the excess refused and counted", Duration::from_secs(10), || {
+        refused("per_ip") >= (FLOOD - PER_IP) as f64
+    });
+    assert!(open("handshake") <= PER_IP as f64, "at most PER_IP of the flood are held");
+    assert!(open("established") >= 1.0, "node 2's link to the arbiter stays");
+
+    // A new connection from a known peer's IP (127.0.0.1) still gets in: its
+    // authentic frame reaches the arbiter (and is refused there: node 77 never joined).
+    let before = rejected(arb, "refused");
+    let hb = Sealer::new(ClusterKey::new(KEY).unwrap(), 77, 1).seal(&Message::Heartbeat { node: 77 });
+    send_raw(addrs[0], &framed(&hb));
+    poll_until("a peer's new connection admitted", Duration::from_secs(10), || rejected(arb, "refused") > before);
+
+    // The cluster keeps granting: an app submitted on node 2 after the flood gets its lease.
+    let req = json!({ "name": "after-flood", "gpus": 2, "work": 1e6, "command": ["sleep", "60"] });
+    let app = nodes[1].client().control_json(Kind::AppSubmit, 0, req.to_string().as_bytes()).expect("submit");
+    let app = app["app"].as_u64().unwrap();
+    poll_until("the app granted, in both views", Duration::from_secs(20), || {
+        nodes.iter().all(|d| leases_checked(&apps(d), "after the flood").iter().any(|(a, _)| *a == app))
+    });
+
+    // The silent ones are closed once the handshake timeout passes (the refused ones at once).
+    for (i, s) in flood.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        match s.read(&mut [0u8; 16]) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("flood connection {i} still open: {other:?}"),
+        }
+    }
+    poll_until("handshake timeouts counted", Duration::from_secs(10), || {
+        rejected(arb, "handshake_timeout") >= PER_IP as f64 && open("handshake") == 0.0
+    });
+    assert!(open("established") >= 1.0, "node 2's link to the arbiter stays");
+    drop(flood);
+    arb.client().ping().expect("the arbiter still serves");
+
+    for d in &mut nodes {
+        d.signal(libc::SIGTERM);
+    }
+    for d in &mut nodes {
         assert!(d.wait_exit(Duration::from_secs(30)).success());
     }
     let _ = std::fs::remove_dir_all(&root);

@@ -392,30 +392,44 @@ async fn run(
     tracing::info!("peer service stopped");
 }
 
+/// Logs the refusals at accept since the last line, if one is due (at most
+/// one line a second; the accept loop's tick flushes the tail of a burst).
+fn warn_refused(shared: &Shared) {
+    let Some((n, ip, r)) = shared.admission.warn_due(Instant::now()) else { return };
+    let l = shared.admission.limits();
+    let (handshake, established) = shared.admission.open();
+    tracing::warn!(
+        refused = n,
+        last_from = %ip,
+        last_reason = r.reason(),
+        handshake,
+        established,
+        max_connections = l.max_connections,
+        max_per_ip = l.max_per_ip,
+        "peer connections refused at accept since the last warning"
+    );
+}
+
 async fn accept(shared: Arc<Shared>, listener: TcpListener) {
+    let mut flush = tokio::time::interval(admit::WARN_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = flush.tick() => {
+                warn_refused(&shared);
+                continue;
+            }
+        };
+        let Ok((stream, peer)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let slot = match shared.admission.admit(peer.ip()) {
             Ok(slot) => slot,
-            Err(r) => {
-                drop(stream); // closed at once
-                if let Some(n) = shared.admission.warn_due(Instant::now()) {
-                    let l = shared.admission.limits();
-                    let (handshake, established) = shared.admission.open();
-                    tracing::warn!(
-                        refused = n,
-                        last_from = %peer,
-                        last_reason = r.reason(),
-                        handshake,
-                        established,
-                        max_connections = l.max_connections,
-                        max_per_ip = l.max_per_ip,
-                        "peer connections refused at accept since the last warning"
-                    );
-                }
+            Err(_) => {
+                drop(stream); // closed at once (counted by `admit`)
+                warn_refused(&shared);
                 continue;
             }
         };

@@ -74,6 +74,7 @@ struct Inner {
     established: usize,
     known: HashSet<IpAddr>,
     refused_unlogged: u64,
+    last_refused: Option<(IpAddr, Refusal)>,
     last_warn: Option<Instant>,
 }
 
@@ -109,6 +110,7 @@ impl Admission {
         };
         if let Some(r) = refusal {
             g.refused_unlogged += 1;
+            g.last_refused = Some((ip, r));
             drop(g);
             metrics::counter!(names::CLUSTER_PEER_CONNECTIONS_REFUSED_TOTAL, "reason" => r.reason()).increment(1);
             return Err(r);
@@ -119,14 +121,16 @@ impl Admission {
         Ok(Slot { admission: Arc::clone(self), ip, established: false })
     }
 
-    /// The refusals since the last warning, if one is due now (at most every [`WARN_EVERY`]).
-    pub fn warn_due(&self, now: Instant) -> Option<u64> {
+    /// The refusals since the last warning and the latest of them, if a
+    /// warning is due now (at most every [`WARN_EVERY`]).
+    pub fn warn_due(&self, now: Instant) -> Option<(u64, IpAddr, Refusal)> {
         let mut g = self.lock();
         if g.refused_unlogged == 0 || g.last_warn.is_some_and(|t| now.duration_since(t) < WARN_EVERY) {
             return None;
         }
         g.last_warn = Some(now);
-        Some(std::mem::take(&mut g.refused_unlogged))
+        let (ip, r) = g.last_refused?;
+        Some((std::mem::take(&mut g.refused_unlogged), ip, r))
     }
 
     /// (in handshake, established) now.
@@ -245,11 +249,11 @@ mod tests {
         }
         assert_eq!(a.open(), (0, 0));
         let t0 = Instant::now();
-        assert_eq!(a.warn_due(t0), Some(5));
+        assert_eq!(a.warn_due(t0), Some((5, ip(1), Refusal::PerIp)));
         let _s = a.admit(ip(1)).unwrap();
         assert_eq!(a.admit(ip(1)).unwrap_err(), Refusal::PerIp);
         assert_eq!(a.warn_due(t0 + Duration::from_millis(500)), None, "at most one warning a second");
-        assert_eq!(a.warn_due(t0 + WARN_EVERY), Some(1));
+        assert_eq!(a.warn_due(t0 + WARN_EVERY), Some((1, ip(1), Refusal::PerIp)));
         assert_eq!(a.warn_due(t0 + 3 * WARN_EVERY), None, "nothing refused since");
     }
 }
