@@ -159,7 +159,7 @@ impl ArbiterState {
                 s.ops.push(Op::DelLease(id));
             }
         }
-        let out = s.members.keys().flat_map(|&n| s.resync().into_iter().map(move |m| Out::To(n, m))).collect();
+        let out = s.members.keys().flat_map(|&n| s.resync(n).into_iter().map(move |m| Out::To(n, m))).collect();
         Ok((s, out))
     }
 
@@ -218,7 +218,7 @@ impl ArbiterState {
             }
             self.arbiter.add_node(node, n);
         }
-        out.extend(self.resync().into_iter().map(|m| Out::To(node, m)));
+        out.extend(self.resync(node).into_iter().map(|m| Out::To(node, m)));
         out
     }
 
@@ -248,9 +248,12 @@ impl ArbiterState {
         Message::Grant { lease: l.clone(), command }
     }
 
-    /// What brings a member's view up to date: `welcome`, then every lease.
-    pub fn resync(&self) -> Vec<Message> {
+    /// What brings member `node`'s view up to date: `welcome`, a `home` for
+    /// each app submitted on it (its agents, should it have restarted), then
+    /// every lease.
+    pub fn resync(&self, node: NodeId) -> Vec<Message> {
         let mut v = vec![Message::Welcome { arbiter: self.me, lease_s: self.lease_s }];
+        v.extend(self.apps.iter().filter(|(_, t)| t.node == node).map(|(&id, t)| home_msg(id, t)));
         v.extend(self.arbiter.leases().iter().map(|l| self.grant_msg(l)));
         v
     }
@@ -274,7 +277,7 @@ impl ArbiterState {
                     if !self.members.contains_key(&node) {
                         return Err(format!("join of node {node}, which is not registered in etcd"));
                     }
-                    out.extend(self.resync().into_iter().map(|m| Out::To(node, m)));
+                    out.extend(self.resync(node).into_iter().map(|m| Out::To(node, m)));
                     return Ok(out);
                 }
                 if !self.members.contains_key(&node) && self.members.len() >= MAX_NODES {
@@ -290,7 +293,7 @@ impl ArbiterState {
                     self.arbiter.add_node(node, n);
                 }
                 // The whole current view, so a (re)joined node agrees with the others.
-                out.extend(self.resync().into_iter().map(|m| Out::To(node, m)));
+                out.extend(self.resync(node).into_iter().map(|m| Out::To(node, m)));
             }
             Message::Heartbeat { node } | Message::Inventory { node, .. } => {
                 if node != sender {
@@ -355,6 +358,20 @@ fn member(rec: &NodeRecord, now: f64) -> Option<Member> {
     (rec.gpus <= crate::config::MAX_NODE_GPUS).then_some(Member { listen, gpus: rec.gpus, last_seen: now })
 }
 
+/// The `home` message that gives app `id`'s agent back to its home node.
+fn home_msg(id: AppId, t: &TrackedApp) -> Message {
+    let s = &t.app.spec;
+    Message::Home {
+        node: t.node,
+        app: id,
+        name: s.name.clone(),
+        demand: s.demand,
+        work: s.total_work,
+        command: t.command.clone(),
+        model: ThroughputModel::clone(&s.model),
+    }
+}
+
 fn revoke(l: &Lease, reason: &str) -> Message {
     Message::Revoke { lease: l.id, app: l.app, reason: reason.into() }
 }
@@ -390,6 +407,7 @@ pub fn kind(m: &Message) -> &'static str {
         Message::Offer { .. } => "offer",
         Message::Bid { .. } => "bid",
         Message::Submit { .. } => "submit",
+        Message::Home { .. } => "home",
         Message::Grant { .. } => "grant",
         Message::Renew { .. } => "renew",
         Message::Revoke { .. } => "revoke",
@@ -519,13 +537,7 @@ pub(super) mod tests {
         let mut homes = Homes::default();
         let mut agents = crate::auction::agent::Agents::new(1);
         for id in [10, 11, 12] {
-            let home = crate::auction::agent::HomeApp {
-                name: "a".into(),
-                demand: 2,
-                work: 1e6,
-                command: vec!["true".into()],
-                confirmed: false,
-            };
+            let home = crate::auction::agent::HomeApp::submitted("a".into(), 2, 1e6, vec!["true".into()]);
             agents.add(id, home).unwrap();
         }
         homes.0.insert(1, agents);

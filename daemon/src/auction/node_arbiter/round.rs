@@ -338,7 +338,7 @@ pub(super) mod tests {
     impl Homes {
         pub fn submit(&mut self, a: &mut ArbiterState, node: NodeId, app: AppId, demand: u32, now: f64) {
             let Message::Submit { name, work, command, .. } = submit(node, app, demand) else { unreachable!() };
-            let home = crate::auction::agent::HomeApp { name, demand, work, command, confirmed: false };
+            let home = crate::auction::agent::HomeApp::submitted(name, demand, work, command);
             let m = self.0.entry(node).or_insert_with(|| crate::auction::agent::Agents::new(node)).add(app, home);
             a.handle(node, m.unwrap(), now).unwrap();
         }

@@ -219,7 +219,7 @@ impl Shared {
             // The member is not reading: drop its backlog, resync it from the lease table.
             tracing::warn!(node = n, "peer link backlog full; resyncing the node");
             let link = self.new_link(addr);
-            let resync = self.arbiter_lock().as_ref().map(ArbiterState::resync).unwrap_or_default();
+            let resync = self.arbiter_lock().as_ref().map(|a| a.resync(n)).unwrap_or_default();
             for m in resync {
                 let _ = link.1.try_send(m);
             }
