@@ -1,14 +1,24 @@
 /* Host program run by daemon/build.rs: prints steer.h's sizes, offsets and
  * constants as Rust constants, which daemon/src/steer/layout.rs checks its
- * #[repr(C)] mirrors against in a test. */
+ * #[repr(C)] mirrors against in a test (with the argument `devices`: devices.h's, for daemon/src/auction/devices/v2.rs). */
 #include <stddef.h>
 #include <stdio.h>
+#include <string.h>
 #include "steer.h"
+#include "devices.h"
 
 #define C(name, v) printf("pub const %s: usize = %lu;\n", name, (unsigned long)(v))
 
-int main(void)
+int main(int argc, char **argv)
 {
+	if (argc > 1 && strcmp(argv[1], "devices") == 0) {
+		C("GATI_DEV_MAX_GROUPS", GATI_DEV_MAX_GROUPS);
+		C("GATI_DEV_MAX_GPU_MINOR", GATI_DEV_MAX_GPU_MINOR);
+		C("SIZEOF_GATI_DEV_RULES", sizeof(struct gati_dev_rules));
+		C("OFFSETOF_GATI_DEV_RULES_MAJOR", offsetof(struct gati_dev_rules, major));
+		C("OFFSETOF_GATI_DEV_RULES_ALLOWED", offsetof(struct gati_dev_rules, allowed));
+		return 0;
+	}
 	C("STEER_MAX_SGS", STEER_MAX_SGS);
 	C("STEER_MAX_ROUTES", STEER_MAX_ROUTES);
 	C("STEER_DEFAULT_SLOT", STEER_DEFAULT_SLOT);

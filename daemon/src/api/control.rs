@@ -132,6 +132,7 @@ fn health(ctx: &ServeContext, status: &str, threads: Vec<crate::liveness::Thread
             "ort_library": crate::infer::runtime::loaded_library().map(|p| p.display().to_string()),
             "pid": std::process::id(),
             "steer": ctx.steering.as_ref().map(|s| s.status(ctx.dags.get().map_or(0, |s| s.stats().len()))),
+            "gpu_devices": crate::auction::node::current().and_then(|n| n.devices_status()),
         }),
     )
 }

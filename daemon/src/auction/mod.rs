@@ -17,7 +17,9 @@
 //!   alternative to a static arbiter), and what the arbiter stores there;
 //! - [`node`], [`node_arbiter`], [`node_enforce`]: a gatid node's side of the
 //!   cluster (its view and control answers, the arbiter it may run, and the
-//!   enforcement of leases on its app processes);
+//!   enforcement of leases on its app processes); [`devices`]: the cgroup
+//!   device rules that keep an app's processes to their GPUs; [`gang`]: what
+//!   each node's process of a multi-node app is told (rank, world, nodes);
 //! - [`sim`]: the trace-driven simulator that runs the same arbiter against
 //!   the baseline policies (`gatid bench auction`).
 
@@ -25,7 +27,9 @@ pub mod agent;
 pub mod app;
 pub mod arbiter;
 pub mod bid;
+pub mod devices;
 pub mod etcd;
+pub mod gang;
 pub mod gpu;
 pub mod lease;
 pub mod node;

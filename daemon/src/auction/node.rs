@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 
 use super::agent::{Agents, HomeApp};
 use super::app::AppId;
+use super::devices::{AppDevices, DeviceStatus};
+use super::gang::{Gang, Want};
 use super::gpu::NodeId;
 use super::lease::{Lease, LeaseId};
 use super::node_enforce::Desired;
@@ -36,6 +38,10 @@ pub struct View {
     pub pids: BTreeMap<AppId, u32>,
     /// Grants of a GPU this view already had leased (must stay 0).
     pub conflicts: u64,
+    /// How apps are kept to their GPUs here (from the enforcer, once it runs).
+    pub devices: Option<DeviceStatus>,
+    /// Each running app's device rules (from the enforcer).
+    pub app_devices: BTreeMap<AppId, AppDevices>,
     /// On the arbiter node: its last rounds (`gatictl apps` shows them).
     pub rounds: Option<Value>,
 }
@@ -184,22 +190,42 @@ impl ClusterNode {
         v.commands.clear();
     }
 
-    /// What the enforcer should run here.
+    /// What the enforcer should run here: per app, its GPUs here, its
+    /// command and its gang (every node holding its GPUs).
     pub fn desired(&self) -> Desired {
         let v = self.lock();
         let mut d = Desired::new();
         for l in v.leases.values() {
-            let local: Vec<u32> = l.gpus.iter().filter(|g| g.node == self.id()).map(|g| g.index).collect();
-            if local.is_empty() {
+            if d.contains_key(&l.app) {
                 continue;
             }
-            let e = d.entry(l.app).or_insert_with(|| (Vec::new(), v.commands.get(&l.app).cloned().unwrap_or_default()));
-            e.0.extend(local);
-        }
-        for (g, _) in d.values_mut() {
-            g.sort_unstable();
+            let Some(gang) = Gang::of(l.app, self.id(), v.leases.values()) else { continue };
+            let mut gpus: Vec<u32> = v
+                .leases
+                .values()
+                .filter(|o| o.app == l.app)
+                .flat_map(|o| o.gpus.iter().filter(|g| g.node == self.id()).map(|g| g.index))
+                .collect();
+            gpus.sort_unstable();
+            let command = v.commands.get(&l.app).cloned().unwrap_or_default();
+            d.insert(l.app, Want { gpus, command, gang });
         }
         d
+    }
+
+    /// The enforcer's device control (once, at its start).
+    pub fn set_devices(&self, status: DeviceStatus) {
+        self.lock().devices = Some(status);
+    }
+
+    /// The enforcer's per-app device rules.
+    pub fn set_app_devices(&self, apps: BTreeMap<AppId, AppDevices>) {
+        self.lock().app_devices = apps;
+    }
+
+    /// For Health: how apps are kept to their GPUs here.
+    pub fn devices_status(&self) -> Option<DeviceStatus> {
+        self.lock().devices.clone()
     }
 
     pub fn set_pids(&self, pids: BTreeMap<AppId, u32>) {
@@ -246,6 +272,7 @@ impl ClusterNode {
                     "rho": v.rho.get(a),
                     "leases": leases,
                     "pid": v.pids.get(a),
+                    "devices": v.app_devices.get(a),
                 })
             })
             .collect();
@@ -257,6 +284,7 @@ impl ClusterNode {
             "apps": apps,
             "leases": v.leases.values().collect::<Vec<_>>(),
             "conflicts": v.conflicts,
+            "gpu_devices": v.devices,
             "agents": self.agents().len(),
             "rounds": v.rounds,
         })

@@ -265,6 +265,14 @@ fn print_apps(v: &Value) {
         v["arbiter"],
         v["leases"].as_array().map_or(0, Vec::len)
     );
+    if let Some(d) = v["gpu_devices"].as_object() {
+        let why = d.get("reason").and_then(Value::as_str).map_or(String::new(), |r| format!(": {r}"));
+        println!(
+            "gpu devices: {} (configured {}{why})",
+            d["mode"].as_str().unwrap_or("?"),
+            d["configured"].as_str().unwrap_or("?")
+        );
+    }
     println!("{:>14} {:<16} {:>8} {:>6}  leases (id: node:gpu..., expiry s)", "app", "name", "rho", "pid");
     for a in v["apps"].as_array().into_iter().flatten() {
         let leases: Vec<String> = a["leases"]

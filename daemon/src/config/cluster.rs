@@ -60,6 +60,49 @@ pub struct ClusterConfig {
     /// Seconds between a lease's end (SIGTERM, the checkpoint signal) and SIGKILL.
     #[serde(default = "default_grace_s")]
     pub grace_s: f64,
+    /// How an app is kept to its GPUs: `cgroup` (device rules in a cgroup of
+    /// its own, else the app does not start), `env` (`CUDA_VISIBLE_DEVICES`
+    /// only) or `auto` (cgroup where the node allows it, else env; the default).
+    /// See `docs/auction.md`, "GPU device rules".
+    #[serde(default)]
+    pub gpu_devices: GpuDevicesMode,
+    /// Character-device major of the GPUs' device nodes (NVIDIA: 195).
+    #[serde(default = "default_gpu_device_major")]
+    pub gpu_device_major: u32,
+    /// Directory of the GPUs' device nodes: GPU `i` is `<dir>/nvidia<i>`
+    /// (minor `i`). A test points it at a temp dir of `mknod`ed nodes.
+    #[serde(default = "default_gpu_device_dir")]
+    pub gpu_device_dir: PathBuf,
+}
+
+/// `[cluster] gpu_devices`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuDevicesMode {
+    /// Device rules where the node allows them, else `CUDA_VISIBLE_DEVICES` only.
+    #[default]
+    Auto,
+    /// Device rules required: an app whose rules cannot be set does not start.
+    Cgroup,
+    /// `CUDA_VISIBLE_DEVICES` only.
+    Env,
+}
+
+impl GpuDevicesMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GpuDevicesMode::Auto => "auto",
+            GpuDevicesMode::Cgroup => "cgroup",
+            GpuDevicesMode::Env => "env",
+        }
+    }
+}
+
+fn default_gpu_device_major() -> u32 {
+    195
+}
+fn default_gpu_device_dir() -> PathBuf {
+    PathBuf::from("/dev")
 }
 
 fn default_lease_s() -> f64 {
@@ -111,6 +154,9 @@ pub const MIN_ETCD_TTL_S: i64 = 2;
 /// Most GPUs one node may declare.
 pub const MAX_NODE_GPUS: u32 = 1024;
 
+/// Largest character-device major Linux has (12 bits).
+pub const MAX_DEVICE_MAJOR: u32 = 4095;
+
 /// Why a key file is refused.
 pub fn check_key_file(path: &Path) -> Result<Vec<u8>, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -159,6 +205,23 @@ pub(super) fn check(c: &Config, lines: &Lines, out: &mut Vec<ConfigIssue>) {
     }
     if !(0.0..=1.0).contains(&cl.f) {
         bad("f", format!("must be in [0, 1], got {}", cl.f));
+    }
+    if cl.gpu_device_major == 0 || cl.gpu_device_major > MAX_DEVICE_MAJOR {
+        bad("gpu_device_major", format!("must be in 1..={MAX_DEVICE_MAJOR}, got {}", cl.gpu_device_major));
+    }
+    if !cl.gpu_device_dir.is_absolute() {
+        bad("gpu_device_dir", format!("must be an absolute path, got `{}`", cl.gpu_device_dir.display()));
+    }
+    if cl.gpu_devices != GpuDevicesMode::Env && cl.gpus > crate::auction::devices::MAX_GPU_MINOR + 1 {
+        bad(
+            "gpus",
+            format!(
+                "at most {} GPUs can have device rules (minors 0..={}); set gpu_devices = \"env\" for more, got {}",
+                crate::auction::devices::MAX_GPU_MINOR + 1,
+                crate::auction::devices::MAX_GPU_MINOR,
+                cl.gpus
+            ),
+        );
     }
     if !cl.grace_s.is_finite() || cl.grace_s < 0.0 {
         bad("grace_s", format!("must be a non-negative number of seconds, got {}", cl.grace_s));
@@ -259,6 +322,20 @@ mod tests {
             e.contains("http://host:port") && e.contains("cluster.etcd_prefix") && e.contains("cluster.lease_s"),
             "{e}"
         );
+        assert_eq!((cl.gpu_devices, cl.gpu_device_major), (GpuDevicesMode::Auto, 195));
+        assert_eq!(cl.gpu_device_dir, Path::new("/dev"));
+        let cl = crate::config::parse(
+            &text(&good, "gpu_devices = \"cgroup\"\ngpu_device_major = 240\ngpu_device_dir = \"/tmp/g\"\n"),
+            &dir,
+        )
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!((cl.gpu_devices, cl.gpu_device_major), (GpuDevicesMode::Cgroup, 240));
+        let e = errs(text(&good, "gpu_device_major = 5000\ngpu_device_dir = \"dev\"\n"));
+        assert!(e.contains("cluster.gpu_device_major") && e.contains("cluster.gpu_device_dir"), "{e}");
+        let e = errs(text(&good, "gpu_devices = \"bpf\"\n"));
+        assert!(e.contains("gpu_devices"), "{e}");
         let e = errs(text(&good, "bogus = 1\n"));
         assert!(e.contains("bogus"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);

@@ -17,7 +17,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use backend::{Backend, Fallback};
-pub use cluster::{check_key_file, ClusterConfig, MAX_NODE_GPUS};
+pub use cluster::{check_key_file, ClusterConfig, GpuDevicesMode, MAX_NODE_GPUS};
 pub use dag::{DagConfig, FunctionConfig, FunctionKind};
 pub use dispatch::{DispatchConfig, DispatchOrder, PoolMode};
 pub use model::{

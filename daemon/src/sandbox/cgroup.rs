@@ -192,6 +192,15 @@ fn detect_v2(root: &Path, own: &str) -> Result<Hierarchy, String> {
     Ok(Hierarchy { version: CgroupVersion::V2, bases: vec![("", dir)] })
 }
 
+/// This process's group in the cgroup-v1 hierarchy of `controller`, from the
+/// text of `/proc/self/cgroup` (`"/"` when it is not listed).
+pub(crate) fn v1_own_path<'a>(own: &'a str, controller: &str) -> &'a str {
+    own.lines()
+        .filter_map(|l| l.split_once(':').and_then(|(_, rest)| rest.split_once(':')))
+        .find(|(controllers, _)| controllers.split(',').any(|c| c == controller))
+        .map_or("/", |(_, path)| path)
+}
+
 fn detect_v1(root: &Path, own: &str) -> Result<Hierarchy, String> {
     let mut bases = Vec::new();
     for controller in ["cpu", "memory", "pids"] {
@@ -199,12 +208,7 @@ fn detect_v1(root: &Path, own: &str) -> Result<Hierarchy, String> {
         if !mount.join("cgroup.procs").exists() {
             return Err(format!("cgroup v1: controller {controller} is not mounted at {}", mount.display()));
         }
-        let path = own
-            .lines()
-            .filter_map(|l| l.split_once(':').and_then(|(_, rest)| rest.split_once(':')))
-            .find(|(controllers, _)| controllers.split(',').any(|c| c == controller))
-            .map(|(_, path)| path)
-            .unwrap_or("/");
+        let path = v1_own_path(own, controller);
         let base = mount.join(path.trim_start_matches('/')).join("gati");
         if let Err(e) = fs::create_dir(&base) {
             if e.kind() != io::ErrorKind::AlreadyExists {

@@ -53,6 +53,10 @@ pub const CLUSTER_LEASES: &str = "gati_cluster_leases";
 pub const CLUSTER_NODES: &str = "gati_cluster_nodes";
 /// 1 on the node that is the cluster's arbiter now, else 0.
 pub const CLUSTER_ARBITER: &str = "gati_cluster_arbiter";
+/// 1 for the way apps are kept to their GPUs on this node (label mode: cgroup-v1, env).
+pub const CLUSTER_GPU_DEVICE_RULES: &str = "gati_cluster_gpu_device_rules";
+/// Apps whose GPU device rules could not be set.
+pub const CLUSTER_GPU_DEVICE_RULE_FAILURES_TOTAL: &str = "gati_cluster_gpu_device_rule_failures_total";
 /// etcd operations that failed (cluster on etcd), by operation.
 pub const ETCD_ERRORS_TOTAL: &str = "gati_etcd_errors_total";
 /// Times this node won the arbiter election (cluster on etcd).
@@ -181,6 +185,18 @@ pub const FAMILIES: &[Family] = &[
         Gauge,
         None,
         "1 while this node is the cluster's arbiter (static, or elected on etcd and running rounds), else 0; label node.",
+    ),
+    family(
+        CLUSTER_GPU_DEVICE_RULES,
+        Gauge,
+        None,
+        "1 for how this node keeps app processes to their granted GPUs: mode cgroup-v1 (device rules in a cgroup per app) or env (CUDA_VISIBLE_DEVICES only).",
+    ),
+    family(
+        CLUSTER_GPU_DEVICE_RULE_FAILURES_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "App starts whose GPU device rules could not be set (gpu_devices = auto: started with CUDA_VISIBLE_DEVICES only; cgroup: not started).",
     ),
     family(
         ETCD_ERRORS_TOTAL,
