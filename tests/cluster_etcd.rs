@@ -340,6 +340,7 @@ fn a_deposed_arbiter_cannot_commit() {
             command: vec!["true".into()],
             arrival: 0.0,
             progress: Default::default(),
+            model: gatid::auction::throughput::ThroughputModel::linear(1.0, 0.7),
         };
         let mut a = Etcd::connect(&cfg).await.unwrap();
         let mut b = Etcd::connect(&cfg).await.unwrap();

@@ -160,8 +160,8 @@ impl ClusterNode {
                     return Err(format!("home of app {app} for node {node}, not this node"));
                 }
                 super::node_arbiter::check_app(&name, demand, work, &command)?;
-                let home =
-                    HomeApp { name: name.clone(), demand, work, command, model: Arc::new(model), confirmed: true };
+                let model = Arc::new(model.checked().map_err(|e| format!("home of app {app}: {e}"))?);
+                let home = HomeApp { name: name.clone(), demand, work, command, model, confirmed: true };
                 if self.agents().restore(app, home)? {
                     tracing::info!(app, "agent restored from the arbiter's record");
                     metrics::counter!(crate::telemetry::names::CLUSTER_AGENTS_RESTORED_TOTAL).increment(1);

@@ -28,7 +28,7 @@ pub use round::{BidRefusal, RoundSummary, MAX_BID_OPTIONS, RECENT_ROUNDS};
 use super::app::{App, AppId, AppSpec};
 use super::arbiter::{Arbiter, ArbiterConfig};
 use super::etcd::record::{AppRecord, NodeRecord, Op, Snapshot};
-use super::gpu::NodeId;
+use super::gpu::{Bundle, GpuId, NodeId};
 use super::lease::Lease;
 use super::peer::message::Message;
 use super::throughput::ThroughputModel;
@@ -74,6 +74,20 @@ pub struct TrackedApp {
 pub enum Out {
     To(NodeId, Message),
     All(Message),
+    /// What brings member `0`'s view up to date ([`ArbiterState::resync`]),
+    /// as one batch: the service queues it whole on the member's link, or on
+    /// a new link sized to hold it — never in part.
+    Resync(NodeId, Vec<Message>),
+}
+
+impl Out {
+    /// The same, a resync as its messages one by one (tests, in-process delivery).
+    pub fn each(self) -> Vec<Out> {
+        match self {
+            Out::Resync(n, msgs) => msgs.into_iter().map(|m| Out::To(n, m)).collect(),
+            o => vec![o],
+        }
+    }
 }
 
 /// The arbiter node's state.
@@ -141,15 +155,28 @@ impl ArbiterState {
             }
         }
         for a in snap.apps {
-            let spec = AppSpec {
-                id: a.id,
-                name: a.name,
-                demand: a.demand,
-                total_work: a.work,
-                model: Arc::clone(&s.model),
-                arrival: a.arrival,
+            let model = match a.model.checked() {
+                Ok(m) => Arc::new(m),
+                Err(e) => {
+                    tracing::warn!(app = a.id, error = %e, "stored throughput model refused; using the submitted-app model");
+                    Arc::clone(&s.model)
+                }
             };
+            let spec =
+                AppSpec { id: a.id, name: a.name, demand: a.demand, total_work: a.work, model, arrival: a.arrival };
             s.apps.insert(a.id, TrackedApp { app: App::resume(spec, a.progress), command: a.command, node: a.node });
+        }
+        // Each app ran on its stored leases since its last stored progress:
+        // up to their expiry (or now). A lease that expired before this
+        // election is dropped below, and its time would count as without GPUs.
+        let active = s.apps.len();
+        for (&id, t) in &mut s.apps {
+            let mine = || snap.leases.iter().filter(move |l| l.app == id);
+            let gpus: Vec<GpuId> = mine().flat_map(|l| l.gpus.iter().copied()).collect();
+            let until = mine().map(|l| l.expiry).fold(f64::NEG_INFINITY, f64::max).min(now);
+            if !gpus.is_empty() && until > t.app.progress().last {
+                t.app.advance(until, &Bundle::of(&gpus), active);
+            }
         }
         s.arbiter.skip_lease_ids_to(snap.leases.iter().map(|l| l.id).max().unwrap_or(0));
         for l in snap.leases {
@@ -159,7 +186,7 @@ impl ArbiterState {
                 s.ops.push(Op::DelLease(id));
             }
         }
-        let out = s.members.keys().flat_map(|&n| s.resync(n).into_iter().map(move |m| Out::To(n, m))).collect();
+        let out = s.members.keys().map(|&n| Out::Resync(n, s.resync(n))).collect();
         Ok((s, out))
     }
 
@@ -189,6 +216,7 @@ impl ArbiterState {
                 command: t.command.clone(),
                 arrival: s.arrival,
                 progress: t.app.progress(),
+                model: ThroughputModel::clone(&s.model),
             }));
         }
     }
@@ -218,7 +246,7 @@ impl ArbiterState {
             }
             self.arbiter.add_node(node, n);
         }
-        out.extend(self.resync(node).into_iter().map(|m| Out::To(node, m)));
+        out.push(Out::Resync(node, self.resync(node)));
         out
     }
 
@@ -277,7 +305,7 @@ impl ArbiterState {
                     if !self.members.contains_key(&node) {
                         return Err(format!("join of node {node}, which is not registered in etcd"));
                     }
-                    out.extend(self.resync(node).into_iter().map(|m| Out::To(node, m)));
+                    out.push(Out::Resync(node, self.resync(node)));
                     return Ok(out);
                 }
                 if !self.members.contains_key(&node) && self.members.len() >= MAX_NODES {
@@ -293,7 +321,7 @@ impl ArbiterState {
                     self.arbiter.add_node(node, n);
                 }
                 // The whole current view, so a (re)joined node agrees with the others.
-                out.extend(self.resync(node).into_iter().map(|m| Out::To(node, m)));
+                out.push(Out::Resync(node, self.resync(node)));
             }
             Message::Heartbeat { node } | Message::Inventory { node, .. } => {
                 if node != sender {
@@ -502,6 +530,7 @@ pub(super) mod tests {
             command: vec!["true".into()],
             arrival: 90.0,
             progress: Default::default(),
+            model: ThroughputModel::linear(2.0, 0.5),
         };
         let lease = |id, app, node, expiry| Lease {
             id,
@@ -522,6 +551,7 @@ pub(super) mod tests {
             ],
         };
         let (mut a, out) = ArbiterState::elected(1, &cfg(), snap, 100.0).unwrap();
+        let out: Vec<Out> = out.into_iter().flat_map(Out::each).collect();
         assert_eq!(a.take_ops(), vec![Op::DelLease(6), Op::DelLease(7), Op::DelLease(8)]);
         let kept: Vec<u64> = a.arbiter.leases().iter().map(|l| l.id).collect();
         assert_eq!(kept, vec![5]);
@@ -532,6 +562,16 @@ pub(super) mod tests {
                 .iter()
                 .any(|o| matches!(o, Out::To(m, Message::Grant { lease, .. }) if *m == n && lease.id == 5)));
         }
+        // Node 1, their home, gets their agents back with the stored model (after a restart); node 2 none.
+        let homes: Vec<(NodeId, AppId, &ThroughputModel)> = out
+            .iter()
+            .filter_map(|o| match o {
+                Out::To(n, Message::Home { node, app, model, .. }) if n == node => Some((*n, *app, model)),
+                _ => None,
+            })
+            .collect();
+        let stored = ThroughputModel::linear(2.0, 0.5);
+        assert_eq!(homes, [10, 11, 12].map(|id| (1, id, &stored)));
         // The next round grants node 2's GPUs only, with new ids, and journals them.
         // (The apps were submitted on node 1 before the failover: their agents are there.)
         let mut homes = Homes::default();
@@ -554,7 +594,7 @@ pub(super) mod tests {
         assert!(out.iter().any(|o| matches!(o, Out::All(Message::Revoke { lease: 5, .. }))));
         assert!(a.take_ops().contains(&Op::DelLease(5)));
         assert!(a.handle(1, join(1, 2), 102.0).is_err(), "a join needs a registration in etcd");
-        let out = a.member_up(1, &rec(2), 103.0);
+        let out: Vec<Out> = a.member_up(1, &rec(2), 103.0).into_iter().flat_map(Out::each).collect();
         assert!(out.contains(&Out::To(1, Message::Welcome { arbiter: 1, lease_s: 10.0 })));
     }
 }

@@ -47,6 +47,8 @@ pub const AUCTION_BIDS_TOTAL: &str = "gati_auction_bids_total";
 pub const CLUSTER_SUBMITS_RESENT_TOTAL: &str = "gati_cluster_submits_resent_total";
 /// Agents of this node's apps given back by the arbiter (`home` messages) after a restart.
 pub const CLUSTER_AGENTS_RESTORED_TOTAL: &str = "gati_cluster_agents_restored_total";
+/// Resyncs the arbiter sent a member on a new link, by reason (`backlog`, `large`).
+pub const CLUSTER_LINK_RESYNCS_TOTAL: &str = "gati_cluster_link_resyncs_total";
 /// Leases in this node's view of the cluster.
 pub const CLUSTER_LEASES: &str = "gati_cluster_leases";
 /// Cluster members (on the arbiter).
@@ -177,6 +179,12 @@ pub const FAMILIES: &[Family] = &[
         Counter,
         Some(Unit::Count),
         "Submits of apps of this node sent again on an arbiter's welcome, because the node had not yet seen them in the arbiter's state.",
+    ),
+    family(
+        CLUSTER_LINK_RESYNCS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Resyncs (welcome, the member's home apps, every lease) the arbiter sent a member on a new link, by reason: backlog (the member's queue was full: its backlog was dropped and replaced by the resync), large (a resync bigger than the room left on the member's link).",
     ),
     family(CLUSTER_LEASES, Gauge, Some(Unit::Count), "GPU leases in this node's view of the cluster."),
     family(CLUSTER_NODES, Gauge, Some(Unit::Count), "Members of the cluster, as the arbiter node sees them."),
