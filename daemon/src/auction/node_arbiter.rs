@@ -10,7 +10,7 @@
 //! GPU. A member silent for [`DEAD_AFTER_HEARTBEATS`] heartbeat periods is
 //! removed and its leases revoked.
 //!
-//! On etcd ([`ArbiterState::elected`]) the members are the nodes registered
+//! On etcd ([`ArbiterState::elected`], `node_arbiter/takeover.rs`) the members are the nodes registered
 //! in etcd ([`ArbiterState::member_up`] / [`ArbiterState::member_down`], no
 //! heartbeat timeout), the state starts from what the previous arbiter
 //! stored, and every change to apps and leases is also journalled as an
@@ -22,13 +22,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 mod round;
+mod takeover;
 
 pub use round::{BidRefusal, RoundSummary, MAX_BID_OPTIONS, RECENT_ROUNDS};
 
 use super::app::{App, AppId, AppSpec};
 use super::arbiter::{Arbiter, ArbiterConfig};
-use super::etcd::record::{AppRecord, NodeRecord, Op, Snapshot};
-use super::gpu::{Bundle, GpuId, NodeId};
+use super::etcd::record::{AppRecord, NodeRecord, Op};
+use super::gpu::NodeId;
 use super::lease::Lease;
 use super::peer::message::Message;
 use super::throughput::ThroughputModel;
@@ -133,61 +134,6 @@ impl ArbiterState {
             pending: None,
             recent: VecDeque::new(),
         })
-    }
-
-    /// The arbiter a node runs once elected on etcd, from what the previous
-    /// one stored: the members registered now, the apps, and the leases in
-    /// force — honoured until they expire (a lease on a GPU of a node that is
-    /// gone, of an app that is gone, or already expired at `now` is dropped).
-    /// Returns the state and what brings every member's view to it.
-    pub fn elected(
-        me: NodeId,
-        cfg: &ClusterConfig,
-        snap: Snapshot,
-        now: f64,
-    ) -> Result<(ArbiterState, Vec<Out>), AuctionError> {
-        let mut s = ArbiterState::new(me, cfg)?;
-        s.on_etcd = true;
-        for (n, rec) in snap.members {
-            if let Some(m) = member(&rec, now) {
-                s.arbiter.add_node(n, m.gpus);
-                s.members.insert(n, m);
-            }
-        }
-        for a in snap.apps {
-            let model = match a.model.checked() {
-                Ok(m) => Arc::new(m),
-                Err(e) => {
-                    tracing::warn!(app = a.id, error = %e, "stored throughput model refused; using the submitted-app model");
-                    Arc::clone(&s.model)
-                }
-            };
-            let spec =
-                AppSpec { id: a.id, name: a.name, demand: a.demand, total_work: a.work, model, arrival: a.arrival };
-            s.apps.insert(a.id, TrackedApp { app: App::resume(spec, a.progress), command: a.command, node: a.node });
-        }
-        // Each app ran on its stored leases since its last stored progress:
-        // up to their expiry (or now). A lease that expired before this
-        // election is dropped below, and its time would count as without GPUs.
-        let active = s.apps.len();
-        for (&id, t) in &mut s.apps {
-            let mine = || snap.leases.iter().filter(move |l| l.app == id);
-            let gpus: Vec<GpuId> = mine().flat_map(|l| l.gpus.iter().copied()).collect();
-            let until = mine().map(|l| l.expiry).fold(f64::NEG_INFINITY, f64::max).min(now);
-            if !gpus.is_empty() && until > t.app.progress().last {
-                t.app.advance(until, &Bundle::of(&gpus), active);
-            }
-        }
-        s.arbiter.skip_lease_ids_to(snap.leases.iter().map(|l| l.id).max().unwrap_or(0));
-        for l in snap.leases {
-            let id = l.id;
-            let keep = s.apps.contains_key(&l.app) && l.expiry > now;
-            if !keep || s.arbiter.restore_lease(l).is_err() {
-                s.ops.push(Op::DelLease(id));
-            }
-        }
-        let out = s.members.keys().map(|&n| Out::Resync(n, s.resync(n))).collect();
-        Ok((s, out))
     }
 
     /// The changes to store since the last call (on etcd; empty otherwise).
@@ -552,7 +498,14 @@ pub(super) mod tests {
         };
         let (mut a, out) = ArbiterState::elected(1, &cfg(), snap, 100.0).unwrap();
         let out: Vec<Out> = out.into_iter().flat_map(Out::each).collect();
-        assert_eq!(a.take_ops(), vec![Op::DelLease(6), Op::DelLease(7), Op::DelLease(8)]);
+        // Apps advanced on their stored leases (to the expiry or now) and stored, not on a gone node (app 11).
+        let ops = a.take_ops();
+        let put: Vec<(AppId, f64)> = ops
+            .iter()
+            .filter_map(|o| if let Op::PutApp(r) = o { Some((r.id, r.progress.last)) } else { None })
+            .collect();
+        assert_eq!(put, [(10, 100.0), (12, 99.0)]);
+        assert_eq!(ops[2..], [Op::DelLease(6), Op::DelLease(7), Op::DelLease(8)]);
         let kept: Vec<u64> = a.arbiter.leases().iter().map(|l| l.id).collect();
         assert_eq!(kept, vec![5]);
         // Both members get a welcome and the kept lease.
