@@ -91,7 +91,12 @@ impl Cluster {
                 Out::To(NODE, m) | Out::All(m) => {
                     let _ = self.node.apply(ARBITER, m);
                 }
-                Out::To(..) => {}
+                Out::Resync(NODE, msgs) => {
+                    for m in msgs {
+                        let _ = self.node.apply(ARBITER, m);
+                    }
+                }
+                Out::To(..) | Out::Resync(..) => {}
             }
         }
     }
