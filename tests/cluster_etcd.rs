@@ -188,6 +188,20 @@ fn submit(d: &TestDaemon, name: &str, gpus: u32) -> u64 {
     v["app"].as_u64().unwrap()
 }
 
+/// App `app`'s progress as the arbiter stored it in the test's etcd.
+fn stored_progress(url: &str, app: u64) -> Option<gatid::auction::app::Progress> {
+    let cfg: gatid::config::ClusterConfig = toml::from_str(&format!(
+        "node_id = 9\nlisten = \"127.0.0.1:1\"\nkey_file = \"k\"\netcd = [\"{url}\"]\netcd_prefix = \"/gati-test/\"\n"
+    ))
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut e = gatid::auction::etcd::Etcd::connect(&cfg).await.ok()?;
+        let (snap, _) = e.snapshot().await.ok()?;
+        snap.apps.iter().find(|r| r.id == app).map(|r| r.progress)
+    })
+}
+
 #[test]
 fn cluster_on_etcd_elects_an_arbiter_reclaims_a_dead_node_and_fails_over() {
     let root = common::tempdir("cluster-etcd");
@@ -250,6 +264,11 @@ fn cluster_on_etcd_elects_an_arbiter_reclaims_a_dead_node_and_fails_over() {
             on.len() == 2
         })
     });
+    // Its progress is stored at every round, not only when its leases change.
+    let p0 = stored_progress(&etcd.url, a).expect("the wide app is stored");
+    poll_until("the wide app's progress stored by a later round", Duration::from_secs(10), || {
+        stored_progress(&etcd.url, a).is_some_and(|p| p.last > p0.last && p.done > p0.done)
+    });
 
     // The arbiter dies: the survivor is elected and takes over the stored apps and leases, and an app the old
     // arbiter never granted is granted by the new one, within one lease period of the kill. The new app is
@@ -264,6 +283,7 @@ fn cluster_on_etcd_elects_an_arbiter_reclaims_a_dead_node_and_fails_over() {
     let unix_now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let (_, leases) = view_checked(nodes[sv].as_ref().unwrap(), survivor);
     assert!(leases.iter().all(|(app, _)| *app != c), "the new app was granted before the failover: {leases:?}");
+    let before = stored_progress(&etcd.url, a).expect("the wide app is stored");
     let mut old = nodes[arbiter as usize - 1].take().unwrap();
     old.signal(libc::SIGKILL);
     let killed = Instant::now();
@@ -297,6 +317,14 @@ fn cluster_on_etcd_elects_an_arbiter_reclaims_a_dead_node_and_fails_over() {
     assert!(leases.iter().all(|(_, g)| g.iter().all(|g| g.0 == u64::from(survivor))), "{leases:?}");
     assert_eq!(metric(s(), &format!("gati_cluster_arbiter{{node=\"{survivor}\"}} ")), 1.0);
     assert!(metric(s(), "gati_cluster_elections_won_total ") >= 1.0);
+    // The new arbiter resumed the wide app from the old one's last stored round: nothing of it went back.
+    // (Its lease spanned the dead arbiter's node: it is not counted as running after the last stored round.)
+    let after = stored_progress(&etcd.url, a).expect("the wide app is still stored");
+    assert!(after.done >= before.done && after.attained >= before.attained && after.last >= before.last);
+    eprintln!(
+        "wide app's stored progress: done {:.1} before the kill, {:.1} after the failover",
+        before.done, after.done
+    );
 
     let sampled = sampler.finish();
     assert!(sampled > 0);
@@ -340,6 +368,7 @@ fn a_deposed_arbiter_cannot_commit() {
             command: vec!["true".into()],
             arrival: 0.0,
             progress: Default::default(),
+            model: gatid::auction::throughput::ThroughputModel::linear(1.0, 0.7),
         };
         let mut a = Etcd::connect(&cfg).await.unwrap();
         let mut b = Etcd::connect(&cfg).await.unwrap();

@@ -1,11 +1,12 @@
 //! `control`: the control-request answers (list, info, stats, health, ready,
-//! cache-train) with hostile headers, target ids and payloads.
+//! cache-train, app-submit, apps) with hostile headers, target ids and payloads.
 //!
 //! Input: a 64-byte request header, two state bits (ready, draining), then the
 //! payload. The context has an empty model registry, no DAGs and no metrics
 //! recorder: no daemon runs. Properties: `RequestHeader::parse` and
 //! `control::answer` never panic; every answer with a byte payload is valid
-//! JSON or the stats text; unknown targets answer `UnknownModel`.
+//! JSON or the stats text; unknown targets answer `UnknownModel`; the cluster
+//! kinds answer `BadPayload` (no `[cluster]`).
 
 #![no_main]
 
@@ -77,6 +78,8 @@ fuzz_target!(|data: &[u8]| {
         Kind::ModelInfo | Kind::CacheTrain => assert_eq!(a.status, Status::UnknownModel),
         Kind::Infer | Kind::Ping | Kind::InvokeDag => assert_eq!(a.status, Status::UnknownKind),
         Kind::ListModels | Kind::Health | Kind::Ready | Kind::Stats => assert_eq!(a.status, Status::Ok),
+        // No peer service runs: the node has no [cluster] section.
+        Kind::AppSubmit | Kind::Apps => assert_eq!(a.status, Status::BadPayload),
     }
     if kind == Kind::Ready {
         let v: serde_json::Value = serde_json::from_slice(&a.body).expect("JSON");

@@ -8,6 +8,11 @@
 //! the unconfirmed ones again to every arbiter that welcomes it: a submit
 //! that a dying arbiter took but never stored reaches the next one (the
 //! arbiter takes a submit idempotently, by app id).
+//!
+//! A home node that restarts gets its agents back from the arbiter: every
+//! resync (after `welcome`) carries a `home` message per app whose home it
+//! is, with the submit's fields and the app's throughput model
+//! ([`Agents::restore`]), so its apps bid again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,8 +39,17 @@ pub struct HomeApp {
     pub demand: u32,
     pub work: f64,
     pub command: Vec<String>,
+    /// What the agent prices offers with.
+    pub model: Arc<ThroughputModel>,
     /// Seen in the arbiter's state (it need not be sent again).
     pub confirmed: bool,
+}
+
+impl HomeApp {
+    /// An app just submitted here (the submitted-app model, not yet confirmed).
+    pub fn submitted(name: String, demand: u32, work: f64, command: Vec<String>) -> HomeApp {
+        HomeApp { name, demand, work, command, model: submitted_model(), confirmed: false }
+    }
 }
 
 /// The agents of the apps submitted on one node.
@@ -43,13 +57,12 @@ pub struct HomeApp {
 pub struct Agents {
     node: NodeId,
     apps: BTreeMap<AppId, HomeApp>,
-    model: Arc<ThroughputModel>,
 }
 
 impl Agents {
     /// The agents of home node `node`.
     pub fn new(node: NodeId) -> Agents {
-        Agents { node, apps: BTreeMap::new(), model: submitted_model() }
+        Agents { node, apps: BTreeMap::new() }
     }
 
     /// A new app submitted here; its `submit` for the arbiter.
@@ -71,6 +84,21 @@ impl Agents {
             work: a.work,
             command: a.command.clone(),
         }
+    }
+
+    /// The agent of `id` back from the arbiter's record (this node restarted,
+    /// or missed its apps): `Ok(true)` if it was new here, `Ok(false)` if
+    /// this node had it already (now confirmed).
+    pub fn restore(&mut self, id: AppId, app: HomeApp) -> Result<bool, String> {
+        if let Some(a) = self.apps.get_mut(&id) {
+            a.confirmed = true;
+            return Ok(false);
+        }
+        if self.apps.len() >= MAX_HOME_APPS {
+            return Err(format!("this node already keeps {MAX_HOME_APPS} apps"));
+        }
+        self.apps.insert(id, HomeApp { confirmed: true, ..app });
+        Ok(true)
     }
 
     /// The arbiter's state holds `app` (no-op for an app not submitted here).
@@ -116,7 +144,7 @@ impl Agents {
             name: a.name.clone(),
             demand: a.demand,
             total_work: a.work,
-            model: Arc::clone(&self.model),
+            model: Arc::clone(&a.model),
             arrival: *arrival,
         };
         let b = price(&App::resume(spec, *progress), held, free, view)?;
@@ -175,7 +203,29 @@ mod tests {
     use super::*;
 
     fn home(demand: u32) -> HomeApp {
-        HomeApp { name: "a".into(), demand, work: 1e4, command: vec!["true".into()], confirmed: false }
+        HomeApp::submitted("a".into(), demand, 1e4, vec!["true".into()])
+    }
+
+    #[test]
+    fn a_restored_agent_bids_and_a_known_one_is_kept() {
+        let mut agents = Agents::new(2);
+        agents.add(1, home(1)).unwrap();
+        assert_eq!(agents.restore(1, home(3)), Ok(false));
+        assert_eq!(agents.get(1).unwrap().demand, 1, "the node's own record is kept");
+        assert!(agents.get(1).unwrap().confirmed);
+        assert_eq!(agents.restore(5, home(2)), Ok(true));
+        assert!(agents.unconfirmed().is_empty(), "a restored app is in the arbiter's state");
+        let view = OfferView { now: 10.0, gpus: 4, node_gpus: 2, lease_s: 5.0 };
+        let offer = Message::Offer {
+            round: 1,
+            app: 5,
+            free: vec![(2, 2)],
+            held: Vec::new(),
+            view,
+            arrival: 0.0,
+            progress: Default::default(),
+        };
+        assert!(matches!(agents.answer(&offer), Ok(Message::Bid { app: 5, ref options, .. }) if !options.is_empty()));
     }
 
     /// An agent's answer over the wire is the bid the arbiter would compute

@@ -155,6 +155,19 @@ impl ClusterNode {
                 self.send(bid)?;
                 metrics::counter!(crate::telemetry::names::AUCTION_BIDS_TOTAL, "result" => "sent").increment(1);
             }
+            Message::Home { node, app, name, demand, work, command, model } => {
+                if node != self.id() {
+                    return Err(format!("home of app {app} for node {node}, not this node"));
+                }
+                super::node_arbiter::check_app(&name, demand, work, &command)?;
+                let model = Arc::new(model.checked().map_err(|e| format!("home of app {app}: {e}"))?);
+                let home = HomeApp { name: name.clone(), demand, work, command, model, confirmed: true };
+                if self.agents().restore(app, home)? {
+                    tracing::info!(app, "agent restored from the arbiter's record");
+                    metrics::counter!(crate::telemetry::names::CLUSTER_AGENTS_RESTORED_TOTAL).increment(1);
+                }
+                v.names.entry(app).or_insert(name);
+            }
             Message::RhoReport { app, rho } => {
                 self.agents().confirm(app);
                 if v.rho.len() < super::node_arbiter::MAX_APPS || v.rho.contains_key(&app) {
@@ -232,7 +245,7 @@ impl ClusterNode {
         let r: Req = serde_json::from_slice(payload).map_err(|e| format!("bad submit request: {e}"))?;
         super::node_arbiter::check_app(&r.name, r.gpus, r.work, &r.command)?;
         let app = self.next_app.fetch_add(1, Ordering::Relaxed);
-        let home = HomeApp { name: r.name.clone(), demand: r.gpus, work: r.work, command: r.command, confirmed: false };
+        let home = HomeApp::submitted(r.name.clone(), r.gpus, r.work, r.command);
         let msg = self.agents().add(app, home)?;
         if let Err(e) = self.send(msg) {
             self.agents().forget(app);

@@ -10,7 +10,7 @@
 //! GPU. A member silent for [`DEAD_AFTER_HEARTBEATS`] heartbeat periods is
 //! removed and its leases revoked.
 //!
-//! On etcd ([`ArbiterState::elected`]) the members are the nodes registered
+//! On etcd ([`ArbiterState::elected`], `node_arbiter/takeover.rs`) the members are the nodes registered
 //! in etcd ([`ArbiterState::member_up`] / [`ArbiterState::member_down`], no
 //! heartbeat timeout), the state starts from what the previous arbiter
 //! stored, and every change to apps and leases is also journalled as an
@@ -22,12 +22,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 mod round;
+mod takeover;
 
 pub use round::{BidRefusal, RoundSummary, MAX_BID_OPTIONS, RECENT_ROUNDS};
 
 use super::app::{App, AppId, AppSpec};
 use super::arbiter::{Arbiter, ArbiterConfig};
-use super::etcd::record::{AppRecord, NodeRecord, Op, Snapshot};
+use super::etcd::record::{AppRecord, NodeRecord, Op};
 use super::gpu::NodeId;
 use super::lease::Lease;
 use super::peer::message::Message;
@@ -74,6 +75,20 @@ pub struct TrackedApp {
 pub enum Out {
     To(NodeId, Message),
     All(Message),
+    /// What brings member `0`'s view up to date ([`ArbiterState::resync`]),
+    /// as one batch: the service queues it whole on the member's link, or on
+    /// a new link sized to hold it — never in part.
+    Resync(NodeId, Vec<Message>),
+}
+
+impl Out {
+    /// The same, a resync as its messages one by one (tests, in-process delivery).
+    pub fn each(self) -> Vec<Out> {
+        match self {
+            Out::Resync(n, msgs) => msgs.into_iter().map(|m| Out::To(n, m)).collect(),
+            o => vec![o],
+        }
+    }
 }
 
 /// The arbiter node's state.
@@ -121,48 +136,6 @@ impl ArbiterState {
         })
     }
 
-    /// The arbiter a node runs once elected on etcd, from what the previous
-    /// one stored: the members registered now, the apps, and the leases in
-    /// force — honoured until they expire (a lease on a GPU of a node that is
-    /// gone, of an app that is gone, or already expired at `now` is dropped).
-    /// Returns the state and what brings every member's view to it.
-    pub fn elected(
-        me: NodeId,
-        cfg: &ClusterConfig,
-        snap: Snapshot,
-        now: f64,
-    ) -> Result<(ArbiterState, Vec<Out>), AuctionError> {
-        let mut s = ArbiterState::new(me, cfg)?;
-        s.on_etcd = true;
-        for (n, rec) in snap.members {
-            if let Some(m) = member(&rec, now) {
-                s.arbiter.add_node(n, m.gpus);
-                s.members.insert(n, m);
-            }
-        }
-        for a in snap.apps {
-            let spec = AppSpec {
-                id: a.id,
-                name: a.name,
-                demand: a.demand,
-                total_work: a.work,
-                model: Arc::clone(&s.model),
-                arrival: a.arrival,
-            };
-            s.apps.insert(a.id, TrackedApp { app: App::resume(spec, a.progress), command: a.command, node: a.node });
-        }
-        s.arbiter.skip_lease_ids_to(snap.leases.iter().map(|l| l.id).max().unwrap_or(0));
-        for l in snap.leases {
-            let id = l.id;
-            let keep = s.apps.contains_key(&l.app) && l.expiry > now;
-            if !keep || s.arbiter.restore_lease(l).is_err() {
-                s.ops.push(Op::DelLease(id));
-            }
-        }
-        let out = s.members.keys().flat_map(|&n| s.resync().into_iter().map(move |m| Out::To(n, m))).collect();
-        Ok((s, out))
-    }
-
     /// The changes to store since the last call (on etcd; empty otherwise).
     pub fn take_ops(&mut self) -> Vec<Op> {
         std::mem::take(&mut self.ops)
@@ -189,6 +162,7 @@ impl ArbiterState {
                 command: t.command.clone(),
                 arrival: s.arrival,
                 progress: t.app.progress(),
+                model: ThroughputModel::clone(&s.model),
             }));
         }
     }
@@ -218,7 +192,7 @@ impl ArbiterState {
             }
             self.arbiter.add_node(node, n);
         }
-        out.extend(self.resync().into_iter().map(|m| Out::To(node, m)));
+        out.push(Out::Resync(node, self.resync(node)));
         out
     }
 
@@ -248,9 +222,12 @@ impl ArbiterState {
         Message::Grant { lease: l.clone(), command }
     }
 
-    /// What brings a member's view up to date: `welcome`, then every lease.
-    pub fn resync(&self) -> Vec<Message> {
+    /// What brings member `node`'s view up to date: `welcome`, a `home` for
+    /// each app submitted on it (its agents, should it have restarted), then
+    /// every lease.
+    pub fn resync(&self, node: NodeId) -> Vec<Message> {
         let mut v = vec![Message::Welcome { arbiter: self.me, lease_s: self.lease_s }];
+        v.extend(self.apps.iter().filter(|(_, t)| t.node == node).map(|(&id, t)| home_msg(id, t)));
         v.extend(self.arbiter.leases().iter().map(|l| self.grant_msg(l)));
         v
     }
@@ -274,7 +251,7 @@ impl ArbiterState {
                     if !self.members.contains_key(&node) {
                         return Err(format!("join of node {node}, which is not registered in etcd"));
                     }
-                    out.extend(self.resync().into_iter().map(|m| Out::To(node, m)));
+                    out.push(Out::Resync(node, self.resync(node)));
                     return Ok(out);
                 }
                 if !self.members.contains_key(&node) && self.members.len() >= MAX_NODES {
@@ -290,7 +267,7 @@ impl ArbiterState {
                     self.arbiter.add_node(node, n);
                 }
                 // The whole current view, so a (re)joined node agrees with the others.
-                out.extend(self.resync().into_iter().map(|m| Out::To(node, m)));
+                out.push(Out::Resync(node, self.resync(node)));
             }
             Message::Heartbeat { node } | Message::Inventory { node, .. } => {
                 if node != sender {
@@ -355,6 +332,20 @@ fn member(rec: &NodeRecord, now: f64) -> Option<Member> {
     (rec.gpus <= crate::config::MAX_NODE_GPUS).then_some(Member { listen, gpus: rec.gpus, last_seen: now })
 }
 
+/// The `home` message that gives app `id`'s agent back to its home node.
+fn home_msg(id: AppId, t: &TrackedApp) -> Message {
+    let s = &t.app.spec;
+    Message::Home {
+        node: t.node,
+        app: id,
+        name: s.name.clone(),
+        demand: s.demand,
+        work: s.total_work,
+        command: t.command.clone(),
+        model: ThroughputModel::clone(&s.model),
+    }
+}
+
 fn revoke(l: &Lease, reason: &str) -> Message {
     Message::Revoke { lease: l.id, app: l.app, reason: reason.into() }
 }
@@ -390,6 +381,7 @@ pub fn kind(m: &Message) -> &'static str {
         Message::Offer { .. } => "offer",
         Message::Bid { .. } => "bid",
         Message::Submit { .. } => "submit",
+        Message::Home { .. } => "home",
         Message::Grant { .. } => "grant",
         Message::Renew { .. } => "renew",
         Message::Revoke { .. } => "revoke",
@@ -484,6 +476,7 @@ pub(super) mod tests {
             command: vec!["true".into()],
             arrival: 90.0,
             progress: Default::default(),
+            model: ThroughputModel::linear(2.0, 0.5),
         };
         let lease = |id, app, node, expiry| Lease {
             id,
@@ -504,7 +497,15 @@ pub(super) mod tests {
             ],
         };
         let (mut a, out) = ArbiterState::elected(1, &cfg(), snap, 100.0).unwrap();
-        assert_eq!(a.take_ops(), vec![Op::DelLease(6), Op::DelLease(7), Op::DelLease(8)]);
+        let out: Vec<Out> = out.into_iter().flat_map(Out::each).collect();
+        // Apps advanced on their stored leases (to the expiry or now) and stored, not on a gone node (app 11).
+        let ops = a.take_ops();
+        let put: Vec<(AppId, f64)> = ops
+            .iter()
+            .filter_map(|o| if let Op::PutApp(r) = o { Some((r.id, r.progress.last)) } else { None })
+            .collect();
+        assert_eq!(put, [(10, 100.0), (12, 99.0)]);
+        assert_eq!(ops[2..], [Op::DelLease(6), Op::DelLease(7), Op::DelLease(8)]);
         let kept: Vec<u64> = a.arbiter.leases().iter().map(|l| l.id).collect();
         assert_eq!(kept, vec![5]);
         // Both members get a welcome and the kept lease.
@@ -514,18 +515,22 @@ pub(super) mod tests {
                 .iter()
                 .any(|o| matches!(o, Out::To(m, Message::Grant { lease, .. }) if *m == n && lease.id == 5)));
         }
+        // Node 1, their home, gets their agents back with the stored model (after a restart); node 2 none.
+        let homes: Vec<(NodeId, AppId, &ThroughputModel)> = out
+            .iter()
+            .filter_map(|o| match o {
+                Out::To(n, Message::Home { node, app, model, .. }) if n == node => Some((*n, *app, model)),
+                _ => None,
+            })
+            .collect();
+        let stored = ThroughputModel::linear(2.0, 0.5);
+        assert_eq!(homes, [10, 11, 12].map(|id| (1, id, &stored)));
         // The next round grants node 2's GPUs only, with new ids, and journals them.
         // (The apps were submitted on node 1 before the failover: their agents are there.)
         let mut homes = Homes::default();
         let mut agents = crate::auction::agent::Agents::new(1);
         for id in [10, 11, 12] {
-            let home = crate::auction::agent::HomeApp {
-                name: "a".into(),
-                demand: 2,
-                work: 1e6,
-                command: vec!["true".into()],
-                confirmed: false,
-            };
+            let home = crate::auction::agent::HomeApp::submitted("a".into(), 2, 1e6, vec!["true".into()]);
             agents.add(id, home).unwrap();
         }
         homes.0.insert(1, agents);
@@ -542,7 +547,7 @@ pub(super) mod tests {
         assert!(out.iter().any(|o| matches!(o, Out::All(Message::Revoke { lease: 5, .. }))));
         assert!(a.take_ops().contains(&Op::DelLease(5)));
         assert!(a.handle(1, join(1, 2), 102.0).is_err(), "a join needs a registration in etcd");
-        let out = a.member_up(1, &rec(2), 103.0);
+        let out: Vec<Out> = a.member_up(1, &rec(2), 103.0).into_iter().flat_map(Out::each).collect();
         assert!(out.contains(&Out::To(1, Message::Welcome { arbiter: 1, lease_s: 10.0 })));
     }
 }

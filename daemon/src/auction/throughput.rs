@@ -46,6 +46,12 @@ impl ThroughputModel {
         Ok(ThroughputModel { packed, spread })
     }
 
+    /// The same model, checked as [`ThroughputModel::new`] checks it (one
+    /// that came over the wire or from etcd, deserialised unchecked).
+    pub fn checked(self) -> Result<ThroughputModel, AuctionError> {
+        ThroughputModel::new(self.packed, self.spread)
+    }
+
     /// Linear scaling from one GPU's throughput (synthetic apps, tests).
     pub fn linear(one_gpu: f64, spread_ratio: f64) -> ThroughputModel {
         let packed = (0..7).map(|i| (1u32 << i, one_gpu * f64::from(1u32 << i))).collect::<Vec<_>>();

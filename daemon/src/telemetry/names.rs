@@ -49,6 +49,10 @@ pub const AUCTION_OFFERS_TOTAL: &str = "gati_auction_offers_total";
 pub const AUCTION_BIDS_TOTAL: &str = "gati_auction_bids_total";
 /// Submits this node sent again to a (new) arbiter that had not shown it has them.
 pub const CLUSTER_SUBMITS_RESENT_TOTAL: &str = "gati_cluster_submits_resent_total";
+/// Agents of this node's apps given back by the arbiter (`home` messages) after a restart.
+pub const CLUSTER_AGENTS_RESTORED_TOTAL: &str = "gati_cluster_agents_restored_total";
+/// Resyncs the arbiter sent a member on a new link, by reason (`backlog`, `large`).
+pub const CLUSTER_LINK_RESYNCS_TOTAL: &str = "gati_cluster_link_resyncs_total";
 /// Leases in this node's view of the cluster.
 pub const CLUSTER_LEASES: &str = "gati_cluster_leases";
 /// Cluster members (on the arbiter).
@@ -181,10 +185,22 @@ pub const FAMILIES: &[Family] = &[
         "Bids, by result: sent (by this node's agents), accepted, missing (offered, no bid by the deadline), or refused as stale, not_offered, invalid, too_many_options, duplicate (on the arbiter).",
     ),
     family(
+        CLUSTER_AGENTS_RESTORED_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Agents of apps submitted on this node that the arbiter gave back (a home message for an app this node did not keep, e.g. after a restart).",
+    ),
+    family(
         CLUSTER_SUBMITS_RESENT_TOTAL,
         Counter,
         Some(Unit::Count),
         "Submits of apps of this node sent again on an arbiter's welcome, because the node had not yet seen them in the arbiter's state.",
+    ),
+    family(
+        CLUSTER_LINK_RESYNCS_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Resyncs (welcome, the member's home apps, every lease) the arbiter sent a member on a new link, by reason: backlog (the member's queue was full: its backlog was dropped and replaced by the resync), large (a resync bigger than the room left on the member's link).",
     ),
     family(CLUSTER_LEASES, Gauge, Some(Unit::Count), "GPU leases in this node's view of the cluster."),
     family(CLUSTER_NODES, Gauge, Some(Unit::Count), "Members of the cluster, as the arbiter node sees them."),

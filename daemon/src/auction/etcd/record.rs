@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::auction::app::{AppId, Progress};
 use crate::auction::gpu::NodeId;
 use crate::auction::lease::{Lease, LeaseId};
+use crate::auction::throughput::ThroughputModel;
 
 /// `<prefix>nodes/<id>`, under the node's etcd lease: a live member.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,6 +46,15 @@ pub struct AppRecord {
     pub arrival: f64,
     /// Progress when it was last written (on submit, and whenever its leases change).
     pub progress: Progress,
+    /// The throughput model its agent prices offers with: a new arbiter
+    /// gives it back to a restarted home node in `home` (absent in records
+    /// of older versions: the submitted-app model).
+    #[serde(default = "submitted_model")]
+    pub model: ThroughputModel,
+}
+
+fn submitted_model() -> ThroughputModel {
+    ThroughputModel::clone(&crate::auction::agent::submitted_model())
 }
 
 /// One change to the stored state, written by the arbiter before it tells
@@ -133,5 +143,33 @@ mod tests {
         assert_eq!(key, "/gati/leases/9");
         assert_eq!(serde_json::from_slice::<Lease>(&v.unwrap()).unwrap(), l);
         assert_eq!(k.op(&Op::DelApp(4)), ("/gati/apps/4".into(), None));
+    }
+
+    /// An app record carries its throughput model (a new arbiter sends it in
+    /// `home`); one written before the model was stored reads as the
+    /// submitted-app model.
+    #[test]
+    fn an_app_record_keeps_its_model_and_an_old_one_gets_the_submitted_one() {
+        let progress = Progress { done: 5.0, contention_s: 2.0, attained: 4.0, last: 3.0, contention_now: 2.0 };
+        let a = AppRecord {
+            id: 4,
+            node: 2,
+            name: "a".into(),
+            demand: 2,
+            work: 10.0,
+            command: vec!["true".into()],
+            arrival: 1.0,
+            progress,
+            model: ThroughputModel::new(vec![(1, 3.0), (2, 5.0)], vec![(2, 4.0)]).unwrap(),
+        };
+        let (key, v) = Keys::new("/gati/").op(&Op::PutApp(a.clone()));
+        assert_eq!(key, "/gati/apps/4");
+        let v = v.unwrap();
+        assert_eq!(serde_json::from_slice::<AppRecord>(&v).unwrap(), a);
+        let mut old: serde_json::Value = serde_json::from_slice(&v).unwrap();
+        old.as_object_mut().unwrap().remove("model");
+        let old: AppRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(old.model, submitted_model());
+        assert_eq!(AppRecord { model: a.model.clone(), ..old }, a);
     }
 }

@@ -115,11 +115,14 @@ impl ArbiterState {
         }
         out.extend(self.reap(now));
         let active = self.apps.len();
-        let mut finished = Vec::new();
+        let (mut finished, mut ran) = (Vec::new(), Vec::new());
         for (&id, t) in &mut self.apps {
             let held = self.arbiter.leases().held(id);
-            if t.app.advance(now, &held, active).is_some() {
+            // (Done already: finished on its stored leases when this arbiter took over.)
+            if t.app.advance(now, &held, active).is_some() || t.app.is_done() {
                 finished.push(id);
+            } else if !held.is_empty() {
+                ran.push(id);
             }
         }
         for id in finished {
@@ -128,6 +131,11 @@ impl ArbiterState {
             }
             self.apps.remove(&id);
             self.journal(Op::DelApp(id));
+        }
+        // The progress of every app that ran, stored with this step (on
+        // etcd): a new arbiter resumes from the last round's.
+        for id in ran {
+            self.journal_app(id);
         }
         let refs: Vec<&App> = self.apps.values().map(|t| &t.app).collect();
         let open = self.arbiter.open_round(now, &refs);
@@ -338,7 +346,7 @@ pub(super) mod tests {
     impl Homes {
         pub fn submit(&mut self, a: &mut ArbiterState, node: NodeId, app: AppId, demand: u32, now: f64) {
             let Message::Submit { name, work, command, .. } = submit(node, app, demand) else { unreachable!() };
-            let home = crate::auction::agent::HomeApp { name, demand, work, command, confirmed: false };
+            let home = crate::auction::agent::HomeApp::submitted(name, demand, work, command);
             let m = self.0.entry(node).or_insert_with(|| crate::auction::agent::Agents::new(node)).add(app, home);
             a.handle(node, m.unwrap(), now).unwrap();
         }
@@ -523,5 +531,53 @@ pub(super) mod tests {
         let s = a.recent_rounds().next().unwrap();
         assert_eq!((s.round, s.missing.len()), (first, 3), "closed without bids: {s:?}");
         assert_ne!(a.open_round().map(|r| r.0), Some(first));
+    }
+
+    /// On etcd every round stores the progress of the apps that ran; a new
+    /// arbiter resumes from the last stored round and counts the running on
+    /// the stored leases up to their expiry, even one that expired before
+    /// it was elected.
+    #[test]
+    fn progress_is_stored_every_round_and_survives_a_failover() {
+        use crate::auction::etcd::record::{NodeRecord, Snapshot};
+        let rec = NodeRecord { listen: "127.0.0.1:7".into(), gpus: 2 };
+        let snap = Snapshot { members: (1..=3).map(|n| (n, rec.clone())).collect(), ..Snapshot::default() };
+        let (mut a, _) = ArbiterState::elected(1, &cfg(), snap.clone(), 0.0).unwrap();
+        let mut homes = Homes::default();
+        homes.submit(&mut a, 2, 7, 2, 0.0);
+        let mut stored = snap;
+        let mut store = |ops: Vec<Op>| {
+            for op in ops {
+                match op {
+                    Op::PutApp(r) => {
+                        stored.apps.retain(|x| x.id != r.id);
+                        stored.apps.push(r);
+                    }
+                    Op::PutLease(l) => stored.leases.push(l),
+                    Op::DelLease(id) => stored.leases.retain(|l| l.id != id),
+                    Op::DelApp(id) => stored.apps.retain(|x| x.id != id),
+                }
+            }
+            stored.apps[0].progress
+        };
+        let (_, grants) = homes.round(&mut a, 0.5, &[]);
+        assert!(!grants.is_empty());
+        store(a.take_ops());
+        let mut done = 0.0;
+        for t in [1.5, 2.5, 3.5] {
+            homes.round(&mut a, t, &[]);
+            let p = store(a.take_ops());
+            assert_eq!(p.last, t, "stored with the round at {t}");
+            assert!(p.done > done, "{p:?}");
+            done = p.done;
+        }
+        assert_eq!(a.apps()[&7].app.progress(), stored.apps[0].progress);
+        // The arbiter dies; its successor is elected after the app's leases expired.
+        let expiry = stored.leases.iter().map(|l| l.expiry).fold(0.0, f64::max);
+        let rate = a.apps()[&7].app.rate(&a.arbiter.leases().held(7));
+        let (b, _) = ArbiterState::elected(1, &cfg(), stored, expiry + 5.0).unwrap();
+        assert!(b.arbiter.leases().iter().next().is_none(), "expired leases are dropped");
+        let p = b.apps()[&7].app.progress();
+        assert!((p.done - (done + rate * (expiry - 3.5))).abs() < 1e-6, "ran up to the expiry: {p:?}");
     }
 }

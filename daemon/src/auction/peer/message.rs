@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::auction::app::{AppId, Progress};
 use crate::auction::gpu::{GpuId, NodeId};
 use crate::auction::lease::{Lease, LeaseId};
+use crate::auction::throughput::ThroughputModel;
 
 /// One bid line on the wire: GPUs per node and the ρ they would give.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -68,6 +69,18 @@ pub enum Message {
     /// A new app submitted on `node` (node → arbiter); `command` is what the
     /// nodes holding its GPUs run.
     Submit { node: NodeId, app: AppId, name: String, demand: u32, work: f64, command: Vec<String> },
+    /// An app whose home `node` is (arbiter → that node, in every resync
+    /// after `welcome`): the submit's fields and the throughput model its
+    /// agent prices offers with, so a restarted home node gets its agent back.
+    Home {
+        node: NodeId,
+        app: AppId,
+        name: String,
+        demand: u32,
+        work: f64,
+        command: Vec<String>,
+        model: ThroughputModel,
+    },
     /// A new lease (arbiter → every node); `command` is its app's.
     Grant {
         lease: Lease,

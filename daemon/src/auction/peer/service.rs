@@ -17,7 +17,7 @@
 //!   the arbiter node's own node-side traffic stays in process;
 //! - the enforcer's tick ([`Enforcer`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,7 +48,8 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages queued to the arbiter before new ones are refused.
 pub const OUTBOX: usize = 1024;
 /// Messages queued on the arbiter for one member; past it the queue is
-/// dropped and replaced by a resync (`welcome` + every lease).
+/// dropped and replaced by a resync (`welcome`, the member's home apps,
+/// every lease) on a new link sized to hold all of it ([`Shared::resync_to`]).
 pub const LINK_QUEUE: usize = 4096;
 
 /// Why the peer service did not start.
@@ -128,6 +129,10 @@ struct Shared {
     /// On etcd: the leader seen, and the commit queue while this node leads.
     elected: Option<elected::Elected>,
     links: Mutex<HashMap<NodeId, (SocketAddr, mpsc::Sender<Message>)>>,
+    /// Members whose link overflowed, until the resync asked for them is
+    /// sent: what is routed to them meanwhile is older than that resync and
+    /// superseded by it (dropped).
+    resyncing: Mutex<HashSet<NodeId>>,
     admission: Arc<admit::Admission>,
     handshake_timeout: Duration,
     t0: Instant,
@@ -185,6 +190,7 @@ impl Shared {
         for o in outs {
             match o {
                 Out::To(n, m) => self.send_to(n, m),
+                Out::Resync(n, msgs) => self.resync_to(n, msgs),
                 Out::All(m) => {
                     for n in self.members() {
                         self.send_to(n, m.clone());
@@ -205,7 +211,10 @@ impl Shared {
             }
             return;
         }
-        let addr = self.arbiter_lock().as_ref().and_then(|a| a.members().get(&n).map(|m| m.listen));
+        if self.resyncing_lock().contains(&n) {
+            return; // superseded by the resync on its way
+        }
+        let addr = self.member_addr(n);
         let mut links = self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(addr) = addr else {
             links.remove(&n);
@@ -213,23 +222,67 @@ impl Shared {
         };
         let fresh = links.get(&n).is_none_or(|(a, tx)| *a != addr || tx.is_closed());
         if fresh {
-            links.insert(n, self.new_link(addr));
+            links.insert(n, self.new_link(addr, LINK_QUEUE));
         }
         let Some((_, tx)) = links.get(&n) else { return };
         if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(m) {
-            // The member is not reading: drop its backlog, resync it from the lease table.
+            // The member is not reading: its backlog goes (the link stops
+            // sending it), and the arbiter resyncs it — as a step of its own,
+            // so that on etcd it follows the changes stored before it.
+            drop(links);
             tracing::warn!(node = n, "peer link backlog full; resyncing the node");
-            let link = self.new_link(addr);
-            let resync = self.arbiter_lock().as_ref().map(ArbiterState::resync).unwrap_or_default();
-            for m in resync {
-                let _ = link.1.try_send(m);
+            metrics::counter!(names::CLUSTER_LINK_RESYNCS_TOTAL, "reason" => "backlog").increment(1);
+            self.resyncing_lock().insert(n);
+            self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&n);
+            if self.step(|a| (vec![Out::Resync(n, a.resync(n))], ())).is_none() {
+                self.resyncing_lock().remove(&n); // no longer the arbiter
             }
-            links.insert(n, link);
         }
     }
 
-    fn new_link(self: &Arc<Self>, addr: SocketAddr) -> (SocketAddr, mpsc::Sender<Message>) {
-        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+    /// Sends member `n` a resync whole: on its link if the room left there
+    /// holds it, else on a new link sized for it plus [`LINK_QUEUE`] (the
+    /// old link's backlog, superseded, is not sent). It cannot overflow:
+    /// the room is checked under the links lock, which every send holds.
+    fn resync_to(self: &Arc<Self>, n: NodeId, msgs: Vec<Message>) {
+        if n == self.me {
+            for m in msgs {
+                self.send_to(n, m);
+            }
+            return;
+        }
+        self.resyncing_lock().remove(&n);
+        let addr = self.member_addr(n);
+        let mut links = self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(addr) = addr else {
+            links.remove(&n);
+            return;
+        };
+        let room = links.get(&n).filter(|(a, tx)| *a == addr && !tx.is_closed()).map(|(_, tx)| tx.capacity());
+        if room.is_none_or(|r| r < msgs.len()) {
+            if room.is_some() {
+                metrics::counter!(names::CLUSTER_LINK_RESYNCS_TOTAL, "reason" => "large").increment(1);
+            }
+            links.insert(n, self.new_link(addr, msgs.len() + LINK_QUEUE));
+        }
+        let Some((_, tx)) = links.get(&n) else { return };
+        for m in msgs {
+            if tx.try_send(m).is_err() {
+                tracing::error!(node = n, "resync message not queued"); // not reached: room checked above
+            }
+        }
+    }
+
+    fn member_addr(&self, n: NodeId) -> Option<SocketAddr> {
+        self.arbiter_lock().as_ref().and_then(|a| a.members().get(&n).map(|m| m.listen))
+    }
+
+    fn resyncing_lock(&self) -> std::sync::MutexGuard<'_, HashSet<NodeId>> {
+        self.resyncing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn new_link(self: &Arc<Self>, addr: SocketAddr, capacity: usize) -> (SocketAddr, mpsc::Sender<Message>) {
+        let (tx, rx) = mpsc::channel(capacity);
         tokio::spawn(link(Arc::clone(self), addr, rx));
         (addr, tx)
     }
@@ -298,6 +351,7 @@ async fn run(
         arbiter: Mutex::new(arbiter),
         elected: cfg.uses_etcd().then(elected::Elected::new),
         links: Mutex::new(HashMap::new()),
+        resyncing: Mutex::new(HashSet::new()),
         admission: admit::Admission::new(admit::Limits {
             max_connections: cfg.peer_max_connections,
             max_per_ip: cfg.peer_max_per_ip,

@@ -34,10 +34,15 @@ pub(super) async fn connect(addr: SocketAddr) -> Option<TcpStream> {
 }
 
 /// An ordered stream of messages to one member; a message whose write failed
-/// is sent again first on the next connection.
+/// is sent again first on the next connection. Once the service drops the
+/// link's sender (the member left, or was resynced on a new link) what is
+/// still queued is superseded: it is not sent.
 pub(super) async fn link(shared: Arc<Shared>, addr: SocketAddr, mut rx: mpsc::Receiver<Message>) {
     let mut pending: Option<Message> = None;
     loop {
+        if rx.sender_strong_count() == 0 {
+            return;
+        }
         let Some(mut s) = connect(addr).await else {
             if rx.is_closed() {
                 return; // the member left or was resynced on a new link
@@ -53,6 +58,9 @@ pub(super) async fn link(shared: Arc<Shared>, addr: SocketAddr, mut rx: mpsc::Re
                     None => return,
                 },
             };
+            if rx.sender_strong_count() == 0 {
+                return; // superseded
+            }
             if write_frame(&mut s, &shared.seal(&m)).await.is_err() {
                 pending = Some(m);
                 break;
