@@ -17,8 +17,11 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 #    for the steering tests' private network namespaces; etcd-server (3.4,
 #    /usr/bin/etcd) for the cluster's membership and arbiter election (the test
 #    tests/cluster_etcd.rs starts its own; the packaged service is not needed)
-#    and protobuf-compiler (protoc) for the etcd-client crate's build.
-apt_pkgs=(dataset-fashion-mnist opencv-doc systemd prometheus clang libbpf-dev util-linux iproute2 etcd-server protobuf-compiler)
+#    and protobuf-compiler (protoc) for the etcd-client crate's build, with
+#    libprotobuf-dev for the well-known types it imports
+#    (google/protobuf/descriptor.proto: only a Recommends of protoc's package,
+#    which --no-install-recommends skips).
+apt_pkgs=(dataset-fashion-mnist opencv-doc systemd prometheus clang libbpf-dev util-linux iproute2 etcd-server protobuf-compiler libprotobuf-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
