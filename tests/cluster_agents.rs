@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -26,20 +26,11 @@ use serde_json::{json, Value};
 
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
+/// Lease 2 s, rounds every 0.5 s with a 0.3 s bid deadline, every app in the auction (f = 0).
+const CLUSTER: &str = "gpus = 2\nlease_s = 2.0\nround_s = 0.5\nbid_deadline_s = 0.3\nf = 0.0\ngrace_s = 0.5\n";
 
 fn node_config(dir: &Path, key: &Path, id: u32, addrs: &[SocketAddr]) -> String {
-    let me = addrs[id as usize - 1];
-    let peers: Vec<String> = addrs.iter().filter(|a| **a != me).map(|a| format!("\"{a}\"")).collect();
-    format!(
-        "{}\n[cluster]\nnode_id = {id}\nlisten = \"{me}\"\nkey_file = \"{}\"\npeers = [{}]\narbiter = \"{}\"\ngpus = 2\nlease_s = 2.0\nround_s = 0.5\nbid_deadline_s = 0.3\nf = 0.0\ngrace_s = 0.5\n",
-        common::config(dir, "", &[]),
-        key.display(),
-        peers.join(", "),
-        addrs[0]
-    )
+    common::static_cluster_config(dir, key, id, addrs, CLUSTER)
 }
 
 fn start(root: &Path, dir: &str, key: &Path, id: u32, addrs: &[SocketAddr]) -> TestDaemon {
@@ -95,7 +86,7 @@ fn a_restarted_home_node_gets_its_agent_back_and_its_app_bids_again() {
     let key = root.join("cluster.key");
     std::fs::write(&key, KEY).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| common::free_port()).collect();
     let mut nodes: Vec<TestDaemon> = (1..=3u32).map(|id| start(&root, &format!("n{id}"), &key, id, &addrs)).collect();
     poll_until("all nodes welcomed", Duration::from_secs(20), || nodes.iter().all(|d| apps(d)["arbiter"] == 1));
 

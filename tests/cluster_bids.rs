@@ -36,20 +36,11 @@ const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 /// The test's own member.
 const FAKE: u32 = 4;
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
+/// Lease 2 s, rounds every 0.5 s with a 0.3 s bid deadline, every app in the auction (f = 0).
+const CLUSTER: &str = "gpus = 2\nlease_s = 2.0\nround_s = 0.5\nbid_deadline_s = 0.3\nf = 0.0\ngrace_s = 0.5\n";
 
 fn node_config(dir: &Path, key: &Path, id: u32, addrs: &[SocketAddr]) -> String {
-    let me = addrs[id as usize - 1];
-    let peers: Vec<String> = addrs.iter().filter(|a| **a != me).map(|a| format!("\"{a}\"")).collect();
-    format!(
-        "{}\n[cluster]\nnode_id = {id}\nlisten = \"{me}\"\nkey_file = \"{}\"\npeers = [{}]\narbiter = \"{}\"\ngpus = 2\nlease_s = 2.0\nround_s = 0.5\nbid_deadline_s = 0.3\nf = 0.0\ngrace_s = 0.5\n",
-        common::config(dir, "", &[]),
-        key.display(),
-        peers.join(", "),
-        addrs[0]
-    )
+    common::static_cluster_config(dir, key, id, addrs, CLUSTER)
 }
 
 fn apps(d: &TestDaemon) -> Value {
@@ -186,7 +177,7 @@ fn agents_bid_over_the_wire_a_stopped_agent_sits_out_and_bad_bids_are_refused() 
     let key = root.join("cluster.key");
     std::fs::write(&key, KEY).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| common::free_port()).collect();
     let mut nodes: Vec<TestDaemon> = (1..=3u32)
         .map(|id| {
             let dir = root.join(format!("n{id}"));

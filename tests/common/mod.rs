@@ -430,6 +430,26 @@ pub fn assert_restored_caches(
     assert_eq!(fmnist_answers(&mut c, test), before, "every answer (exit cut and class) is the same after the restart");
 }
 
+/// A free loopback TCP address (bound, then released).
+pub fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// The config of node `id` of a loopback cluster with a static arbiter
+/// (node 1, at `addrs[0]`; node `id` listens at `addrs[id - 1]`, the others
+/// are its peers); `cluster` adds `[cluster]` keys (gpus, lease_s, …).
+pub fn static_cluster_config(dir: &Path, key: &Path, id: u32, addrs: &[std::net::SocketAddr], cluster: &str) -> String {
+    let me = addrs[id as usize - 1];
+    let peers: Vec<String> = addrs.iter().filter(|a| **a != me).map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "{}\n[cluster]\nnode_id = {id}\nlisten = \"{me}\"\nkey_file = \"{}\"\npeers = [{}]\narbiter = \"{}\"\n{cluster}",
+        config(dir, "", &[]),
+        key.display(),
+        peers.join(", "),
+        addrs[0]
+    )
+}
+
 /// Every lease in a node's view, checked: no GPU in two leases.
 pub fn leases_checked(view: &serde_json::Value, who: &str) -> Vec<(u64, Vec<(u64, u64)>)> {
     assert_eq!(view["conflicts"], 0, "{who}: a grant clashed with a lease it saw: {view}");
