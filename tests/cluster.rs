@@ -12,7 +12,7 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -26,20 +26,9 @@ use serde_json::{json, Value};
 const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 const LEASE_S: f64 = 2.0;
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
 fn node_config(dir: &Path, key: &Path, id: u32, addrs: &[SocketAddr], extra: &str) -> String {
-    let me = addrs[id as usize - 1];
-    let peers: Vec<String> = addrs.iter().filter(|a| **a != me).map(|a| format!("\"{a}\"")).collect();
-    format!(
-        "{}\n[cluster]\nnode_id = {id}\nlisten = \"{me}\"\nkey_file = \"{}\"\npeers = [{}]\narbiter = \"{}\"\ngpus = 2\nlease_s = {LEASE_S}\nround_s = 0.5\nf = 0.5\ngrace_s = 0.5\n{extra}",
-        common::config(dir, "", &[]),
-        key.display(),
-        peers.join(", "),
-        addrs[0]
-    )
+    let cluster = format!("gpus = 2\nlease_s = {LEASE_S}\nround_s = 0.5\nf = 0.5\ngrace_s = 0.5\n{extra}");
+    common::static_cluster_config(dir, key, id, addrs, &cluster)
 }
 
 fn apps(d: &TestDaemon) -> Value {
@@ -92,7 +81,7 @@ fn three_nodes_grant_disjoint_leases_reclaim_a_dead_node_and_refuse_bad_frames()
     let key = key_file(&root);
     let out = root.join("out");
     std::fs::create_dir_all(&out).unwrap();
-    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| common::free_port()).collect();
     let mut nodes: Vec<Option<TestDaemon>> = (1..=3u32)
         .map(|id| {
             let dir = root.join(format!("n{id}"));
@@ -215,7 +204,7 @@ fn a_silent_connection_flood_is_bounded_closed_after_the_handshake_and_locks_no_
     const PER_IP: usize = 4;
     let root = common::tempdir("cluster-flood");
     let key = key_file(&root);
-    let addrs: Vec<SocketAddr> = (0..2).map(|_| free_port()).collect();
+    let addrs: Vec<SocketAddr> = (0..2).map(|_| common::free_port()).collect();
     let limits = format!("peer_max_connections = 16\npeer_max_per_ip = {PER_IP}\npeer_handshake_timeout_s = 3.0\n");
     let mut nodes: Vec<TestDaemon> = (1..=2u32)
         .map(|id| {
@@ -269,6 +258,61 @@ fn a_silent_connection_flood_is_bounded_closed_after_the_handshake_and_locks_no_
     assert!(open("established") >= 1.0, "node 2's link to the arbiter stays");
     drop(flood);
     arb.client().ping().expect("the arbiter still serves");
+
+    for d in &mut nodes {
+        d.signal(libc::SIGTERM);
+    }
+    for d in &mut nodes {
+        assert!(d.wait_exit(Duration::from_secs(30)).success());
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A node whose arbiter is gone (a static arbiter killed: nothing renews or
+/// revokes its leases) ends them itself once they are `2 × round_s + 1` s
+/// past their expiry, and stops their processes; it keeps serving.
+#[test]
+fn leases_lapse_on_a_node_whose_arbiter_is_gone() {
+    let root = common::tempdir("cluster-lapse");
+    let key = key_file(&root);
+    let addrs: Vec<SocketAddr> = (0..2).map(|_| common::free_port()).collect();
+    let mut nodes: Vec<TestDaemon> = (1..=2u32)
+        .map(|id| {
+            let dir = root.join(format!("n{id}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            TestDaemon::start(&dir, &node_config(&dir, &key, id, &addrs, ""))
+        })
+        .collect();
+    poll_until("both nodes welcomed", Duration::from_secs(20), || nodes.iter().all(|d| apps(d)["arbiter"] == 1));
+    // Two apps of 2 GPUs on a cluster of 4: one of them runs on node 2.
+    for k in 0..2 {
+        let req = json!({ "name": format!("lapse{k}"), "gpus": 2, "work": 1e6, "command": ["sleep", "120"] });
+        nodes[1].client().control_json(Kind::AppSubmit, 0, req.to_string().as_bytes()).expect("submit");
+    }
+    let mut pid = 0;
+    poll_until("an app process on node 2", Duration::from_secs(30), || {
+        let v = apps(&nodes[1]);
+        leases_checked(&v, "node 2");
+        pid = v["apps"].as_array().unwrap().iter().find_map(|a| a["pid"].as_u64()).unwrap_or(0);
+        pid != 0
+    });
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+
+    // The arbiter dies; node 2 hears nothing more about its leases.
+    let mut arb = nodes.remove(0);
+    arb.signal(libc::SIGKILL);
+    arb.wait_exit(Duration::from_secs(10));
+    let n2 = &nodes[0];
+    // Lease LEASE_S, then 2 × 0.5 + 1 s of slack, 250 ms settle, grace_s 0.5.
+    poll_until("node 2's leases lapsed and its app stopped", Duration::from_secs(20), || {
+        let v = apps(n2);
+        v["leases"].as_array().unwrap().is_empty() && v["apps"].as_array().unwrap().iter().all(|a| a["pid"].is_null())
+    });
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the app process {pid} is gone");
+    let v = apps(n2);
+    assert!(v["lapsed"].as_u64().unwrap() >= 1, "{v}");
+    assert!(metric(n2, "gati_cluster_leases_lapsed_total") >= 1.0);
+    n2.client().ping().expect("node 2 still serves");
 
     for d in &mut nodes {
         d.signal(libc::SIGTERM);

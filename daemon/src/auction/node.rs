@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde_json::{json, Value};
 
@@ -44,6 +45,41 @@ pub struct View {
     pub app_devices: BTreeMap<AppId, AppDevices>,
     /// On the arbiter node: its last rounds (`gatictl apps` shows them).
     pub rounds: Option<Value>,
+    /// The arbiter's clock as this node reads it (lease expiries are on it).
+    pub clock: Option<ArbiterClock>,
+    /// Leases this node ended itself: past their expiry with neither a
+    /// renewal nor a revoke from the arbiter ([`ClusterNode::lapse`]).
+    pub lapsed: u64,
+}
+
+/// Most leases a node's view holds: a grant beyond it is refused (one GPU
+/// each at least, so far more than any cluster of [`MAX_NODES`] nodes can
+/// lease; it bounds what an arbiter holding the key can make a node keep).
+///
+/// [`MAX_NODES`]: super::node_arbiter::MAX_NODES
+pub const MAX_VIEW_LEASES: usize = 65_536;
+
+/// The arbiter's clock read on this node: `at` on the arbiter's clock was
+/// `local` here (from the last `welcome`, moved on by any grant that shows
+/// the arbiter later than that: a lease starts at its grant).
+#[derive(Clone, Copy, Debug)]
+pub struct ArbiterClock {
+    pub at: f64,
+    pub local: Instant,
+}
+
+impl ArbiterClock {
+    /// The arbiter's time at local instant `t` (never earlier than `at`).
+    pub fn now(&self, t: Instant) -> f64 {
+        self.at + t.saturating_duration_since(self.local).as_secs_f64()
+    }
+
+    /// Moves the reading on if the arbiter was at `seen` by local instant `t`.
+    fn saw(&mut self, seen: f64, t: Instant) {
+        if seen > self.now(t) {
+            *self = ArbiterClock { at: seen, local: t };
+        }
+    }
 }
 
 /// The running node's cluster state.
@@ -101,14 +137,21 @@ impl ClusterNode {
     /// Applies a message from the arbiter; `Err` if `sender` is not the
     /// arbiter or the message is not one the arbiter sends to nodes.
     pub fn apply(&self, sender: NodeId, msg: Message) -> Result<(), String> {
+        self.apply_at(sender, msg, Instant::now())
+    }
+
+    /// [`ClusterNode::apply`], received at local instant `t`.
+    pub fn apply_at(&self, sender: NodeId, msg: Message, t: Instant) -> Result<(), String> {
         let mut v = self.lock();
-        if let Message::Welcome { arbiter, .. } = &msg {
+        if let Message::Welcome { arbiter, now, .. } = &msg {
             if *arbiter != sender {
                 return Err(format!("welcome naming arbiter {arbiter} sent by node {sender}"));
             }
             // A fresh view follows (the arbiter resends every lease).
             v.arbiter = Some(sender);
             v.leases.clear();
+            // An arbiter that does not say its time (0) is read from its grants.
+            v.clock = (now.is_finite() && *now > 0.0).then_some(ArbiterClock { at: *now, local: t });
             // This arbiter may be new and not have every app submitted here.
             for m in self.agents().unconfirmed() {
                 match self.send(m) {
@@ -124,6 +167,22 @@ impl ClusterNode {
         match msg {
             Message::Heartbeat { .. } => {}
             Message::Grant { lease, command } => {
+                if v.leases.len() >= MAX_VIEW_LEASES && !v.leases.contains_key(&lease.id) {
+                    return Err(format!(
+                        "grant of lease {}: this node's view holds {MAX_VIEW_LEASES} leases",
+                        lease.id
+                    ));
+                }
+                if !(lease.start.is_finite() && lease.expiry.is_finite() && lease.start <= lease.expiry) {
+                    return Err(format!(
+                        "grant of lease {}: start {} and expiry {}",
+                        lease.id, lease.start, lease.expiry
+                    ));
+                }
+                match &mut v.clock {
+                    Some(c) => c.saw(lease.start, t),
+                    None => v.clock = Some(ArbiterClock { at: lease.start, local: t }),
+                }
                 let clash =
                     v.leases.values().any(|l| l.id != lease.id && l.gpus.iter().any(|g| lease.gpus.contains(g)));
                 if clash {
@@ -137,6 +196,9 @@ impl ClusterNode {
                 v.leases.insert(lease.id, lease);
             }
             Message::Renew { lease, expiry, .. } => {
+                if !expiry.is_finite() {
+                    return Err(format!("renewal of lease {lease} to {expiry}"));
+                }
                 if let Some(l) = v.leases.get_mut(&lease) {
                     l.expiry = expiry;
                 }
@@ -188,6 +250,45 @@ impl ClusterNode {
         }
         v.leases.clear();
         v.commands.clear();
+        v.clock = None;
+    }
+
+    /// Seconds past a lease's expiry (on the arbiter's clock) after which
+    /// this node ends the lease itself if the arbiter has neither renewed
+    /// nor revoked it: `2 × round_s + 1`. A live arbiter revokes an expired
+    /// lease (and grants its renewal) when the next round closes, under
+    /// `round_s + bid_deadline_s` after the expiry; one that is gone or cut
+    /// off from this node sends nothing, and the lease must still end.
+    pub fn lapse_after_s(&self) -> f64 {
+        2.0 * self.cfg.round_s + 1.0
+    }
+
+    /// Ends the leases that lapsed by local instant `t` (see
+    /// [`ClusterNode::lapse_after_s`]): they leave the view, so the enforcer
+    /// stops their processes here as at a revoke. Returns them.
+    pub fn lapse(&self, t: Instant) -> Vec<Lease> {
+        let mut v = self.lock();
+        let Some(now) = v.clock.map(|c| c.now(t)) else { return Vec::new() };
+        let after = self.lapse_after_s();
+        let gone: Vec<LeaseId> = v.leases.values().filter(|l| now > l.expiry + after).map(|l| l.id).collect();
+        let mut out = Vec::with_capacity(gone.len());
+        for id in gone {
+            let Some(l) = v.leases.remove(&id) else { continue };
+            tracing::warn!(
+                lease = l.id,
+                app = l.app,
+                expiry = l.expiry,
+                arbiter_now = now,
+                "lease lapsed: past its expiry with no renewal or revoke from the arbiter; its processes here stop"
+            );
+            metrics::counter!(crate::telemetry::names::CLUSTER_LEASES_LAPSED_TOTAL).increment(1);
+            if !v.leases.values().any(|o| o.app == l.app) {
+                v.commands.remove(&l.app);
+            }
+            v.lapsed += 1;
+            out.push(l);
+        }
+        out
     }
 
     /// What the enforcer should run here: per app, its GPUs here, its
@@ -284,6 +385,8 @@ impl ClusterNode {
             "apps": apps,
             "leases": v.leases.values().collect::<Vec<_>>(),
             "conflicts": v.conflicts,
+            "lapsed": v.lapsed,
+            "arbiter_now": v.clock.map(|c| c.now(Instant::now())),
             "gpu_devices": v.devices,
             "agents": self.agents().len(),
             "rounds": v.rounds,
@@ -303,4 +406,82 @@ pub fn control_apps() -> Result<Value, String> {
 
 fn no_cluster() -> String {
     "this node has no [cluster] section".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::auction::gpu::GpuId;
+
+    fn node() -> ClusterNode {
+        let cfg = toml::from_str(
+            "node_id = 2\nlisten = \"127.0.0.1:2\"\nkey_file = \"k\"\narbiter = \"127.0.0.1:1\"\nlease_s = 10.0\nround_s = 1.0\n",
+        )
+        .unwrap();
+        ClusterNode::new(cfg, tokio::sync::mpsc::channel(8).0)
+    }
+
+    fn grant(id: LeaseId, app: AppId, start: f64, expiry: f64) -> Message {
+        let gpus = vec![GpuId { node: 2, index: id as u32 }];
+        Message::Grant { lease: Lease { id, app, gpus, start, expiry, renewal: false }, command: vec!["true".into()] }
+    }
+
+    #[test]
+    fn a_lease_neither_renewed_nor_revoked_lapses_on_the_node() {
+        let n = node();
+        assert_eq!(n.lapse_after_s(), 3.0);
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        let apply = |m: Message, s: f64| n.apply_at(1, m, at(s));
+        apply(Message::Welcome { arbiter: 1, lease_s: 10.0, now: 100.0 }, 0.0).unwrap();
+        // A resynced lease granted long ago and one granted now, both to 110.
+        apply(grant(1, 7, 90.0, 110.0), 0.0).unwrap();
+        apply(grant(2, 8, 100.0, 110.0), 0.0).unwrap();
+        assert!(n.lapse(at(12.9)).is_empty(), "within the slack after the expiry");
+        assert_eq!(n.desired().len(), 2);
+        // At 11 s the arbiter revokes app 7's lease and renews it as lease 3,
+        // granted at 110.5 on its clock (it runs 0.5 s ahead of the welcome's reading).
+        apply(Message::Revoke { lease: 1, app: 7, reason: "expired".into() }, 10.0).unwrap();
+        apply(grant(3, 7, 110.5, 120.5), 10.0).unwrap();
+        let gone = n.lapse(at(12.6));
+        assert_eq!(gone.iter().map(|l| l.id).collect::<Vec<_>>(), [2], "the lease nobody renewed or revoked ends");
+        let d = n.desired();
+        assert!(d.contains_key(&7) && !d.contains_key(&8), "{d:?}");
+        assert_eq!(n.apps()["lapsed"], 1);
+        // Lease 3 lapses once the arbiter's clock passes 123.5 (local 23 s).
+        assert!(n.lapse(at(22.9)).is_empty());
+        assert_eq!(n.lapse(at(23.1)).len(), 1);
+        assert!(n.desired().is_empty());
+        // A revoke after the lapse changes nothing; a new welcome starts a fresh clock.
+        apply(Message::Revoke { lease: 3, app: 7, reason: "expired".into() }, 24.0).unwrap();
+        apply(Message::Welcome { arbiter: 1, lease_s: 10.0, now: 500.0 }, 24.0).unwrap();
+        apply(grant(4, 7, 499.0, 509.0), 24.0).unwrap();
+        assert!(n.lapse(at(35.9)).is_empty());
+        assert_eq!(n.lapse(at(36.1)).len(), 1);
+    }
+
+    #[test]
+    fn without_the_arbiters_time_grants_set_the_clock_and_bad_grants_are_refused() {
+        let n = node();
+        let t0 = Instant::now();
+        n.apply_at(1, Message::Welcome { arbiter: 1, lease_s: 10.0, now: 0.0 }, t0).unwrap();
+        assert!(n.lock().clock.is_none());
+        n.apply_at(1, grant(1, 7, 50.0, 60.0), t0).unwrap();
+        assert!(n.lapse(t0 + Duration::from_secs(12)).is_empty());
+        assert_eq!(n.lapse(t0 + Duration::from_secs(14)).len(), 1);
+        assert!(n.apply(1, grant(2, 7, 70.0, f64::NAN)).is_err());
+        assert!(n.apply(1, grant(2, 7, 70.0, 60.0)).is_err());
+        assert!(n.apply(1, Message::Renew { lease: 2, app: 7, expiry: f64::INFINITY }).is_err());
+        // The view is bounded: a grant past MAX_VIEW_LEASES is refused.
+        {
+            let mut v = n.lock();
+            for id in 10..10 + MAX_VIEW_LEASES as u64 {
+                let l = Lease { id, app: 9, gpus: vec![], start: 70.0, expiry: 80.0, renewal: false };
+                v.leases.insert(id, l);
+            }
+        }
+        assert!(n.apply(1, grant(1, 7, 70.0, 80.0)).unwrap_err().contains("65536"));
+    }
 }

@@ -192,7 +192,7 @@ impl ArbiterState {
             }
             self.arbiter.add_node(node, n);
         }
-        out.push(Out::Resync(node, self.resync(node)));
+        out.push(Out::Resync(node, self.resync(node, now)));
         out
     }
 
@@ -222,11 +222,12 @@ impl ArbiterState {
         Message::Grant { lease: l.clone(), command }
     }
 
-    /// What brings member `node`'s view up to date: `welcome`, a `home` for
+    /// What brings member `node`'s view up to date at `now`: `welcome` (with
+    /// `now`: the node reads lease expiries on this clock), a `home` for
     /// each app submitted on it (its agents, should it have restarted), then
     /// every lease.
-    pub fn resync(&self, node: NodeId) -> Vec<Message> {
-        let mut v = vec![Message::Welcome { arbiter: self.me, lease_s: self.lease_s }];
+    pub fn resync(&self, node: NodeId, now: f64) -> Vec<Message> {
+        let mut v = vec![Message::Welcome { arbiter: self.me, lease_s: self.lease_s, now }];
         v.extend(self.apps.iter().filter(|(_, t)| t.node == node).map(|(&id, t)| home_msg(id, t)));
         v.extend(self.arbiter.leases().iter().map(|l| self.grant_msg(l)));
         v
@@ -251,7 +252,7 @@ impl ArbiterState {
                     if !self.members.contains_key(&node) {
                         return Err(format!("join of node {node}, which is not registered in etcd"));
                     }
-                    out.push(Out::Resync(node, self.resync(node)));
+                    out.push(Out::Resync(node, self.resync(node, now)));
                     return Ok(out);
                 }
                 if !self.members.contains_key(&node) && self.members.len() >= MAX_NODES {
@@ -267,7 +268,7 @@ impl ArbiterState {
                     self.arbiter.add_node(node, n);
                 }
                 // The whole current view, so a (re)joined node agrees with the others.
-                out.push(Out::Resync(node, self.resync(node)));
+                out.push(Out::Resync(node, self.resync(node, now)));
             }
             Message::Heartbeat { node } | Message::Inventory { node, .. } => {
                 if node != sender {
@@ -456,7 +457,7 @@ pub(super) mod tests {
         assert_eq!(a.apps().len(), 1);
         a.handle(2, join(2, 2), 0.0).unwrap();
         assert!(a.handle(2, submit(2, 5, 1), 0.0).is_err(), "another node's app id");
-        assert!(a.handle(1, Message::Welcome { arbiter: 1, lease_s: 1.0 }, 0.0).is_err());
+        assert!(a.handle(1, Message::Welcome { arbiter: 1, lease_s: 1.0, now: 0.0 }, 0.0).is_err());
     }
 
     /// A new arbiter on etcd: the stored leases in force are honoured (same
@@ -510,7 +511,7 @@ pub(super) mod tests {
         assert_eq!(kept, vec![5]);
         // Both members get a welcome and the kept lease.
         for n in [1, 2] {
-            assert!(out.contains(&Out::To(n, Message::Welcome { arbiter: 1, lease_s: 10.0 })));
+            assert!(out.contains(&Out::To(n, Message::Welcome { arbiter: 1, lease_s: 10.0, now: 100.0 })));
             assert!(out
                 .iter()
                 .any(|o| matches!(o, Out::To(m, Message::Grant { lease, .. }) if *m == n && lease.id == 5)));
@@ -548,6 +549,6 @@ pub(super) mod tests {
         assert!(a.take_ops().contains(&Op::DelLease(5)));
         assert!(a.handle(1, join(1, 2), 102.0).is_err(), "a join needs a registration in etcd");
         let out: Vec<Out> = a.member_up(1, &rec(2), 103.0).into_iter().flat_map(Out::each).collect();
-        assert!(out.contains(&Out::To(1, Message::Welcome { arbiter: 1, lease_s: 10.0 })));
+        assert!(out.contains(&Out::To(1, Message::Welcome { arbiter: 1, lease_s: 10.0, now: 103.0 })));
     }
 }

@@ -57,6 +57,8 @@ pub const CLUSTER_LINK_RESYNCS_TOTAL: &str = "gati_cluster_link_resyncs_total";
 pub const CLUSTER_LEASES: &str = "gati_cluster_leases";
 /// Cluster members (on the arbiter).
 pub const CLUSTER_NODES: &str = "gati_cluster_nodes";
+/// Leases a node ended itself: past their expiry, neither renewed nor revoked.
+pub const CLUSTER_LEASES_LAPSED_TOTAL: &str = "gati_cluster_leases_lapsed_total";
 /// 1 on the node that is the cluster's arbiter now, else 0.
 pub const CLUSTER_ARBITER: &str = "gati_cluster_arbiter";
 /// 1 for the way apps are kept to their GPUs on this node (label mode: cgroup-v1, env).
@@ -203,6 +205,12 @@ pub const FAMILIES: &[Family] = &[
         "Resyncs (welcome, the member's home apps, every lease) the arbiter sent a member on a new link, by reason: backlog (the member's queue was full: its backlog was dropped and replaced by the resync), large (a resync bigger than the room left on the member's link).",
     ),
     family(CLUSTER_LEASES, Gauge, Some(Unit::Count), "GPU leases in this node's view of the cluster."),
+    family(
+        CLUSTER_LEASES_LAPSED_TOTAL,
+        Counter,
+        Some(Unit::Count),
+        "Leases this node ended itself: past their expiry by 2 × round_s + 1 s (arbiter's clock) with no renewal or revoke from the arbiter (gone, or cut off); their processes here were stopped.",
+    ),
     family(CLUSTER_NODES, Gauge, Some(Unit::Count), "Members of the cluster, as the arbiter node sees them."),
     family(
         CLUSTER_ARBITER,

@@ -71,7 +71,7 @@ impl ArbiterState {
                 s.ops.push(Op::DelLease(id));
             }
         }
-        let out = s.members.keys().map(|&n| Out::Resync(n, s.resync(n))).collect();
+        let out = s.members.keys().map(|&n| Out::Resync(n, s.resync(n, now))).collect();
         Ok((s, out))
     }
 }

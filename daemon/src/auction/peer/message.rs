@@ -40,8 +40,15 @@ pub struct OfferView {
 pub enum Message {
     /// A node asks to join; `listen` is where its peers reach it.
     Join { node: NodeId, listen: String, gpus: Vec<GpuId> },
-    /// The arbiter accepts a node.
-    Welcome { arbiter: NodeId, lease_s: f64 },
+    /// The arbiter accepts a node; `now` is the arbiter's clock when it was
+    /// sent (the node reads lease expiries on it; 0 from an arbiter that
+    /// does not say).
+    Welcome {
+        arbiter: NodeId,
+        lease_s: f64,
+        #[serde(default)]
+        now: f64,
+    },
     /// Liveness, every heartbeat period.
     Heartbeat { node: NodeId },
     /// A node's GPUs (on join and when they change).

@@ -234,7 +234,8 @@ impl Shared {
             metrics::counter!(names::CLUSTER_LINK_RESYNCS_TOTAL, "reason" => "backlog").increment(1);
             self.resyncing_lock().insert(n);
             self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&n);
-            if self.step(|a| (vec![Out::Resync(n, a.resync(n))], ())).is_none() {
+            let now = self.now();
+            if self.step(|a| (vec![Out::Resync(n, a.resync(n, now))], ())).is_none() {
                 self.resyncing_lock().remove(&n); // no longer the arbiter
             }
         }
@@ -430,6 +431,7 @@ async fn run(
             }
             _ = enforce.tick() => {
                 rounds::publish(&shared);
+                node.lapse(Instant::now());
                 enforcer.reconcile(&node.desired());
                 node.set_pids(enforcer.pids());
                 let leases = node.view.lock().map(|v| v.leases.len()).unwrap_or(0);
