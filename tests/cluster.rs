@@ -42,6 +42,16 @@ fn metric(d: &TestDaemon, series: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(&needle)).map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
+/// SIGTERM to every node, then each must exit cleanly.
+fn drain(nodes: &mut [TestDaemon]) {
+    for d in nodes.iter() {
+        d.signal(libc::SIGTERM);
+    }
+    for d in nodes.iter_mut() {
+        assert!(d.wait_exit(Duration::from_secs(30)).success());
+    }
+}
+
 fn rejected(d: &TestDaemon, reason: &str) -> f64 {
     metric(d, &format!("gati_peer_frames_rejected_total{{reason=\"{reason}\"}}"))
 }
@@ -259,12 +269,7 @@ fn a_silent_connection_flood_is_bounded_closed_after_the_handshake_and_locks_no_
     drop(flood);
     arb.client().ping().expect("the arbiter still serves");
 
-    for d in &mut nodes {
-        d.signal(libc::SIGTERM);
-    }
-    for d in &mut nodes {
-        assert!(d.wait_exit(Duration::from_secs(30)).success());
-    }
+    drain(&mut nodes);
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -314,11 +319,6 @@ fn leases_lapse_on_a_node_whose_arbiter_is_gone() {
     assert!(metric(n2, "gati_cluster_leases_lapsed_total") >= 1.0);
     n2.client().ping().expect("node 2 still serves");
 
-    for d in &mut nodes {
-        d.signal(libc::SIGTERM);
-    }
-    for d in &mut nodes {
-        assert!(d.wait_exit(Duration::from_secs(30)).success());
-    }
+    drain(&mut nodes);
     let _ = std::fs::remove_dir_all(&root);
 }
