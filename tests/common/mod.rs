@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use gatid::client::Client;
 
 pub mod procs;
+pub mod steer;
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
