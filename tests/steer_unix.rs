@@ -251,3 +251,59 @@ fn daemon_serves_unix_dag_requests_steered_in_the_kernel() {
     drop(raw);
     drop(c);
 }
+
+#[test]
+#[cfg_attr(gati_unprivileged, ignore = "needs root: loads a BPF program")]
+#[cfg_attr(all(gati_no_bpf, not(gati_unprivileged)), ignore = "built without clang: no BPF program to load")]
+fn a_frame_written_during_the_hand_off_keeps_the_connection_steerable() {
+    require_root();
+    let mut kernel = Kernel::load().expect("load the steering programs");
+    kernel.unix_ready().expect("the Unix stream verdict loads");
+    let (rx, _tx) = UnixStream::pair().unwrap();
+    kernel.unix_set_sgs(0, &rx).unwrap();
+    kernel.publish(7, &routes(&[(0, 1)])).unwrap();
+    let frame = |rid: u64| datagram(Kind::InvokeDag, rid, 7, b"abc");
+    let read_all = |s: &UnixStream| {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        // SAFETY: recv into a live buffer of its length, non-blocking.
+        loop {
+            let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n <= 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n as usize]);
+        }
+    };
+    let rids = |bytes: &[u8]| -> Vec<u64> {
+        bytes
+            .chunks(frame(0).len())
+            .map(|f| RequestHeader::parse(f[..64].try_into().unwrap()).unwrap().request_id.get())
+            .collect()
+    };
+
+    // A whole frame queued before the insert (the client wrote as it connected).
+    let (mut client, conn) = UnixStream::pair().unwrap();
+    client.write_all(&frame(1)).unwrap();
+    assert!(gatid::steer::unix::queued_whole_frames(conn.as_raw_fd()));
+    let cookie = socket_cookie(conn.as_raw_fd()).unwrap();
+    kernel.unix_adopt(cookie, &conn).unwrap();
+    for rid in 2..=4 {
+        client.write_all(&frame(rid)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        if rid == 2 {
+            // The I/O thread reads what reached the connection, as the daemon does.
+            let mut seen = rids(&read_all(&conn));
+            seen.extend(rids(&read_all(&rx)).iter().map(|r| r + 100));
+            assert_eq!(seen.len(), 2, "each frame arrives once: {seen:?}");
+        }
+    }
+    let steered = rids(&read_all(&rx));
+    assert!(steered.contains(&4), "steered after the hand-off race: {steered:?}, {:?}", kernel.unix_counters());
+    assert_eq!(kernel.unix_counters()[Counter::Malformed as usize], 0);
+
+    // Half a frame queued: its boundaries are unknown to the verdict.
+    let (mut client, conn) = UnixStream::pair().unwrap();
+    client.write_all(&frame(5)[..40]).unwrap();
+    assert!(!gatid::steer::unix::queued_whole_frames(conn.as_raw_fd()));
+}

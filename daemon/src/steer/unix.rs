@@ -110,9 +110,11 @@ impl UnixSteer {
             self.peers.write().unwrap_or_else(|p| p.into_inner()).remove(&cookie);
             return None;
         }
-        // Bytes that arrived between the caller's check and the insert never met
-        // the verdict: its frame boundaries are unknown, so it passes everything.
-        if unread(fd) != 0 {
+        // Bytes that arrived between the caller's check and the insert met no
+        // verdict. Whole frames keep the verdict's view at a frame boundary
+        // (whichever reads them, the I/O thread or a later verdict); anything
+        // else leaves its boundaries unknown, so it passes everything.
+        if unread(fd) != 0 && !queued_whole_frames(fd) {
             self.kernel.lock().unwrap_or_else(|p| p.into_inner()).unix_mark_lost(cookie);
         }
         Some(cookie)
@@ -173,6 +175,32 @@ pub fn unread(fd: RawFd) -> usize {
         return 1;
     }
     n.max(0) as usize
+}
+
+/// The most queued bytes [`queued_whole_frames`] looks at.
+const PEEK_MAX: usize = 64 * 1024;
+
+/// Whether the bytes queued on `fd` (peeked, not read; at most [`PEEK_MAX`])
+/// are a whole number of well-formed frames. A client that connects and
+/// writes at once races the hand-off (its first frame arrives between the
+/// I/O thread's last check and the sockhash insert); that frame is whole and
+/// the connection stays steerable.
+pub fn queued_whole_frames(fd: RawFd) -> bool {
+    let mut buf = vec![0u8; PEEK_MAX + 1];
+    // SAFETY: recv into a live buffer of its length; MSG_PEEK leaves the bytes queued.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    n > 0 && (n as usize) <= PEEK_MAX && whole_frames(&buf[..n as usize])
+}
+
+/// Whether `bytes` are a whole number of frames with valid headers.
+fn whole_frames(mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        let Some(head) = bytes.first_chunk::<HEADER_LEN>() else { return false };
+        let Ok(h) = RequestHeader::parse(head) else { return false };
+        let Some(rest) = bytes.get(HEADER_LEN + h.payload_len.get() as usize..) else { return false };
+        bytes = rest;
+    }
+    true
 }
 
 /// A raw fd borrowed for a map insert.
@@ -355,6 +383,28 @@ mod tests {
         assert_eq!(whole_frame(&f), Some(67));
         assert_eq!(whole_frame(&f[..66]), None);
         assert_eq!(whole_frame(&f[..10]), None);
+    }
+
+    #[test]
+    fn queued_bytes_are_whole_frames_or_not() {
+        let mut f = RequestHeader::new(Kind::InvokeDag, 1, 7, Dtype::U8, &[3], 3).as_bytes().to_vec();
+        f.extend_from_slice(b"abc");
+        let two = [f.clone(), f.clone()].concat();
+        assert!(whole_frames(&f) && whole_frames(&two) && whole_frames(&[]));
+        assert!(!whole_frames(&two[..70]), "a frame and a header's start");
+        assert!(!whole_frames(&f[..66]), "a payload short");
+        let mut bad = f.clone();
+        bad[0] ^= 0xff;
+        assert!(!whole_frames(&bad), "bad magic");
+        // Peeked on a real socket, and left queued.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut a, &two).unwrap();
+        assert!(queued_whole_frames(b.as_raw_fd()));
+        assert_eq!(unread(b.as_raw_fd()), two.len(), "peeking reads nothing");
+        std::io::Write::write_all(&mut a, &f[..10]).unwrap();
+        assert!(!queued_whole_frames(b.as_raw_fd()));
+        let (_a, empty) = UnixStream::pair().unwrap();
+        assert!(!queued_whole_frames(empty.as_raw_fd()), "nothing queued: nothing to vouch for");
     }
 
     use zerocopy::IntoBytes;
