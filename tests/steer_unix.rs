@@ -266,8 +266,8 @@ fn a_frame_written_during_the_hand_off_keeps_the_connection_steerable() {
     let read_all = |s: &UnixStream| {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 65536];
-        // SAFETY: recv into a live buffer of its length, non-blocking.
         loop {
+            // SAFETY: recv into a live buffer of its length, non-blocking.
             let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
             if n <= 0 {
                 return out;
