@@ -35,6 +35,16 @@ pub struct Args {
     pub quick: bool,
     #[arg(long, default_value = "bench/results/steer.json")]
     pub out: PathBuf,
+    /// Client counts to measure (default 1, 16 and 64).
+    #[arg(long, value_delimiter = ',')]
+    pub clients: Vec<usize>,
+    /// Requests per client count and path (default 100 000; 3 000 with --quick).
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Only these paths (udp_kernel, udp_userspace, udp_single, unix_kernel,
+    /// unix_userspace), e.g. to profile one; ratios need both of a pair.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 const CLIENTS: [usize; 3] = [1, 16, 64];
@@ -42,8 +52,8 @@ const MODES: [&str; 3] = ["kernel", "userspace", "single"];
 const INPUT: &[u8] = b"steer-bench-input-0123456789abcdef";
 
 /// Requests each client sends at `clients` concurrent clients.
-fn per_client(clients: usize, quick: bool) -> usize {
-    let total = if quick { 3000 } else { 20_000 };
+fn per_client(clients: usize, args: &Args) -> usize {
+    let total = args.requests.unwrap_or(if args.quick { 3000 } else { 100_000 });
     (total / clients).max(50)
 }
 
@@ -248,12 +258,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let paths: Vec<(String, Leg)> = (0..MODES.len())
         .map(|k| (format!("udp_{}", MODES[k]), Leg::Udp(k)))
         .chain([("unix_kernel".to_string(), Leg::Unix(0)), ("unix_userspace".to_string(), Leg::Unix(userspace))])
+        .filter(|(name, _)| args.only.is_empty() || args.only.contains(name))
         .collect();
+    if paths.is_empty() {
+        bail!("--only names no path (udp_kernel, udp_userspace, udp_single, unix_kernel, unix_userspace)");
+    }
+    let counts = if args.clients.is_empty() { CLIENTS.to_vec() } else { args.clients.clone() };
+    if counts.iter().any(|&c| c == 0 || c > 1024) {
+        bail!("--clients: each count must be 1 to 1024");
+    }
     let mut rows = Vec::new();
     let mut bpf = (0u64, 0u64);
     let mut bpf_unix = (0u64, 0u64);
-    for &clients in &CLIENTS {
-        let n = (per_client(clients, args.quick) / ROUNDS).max(10);
+    for &clients in &counts {
+        let n = (per_client(clients, &args) / ROUNDS).max(10);
         let mut runs: Vec<Run> = paths.iter().map(|_| Run::empty()).collect();
         let mut row_bpf = (0u64, 0u64);
         let mut row_unix = (0u64, 0u64);
