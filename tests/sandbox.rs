@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use gatid::sandbox::{Exit, FunctionSpec, Limits, Sandbox, SandboxError};
+use gatid::sandbox::{Exit, FunctionSpec, Limits, Sandbox, SandboxError, Sched};
 
 /// The sdk's binaries sit next to this test's target dir: `<target>/<profile>/`.
 /// `--test sandbox` alone does not (re)build another package's binaries, so a
@@ -60,6 +60,7 @@ fn spec(program_name: &str, args: &[&str]) -> FunctionSpec {
             time_limit: Duration::from_secs(5),
             max_message_bytes: 2 << 20,
             pids: 8,
+            sched: Sched::Batch,
         },
     }
 }
@@ -261,6 +262,8 @@ fn the_function_sees_only_itself_no_network_and_no_host_files() {
     assert_eq!(get("CapBnd"), "0000000000000000");
     assert_eq!(get("NoNewPrivs"), "1");
     assert_eq!(get("Seccomp"), "2");
+    assert_eq!(iso.sched, Sched::Batch);
+    assert_eq!(get("sched_policy"), libc::SCHED_BATCH.to_string(), "workers run SCHED_BATCH by default");
     assert!(get("read /etc/hostname").starts_with("err:"), "host /etc/hostname readable");
     assert!(get(&format!("read {}", secret.display())).starts_with("err:"), "host /tmp file readable");
     let root: Vec<String> = get("root").split(',').map(str::to_owned).collect();
@@ -372,5 +375,20 @@ fn claimed_isolation_matches_what_the_function_sees() {
     }
     if iso.cgroup.is_none() {
         assert!(iso.cgroup_note.is_some(), "no cgroup and no reason given");
+    }
+}
+
+/// Root or not: a worker runs under the policy its function asks for, and
+/// `isolation()` says which (`SCHED_BATCH` by default, see `Sched`).
+#[test]
+fn a_worker_runs_under_the_configured_scheduling_policy() {
+    for (sched, policy) in [(Sched::Batch, libc::SCHED_BATCH), (Sched::Normal, libc::SCHED_OTHER)] {
+        let mut s = spec("gati-fn-testkit", &["probe"]);
+        s.limits.sched = sched;
+        let mut sb = Sandbox::start(&s).expect("sandbox starts");
+        assert_eq!(sb.isolation().sched, sched);
+        let report = String::from_utf8(sb.call(b"", T).unwrap()).unwrap();
+        let got = report.lines().find_map(|l| l.strip_prefix("sched_policy=")).unwrap_or("none").to_string();
+        assert_eq!(got, policy.to_string(), "{sched:?}: {report}");
     }
 }

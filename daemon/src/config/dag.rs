@@ -16,6 +16,7 @@ use serde::Deserialize;
 use super::model::Config;
 use super::validate::{Lines, Seg};
 use super::ConfigIssue;
+use crate::sandbox::Sched;
 use crate::sched::dag::Graph;
 
 /// How a function runs.
@@ -69,6 +70,9 @@ pub struct FunctionConfig {
     /// Extra share of warm workers over rate × execution time.
     #[serde(default = "default_headroom")]
     pub headroom: f32,
+    /// Exec only: the workers' CPU scheduling policy.
+    #[serde(default)]
+    pub sched: Sched,
 }
 
 /// One `[[dags]]` entry.
@@ -347,6 +351,7 @@ mod tests {
     use std::time::Duration;
 
     use crate::config::parse;
+    use crate::sandbox::Sched;
 
     const MODEL: &str = r#"
 [[models]]
@@ -380,6 +385,14 @@ chain = ["pre", "infer"]
         let c = parse(&text, Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap();
         assert_eq!(c.dags[0].graph_parts(), (vec!["pre", "infer"], vec![(0, 1)]));
         assert_eq!(c.functions[1].max_warm, 4, "defaults apply");
+        assert_eq!(c.functions[0].sched, Sched::Batch, "workers default to SCHED_BATCH");
+        let normal = text.replace("expected_ms = 2\n", "expected_ms = 2\nsched = \"normal\"\n");
+        let c = parse(&normal, Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap();
+        assert_eq!(c.functions[0].sched, Sched::Normal);
+        let fifo = text.replace("expected_ms = 2\n", "expected_ms = 2\nsched = \"fifo\"\n");
+        let all = parse(&fifo, Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap_err();
+        let all = all.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(all.contains("functions[0]") && all.contains("unknown variant `fifo`"), "{all}");
     }
 
     #[test]

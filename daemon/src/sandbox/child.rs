@@ -32,6 +32,7 @@ pub enum Step {
     SetHostname,
     Dup,
     SetRlimit,
+    SchedPolicy,
     DropBoundingSet,
     SetGroups,
     SetGid,
@@ -44,7 +45,7 @@ pub enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 24] = [
+    const ALL: [Step; 25] = [
         Step::SigMask,
         Step::WaitForParent,
         Step::MakeMountsPrivate,
@@ -60,6 +61,7 @@ impl Step {
         Step::SetHostname,
         Step::Dup,
         Step::SetRlimit,
+        Step::SchedPolicy,
         Step::DropBoundingSet,
         Step::SetGroups,
         Step::SetGid,
@@ -93,6 +95,7 @@ impl Step {
             Step::SetHostname => "sethostname",
             Step::Dup => "dup2 (fds 0, 1, 3, 4, 5)",
             Step::SetRlimit => "setrlimit",
+            Step::SchedPolicy => "sched_setscheduler (SCHED_BATCH)",
             Step::DropBoundingSet => "prctl (PR_CAPBSET_DROP)",
             Step::SetGroups => "setgroups",
             Step::SetGid => "setresgid",
@@ -235,6 +238,15 @@ fn steps(plan: &Plan, go_read: RawFd) -> Result<Infallible, Failure> {
 
         for (resource, limit) in &plan.rlimits {
             check(Step::SetRlimit, libc::setrlimit(*resource, limit).into())?;
+        }
+        if plan.batch {
+            // Inherited across execve and by the function's threads; lowering
+            // to SCHED_BATCH at nice 0 needs no privilege.
+            let param = libc::sched_param { sched_priority: 0 };
+            check(
+                Step::SchedPolicy,
+                libc::syscall(libc::SYS_sched_setscheduler, 0, libc::SCHED_BATCH, &raw const param),
+            )?;
         }
         if plan.drop_bounding_set {
             for cap in 0..=plan.cap_last {

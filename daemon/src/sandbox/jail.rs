@@ -56,6 +56,8 @@ pub struct Plan {
     /// The function's stderr (the daemon's own when `-1`).
     pub stderr: RawFd,
     pub rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    /// Run as `SCHED_BATCH` ([`super::Sched::Batch`]).
+    pub batch: bool,
     pub ids: Option<(u32, u32)>,
     pub drop_bounding_set: bool,
     pub cap_last: u32,
@@ -155,6 +157,7 @@ fn spawn_with(
         fds: request.fds,
         stderr: request.stderr.unwrap_or(-1),
         rlimits,
+        batch: spec.limits.sched == super::Sched::Batch,
         ids,
         drop_bounding_set: privileged || user_ns,
         cap_last: cap_last(),
@@ -251,6 +254,7 @@ fn spawn_with(
         capabilities_dropped: true,
         bounding_set_dropped: plan.drop_bounding_set,
         seccomp: true,
+        sched: spec.limits.sched,
         cgroup: request.cgroup.map(Cgroup::version),
         cgroup_note: None,
     };

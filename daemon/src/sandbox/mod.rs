@@ -39,6 +39,23 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Most processes/threads (cgroup `pids.max`; `RLIMIT_NPROC` as root).
     pub pids: u32,
+    /// Runs as `SCHED_BATCH`: a worker woken by its SGS does not preempt it
+    /// (see [`Sched`]).
+    pub sched: Sched,
+}
+
+/// The CPU scheduling policy a worker runs under (`[[functions]] sched`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sched {
+    /// `SCHED_BATCH` (nice 0, the same CPU share): the kernel does not let a
+    /// woken worker preempt the thread that woke it, so an SGS hands out a
+    /// whole batch of work before its workers run, instead of a context
+    /// switch per request. Needs no privilege.
+    #[default]
+    Batch,
+    /// `SCHED_OTHER`, as the daemon's own threads.
+    Normal,
 }
 
 impl Default for Limits {
@@ -49,6 +66,7 @@ impl Default for Limits {
             time_limit: Duration::from_secs(5),
             max_message_bytes: 4 << 20,
             pids: 16,
+            sched: Sched::Batch,
         }
     }
 }
@@ -84,6 +102,8 @@ pub struct Isolation {
     /// Seccomp filters installed (forbidden syscalls and namespace flags kill
     /// with SIGSYS, `clone3` fails with ENOSYS; see `seccomp`).
     pub seccomp: bool,
+    /// The CPU scheduling policy it runs under.
+    pub sched: Sched,
     /// The cgroup holding the CPU, memory and pids limits, if any.
     pub cgroup: Option<CgroupVersion>,
     /// Why there is no cgroup, when there is none.

@@ -64,6 +64,7 @@ impl FunctionDef {
                 time_limit: Duration::from_millis(f.time_limit_ms),
                 max_message_bytes: usize::try_from(f.max_message_kb << 10).unwrap_or(usize::MAX),
                 pids: f.pids,
+                sched: f.sched,
             },
             expected: f.expected_ms.map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1e3)),
             warm: WarmBounds {

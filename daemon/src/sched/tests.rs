@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::function::WarmBounds;
 use super::worker::{Behaviour, ProcessWorker, ThreadWorker};
 use super::*;
+use crate::sandbox::Sched;
 
 const LONG: Duration = Duration::from_secs(10);
 
@@ -21,6 +22,7 @@ fn func(name: &str, expected_ms: u64, min: usize, max: usize) -> FunctionDef {
             time_limit: Duration::from_secs(5),
             max_message_bytes: 1 << 16,
             pids: 4,
+            sched: Sched::Batch,
         },
         expected: Some(Duration::from_millis(expected_ms)),
         warm: WarmBounds { min, max, keep_alive: Duration::from_secs(60), headroom: 0.0 },

@@ -191,6 +191,10 @@ fn probe(input: &[u8]) -> String {
     let _ = writeln!(out, "proc_pids={}", pids.join(","));
     // SAFETY: getuid has no preconditions.
     let _ = writeln!(out, "uid={}", unsafe { libc::getuid() });
+    // Field 41 of /proc/self/stat (the seccomp allowlist has no sched_getscheduler).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let policy = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(41 - 3));
+    let _ = writeln!(out, "sched_policy={}", policy.unwrap_or("unknown"));
     let _ = writeln!(out, "root={}", list("/").join(","));
     let net = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
     let ifaces: Vec<&str> = net.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();

@@ -45,6 +45,9 @@ pub struct Args {
     /// unix_userspace), e.g. to profile one; ratios need both of a pair.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// The echo workers' `[[functions]] sched` ("batch", the default, or "normal").
+    #[arg(long, default_value = "batch", value_parser = ["batch", "normal"])]
+    pub worker_sched: String,
 }
 
 const CLIENTS: [usize; 3] = [1, 16, 64];
@@ -57,7 +60,7 @@ fn per_client(clients: usize, args: &Args) -> usize {
     (total / clients).max(50)
 }
 
-fn config(dir: &Path, mode: &str) -> anyhow::Result<PathBuf> {
+fn config(dir: &Path, mode: &str, sched: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.parent().context("gatid's directory")?;
     let testkit = bin.join("gati-fn-testkit");
@@ -72,7 +75,7 @@ fn config(dir: &Path, mode: &str) -> anyhow::Result<PathBuf> {
     let text = format!(
         "[server]\nudp = \"127.0.0.1:0\"\n\n[steer]\nmode = \"{steer}\"\n\n\
          [[functions]]\nname = \"echo\"\nkind = \"exec\"\nprogram = \"{}\"\nargs = [\"echo\"]\nexpected_ms = 0.1\n\
-         min_warm = 4\nmemory_mb = 64\n\n[[dags]]\nname = \"echo\"\ndeadline_ms = 2000\nchain = [\"echo\"]\n\
+         min_warm = 4\nmemory_mb = 64\nsched = \"{sched}\"\n\n[[dags]]\nname = \"echo\"\ndeadline_ms = 2000\nchain = [\"echo\"]\n\
          min_sgs = {sgs}\nmax_sgs = {sgs}\n",
         testkit.display()
     );
@@ -238,7 +241,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Every mode's daemon runs for the whole benchmark (idle ones sleep).
     let mut daemons = Vec::new();
     for mode in MODES {
-        let d = Daemon::start(&config(&dir, mode)?)?;
+        let d = Daemon::start(&config(&dir, mode, &args.worker_sched)?)?;
         let health = d.client()?.control_json(Kind::Health, 0, b"")?;
         let steer = &health["steer"];
         let want = if mode == "kernel" { "ebpf" } else { "userspace" };
@@ -366,14 +369,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         d.stop()?;
     }
     let per_req = if bpf.1 == 0 { f64::NAN } else { bpf.0 as f64 / bpf.1 as f64 };
-    println!("in-kernel cost: {per_req:.0} ns per datagram ({} runs)", bpf.1);
+    if bpf.1 > 0 {
+        println!("in-kernel cost: {per_req:.0} ns per datagram ({} runs)", bpf.1);
+    }
     let per_unix = if bpf_unix.1 == 0 { f64::NAN } else { bpf_unix.0 as f64 / bpf_unix.1 as f64 };
-    println!("in-kernel cost: {per_unix:.0} ns per Unix write ({} runs)", bpf_unix.1);
+    if bpf_unix.1 > 0 {
+        println!("in-kernel cost: {per_unix:.0} ns per Unix write ({} runs)", bpf_unix.1);
+    }
     let out = json!({
         "bench": "steer",
         "quick": args.quick,
         "rounds": ROUNDS,
         "dag": "echo (one sandboxed gati-fn-testkit echo function)",
+        "worker_sched": args.worker_sched,
         "modes": {
             "kernel": "[steer] mode = ebpf, unix = kernel, 2 SGSs, each SGS reads its own sockets",
             "userspace": "[steer] mode = userspace, 2 SGSs, every datagram via the UDP I/O thread",
