@@ -69,15 +69,31 @@ impl TestEtcd {
             .spawn()
             .expect("spawn etcd");
         let mut e = TestEtcd { child, url: format!("http://{client}"), dir: dir.to_owned() };
-        poll_until("etcd listening", Duration::from_secs(30), || {
+        // Ready once /health says so: etcd accepts connections before its
+        // one-member cluster has a leader, and a request then is reset (a
+        // fresh-clone run failed so on its first lease grant).
+        poll_until("etcd healthy", Duration::from_secs(30), || {
             if let Some(st) = e.child.try_wait().unwrap() {
                 let log = std::fs::read_to_string(e.dir.join("etcd.log")).unwrap_or_default();
                 panic!("etcd exited at start-up ({st}):\n{log}");
             }
-            TcpStream::connect(client).is_ok()
+            healthy(client)
         });
         e
     }
+}
+
+/// Whether etcd at `addr` answers `GET /health` with `"health":"true"`.
+fn healthy(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).is_err() {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    reply.replace(' ', "").contains("\"health\":\"true\"")
 }
 
 impl Drop for TestEtcd {
