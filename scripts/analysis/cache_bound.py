@@ -42,8 +42,10 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / "data" / "imagenet"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from common import DATA_DIR, REPO_ROOT as ROOT  # noqa: E402
+
+DATA = DATA_DIR / "imagenet"
 SIZE, THUMB, BINS = 260, 8, 16
 CUTS = ["input"] + [f"stage{k}" for k in range(1, 8)]
 # Stage costs as proportions of the whole model (stage 1..7, head), measured by gatid
@@ -88,10 +90,13 @@ def features(stream: str) -> dict[str, np.ndarray]:
 
 
 def predict(kind: str, xtr, ytr, xte):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.preprocessing import StandardScaler
+    try:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.neighbors import KNeighborsClassifier
+        from sklearn.neural_network import MLPClassifier
+        from sklearn.preprocessing import StandardScaler
+    except ImportError as e:
+        sys.exit(f"{e}: {sys.executable} -m pip install -r {Path(__file__).parent / 'requirements.txt'}")
     sc = StandardScaler().fit(xtr)
     xtr, xte = sc.transform(xtr), sc.transform(xte)
     if kind == "knn":
@@ -112,16 +117,24 @@ def predict(kind: str, xtr, ytr, xte):
     return m.classes_[pr.argmax(1)], pr.max(1)
 
 
+def first_exit(answered) -> np.ndarray:
+    """Per row, the first cut (row of `answered`) that answers it; len(answered): none."""
+    return np.where(answered.any(0), answered.argmax(0), len(answered))
+
+
+def mean_cost(ex, reach) -> float:
+    """Mean cost of rows exiting at cuts `ex` (len(reach): the whole model, cost 1)."""
+    return float(np.where(ex < len(reach), reach[np.minimum(ex, len(reach) - 1)], 1.0).mean())
+
+
 def cascade(pred, conf, y, reach, budget):
     ok = pred == y[None, :]
     cols = np.arange(len(y))
 
     def cost(th):
-        hit = conf >= th[:, None]
-        ex = np.where(hit.any(0), hit.argmax(0), len(reach))
-        c = np.where(ex < len(reach), reach[np.minimum(ex, len(reach) - 1)], 1.0).mean()
+        ex = first_exit(conf >= th[:, None])
         wrong = (ex < len(reach)) & ~ok[np.minimum(ex, len(reach) - 1), cols]
-        return c, wrong.mean(), np.bincount(ex, minlength=len(reach) + 1)
+        return mean_cost(ex, reach), wrong.mean(), np.bincount(ex, minlength=len(reach) + 1)
 
     th = np.full(len(reach), np.inf)
     grids = [np.unique(np.quantile(c, np.linspace(0, 1, 201))) for c in conf]
@@ -163,8 +176,7 @@ def main(argv=None) -> int:
             pc = [predict(kind, x[tr], y[tr], x[te]) for x in [xin] + [f[c] for c in CUTS[1:]]]
             pred, conf = np.array([p for p, _ in pc]), np.array([c for _, c in pc])
             ok = pred == yte[None, :]
-            first = np.where(ok.any(0), ok.argmax(0), 8)
-            oracle = 1.0 / np.where(first < 8, reach[np.minimum(first, 7)], 1.0).mean()
+            oracle = 1.0 / mean_cost(first_exit(ok), reach)
             row = {"input": iname, "predictor": kind, "oracle_speedup": oracle,
                    "accuracy_per_cut": ok.mean(1).round(4).tolist(),
                    "cascade": {str(b): cascade(pred, conf, yte, reach, b) for b in (0.005, 0.01, 0.02)}}
